@@ -1,0 +1,85 @@
+"""Scheduler names (A1111, diffusers and the official RunPod worker's) and fresh instances per job.
+
+Every job gets a new scheduler built from the model's own scheduler config: a scheduler keeps
+state between steps (timesteps, step index, the multistep history), so a shared instance would
+let one job leak into the next.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import diffusers
+
+# canonical A1111-style name -> (diffusers class, config overrides)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Euler Karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "DPM++ 2M SDE Karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "DPM++ SDE": ("DPMSolverSDEScheduler", {}),
+    "DPM++ SDE Karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+    "DPM2": ("KDPM2DiscreteScheduler", {}),
+    "DPM2 Karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "DPM2 a Karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "LMS": ("LMSDiscreteScheduler", {}),
+    "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "DDIM": ("DDIMScheduler", {}),
+    "PNDM": ("PNDMScheduler", {}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "DEIS": ("DEISMultistepScheduler", {}),
+}
+
+# Other spellings that clients send: the official worker's names and diffusers' class names.
+_ALIASES: dict[str, str] = {
+    "K_EULER": "Euler",
+    "K_EULER_ANCESTRAL": "Euler a",
+    "KLMS": "LMS",
+    "DPMSolverMultistep": "DPM++ 2M",
+    "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "DPMSolverSDEScheduler": "DPM++ SDE",
+    "KDPM2DiscreteScheduler": "DPM2",
+    "KDPM2AncestralDiscreteScheduler": "DPM2 a",
+    "HeunDiscreteScheduler": "Heun",
+    "LMSDiscreteScheduler": "LMS",
+    "DDIMScheduler": "DDIM",
+    "PNDMScheduler": "PNDM",
+    "UniPCMultistepScheduler": "UniPC",
+    "DEISMultistepScheduler": "DEIS",
+}
+
+
+def _fold(name: str) -> str:
+    return " ".join(name.replace("_", " ").split()).casefold()
+
+
+_LOOKUP = {_fold(name): name for name in SCHEDULERS} | {_fold(alias): name for alias, name in _ALIASES.items()}
+
+
+def scheduler_names() -> list[str]:
+    return list(SCHEDULERS)
+
+
+def canonical_scheduler_name(name: str) -> str | None:
+    """The canonical name for any accepted spelling (case and `_`/space insensitive), else None."""
+    return _LOOKUP.get(_fold(name)) if isinstance(name, str) else None
+
+
+def build_scheduler(name: str, model_scheduler_config: dict[str, Any]) -> Any:
+    """A new scheduler instance of ``name`` from the model's scheduler config."""
+    canonical = canonical_scheduler_name(name)
+    if canonical is None:
+        raise ValueError(f"unknown scheduler {name!r}; use one of: {', '.join(SCHEDULERS)}")
+    class_name, overrides = SCHEDULERS[canonical]
+    scheduler_class = getattr(diffusers, class_name)
+    return scheduler_class.from_config(dict(model_scheduler_config), **overrides)
