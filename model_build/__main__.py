@@ -1,44 +1,106 @@
-"""Command line: ``python -m model_build {dev-checkpoint,convert,verify} ...``."""
+"""Command line: ``python -m model_build {convert,verify,inspect,dev-checkpoint} ...``.
+
+    python -m model_build convert SOURCE --output models/NAME [--dtype fp16|bf16|fp32] [--vae PATH] [--force]
+                                  [--sha256 HEX] [--vae-sha256 HEX] [--cache-dir DIR] [--lock-timeout S]
+    python -m model_build verify models/NAME [--full]
+    python -m model_build inspect SOURCE
+    python -m model_build dev-checkpoint OUT.safetensors [--full-size]
+
+SOURCE is a local .safetensors path, hf://<owner>/<repo>/<file>@<40-hex commit>, or an https:// URL.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
-from model_build.convert import DTYPES, ConversionError, convert
-from model_build.dev_model import DEV_MODEL_NOTICE, write_dev_checkpoint
-from model_build.manifest import ModelFolderError, verify
+from model_build.errors import ConversionError
+from model_build.manifest import ModelFolderError
+
+SOURCE_HELP = "local .safetensors path, hf://<owner>/<repo>/<file>@<40-hex commit>, or https:// URL"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model_build", description=__doc__)
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m model_build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the result and errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    dev = commands.add_parser("dev-checkpoint", help="write the built-in dev model as one single-file checkpoint")
-    dev.add_argument("output", type=Path)
-    dev.add_argument("--full-size", action="store_true", help="the real SDXL base architecture (~7 GB, fp16)")
-
     conv = commands.add_parser("convert", help="convert a checkpoint into a verified Diffusers folder")
-    conv.add_argument("source", help="local .safetensors path")
-    conv.add_argument("--output", type=Path, required=True)
-    conv.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    conv.add_argument("source", help=SOURCE_HELP)
+    conv.add_argument("--output", type=Path, required=True, help="the model folder to create, e.g. models/NAME")
+    conv.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="weights on disk (fp16)")
+    conv.add_argument("--vae", help="a separate SDXL VAE .safetensors that replaces the checkpoint's (same forms)")
+    conv.add_argument("--sha256", help="expected sha256 of SOURCE, checked before it is used")
+    conv.add_argument("--vae-sha256", help="expected sha256 of the --vae file")
     conv.add_argument("--force", action="store_true", help="convert again even if the output is up to date")
+    conv.add_argument("--cache-dir", type=Path, help="download cache (default $MODEL_BUILD_CACHE or ~/.cache/...)")
+    conv.add_argument("--lock-timeout", type=float, help="seconds to wait for another conversion into OUTPUT")
 
     ver = commands.add_parser("verify", help="check a converted folder against its manifest")
     ver.add_argument("folder", type=Path)
     ver.add_argument("--full", action="store_true", help="rehash every file (slow); default checks sizes")
 
-    args = parser.parse_args(argv)
+    ins = commands.add_parser("inspect", help="say what a checkpoint is and whether it would convert (no writing)")
+    ins.add_argument("source", help=SOURCE_HELP)
+    ins.add_argument("--sha256", help="expected sha256 of SOURCE")
+    ins.add_argument("--cache-dir", type=Path)
+
+    dev = commands.add_parser("dev-checkpoint", help="write the built-in dev model as one single-file checkpoint")
+    dev.add_argument("output", type=Path)
+    dev.add_argument("--full-size", action="store_true", help="the real SDXL base architecture (~7 GB, fp16)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        if args.command == "dev-checkpoint":
+        if args.command == "convert":
+            from model_build.convert import convert
+            from model_build.source import fetch
+
+            source = fetch(args.source, args.sha256, args.cache_dir)
+            vae = fetch(args.vae, args.vae_sha256, args.cache_dir) if args.vae else None
+            result = convert(
+                source.path,
+                args.output,
+                dtype=args.dtype,
+                force=args.force,
+                vae=vae.path if vae else None,
+                source_name=source.name,
+                vae_name=vae.name if vae else None,
+                source_sha256=source.sha256,
+                vae_sha256=vae.sha256 if vae else None,
+                lock_timeout=args.lock_timeout,
+            )
+            print(result.message)
+        elif args.command == "verify":
+            from model_build.manifest import verify
+
+            manifest = verify(args.folder, full=args.full)
+            what = "sizes and sha256 of" if args.full else "sizes of"
+            print(f"{args.folder}: OK ({what} {len(manifest['files'])} files match the manifest)")
+        elif args.command == "inspect":
+            from model_build.checkpoint import inspect_checkpoint
+            from model_build.source import fetch
+
+            source = fetch(args.source, args.sha256, args.cache_dir)
+            info = inspect_checkpoint(source.path)
+            counts = ", ".join(f"{component} {len(keys)}" for component, keys in info.component_keys.items())
+            print(
+                f"{source.name}: SDXL base checkpoint, config {info.config_name}, {info.num_tensors} tensors "
+                f"({counts}; {len(info.ignored)} ignored), dtypes {', '.join(info.dtypes)}"
+                + (" [dev model: random weights]" if info.is_dev_model else "")
+            )
+        elif args.command == "dev-checkpoint":
+            from model_build.dev_model import DEV_MODEL_NOTICE, write_dev_checkpoint
+
             path = write_dev_checkpoint(args.output, full_size=args.full_size)
             print(f"wrote {path} ({DEV_MODEL_NOTICE})")
-        elif args.command == "convert":
-            print(convert(Path(args.source), args.output, dtype=args.dtype, force=args.force).message)
-        elif args.command == "verify":
-            manifest = verify(args.folder, full=args.full)
-            print(f"{args.folder}: OK ({len(manifest['files'])} files{', rehashed' if args.full else ''})")
     except (ConversionError, ModelFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,18 +1,97 @@
-"""Read a single-file checkpoint's header and decide what it is, before any conversion."""
+"""Look at a single-file checkpoint before converting it: refuse what must not be read, say what it is.
+
+The order matters. The format is judged from the file name and its first bytes, so a pickle is
+never handed to anything that could unpickle it. The safetensors header is then parsed by hand, so
+a truncated download is named as such instead of "incomplete metadata". The tensor names say which
+model family the file is and the shapes say which shipped config it matches. Last, every tensor of
+the four SDXL components is accounted for by name and shape before diffusers sees any of them:
+diffusers would turn a missing tensor into "Cannot copy out of meta tensor" and an extra or
+misnamed one into a silent random initialisation.
+
+Nothing here reads tensor data except :func:`read_tensors`, which streams one tensor at a time and
+refuses NaN and Inf values (diffusers passes them through without a word).
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors import safe_open
+import torch
+from safetensors import SafetensorError, safe_open
 
+from model_build.architectures import KNOWN_CONFIGS, expected_checkpoint, load_component_config
 from model_build.dev_model import DEV_METADATA_KEY
+from model_build.errors import CheckpointError
+from model_build.layout import COMPONENT_PREFIXES, to_original_layout
+
+PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+SHOWN = 5  # how many names an error message lists
+
+# Tensors that real SDXL checkpoints carry besides the weights, known to be harmless to drop.
+# They are listed in the manifest as ignored. Anything else unknown is an error.
+IGNORED_KEYS = frozenset(
+    {
+        # CLIP-L's position index buffer; transformers rebuilds it (0..76) and no longer stores it.
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+        # OpenCLIP's contrastive-loss temperature and causal mask: unused when encoding text.
+        "conditioner.embedders.1.model.logit_scale",
+        "conditioner.embedders.1.model.attn_mask",
+        # The training noise schedule of the LDM wrapper; the scheduler config defines it instead.
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "logvar",
+        "lvlb_weights",
+    }
+)
+# EMA copies of the UNet (the non-EMA weights are converted) and the sgm denoiser's sigma table.
+IGNORED_PREFIXES = ("model_ema.", "denoiser.")
+
+FAMILY_DESCRIPTIONS = {
+    "sd1": "a Stable Diffusion 1.x checkpoint (one CLIP-L text encoder under cond_stage_model.transformer.)",
+    "sd2": "a Stable Diffusion 2.x checkpoint (one OpenCLIP-H text encoder under cond_stage_model.model.)",
+    "sdxl_refiner": (
+        "an SDXL refiner checkpoint (only an OpenCLIP-bigG text encoder, under conditioner.embedders.0.model.)"
+    ),
+    "sd3": "a Stable Diffusion 3 checkpoint (an MMDiT with joint_blocks, not a UNet)",
+    "flux": "a Flux checkpoint (double_blocks/single_blocks transformer, not a UNet)",
+    "lora": "a LoRA (lora_up/lora_down or lora_A/lora_B tensors), not a full checkpoint",
+    "vae": "a VAE on its own, not a full checkpoint",
+    "diffusers_component": "one component of a Diffusers folder (Diffusers tensor names, not the original layout)",
+    "unet_only": "a bare UNet of an unknown family (no text encoders, no VAE)",
+    "unknown": "not a Stable Diffusion checkpoint this converter recognises",
+}
+FAMILY_ADVICE = {
+    "lora": "load it as a LoRA at generation time and convert the base SDXL checkpoint it was trained on",
+    "vae": "pass it with --vae next to a full SDXL base checkpoint",
+    "diffusers_component": "convert the model's original single-file .safetensors checkpoint instead",
+}
 
 
-class CheckpointError(Exception):
-    """The file is not a convertible SDXL safetensors checkpoint; the message says why."""
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str  # safetensors' name: F16, BF16, F32, I64, ...
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -21,16 +100,449 @@ class CheckpointInfo:
     config_name: str
     is_dev_model: bool
     num_tensors: int
+    family: str = "sdxl"
+    # The original-layout keys that will be converted, per component (sorted).
+    component_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    ignored: tuple[str, ...] = ()  # known harmless non-weight tensors that are dropped
+    replaced: tuple[str, ...] = ()  # checkpoint tensors of a component replaced by another file (--vae)
+    dtypes: tuple[str, ...] = ()  # the checkpoint's tensor dtypes, e.g. ("F16",)
 
 
-def inspect_checkpoint(path: Path) -> CheckpointInfo:
+def _shown(names: Iterable[str]) -> str:
+    names = list(names)
+    text = ", ".join(names[:SHOWN])
+    return text + (f", … ({len(names) - SHOWN} more)" if len(names) > SHOWN else "")
+
+
+# --- 1. format: decided from the name and the first bytes, before any parser sees the file ---
+
+
+def check_file_format(path: Path, role: str = "checkpoint") -> None:
+    """Refuse anything that is not plausibly a safetensors file, above all pickles (never unpickled)."""
     path = Path(path)
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        keys = list(handle.keys())
+    if not path.exists():
+        raise CheckpointError(f"{role} {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"{role} {path} is a folder; pass the single-file .safetensors checkpoint")
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    suffix = path.suffix.lower()
+    pickle_kind = None
+    if head.startswith(b"PK\x03\x04"):
+        pickle_kind = "a PyTorch zip archive of pickles"
+    elif head[:1] == b"\x80":
+        pickle_kind = "a raw pickle"
+    elif suffix in PICKLE_SUFFIXES:
+        pickle_kind = f"a {suffix} file"
+    if pickle_kind:
+        raise CheckpointError(
+            f"{path.name} is {pickle_kind}, a pickle checkpoint: loading a pickle can run arbitrary code, so it is "
+            "never opened here. Use the model's .safetensors release, or convert the file to safetensors yourself "
+            "in a sandbox you trust."
+        )
+    if head.startswith(b"GGUF"):
+        raise CheckpointError(f"{path.name} is a GGUF file (quantised weights); only .safetensors checkpoints convert")
+    if head.startswith(b"version https://git-lfs"):
+        raise CheckpointError(
+            f"{path.name} is a Git LFS pointer, not the checkpoint itself: run `git lfs pull` or download the file"
+        )
+    if head.lstrip().lower().startswith((b"<!doctype", b"<html")):
+        raise CheckpointError(
+            f"{path.name} is an HTML page, not a checkpoint: the download returned an error or a login page. "
+            "Check the URL (and your access to it) and fetch it again."
+        )
+
+
+# --- 2. the safetensors header, parsed by hand so that damage is named precisely ---
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    """Parse and validate the header; raise :class:`CheckpointError` for a truncated or corrupt file."""
+    path = Path(path)
+    size = path.stat().st_size
+    not_safetensors = f"{path.name} is not a safetensors file"
+    if size < 8:
+        raise CheckpointError(f"{not_safetensors} ({size} bytes): empty or cut short; fetch it again")
+    with open(path, "rb") as handle:
+        header_length = int.from_bytes(handle.read(8), "little")
+        if header_length == 0 or header_length > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{not_safetensors} (its first 8 bytes give a header of {header_length} bytes)")
+        if 8 + header_length > size:
+            raise CheckpointError(
+                f"{path.name} is truncated: its header alone needs {8 + header_length} bytes, the file has {size}. "
+                "The download or copy was cut short; fetch it again (a --sha256 pin catches this)."
+            )
+        raw = handle.read(header_length)
     try:
-        dev_config = json.loads(metadata.get(DEV_METADATA_KEY, "{}")).get("config")
-    except (ValueError, AttributeError):
-        dev_config = None
-    config_name = dev_config if dev_config in ("dev_tiny", "sdxl_base") else "sdxl_base"
-    return CheckpointInfo(path, config_name, dev_config is not None, len(keys))
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        tensors: dict[str, TensorEntry] = {}
+        data_end = 0
+        for key, entry in header.items():
+            begin, end = entry["data_offsets"]
+            tensors[key] = TensorEntry(str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
+            if not 0 <= int(begin) <= int(end):
+                raise ValueError(f"tensor {key} has data offsets {begin}..{end}")
+            data_end = max(data_end, int(end))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path.name} has a corrupt safetensors header ({error}); fetch it again") from error
+    available = size - 8 - header_length
+    if available < data_end:
+        raise CheckpointError(
+            f"{path.name} is truncated: its header describes {data_end:,} bytes of tensor data, the file holds "
+            f"{available:,} ({100 * available / max(data_end, 1):.0f}%). The download or copy was cut short; fetch it "
+            "again (a --sha256 pin catches this)."
+        )
+    if available > data_end:
+        raise CheckpointError(
+            f"{path.name} is corrupt: {available - data_end:,} bytes follow the last tensor, which safetensors does "
+            "not allow (something was appended to the file). Fetch it again."
+        )
+    try:  # the library must agree before anything is read through it
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except SafetensorError as error:
+        raise CheckpointError(f"{path.name} is not a valid safetensors file ({error}); fetch it again") from error
+    return SafetensorsHeader(tensors, {str(k): str(v) for k, v in metadata.items()})
+
+
+# --- 3. what is it: family from the names, config from the shapes ---
+
+
+def identify_family(keys: Iterable[str]) -> str:
+    """``sdxl`` or the name of what the file looks like instead (a key of FAMILY_DESCRIPTIONS)."""
+    keys = set(keys)
+
+    def any_prefix(*prefixes: str) -> bool:
+        return any(key.startswith(prefixes) for key in keys)
+
+    if any(re.search(r"(^|[._])lora(_unet|_te\d?)?[._]|\.lora_(up|down|A|B)\.|^lora_", key) for key in keys):
+        return "lora"
+    if any_prefix("model.diffusion_model.joint_blocks.", "joint_blocks.", "text_encoders.clip_g."):
+        return "sd3"
+    if any_prefix("double_blocks.", "single_blocks.", "model.diffusion_model.double_blocks."):
+        return "flux"
+    if any_prefix("conditioner.embedders.0.model.") and not any_prefix("conditioner.embedders.1."):
+        return "sdxl_refiner"
+    if any_prefix("conditioner.embedders.", "model.diffusion_model.label_emb."):
+        return "sdxl"
+    if any_prefix("cond_stage_model.model."):
+        return "sd2"
+    if any_prefix("cond_stage_model.transformer."):
+        return "sd1"
+    if any_prefix("model.diffusion_model."):
+        return "unet_only"
+    if keys and all(key.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")) for key in keys):
+        return "vae"
+    if keys and all(key.startswith("first_stage_model.") for key in keys):
+        return "vae"
+    if any_prefix("down_blocks.", "time_embedding.", "text_model.encoder.", "encoder.down_blocks."):
+        return "diffusers_component"
+    return "unknown"
+
+
+def refuse_family(path: Path, family: str, keys: Iterable[str]) -> None:
+    if family == "sdxl":
+        return
+    advice = FAMILY_ADVICE.get(family, "this converter handles SDXL base checkpoints only")
+    first = f" (first tensors: {_shown(sorted(keys))})" if family == "unknown" else ""
+    raise CheckpointError(f"{path.name} looks like {FAMILY_DESCRIPTIONS[family]}{first}; {advice}.")
+
+
+def expected_checkpoint_shape(config_name: str, key: str) -> tuple[int, ...] | None:
+    """One tensor's expected shape, read from the config without building the model."""
+    if key != "model.diffusion_model.input_blocks.0.0.weight":
+        tensor = expected_checkpoint(config_name).get(key)
+        return tensor.shape if tensor else None
+    unet = load_component_config(config_name, "unet")
+    return (unet["block_out_channels"][0], unet["in_channels"], unet["conv_in_kernel"], unet["conv_in_kernel"])
+
+
+def choose_config(path: Path, shapes: Mapping[str, tuple[int, ...]], vae_replaced: bool = False) -> str:
+    """The shipped config whose tensor shapes this checkpoint has; an error naming sizes if none fits."""
+    # Building a config's expected tensors costs a second for sdxl_base, so the UNet's first
+    # convolution picks the candidate; all configs are scored only when it matches none.
+    signature = "model.diffusion_model.input_blocks.0.0.weight"
+    candidates = [name for name in KNOWN_CONFIGS if expected_checkpoint_shape(name, signature) == shapes.get(signature)]
+    scores = {}
+    for name in candidates if len(candidates) == 1 else KNOWN_CONFIGS:
+        expected = expected_checkpoint(name)
+        scores[name] = sum(
+            1
+            for key, tensor in expected.items()
+            if shapes.get(key) == tensor.shape and not (vae_replaced and tensor.component == "vae")
+        )
+    best = max(scores, key=scores.__getitem__)
+    expected = expected_checkpoint(best)
+    mismatched = [
+        key
+        for key, tensor in expected.items()
+        if key in shapes and shapes[key] != tensor.shape and not (vae_replaced and tensor.component == "vae")
+    ]
+    if mismatched:
+        conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+        if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
+            raise CheckpointError(
+                f"{path.name} has a UNet with {conv_in[1]} input channels (SDXL base has 4): an inpainting or "
+                "other special-purpose SDXL variant, which this converter does not support."
+            )
+        details = _shown(f"{key} is {list(shapes[key])}, expected {list(expected[key].shape)}" for key in mismatched)
+        raise CheckpointError(
+            f"{path.name} is SDXL-shaped but its tensor sizes match no shipped config (closest: {best}, "
+            f"{len(mismatched)} tensors differ: {details}). Only the SDXL base architecture "
+            f"({', '.join(KNOWN_CONFIGS)}) converts."
+        )
+    return best
+
+
+# --- 4. every tensor accounted for, per component, before diffusers sees any of them ---
+
+
+def _is_ignored(key: str) -> bool:
+    return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES)
+
+
+def _component_of(key: str) -> str | None:
+    for component, prefix in COMPONENT_PREFIXES.items():
+        if key.startswith(prefix):
+            return component
+    return None
+
+
+def _hints(component: str, missing: set[str], unknown: set[str]) -> str:
+    prefix = COMPONENT_PREFIXES[component]
+    if component == "text_encoder" and unknown:
+        with_level = {prefix + "text_model." + key.removeprefix(prefix) for key in unknown}
+        if with_level & missing:
+            return (
+                f" The CLIP-L tensor names lack the `text_model.` level ({prefix}encoder.… instead of "
+                f"{prefix}text_model.encoder.…), as transformers 5 writes them; diffusers would leave those tensors "
+                "at random initialisation. Re-export the checkpoint with the original names."
+            )
+    return ""
+
+
+def account_for_tensors(
+    path: Path, shapes: Mapping[str, tuple[int, ...]], config_name: str, vae_replaced: bool = False
+) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...], tuple[str, ...]]:
+    """Check names and shapes against ``config_name``; return (keys per component, ignored, replaced).
+
+    Raises :class:`CheckpointError` naming, per component, the first missing, unknown and
+    wrong-shaped tensors.
+    """
+    expected = expected_checkpoint(config_name)
+    components: dict[str, set[str]] = {component: set() for component in COMPONENT_PREFIXES}
+    ignored, replaced, stray = [], [], []
+    for key in sorted(shapes):
+        component = _component_of(key)
+        if _is_ignored(key):
+            ignored.append(key)
+        elif component == "vae" and vae_replaced:
+            replaced.append(key)
+        elif component is None:
+            stray.append(key)
+        else:
+            components[component].add(key)
+    problems = []
+    for component, present in components.items():
+        if component == "vae" and vae_replaced:
+            continue
+        wanted = {key for key, tensor in expected.items() if tensor.component == component}
+        missing, unknown = wanted - present, present - wanted
+        wrong_shape = sorted(key for key in present & wanted if tuple(shapes[key]) != expected[key].shape)
+        if not present:
+            problems.append(
+                f"{component}: no tensors at all under {COMPONENT_PREFIXES[component]} (the checkpoint lacks this "
+                "component; a full SDXL checkpoint has UNet, VAE and both text encoders"
+                + ("; pass a separate VAE with --vae" if component == "vae" else "")
+                + ")"
+            )
+            continue
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of {len(wanted)} expected tensors missing ({_shown(sorted(missing))})")
+        if unknown:
+            parts.append(f"{len(unknown)} unknown tensors ({_shown(sorted(unknown))})")
+        if wrong_shape:
+            parts.append(
+                f"{len(wrong_shape)} with the wrong shape ("
+                + _shown(f"{k} is {list(shapes[k])}, expected {list(expected[k].shape)}" for k in wrong_shape)
+                + ")"
+            )
+        if parts:
+            problems.append(f"{component}: " + "; ".join(parts) + "." + _hints(component, missing, unknown))
+    if stray:
+        problems.append(
+            f"{len(stray)} unknown tensors outside the four SDXL components ({_shown(stray)}); the converter does "
+            "not know what they are, so it will not guess"
+        )
+    if problems:
+        raise CheckpointError(
+            f"{path.name} does not hold exactly the tensors of an SDXL checkpoint ({config_name}):\n  "
+            + "\n  ".join(problems)
+        )
+    return (
+        {component: tuple(sorted(keys)) for component, keys in components.items()},
+        tuple(ignored),
+        tuple(replaced),
+    )
+
+
+def inspect_checkpoint(path: Path, vae_replaced: bool = False) -> CheckpointInfo:
+    """Every check that needs no tensor data: format, header, family, config, names and shapes."""
+    path = Path(path)
+    check_file_format(path)
+    header = read_header(path)
+    shapes = {key: entry.shape for key, entry in header.tensors.items()}
+    family = identify_family(shapes)
+    refuse_family(path, family, shapes)
+    config_name = choose_config(path, shapes, vae_replaced)
+    component_keys, ignored, replaced = account_for_tensors(path, shapes, config_name, vae_replaced)
+    try:
+        is_dev_model = bool(json.loads(header.metadata.get(DEV_METADATA_KEY, "null")))
+    except ValueError:
+        is_dev_model = False
+    return CheckpointInfo(
+        path=path,
+        config_name=config_name,
+        is_dev_model=is_dev_model,
+        num_tensors=len(shapes),
+        family=family,
+        component_keys=component_keys,
+        ignored=ignored,
+        replaced=replaced,
+        dtypes=tuple(sorted({entry.dtype for entry in header.tensors.values()})),
+    )
+
+
+# --- reading tensor data: one tensor at a time, refusing NaN, Inf and overflow on the cast ---
+
+
+def _sum_is_finite(tensor: torch.Tensor) -> bool:
+    # A sum is NaN or Inf if any element is, and almost never overflows for real weights; it is much
+    # cheaper than a full isfinite mask, which runs only when the sum is not finite.
+    accumulate = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return bool(torch.isfinite(tensor.sum(dtype=accumulate)))
+
+
+def check_finite(tensor: torch.Tensor, name: str, where: str) -> None:
+    """Raise :class:`CheckpointError` naming ``name`` if it holds NaN or Inf values."""
+    if not tensor.is_floating_point():
+        return
+    if _sum_is_finite(tensor) or bool(torch.isfinite(tensor).all()):
+        return
+    nan = int(torch.isnan(tensor).sum())
+    inf = int(torch.isinf(tensor).sum())
+    raise CheckpointError(
+        f"tensor {name} ({where}) holds {nan} NaN and {inf} Inf values out of {tensor.numel()}: the checkpoint is "
+        "damaged (a broken merge or fine-tune, or a corrupt file) and would only produce black or noise images. "
+        "Fetch or export it again."
+    )
+
+
+def check_cast(original: torch.Tensor, cast: torch.Tensor, name: str, where: str, dtype_name: str) -> None:
+    """A finite tensor that becomes Inf when cast does not fit the target dtype's range."""
+    if cast is original or not cast.is_floating_point():
+        return
+    if _sum_is_finite(cast) or bool(torch.isfinite(cast).all()):
+        return
+    largest = float(original.abs().max())
+    raise CheckpointError(
+        f"tensor {name} ({where}) has values up to {largest:.4g}, beyond the range of {dtype_name}: converting it "
+        f"would turn them into Inf. Convert with --dtype bf16 or --dtype fp32 instead."
+    )
+
+
+def read_tensors(
+    path: Path, keys: Iterable[str], dtype: torch.dtype, dtype_name: str, where: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream ``keys`` from ``path``, checked for NaN/Inf and cast to ``dtype`` one at a time."""
+    with safe_open(str(path), framework="pt") as handle:
+        for key in keys:
+            tensor = handle.get_tensor(key)
+            check_finite(tensor, key, where)
+            cast = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            check_cast(tensor, cast, key, where, dtype_name)
+            yield key, cast
+
+
+# --- a separate VAE (--vae), in any of the three layouts VAE files come in ---
+
+_LEGACY_VAE_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+
+@dataclass(frozen=True)
+class VaeFile:
+    path: Path
+    layout: str  # how the file named its tensors
+    tensors: dict[str, torch.Tensor]  # original layout, with the first_stage_model. prefix, source dtype
+    ignored: tuple[str, ...]
+
+
+def load_vae_file(path: Path, config_name: str) -> VaeFile:
+    """Read a VAE file (original layout with or without ``first_stage_model.``, or Diffusers layout).
+
+    Returns its tensors renamed to the checkpoint's original layout, so the VAE is checked,
+    converted and proven exactly like one inside a checkpoint.
+    """
+    path = Path(path)
+    check_file_format(path, role="--vae file")
+    header = read_header(path)
+    prefix = COMPONENT_PREFIXES["vae"]
+    keys = set(header.tensors)
+    ignored = tuple(sorted(key for key in keys if key.startswith(("loss.", "model_ema."))))  # training leftovers
+    keys -= set(ignored)
+    where = f"--vae {path.name}"
+    with safe_open(str(path), framework="pt") as handle:
+        raw = {key: handle.get_tensor(key) for key in sorted(keys)}
+    for key, tensor in raw.items():
+        check_finite(tensor, key, where)
+    if any(key.startswith(prefix) for key in keys):
+        layout = f"original ({prefix}…)"
+        tensors = raw
+    elif "encoder.conv_in.weight" in keys and any(key.startswith("encoder.down.") for key in keys):
+        layout = "original (no prefix)"
+        tensors = {prefix + key: tensor for key, tensor in raw.items()}
+    elif any(key.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for key in keys):
+        layout = "diffusers"
+        renamed = {}
+        for key, tensor in raw.items():
+            for old, new in _LEGACY_VAE_ATTENTION.items():  # diffusers < 0.14 attention names
+                key = key.replace(old, new)
+            renamed[key] = tensor
+        try:
+            tensors = to_original_layout("vae", renamed, load_component_config(config_name, "vae"))
+        except KeyError as error:
+            raise CheckpointError(f"{path.name}: unknown Diffusers VAE tensor {error}; is this an SDXL VAE?") from error
+    else:
+        raise CheckpointError(
+            f"{path.name} does not look like a VAE (first tensors: {_shown(sorted(keys))}); --vae takes an SDXL "
+            "VAE .safetensors in the original or the Diffusers layout"
+        )
+    shapes = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+    stray = sorted(key for key in shapes if not key.startswith(prefix))
+    if stray:
+        raise CheckpointError(f"{path.name} holds tensors that are not the VAE's ({_shown(stray)})")
+    wanted = {key: t.shape for key, t in expected_checkpoint(config_name).items() if t.component == "vae"}
+    missing = sorted(set(wanted) - set(shapes))
+    unknown = sorted(set(shapes) - set(wanted))
+    wrong = sorted(key for key in set(shapes) & set(wanted) if shapes[key] != wanted[key])
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} of {len(wanted)} expected tensors missing ({_shown(missing)})")
+    if unknown:
+        problems.append(f"{len(unknown)} unknown tensors ({_shown(unknown)})")
+    if wrong:
+        problems.append(
+            f"{len(wrong)} with the wrong shape ("
+            + _shown(f"{k} is {list(shapes[k])}, expected {list(wanted[k])}" for k in wrong)
+            + ")"
+        )
+    if problems:
+        raise CheckpointError(
+            f"--vae {path.name} ({layout} layout) is not a VAE for this checkpoint ({config_name}): "
+            + "; ".join(problems)
+        )
+    return VaeFile(path, layout, tensors, ignored)

@@ -1,32 +1,65 @@
 """Convert an SDXL single-file checkpoint into a verified Diffusers folder, atomically.
 
-Steps: read the checkpoint (safetensors only), convert it with diffusers' single-file code and
-the shipped configs (offline), save into a temporary folder beside the output, reload that
-folder with ``from_pretrained`` and compare it with the source tensors, write the manifest, then
-rename the folder into place. Killed at any moment it leaves no output folder or a complete one.
+Steps, each in its own module:
+
+1. inspect (checkpoint.py): refuse pickles, truncated or corrupt files and non-SDXL checkpoints,
+   choose the shipped config by shape, and account for every tensor by name and shape;
+2. convert (single_file.py): one component at a time, streamed from the file with NaN/Inf checks
+   and cast to the target dtype, through diffusers' single-file code with the shipped config
+   folder as ``config=`` and the Hub off; each component is saved as safetensors into a temporary
+   folder beside the output and freed before the next one (the UNet alone is 5 GB in fp16);
+3. prove (completeness.py): reload the folder with ``from_pretrained`` and compare every tensor of
+   every component with the checkpoint's, by name, exactly;
+4. record (manifest.py): sha256 and size of every file, the source, versions; then rename the
+   folder into place.
+
+Killed at any moment it leaves no output folder or a complete one: the output only ever appears by
+a rename of a finished, proven and fsynced folder. Leftovers of a killed run are hidden folders
+(``.NAME.converting-*``) that the next conversion into the same output removes. Conversions into
+one output are serialised by a file lock (``NAME.lock`` beside it), so several workers starting at
+once convert once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from model_build.manifest import MANIFEST_FORMAT, describe_files, read_manifest, sha256_file, write_manifest
+from model_build.checkpoint import CheckpointInfo, VaeFile, check_cast, inspect_checkpoint, load_vae_file, read_tensors
+from model_build.errors import ConversionError
+from model_build.manifest import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    ModelFolderError,
+    describe_files,
+    sha256_file,
+    verify,
+    write_manifest,
+)
 
-CONVERTER_VERSION = "1"
+__all__ = ["DTYPES", "ConversionError", "ConversionResult", "convert", "ensure_converted", "library_versions"]
+
+CONVERTER_VERSION = "2"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Smallest first, so a damaged tensor is usually found before the 5 GB UNet is read.
+COMPONENT_ORDER = ("text_encoder", "text_encoder_2", "vae", "unet")
 
+# Above this size a freed component is garbage-collected at once (a full collection costs ~0.3 s).
+BIG_COMPONENT_BYTES = 256 << 20
 
-class ConversionError(Exception):
-    """The checkpoint cannot be converted; the message says why and what to do."""
+log = logging.getLogger("model_build")
 
 
 @dataclass
@@ -35,44 +68,273 @@ class ConversionResult:
     converted: bool  # False when the output already held this source (a no-op)
     seconds: float
     message: str
+    source_sha256: str | None = None
+    lock_wait_seconds: float = 0.0  # time spent waiting for another process converting into the same output
 
 
-@contextlib.contextmanager
-def _offline() -> Iterator[None]:
-    """diffusers' single-file loader may look for configs on the Hub; conversion never does."""
-    saved = {key: os.environ.get(key) for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+def _stage(name: str) -> None:
+    """A named point in a conversion. The crash tests replace this function to SIGKILL the process there."""
+    log.debug("stage: %s", name)
 
 
 def library_versions() -> dict[str, str]:
+    import accelerate
     import diffusers
+    import huggingface_hub
     import safetensors
     import transformers
 
     return {
+        "python": sys.version.split()[0],
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
         "safetensors": safetensors.__version__,
+        "accelerate": accelerate.__version__,
+        "huggingface_hub": huggingface_hub.__version__,
     }
 
 
-def _already_converted(output: Path, source_sha256: str, dtype: str) -> bool:
-    if not (output / "manifest.json").is_file():
-        return False
+class _FileIdentity:
+    """A source file's identity for the manifest, hashed only when needed (7 GB take a while)."""
+
+    def __init__(self, path: Path, name: str, sha256: str | None = None) -> None:
+        self.path, self.name = path, name
+        stat = path.stat()
+        self.size, self.mtime_ns = stat.st_size, stat.st_mtime_ns
+        self._sha256 = sha256
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            log.info("hashing %s (%.1f GB)", self.path.name, self.size / 1e9)
+            self._sha256 = sha256_file(self.path)
+        return self._sha256
+
+    def same_as(self, recorded: dict[str, Any] | None) -> bool:
+        if not recorded or recorded.get("size") != self.size:
+            return False
+        if recorded.get("mtime_ns") == self.mtime_ns and "sha256" in recorded and self._sha256 is None:
+            # Same size and modification time as when it was converted: trusted without rehashing, as
+            # make and rsync do, so a worker's cold start does not read 7 GB off a network volume.
+            self._sha256 = recorded["sha256"]
+        return recorded.get("sha256") == self.sha256
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "file": self.path.name,
+            "sha256": self.sha256,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+        }
+
+
+def _folder_state(output: Path, source: _FileIdentity, vae: _FileIdentity | None, dtype: str) -> tuple[str, str]:
+    """("missing" | "current" | "outdated" | "damaged" | "foreign", why) for an existing output."""
+    if not output.exists():
+        return "missing", ""
+    if not output.is_dir():
+        return "foreign", "is a file, not a model folder"
+    if not (output / MANIFEST_NAME).is_file():
+        if not any(output.iterdir()):
+            return "missing", ""
+        return "foreign", "exists and was not made by model_build (it has no manifest.json)"
     try:
-        manifest = read_manifest(output)
-    except Exception:
-        return False
-    return manifest.get("source", {}).get("sha256") == source_sha256 and manifest.get("dtype") == dtype
+        manifest = verify(output, full=False)
+    except ModelFolderError as error:
+        return "damaged", f"is damaged: {error}"
+    if manifest.get("converter_version") != CONVERTER_VERSION:
+        made_by = manifest.get("converter_version")
+        return "outdated", f"was made by converter version {made_by} (this is {CONVERTER_VERSION})"
+    recorded = manifest.get("source") or {}
+    if not source.same_as(recorded):
+        return "outdated", f"holds another checkpoint ({recorded.get('name')}, sha256 {recorded.get('sha256')})"
+    if manifest.get("dtype") != dtype:
+        return "outdated", f"holds {manifest.get('dtype')} weights, not {dtype}"
+    recorded_vae = manifest.get("vae")
+    if vae is None and recorded_vae:
+        return "outdated", f"was converted with --vae {recorded_vae.get('name')}"
+    if vae is not None and not vae.same_as(recorded_vae):
+        other = f"with another VAE ({recorded_vae.get('name')})" if recorded_vae else "without --vae"
+        return "outdated", f"was converted {other}"
+    return "current", ""
+
+
+def _lock_path(output: Path) -> Path:
+    return output.with_name(output.name + ".lock")
+
+
+@contextlib.contextmanager
+def _conversion_lock(output: Path, timeout: float | None) -> Iterator[float]:
+    """Hold ``NAME.lock`` beside the output; yield the seconds spent waiting for it."""
+    from filelock import FileLock, Timeout
+
+    path = _lock_path(output)
+    lock = FileLock(str(path))
+    started = time.perf_counter()
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another process is converting into %s; waiting for it (lock %s)", output, path)
+        try:
+            lock.acquire(timeout=-1 if timeout is None else timeout)
+        except Timeout as error:
+            raise ConversionError(
+                f"another process has been converting into {output} for more than {timeout:.0f} s (lock {path}). "
+                "Wait for it, or if no conversion is running, delete the lock file."
+            ) from error
+    try:
+        yield time.perf_counter() - started
+    finally:
+        lock.release()
+
+
+def _remove_leftovers(output: Path) -> None:
+    """Temporary folders of conversions that were killed (only called while holding the lock)."""
+    for pattern in (f".{output.name}.converting-*", f".{output.name}.old-*"):
+        for leftover in output.parent.glob(pattern):
+            log.info("removing %s, left by an interrupted conversion", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    for path in sorted(p for p in folder.rglob("*") if p.is_dir()):
+        _fsync_dir(path)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _component_tensors(
+    component: str, info: CheckpointInfo, vae_file: VaeFile | None, dtype: str
+) -> dict[str, torch.Tensor]:
+    """One component's original-layout tensors, checked and cast to ``dtype``."""
+    torch_dtype = DTYPES[dtype]
+    if component == "vae" and vae_file is not None:
+        tensors = {}
+        where = f"--vae {vae_file.path.name}"
+        for key, tensor in vae_file.tensors.items():
+            cast = tensor.to(torch_dtype) if tensor.is_floating_point() else tensor
+            check_cast(tensor, cast, key, where, dtype)
+            tensors[key] = cast
+        return tensors
+    return dict(read_tensors(info.path, info.component_keys[component], torch_dtype, dtype, component))
+
+
+def _prove_folder(staging: Path, info: CheckpointInfo, vae_file: VaeFile | None, dtype: str) -> dict[str, int]:
+    """Load the folder as the runtime will and compare every component with the source tensors."""
+    from safetensors import safe_open
+
+    from model_build.completeness import prove_component
+    from model_build.single_file import load_pipeline
+
+    torch_dtype = DTYPES[dtype]
+    pipe = load_pipeline(staging, torch_dtype)
+    proofs = {}
+    try:
+        with safe_open(str(info.path), framework="pt") as handle:
+            for component in COMPONENT_ORDER:
+                if component == "vae" and vae_file is not None:
+                    keys = sorted(vae_file.tensors)
+                    tensors = vae_file.tensors
+
+                    def read(key: str, tensors: dict = tensors) -> torch.Tensor:
+                        return tensors[key].to(torch_dtype)
+                else:
+                    keys = info.component_keys[component]
+
+                    def read(key: str) -> torch.Tensor:
+                        return handle.get_tensor(key).to(torch_dtype)
+
+                log.info("proving %s: %d tensors against the checkpoint", component, len(keys))
+                proof = prove_component(component, getattr(pipe, component), keys, read, torch_dtype)
+                proofs[component] = proof.tensors
+        for tokenizer in ("tokenizer", "tokenizer_2"):
+            if getattr(pipe, tokenizer, None) is None:
+                raise ConversionError(f"the converted folder has no {tokenizer}")
+    finally:
+        del pipe
+        if info.path.stat().st_size > BIG_COMPONENT_BYTES:
+            gc.collect()
+    return proofs
+
+
+def _build(
+    info: CheckpointInfo,
+    vae_file: VaeFile | None,
+    source: _FileIdentity,
+    vae: _FileIdentity | None,
+    output: Path,
+    dtype: str,
+) -> None:
+    from model_build.architectures import materialize
+    from model_build.completeness import assert_materialized
+    from model_build.dev_model import DEV_MODEL_NOTICE
+    from model_build.single_file import load_component, quiet_libraries, write_pipeline_files
+
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.converting-", dir=output.parent))
+    try:
+        config_folder = materialize(info.config_name, work / "config")
+        staging = work / "model"
+        staging.mkdir()
+        with quiet_libraries():
+            for component in COMPONENT_ORDER:
+                tensors = _component_tensors(component, info, vae_file, dtype)
+                log.info("converting %s (%d tensors)", component, len(tensors))
+                module = load_component(component, tensors, config_folder, DTYPES[dtype])
+                nbytes = sum(tensor.nbytes for tensor in tensors.values())
+                del tensors  # the module holds the same storage; drop the dict before saving
+                assert_materialized(component, module)
+                module.save_pretrained(staging / component, safe_serialization=True)
+                del module
+                if nbytes > BIG_COMPONENT_BYTES:
+                    gc.collect()  # modules keep reference cycles: free their storage before the next one
+                _stage(f"saved {component}")
+            write_pipeline_files(config_folder, staging)
+            _stage("saved pipeline files")
+            log.info("reloading %s with from_pretrained to prove it holds exactly the checkpoint", output.name)
+            proofs = _prove_folder(staging, info, vae_file, dtype)
+        _stage("proved")
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "converter_version": CONVERTER_VERSION,
+            "source": source.record(),
+            "vae": None if vae is None else {**vae.record(), "layout": vae_file.layout, "ignored": vae_file.ignored},
+            "config": info.config_name,
+            "dev_model": info.is_dev_model,
+            **({"notice": DEV_MODEL_NOTICE} if info.is_dev_model else {}),
+            "dtype": dtype,
+            "source_dtypes": list(info.dtypes),
+            "tensors": proofs,
+            "ignored_tensors": list(info.ignored),
+            "replaced_tensors": {"count": len(info.replaced), "by": "--vae"} if info.replaced else None,
+            "versions": library_versions(),
+            "files": describe_files(staging),
+        }
+        write_manifest(staging, manifest)
+        _fsync_tree(staging)
+        _stage("manifest written")
+        if output.exists():
+            # --force: move the previous folder into the work folder (removed below), then rename the
+            # new one in. A crash between the two renames leaves no output folder, never a mixed one.
+            output.rename(work / "previous")
+            _stage("previous output moved aside")
+        staging.rename(output)
+        _fsync_dir(output.parent)
+        _stage("renamed into place")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def convert(
@@ -80,67 +342,77 @@ def convert(
     output: Path,
     dtype: str = "fp16",
     force: bool = False,
+    *,
+    vae: Path | None = None,
+    source_name: str | None = None,
+    vae_name: str | None = None,
+    source_sha256: str | None = None,
+    vae_sha256: str | None = None,
+    lock_timeout: float | None = None,
+    replace_outdated: bool = False,
 ) -> ConversionResult:
-    from diffusers import StableDiffusionXLPipeline
+    """Convert a local single-file SDXL checkpoint into a verified Diffusers folder at ``output``.
 
-    from model_build.architectures import materialize
-    from model_build.checkpoint import inspect_checkpoint
-
+    A no-op when ``output`` already holds this checkpoint (same sha256, dtype, VAE and converter
+    version) unless ``force``. An output holding something else is replaced only with ``force`` or
+    ``replace_outdated``; a folder not made by model_build is never replaced. ``vae`` replaces the
+    checkpoint's VAE with a separate file. ``source_name``/``vae_name`` are recorded in the manifest
+    (e.g. the hf:// URI); ``source_sha256``/``vae_sha256`` are hashes already computed by the caller.
+    ``lock_timeout`` bounds the wait for another conversion into the same output (None: no bound).
+    """
     started = time.perf_counter()
     checkpoint, output = Path(checkpoint), Path(output)
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    info = inspect_checkpoint(checkpoint)
-    source_sha256 = sha256_file(checkpoint)
-    if not force and _already_converted(output, source_sha256, dtype):
+    vae_path = Path(vae) if vae is not None else None
+    log.info("checking %s", checkpoint)
+    info = inspect_checkpoint(checkpoint, vae_replaced=vae_path is not None)
+    vae_file = load_vae_file(vae_path, info.config_name) if vae_path is not None else None
+    source = _FileIdentity(checkpoint, source_name or checkpoint.name, source_sha256)
+    vae_identity = _FileIdentity(vae_path, vae_name or vae_path.name, vae_sha256) if vae_path is not None else None
+
+    def up_to_date(waited: float) -> ConversionResult:
+        seconds = time.perf_counter() - started
         message = (
-            f"{output} already holds {checkpoint.name} (sha256 {source_sha256[:12]}…, {dtype}); "
-            "nothing to do (use --force to convert again)"
+            f"{output} is up to date: it holds {source.name} (sha256 {source.sha256[:12]}…, {dtype}); "
+            "nothing to do (pass --force to convert again)"
         )
-        return ConversionResult(output, False, time.perf_counter() - started, message)
-    if output.exists() and not force:
-        raise ConversionError(f"{output} exists and holds something else; pass --force to replace it")
+        return ConversionResult(output, False, seconds, message, source.sha256, waited)
 
+    # A finished folder only ever appears by rename, so an up-to-date one can be trusted without the lock.
+    if not force and _folder_state(output, source, vae_identity, dtype)[0] == "current":
+        return up_to_date(0.0)
     output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.converting-", dir=output.parent))
-    try:
-        config_folder = materialize(info.config_name, work / "config")
-        staging = work / "model"
-        with _offline():
-            pipe = StableDiffusionXLPipeline.from_single_file(
-                str(checkpoint), config=str(config_folder), local_files_only=True, torch_dtype=DTYPES[dtype]
-            )
-            pipe.save_pretrained(staging, safe_serialization=True)
-            del pipe
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "converter_version": CONVERTER_VERSION,
-            "source": {"name": checkpoint.name, "sha256": source_sha256, "size": checkpoint.stat().st_size},
-            "config": info.config_name,
-            "dev_model": info.is_dev_model,
-            "dtype": dtype,
-            "versions": library_versions(),
-            "files": describe_files(staging),
-        }
-        write_manifest(staging, manifest)
-        _fsync_tree(staging)
-        if output.exists():
-            # Replace (--force) by renaming the old folder aside first, so a crash leaves one whole folder.
-            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            output.rename(trash / "old")
-            staging.rename(output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            staging.rename(output)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with _conversion_lock(output, lock_timeout) as waited:
+        state, why = _folder_state(output, source, vae_identity, dtype)
+        if state == "current" and not force:
+            return up_to_date(waited)  # another process converted it while this one waited
+        if state == "foreign":
+            raise ConversionError(f"{output} {why}; move it away or choose another --output")
+        if state in ("outdated", "damaged") and not (force or replace_outdated):
+            raise ConversionError(f"{output} {why}; pass --force to replace it")
+        if state != "missing":
+            log.info("replacing %s: it %s", output, why or "is replaced (--force)")
+        _remove_leftovers(output)
+        _build(info, vae_file, source, vae_identity, output, dtype)
     seconds = time.perf_counter() - started
-    message = f"converted {checkpoint.name} -> {output} ({dtype}) in {seconds:.1f} s"
-    return ConversionResult(output, True, seconds, message)
+    message = f"converted {source.name} -> {output} ({dtype}, {info.config_name}) in {seconds:.1f} s"
+    return ConversionResult(output, True, seconds, message, source.sha256, waited)
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+def ensure_converted(
+    checkpoint: Path,
+    output: Path,
+    lock_timeout: float | None = 3600.0,
+    dtype: str = "fp16",
+    vae: Path | None = None,
+) -> ConversionResult:
+    """Make sure ``output`` holds the conversion of ``checkpoint``; convert it if not (for the worker's first start).
+
+    Cheap when the folder is up to date (no hashing when the checkpoint's size and mtime match the
+    manifest). Otherwise converts under the lock; a second caller waits for the first one and then
+    finds the folder done, so a checkpoint is never converted twice. An existing conversion of
+    another checkpoint, dtype or converter version is replaced; a folder not made by model_build
+    is not.
+    """
+    return convert(checkpoint, output, dtype, vae=vae, lock_timeout=lock_timeout, replace_outdated=True)

@@ -13,6 +13,8 @@ from typing import Any
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
+# Files that from_pretrained may read: an unlisted one in a model folder is reported by verify.
+LOADABLE_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".json", ".txt", ".model"})
 
 
 class ModelFolderError(Exception):
@@ -82,6 +84,12 @@ def verify(folder: Path, full: bool = False) -> dict[str, Any]:
             problems.append(f"{relative} has {path.stat().st_size} bytes, manifest says {expected['size']}")
         elif full and sha256_file(path) != expected["sha256"]:
             problems.append(f"{relative} sha256 differs from the manifest (file altered or corrupt)")
+    # A weight or config file that the manifest does not list could be picked up by from_pretrained.
+    listed = set(manifest["files"]) | {MANIFEST_NAME}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder).as_posix()
+        if relative not in listed and path.suffix.lower() in LOADABLE_SUFFIXES:
+            problems.append(f"{relative} is not in the manifest (added after conversion)")
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         source = manifest.get("source", {}).get("name", "the checkpoint")

@@ -1,0 +1,253 @@
+"""Fetch the file the user named: a local path, ``hf://owner/repo/file@<40-hex revision>``, or an https URL.
+
+Only what the user names is downloaded, nothing else (no configs, no other files of the repo).
+Hub files go through huggingface_hub (its cache, resume and progress bar; ``HF_TOKEN`` is read by
+the library and never printed). URLs are downloaded into a cache folder with resume (HTTP Range)
+and a progress bar; plain ``http://`` is allowed only on the loopback interface (tests). An
+optional sha256 pin is checked before the file is used, and a mismatch names both hashes.
+Names shown to the user or written to the manifest never carry a URL's query string, where
+download tokens usually live.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from email.message import Message
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from model_build.errors import FetchError
+from model_build.manifest import sha256_file
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+CHUNK_BYTES = 8 << 20
+_HEX40 = re.compile(r"[0-9a-fA-F]{40}")
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+@dataclass(frozen=True)
+class FetchedFile:
+    path: Path  # a local file, ready to read
+    name: str  # the source as the user named it, safe to print and to record (no query string)
+    origin: str  # "local", "hf" or "url"
+    sha256: str | None = None  # known when a pin was checked (saves hashing a 7 GB file twice)
+
+
+@dataclass(frozen=True)
+class HubFile:
+    repo_id: str
+    filename: str
+    revision: str
+
+    @property
+    def uri(self) -> str:
+        return f"hf://{self.repo_id}/{self.filename}@{self.revision}"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MODEL_BUILD_CACHE") or Path.home() / ".cache" / "model_build")
+
+
+def parse_hf_uri(uri: str) -> HubFile:
+    """``hf://owner/repo/path/to/file.safetensors@<40-hex commit>`` -> :class:`HubFile`."""
+    usage = "write hf://<owner>/<repo>/<file>@<40-hex commit>"
+    if not uri.startswith("hf://"):
+        raise FetchError(f"{uri!r} is not an hf:// source; {usage}")
+    body, at, revision = uri.removeprefix("hf://").rpartition("@")
+    if not at:
+        raise FetchError(
+            f"{uri} names no revision; pin the exact file with a commit hash so the same bytes come every time: {usage}"
+        )
+    if not _HEX40.fullmatch(revision):
+        raise FetchError(
+            f"{uri}: revision {revision!r} is not a 40-hex commit hash. Branch and tag names move; pin the commit "
+            f"(the file's page on the Hub lists it under 'History'): {usage}"
+        )
+    parts = body.split("/")
+    if len(parts) < 3 or not all(parts):
+        raise FetchError(f"{uri} does not name a repository and a file; {usage}")
+    return HubFile(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]), revision=revision.lower())
+
+
+def display_url(url: str) -> str:
+    """The URL without credentials, query string or fragment: safe to print and to record."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def _refuse_pickle_name(name: str, shown: str) -> None:
+    if name.lower().endswith(PICKLE_SUFFIXES):
+        raise FetchError(
+            f"{shown} is a pickle checkpoint ({Path(name).suffix}); pickles can run arbitrary code when loaded and are "
+            "never downloaded or opened here. Use the model's .safetensors file."
+        )
+
+
+def fetch_hub_file(hub_file: HubFile, cache_dir: Path | None = None) -> Path:
+    """Download (or find in the cache) exactly one Hub file at a pinned revision."""
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import hf_hub_download
+
+    _refuse_pickle_name(hub_file.filename, hub_file.uri)
+    try:
+        # huggingface_hub reads HF_TOKEN itself; passing it around would only risk printing it.
+        return Path(
+            hf_hub_download(
+                hub_file.repo_id,
+                hub_file.filename,
+                revision=hub_file.revision,
+                cache_dir=str(cache_dir) if cache_dir else None,
+            )
+        )
+    except hub_errors.GatedRepoError as error:
+        reason = "is gated: accept its terms on the Hub and set HF_TOKEN to a token of that account"
+        raise FetchError(f"{hub_file.uri}: the repository {reason}") from error
+    except hub_errors.RepositoryNotFoundError as error:
+        reason = "does not exist or is private (set HF_TOKEN for a private one)"
+        raise FetchError(f"{hub_file.uri}: repository {hub_file.repo_id} {reason}") from error
+    except hub_errors.RevisionNotFoundError as error:
+        raise FetchError(f"{hub_file.uri}: revision {hub_file.revision} does not exist in the repository") from error
+    except hub_errors.EntryNotFoundError as error:
+        reason = "is not in the repository at that revision"
+        raise FetchError(f"{hub_file.uri}: file {hub_file.filename} {reason}") from error
+    except hub_errors.LocalEntryNotFoundError as error:
+        raise FetchError(
+            f"{hub_file.uri} is not in the local cache and the Hub cannot be reached (offline, HF_HUB_OFFLINE=1, or no "
+            "network); download it where the Hub is reachable, or pass a local path"
+        ) from error
+    except (hub_errors.HfHubHTTPError, OSError) as error:
+        raise FetchError(f"{hub_file.uri}: download failed ({type(error).__name__}); run again to resume") from error
+
+
+def _content_range_start(value: str | None) -> tuple[int, int | None] | None:
+    """``bytes 100-199/200`` -> (100, 200); None if absent or unparsable."""
+    match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", (value or "").strip())
+    if not match:
+        return None
+    return int(match[1]), None if match[2] == "*" else int(match[2])
+
+
+def _filename_from(response_headers: Message, url: str) -> str:
+    disposition = Message()
+    disposition["content-disposition"] = response_headers.get("Content-Disposition", "")
+    name = disposition.get_filename() or unquote(urlsplit(url).path.rsplit("/", 1)[-1]) or "download"
+    name = Path(name.replace("\\", "/")).name  # never a path out of the cache folder
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name).lstrip(".") or "download"
+
+
+def download_url(url: str, cache_dir: Path | None = None, timeout: float = 60.0) -> Path:
+    """Download ``url`` into the cache, resuming a partial download; return the complete file.
+
+    A complete download is renamed from ``download.partial`` to its file name only once every byte
+    arrived, so an interrupted run leaves a partial file that the next run resumes (HTTP Range).
+    """
+    from tqdm import tqdm
+
+    shown = display_url(url)
+    parts = urlsplit(url)
+    if parts.scheme != "https" and not (parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS):
+        raise FetchError(f"{shown}: only https:// URLs are downloaded (plain http only from this machine's loopback)")
+    _refuse_pickle_name(parts.path, shown)
+    folder = (cache_dir or default_cache_dir()) / "downloads" / hashlib.sha256(url.encode()).hexdigest()[:20]
+    folder.mkdir(parents=True, exist_ok=True)
+    complete = [path for path in folder.iterdir() if path.is_file() and path.name != "download.partial"]
+    if complete:
+        return complete[0]
+    partial = folder / "download.partial"
+    offset = partial.stat().st_size if partial.exists() else 0
+
+    request = urllib.request.Request(url, headers={"User-Agent": "model_build", "Accept-Encoding": "identity"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and offset:  # the partial file is not a prefix the server knows: start over
+            partial.unlink()
+            return download_url(url, cache_dir, timeout)
+        raise FetchError(f"{shown}: HTTP {error.code} {error.reason}") from error
+    except (urllib.error.URLError, OSError) as error:
+        raise FetchError(f"{shown}: cannot connect ({getattr(error, 'reason', error)})") from error
+
+    with response:
+        content_range = _content_range_start(response.headers.get("Content-Range"))
+        if offset and response.status == 206 and content_range and content_range[0] == offset:
+            mode, total = "ab", content_range[1]
+        else:  # no partial file, or the server ignored the Range request: start from the first byte
+            offset, mode = 0, "wb"
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+        filename = _filename_from(response.headers, url)
+        _refuse_pickle_name(filename, f"{shown} ({filename})")
+        written = offset
+        with (
+            open(partial, mode) as handle,
+            tqdm(
+                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=filename, leave=False
+            ) as bar,
+        ):
+            try:
+                while chunk := response.read(CHUNK_BYTES):
+                    handle.write(chunk)
+                    written += len(chunk)
+                    bar.update(len(chunk))
+            except (OSError, urllib.error.URLError, ValueError) as error:
+                raise FetchError(
+                    f"{shown}: the download was interrupted after {written:,} bytes ({type(error).__name__}); "
+                    "run the same command again to resume it"
+                ) from error
+            finally:
+                handle.flush()
+                os.fsync(handle.fileno())
+    if total is not None and written != total:
+        raise FetchError(
+            f"{shown}: the download ended after {written:,} of {total:,} bytes; run the same command again to resume it"
+        )
+    target = folder / filename
+    partial.replace(target)
+    return target
+
+
+def normalize_sha256(pin: str) -> str:
+    pin = pin.strip().lower().removeprefix("sha256:")
+    if not _HEX64.fullmatch(pin):
+        raise FetchError(f"--sha256 {pin!r} is not a sha256 (64 hex digits)")
+    return pin
+
+
+def fetch(source: str | os.PathLike, sha256: str | None = None, cache_dir: Path | None = None) -> FetchedFile:
+    """Resolve ``source`` to a local file, downloading it if the user named a remote one; check the pin."""
+    text = os.fspath(source)
+    pin = normalize_sha256(sha256) if sha256 else None
+    if text.startswith("hf://"):
+        hub_file = parse_hf_uri(text)
+        fetched = FetchedFile(fetch_hub_file(hub_file, cache_dir / "hf" if cache_dir else None), hub_file.uri, "hf")
+    elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text):
+        fetched = FetchedFile(download_url(text, cache_dir), display_url(text), "url")
+    else:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise FetchError(f"{text}: no such file" if not path.exists() else f"{text} is not a file")
+        fetched = FetchedFile(path, path.name, "local")
+    if pin is None:
+        return fetched
+    actual = sha256_file(fetched.path)
+    if actual != pin:
+        removed = ""
+        if fetched.origin == "url":  # our own cache: drop the wrong bytes so the next run downloads afresh
+            shutil.rmtree(fetched.path.parent, ignore_errors=True)
+            removed = " The downloaded copy was removed; run again to download it anew."
+        raise FetchError(
+            f"{fetched.name}: sha256 mismatch for file {fetched.path.name}: it is {actual}, the pin (--sha256) says "
+            f"{pin}. This is not the file you pinned: another version, or a corrupt or incomplete copy.{removed}"
+        )
+    return FetchedFile(fetched.path, fetched.name, fetched.origin, actual)
