@@ -77,8 +77,13 @@ class Engine:
     """A loaded SDXL pipeline and everything needed to turn requests into images."""
 
     def __init__(self, model_dir: Path | str, offload: str = "auto") -> None:
+        import diffusers
+        import transformers
         from diffusers import StableDiffusionXLPipeline
 
+        # Loading bars would interleave with the worker's and the batch runner's own output.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
         self.model_dir = Path(model_dir)
         self.manifest = verify(self.model_dir)  # raises ModelFolderError with the command to run
         self.model_name = self.model_dir.name

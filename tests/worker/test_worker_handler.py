@@ -1,0 +1,220 @@
+"""The handler end to end on the dev model: in process, through --test_input, and over real HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from worker import handler as handler_module
+from worker.handler import STATE, handler, start_engine
+from worker.images import read_parameters
+from worker.schedulers import SCHEDULERS
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = {"prompt": "a lighthouse at dawn", "height": 256, "width": 256, "num_inference_steps": 3}
+
+
+def decode(uri: str) -> tuple[Image.Image, bytes]:
+    _header, payload = uri.split(",", 1)
+    data = base64.b64decode(payload)
+    return Image.open(io.BytesIO(data)), data
+
+
+@pytest.fixture(scope="module")
+def engine_loaded(dev_model_dir: Path):
+    start_engine(dev_model_dir)
+    assert STATE.startup_error is None, STATE.startup_error
+    yield STATE.engine
+
+
+def run(payload: dict) -> dict:
+    return handler({"id": "test-job", "input": payload})
+
+
+@pytest.mark.parametrize(("output_format", "pil_format"), [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_formats_decode_at_the_asked_size_and_carry_parameters(engine_loaded, output_format, pil_format) -> None:
+    out = run({**SMALL, "width": 320, "height": 256, "seed": 7, "output_format": output_format, "quality": 80})
+    assert "error" not in out, out
+    image, data = decode(out["images"][0])
+    assert image.format == pil_format and image.size == (320, 256)
+    assert out["image_url"] == out["images"][0] and out["seed"] == 7
+    parameters = read_parameters(data)
+    assert parameters.startswith("a lighthouse at dawn") and "Seed: 7" in parameters and "Size: 320x256" in parameters
+
+
+def test_same_seed_same_bytes_and_metadata(engine_loaded) -> None:
+    first = run({**SMALL, "seed": 1234, "num_images": 2})
+    second = run({**SMALL, "seed": 1234, "num_images": 2})
+    assert first["images"] == second["images"]
+    assert first["metadata"]["seeds"] == [1234, 1235]
+    metadata = first["metadata"]
+    assert metadata["model"]["manifest_hash"] and "noise" in metadata["warning"]
+    assert set(metadata["timings"]) >= {"text_encoding_s", "denoising_s", "vae_decode_s", "image_encoding_s", "total_s"}
+    json.dumps(metadata)  # JSON-able all the way down
+
+
+def test_random_seed_is_63_bit_and_reported(engine_loaded) -> None:
+    out = run({**SMALL, "num_inference_steps": 1})
+    assert 0 <= out["seed"] < 2**63 and out["metadata"]["seeds"] == [out["seed"]]
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_every_scheduler_runs_and_is_deterministic(engine_loaded, scheduler: str) -> None:
+    payload = {**SMALL, "num_inference_steps": 2, "seed": 3, "scheduler": scheduler}
+    first, second = run(payload), run(payload)
+    assert "error" not in first, first
+    assert first["images"] == second["images"] and first["metadata"]["scheduler"] == scheduler
+
+
+def test_invalid_input_is_an_error_string_never_a_traceback(engine_loaded) -> None:
+    out = run({"prompt": "x", "num_inference_steps": 1000})
+    assert set(out) == {"error"} and "num_inference_steps" in out["error"] and "1..150" in out["error"]
+
+
+@settings(max_examples=25)
+@given(
+    st.dictionaries(
+        st.sampled_from(["prompt", "width", "height", "seed", "num_images", "scheduler", "guidance_scale", "bogus"]),
+        st.one_of(st.integers(-5, 5000), st.text(max_size=8), st.none(), st.floats(allow_nan=True)),
+        max_size=6,
+    )
+)
+def test_fuzzed_near_valid_inputs_never_raise(engine_loaded, fields: dict) -> None:
+    payload = {"prompt": "x", "num_inference_steps": 1, "width": 256, "height": 256, **fields}
+    out = run(payload)
+    if "error" in out:
+        assert isinstance(out["error"], str) and "Traceback" not in out["error"]
+    else:
+        image, _ = decode(out["images"][0])
+        assert image.size == (payload["width"], payload["height"])
+
+
+def test_model_dependent_limits_are_clear_errors(engine_loaded) -> None:
+    out = run({**SMALL, "clip_skip": 5})
+    assert "clip_skip" in out["error"] and "0..1" in out["error"]
+
+
+def test_failed_jobs_leave_the_next_one_as_on_a_fresh_worker(engine_loaded, monkeypatch) -> None:
+    good = {**SMALL, "seed": 99, "scheduler": "DPM++ 2M Karras"}
+    reference = run(good)
+    # A job that fails after denoising (no bucket for s3) ...
+    assert "BUCKET_ENDPOINT_URL" in run({**good, "return_type": "s3", "scheduler": "Euler a"})["error"]
+    # ... and one whose UNet fails mid-run with a CUDA-style error (fault injected into the real pipeline).
+    unet = engine_loaded.pipe.unet
+    original_forward = unet.forward
+    calls = {"n": 0}
+
+    def failing_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return original_forward(*args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", failing_forward)
+    failed = run({**good, "scheduler": "UniPC", "num_images": 2})
+    monkeypatch.setattr(unet, "forward", original_forward)
+    assert failed["refresh_worker"] is True and "CUDA error" in failed["error"]
+    assert run(good)["images"] == reference["images"]
+
+
+def test_oversized_output_without_a_bucket_is_a_clear_error(engine_loaded, monkeypatch) -> None:
+    monkeypatch.setattr(handler_module, "MAX_PAYLOAD_BYTES", 1000)
+    monkeypatch.delenv("BUCKET_ENDPOINT_URL", raising=False)
+    out = run({**SMALL, "seed": 1})
+    assert "payload limit" in out["error"] and "jpeg" in out["error"]
+
+
+def test_missing_model_folder_makes_every_job_an_error(tmp_path: Path) -> None:
+    saved = (STATE.engine, STATE.startup_error)
+    try:
+        start_engine(tmp_path / "not-converted")
+        out = run(SMALL)
+        assert "python -m model_build convert" in out["error"]
+    finally:
+        STATE.engine, STATE.startup_error = saved
+
+
+def worker_env(model_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
+    return {**env, "MODEL_DIR": str(model_dir), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def test_test_input_subprocess_exits_0_on_success_and_1_on_error(dev_model_dir: Path, tmp_path: Path) -> None:
+    good = json.dumps({"input": {**SMALL, "num_inference_steps": 1, "seed": 5}})
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "--test_input", good],
+        cwd=tmp_path,
+        env=worker_env(dev_model_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "completed successfully" in done.stdout + done.stderr
+    bad = json.dumps({"input": {"prompt": "x", "width": 100}})
+    failed = subprocess.run(
+        [sys.executable, "-m", "worker", "--test_input", bad],
+        cwd=tmp_path,
+        env=worker_env(dev_model_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert failed.returncode == 1 and "width" in failed.stdout + failed.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post(url: str, body: dict, timeout: float = 120) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def test_local_api_server_runsync(dev_model_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
+        cwd=tmp_path,
+        env=worker_env(dev_model_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/runsync"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                first = post(url, {"input": {**SMALL, "seed": 21, "output_format": "webp"}})
+                break
+            except OSError:
+                assert server.poll() is None, "the API server exited"
+                assert time.monotonic() < deadline, "the API server did not answer in time"
+                time.sleep(0.5)
+        second = post(url, {"input": {**SMALL, "seed": 21, "output_format": "webp"}})
+        assert first["status"] == "COMPLETED", first
+        image, _ = decode(first["output"]["images"][0])
+        assert image.format == "WEBP" and image.size == (256, 256)
+        assert first["output"]["images"] == second["output"]["images"]
+        bad = post(url, {"input": {"prompt": "x", "num_images": 0}})
+        assert "num_images" in json.dumps(bad)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

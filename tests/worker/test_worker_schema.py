@@ -1,0 +1,116 @@
+"""The request schema: strict, bounded, and every error names the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from worker.schedulers import SCHEDULERS, build_scheduler, canonical_scheduler_name
+from worker.schema import MAX_SEED, GenerationRequest, RequestError, parse_request
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=20,
+)
+
+BOUNDS = {
+    "height": (256, 2048),
+    "width": (256, 2048),
+    "num_inference_steps": (1, 150),
+    "num_images": (1, 8),
+    "quality": (1, 100),
+    "seed": (0, MAX_SEED),
+    "clip_skip": (0, 10),
+}
+
+
+def test_defaults_match_the_official_worker() -> None:
+    request = parse_request({"prompt": "a cat"})
+    assert (request.width, request.height, request.num_inference_steps, request.guidance_scale) == (1024, 1024, 25, 7.5)
+    assert request.num_images == 1 and request.seed is None and request.output_format == "png"
+
+
+@given(json_values)
+def test_arbitrary_json_is_accepted_or_refused_with_a_message(payload: object) -> None:
+    try:
+        request = parse_request(payload)
+    except RequestError as error:
+        message = str(error)
+        assert message and "Traceback" not in message
+    else:
+        assert isinstance(request, GenerationRequest)
+
+
+@given(
+    field=st.sampled_from(sorted(BOUNDS)),
+    value=st.one_of(st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=True), st.booleans()),
+)
+def test_numbers_are_accepted_only_in_range(field: str, value: object) -> None:
+    low, high = BOUNDS[field]
+    # Small sizes keep the pixel budget out of this property; sides must also be multiples of 8.
+    payload = {"prompt": "x", "width": 512, "height": 512, field: value}
+    in_range = type(value) is int and low <= value <= high and (field not in ("width", "height") or value % 8 == 0)
+    if in_range:
+        assert getattr(parse_request(payload), field) == value
+    else:
+        with pytest.raises(RequestError) as error:
+            parse_request(payload)
+        assert field in str(error.value)
+
+
+@given(value=st.floats(allow_nan=True, allow_infinity=True))
+def test_guidance_scale_bounds(value: float) -> None:
+    payload = {"prompt": "x", "guidance_scale": value}
+    if 0.0 <= value <= 30.0:
+        assert parse_request(payload).guidance_scale == value
+    else:
+        with pytest.raises(RequestError, match="guidance_scale"):
+            parse_request(payload)
+
+
+def test_messages_name_field_value_and_range() -> None:
+    with pytest.raises(RequestError) as error:
+        parse_request({"prompt": "x", "num_inference_steps": 1000})
+    assert "num_inference_steps" in str(error.value) and "1000" in str(error.value) and "1..150" in str(error.value)
+
+
+def test_unknown_keys_are_errors_that_list_the_allowed_ones() -> None:
+    with pytest.raises(RequestError) as error:
+        parse_request({"prompt": "x", "refiner_inference_steps": 50, "colour": "red"})
+    message = str(error.value)
+    assert "refiner" in message and "colour: unknown field" in message and "allowed fields: prompt" in message
+
+
+def test_pixel_budget_names_the_fields() -> None:
+    with pytest.raises(RequestError, match="num_images"):
+        parse_request({"prompt": "x", "width": 2048, "height": 2048, "num_images": 8})
+
+
+def test_loras_are_bounded() -> None:
+    ok = parse_request({"prompt": "x", "loras": [{"name": "style", "scale": 1}, {"name": "detail", "scale": -0.5}]})
+    assert [lora.scale for lora in ok.loras] == [1.0, -0.5]
+    for bad in (
+        [{"name": "a", "scale": 6}],
+        [{"name": "", "scale": 1}],
+        [{"name": "a", "weight": 1}],
+        [{"name": f"l{i}"} for i in range(9)],
+        [{"name": "a"}, {"name": "a"}],
+    ):
+        with pytest.raises(RequestError, match="loras"):
+            parse_request({"prompt": "x", "loras": bad})
+
+
+@pytest.mark.parametrize("spelling", ["DPM++ 2M Karras", "dpm++ 2m karras", "K_EULER", "k_euler_ancestral", "KLMS"])
+def test_scheduler_spellings(spelling: str) -> None:
+    assert parse_request({"prompt": "x", "scheduler": spelling}).scheduler in SCHEDULERS
+
+
+def test_every_scheduler_builds_fresh_from_a_model_config(dev_model_dir) -> None:
+    config = json.loads((dev_model_dir / "scheduler" / "scheduler_config.json").read_text())
+    for name in SCHEDULERS:
+        first, second = build_scheduler(name, config), build_scheduler(name, config)
+        assert first is not second and canonical_scheduler_name(name) == name
