@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nox
@@ -39,9 +40,30 @@ def convert(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """Build the dev model (random weights: its images are noise), convert and verify it."""
+    """Dev model (random weights: images are noise): build, convert, verify, run test_input.json."""
     install_runtime(session)
     make_dev_model(session)
+    session.run("python", "-m", "worker.run_job", "test_input.json", "--out", str(DEMO_OUT), "--model", str(DEV_MODEL))
+
+
+@nox.session(default=False)
+def serve(session: nox.Session) -> None:
+    """The worker's local RunPod API server on the dev model: POST http://127.0.0.1:8000/runsync."""
+    install_runtime(session)
+    if not (DEV_MODEL / "manifest.json").exists():
+        make_dev_model(session)
+    port = session.posargs[0] if session.posargs else "8000"
+    session.run(
+        "python",
+        "-m",
+        "worker",
+        "--rp_serve_api",
+        "--rp_api_host",
+        "127.0.0.1",
+        "--rp_api_port",
+        port,
+        env={"MODEL_DIR": os.environ.get("MODEL_DIR", str(DEV_MODEL))},
+    )
 
 
 @nox.session
