@@ -327,10 +327,10 @@ def _hints(component: str, missing: set[str], unknown: set[str]) -> str:
 def account_for_tensors(
     path: Path, shapes: Mapping[str, tuple[int, ...]], config_name: str, vae_replaced: bool = False
 ) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...], tuple[str, ...]]:
-    """Check names and shapes against ``config_name``; return (keys per component, ignored, replaced).
+    """Check the names against ``config_name``; return (keys per component, ignored, replaced).
 
-    Raises :class:`CheckpointError` naming, per component, the first missing, unknown and
-    wrong-shaped tensors.
+    Raises :class:`CheckpointError` naming, per component, the first missing and unknown tensors.
+    Shapes were already checked by :func:`choose_config`.
     """
     expected = expected_checkpoint(config_name)
     components: dict[str, set[str]] = {component: set() for component in COMPONENT_PREFIXES}
@@ -350,8 +350,7 @@ def account_for_tensors(
         if component == "vae" and vae_replaced:
             continue
         wanted = {key for key, tensor in expected.items() if tensor.component == component}
-        missing, unknown = wanted - present, present - wanted
-        wrong_shape = sorted(key for key in present & wanted if tuple(shapes[key]) != expected[key].shape)
+        missing, unknown = wanted - present, present - wanted  # shapes were checked by choose_config
         if not present:
             problems.append(
                 f"{component}: no tensors at all under {COMPONENT_PREFIXES[component]} (the checkpoint lacks this "
@@ -365,12 +364,6 @@ def account_for_tensors(
             parts.append(f"{len(missing)} of {len(wanted)} expected tensors missing ({_shown(sorted(missing))})")
         if unknown:
             parts.append(f"{len(unknown)} unknown tensors ({_shown(sorted(unknown))})")
-        if wrong_shape:
-            parts.append(
-                f"{len(wrong_shape)} with the wrong shape ("
-                + _shown(f"{k} is {list(shapes[k])}, expected {list(expected[k].shape)}" for k in wrong_shape)
-                + ")"
-            )
         if parts:
             problems.append(f"{component}: " + "; ".join(parts) + "." + _hints(component, missing, unknown))
     if stray:

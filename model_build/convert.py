@@ -190,12 +190,30 @@ def _conversion_lock(output: Path, timeout: float | None) -> Iterator[float]:
         lock.release()
 
 
+def _leftovers(output: Path) -> list[Path]:
+    """Temporary folders of conversions into ``output`` that were killed before cleaning up."""
+    patterns = (f".{output.name}.converting-*", f".{output.name}.old-*")
+    return sorted(path for pattern in patterns for path in output.parent.glob(pattern))
+
+
 def _remove_leftovers(output: Path) -> None:
-    """Temporary folders of conversions that were killed (only called while holding the lock)."""
-    for pattern in (f".{output.name}.converting-*", f".{output.name}.old-*"):
-        for leftover in output.parent.glob(pattern):
-            log.info("removing %s, left by an interrupted conversion", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
+    """Only called while holding the lock: then no other conversion into ``output`` is running."""
+    for leftover in _leftovers(output):
+        log.info("removing %s, left by an interrupted conversion", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _remove_leftovers_if_idle(output: Path) -> None:
+    """On a no-op, remove leftovers too (a killed --force can leave the previous model there), unless busy."""
+    from filelock import FileLock, Timeout
+
+    if not output.parent.is_dir() or not _leftovers(output):
+        return
+    try:
+        with FileLock(str(_lock_path(output)), timeout=0):
+            _remove_leftovers(output)
+    except Timeout:
+        pass  # a conversion is running; it removes them itself
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -232,15 +250,20 @@ def _component_tensors(
     return dict(read_tensors(info.path, info.component_keys[component], torch_dtype, dtype, component))
 
 
-def _prove_folder(staging: Path, info: CheckpointInfo, vae_file: VaeFile | None, dtype: str) -> dict[str, int]:
-    """Load the folder as the runtime will and compare every component with the source tensors."""
+def _prove_folder(
+    staging: Path, info: CheckpointInfo, vae_file: VaeFile | None, dtype: str, tokenizers: dict[str, Any]
+) -> dict[str, int]:
+    """Load the folder as the runtime will and compare every component with the source tensors.
+
+    The tokenizers just written are passed in rather than parsed again: they hold no weights.
+    """
     from safetensors import safe_open
 
     from model_build.completeness import prove_component
     from model_build.single_file import load_pipeline
 
     torch_dtype = DTYPES[dtype]
-    pipe = load_pipeline(staging, torch_dtype)
+    pipe = load_pipeline(staging, torch_dtype, **tokenizers)
     proofs = {}
     try:
         with safe_open(str(info.path), framework="pt") as handle:
@@ -260,9 +283,6 @@ def _prove_folder(staging: Path, info: CheckpointInfo, vae_file: VaeFile | None,
                 log.info("proving %s: %d tensors against the checkpoint", component, len(keys))
                 proof = prove_component(component, getattr(pipe, component), keys, read, torch_dtype)
                 proofs[component] = proof.tensors
-        for tokenizer in ("tokenizer", "tokenizer_2"):
-            if getattr(pipe, tokenizer, None) is None:
-                raise ConversionError(f"the converted folder has no {tokenizer}")
     finally:
         del pipe
         if info.path.stat().st_size > BIG_COMPONENT_BYTES:
@@ -301,10 +321,10 @@ def _build(
                 if nbytes > BIG_COMPONENT_BYTES:
                     gc.collect()  # modules keep reference cycles: free their storage before the next one
                 _stage(f"saved {component}")
-            write_pipeline_files(config_folder, staging)
+            tokenizers = write_pipeline_files(config_folder, staging)
             _stage("saved pipeline files")
             log.info("reloading %s with from_pretrained to prove it holds exactly the checkpoint", output.name)
-            proofs = _prove_folder(staging, info, vae_file, dtype)
+            proofs = _prove_folder(staging, info, vae_file, dtype, tokenizers)
         _stage("proved")
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -381,6 +401,7 @@ def convert(
 
     # A finished folder only ever appears by rename, so an up-to-date one can be trusted without the lock.
     if not force and _folder_state(output, source, vae_identity, dtype)[0] == "current":
+        _remove_leftovers_if_idle(output)
         return up_to_date(0.0)
     output.parent.mkdir(parents=True, exist_ok=True)
     with _conversion_lock(output, lock_timeout) as waited:

@@ -17,6 +17,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -83,27 +84,31 @@ def load_component(
     raise ValueError(f"unknown component {component!r}")
 
 
-def write_pipeline_files(config_folder: Path, staging: Path) -> None:
-    """The weightless parts of the pipeline folder: model_index.json, scheduler and both tokenizers."""
+def write_pipeline_files(config_folder: Path, staging: Path) -> dict[str, Any]:
+    """The weightless parts of the pipeline folder: model_index.json, scheduler and both tokenizers.
+
+    Returns the two tokenizers, so the proof's reload need not parse their 3.6 MB JSON files again.
+    """
     import shutil
 
     from diffusers import EulerDiscreteScheduler
     from transformers import CLIPTokenizer
 
+    tokenizers = {}
     with offline():
         shutil.copyfile(config_folder / "model_index.json", staging / "model_index.json")
         EulerDiscreteScheduler.from_pretrained(config_folder, subfolder="scheduler").save_pretrained(
             staging / "scheduler"
         )
-        for tokenizer in ("tokenizer", "tokenizer_2"):
-            CLIPTokenizer.from_pretrained(config_folder / tokenizer, local_files_only=True).save_pretrained(
-                staging / tokenizer
-            )
+        for name in ("tokenizer", "tokenizer_2"):
+            tokenizers[name] = CLIPTokenizer.from_pretrained(config_folder / name, local_files_only=True)
+            tokenizers[name].save_pretrained(staging / name)
+    return tokenizers
 
 
-def load_pipeline(folder: Path, dtype: torch.dtype):  # -> StableDiffusionXLPipeline (imported lazily)
-    """Load a converted folder exactly as the runtime does: ``from_pretrained``, offline."""
+def load_pipeline(folder: Path, dtype: torch.dtype, **components: Any):  # -> StableDiffusionXLPipeline
+    """Load a converted folder as the runtime does: ``from_pretrained``, offline (``components`` preloaded)."""
     from diffusers import StableDiffusionXLPipeline
 
     with offline():
-        return StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        return StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, **components)

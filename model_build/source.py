@@ -116,14 +116,14 @@ def fetch_hub_file(hub_file: HubFile, cache_dir: Path | None = None) -> Path:
         raise FetchError(f"{hub_file.uri}: repository {hub_file.repo_id} {reason}") from error
     except hub_errors.RevisionNotFoundError as error:
         raise FetchError(f"{hub_file.uri}: revision {hub_file.revision} does not exist in the repository") from error
-    except hub_errors.EntryNotFoundError as error:
-        reason = "is not in the repository at that revision"
-        raise FetchError(f"{hub_file.uri}: file {hub_file.filename} {reason}") from error
-    except hub_errors.LocalEntryNotFoundError as error:
+    except hub_errors.LocalEntryNotFoundError as error:  # before EntryNotFoundError, its base class
         raise FetchError(
             f"{hub_file.uri} is not in the local cache and the Hub cannot be reached (offline, HF_HUB_OFFLINE=1, or no "
             "network); download it where the Hub is reachable, or pass a local path"
         ) from error
+    except hub_errors.EntryNotFoundError as error:
+        reason = "is not in the repository at that revision"
+        raise FetchError(f"{hub_file.uri}: file {hub_file.filename} {reason}") from error
     except (hub_errors.HfHubHTTPError, OSError) as error:
         raise FetchError(f"{hub_file.uri}: download failed ({type(error).__name__}); run again to resume") from error
 
