@@ -1,0 +1,120 @@
+"""Crash-safe file writes: a file is either absent or complete, never torn.
+
+Data goes to a temporary file in the output's own ``_batch/tmp`` folder (same filesystem, so
+the final rename is atomic), is fsynced, then renamed or hard-linked into place, and the parent
+folder is fsynced so the new name survives a power cut too. Temporary names carry the host and
+pid of their writer, so leftovers of dead writers can be told apart from files being written.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import socket
+import time
+from pathlib import Path
+
+HOST = socket.gethostname()
+HOST_TAG = re.sub(r"[^A-Za-z0-9_-]", "_", HOST)  # no dots: temporary names are split on them
+TMP_SUFFIX = ".tmp"
+# A temporary file this old is a leftover whatever its owner: writes take milliseconds.
+TMP_MAX_AGE_S = 3600.0
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # some filesystems cannot open folders; the rename itself is still atomic
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def temporary_path(tmp_dir: Path, final_name: str) -> Path:
+    return tmp_dir / f".{HOST_TAG}.{os.getpid()}.{secrets.token_hex(4)}.{final_name}{TMP_SUFFIX}"
+
+
+def _write_fully(path: Path, data: bytes, durable: bool) -> None:
+    with open(path, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        if durable:
+            os.fsync(handle.fileno())
+
+
+def write_atomic(path: Path, data: bytes, tmp_dir: Path, *, durable: bool = True) -> None:
+    """Create or replace ``path`` with ``data`` in one step (readers see the old file or the new one)."""
+    tmp = temporary_path(tmp_dir, path.name)
+    try:
+        _write_fully(tmp, data, durable)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def create_exclusive(path: Path, data: bytes, tmp_dir: Path, *, durable: bool = True) -> bool:
+    """Create ``path`` with ``data`` unless it exists; True if this call created it.
+
+    A hard link fails when the name exists, so of two processes committing the same file exactly
+    one wins, and the winner's file is complete the moment it appears. Filesystems without hard
+    links fall back to check-then-rename (not exclusive between processes; claims still are).
+    """
+    tmp = temporary_path(tmp_dir, path.name)
+    try:
+        _write_fully(tmp, data, durable)
+        try:
+            os.link(tmp, path)
+            created = True
+        except FileExistsError:
+            created = False
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            created = not path.exists()
+            if created:
+                os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if created and durable:
+        fsync_dir(path.parent)
+    return created
+
+
+def _owner_is_gone(name: str) -> bool:
+    """For ``.HOST.PID.xxxx.name.tmp``: True when HOST is this machine and PID no longer runs."""
+    parts = name.split(".")
+    if len(parts) < 4 or parts[1] != HOST_TAG or not parts[2].isdigit():
+        return False
+    from batch.claims import process_alive  # one liveness rule for claims and temporary files
+
+    return not process_alive(int(parts[2]), None)
+
+
+def clean_temporary_files(tmp_dir: Path, now: float | None = None) -> int:
+    """Remove leftovers of crashed writers (dead local pid, or older than an hour); returns how many."""
+    now = time.time() if now is None else now
+    removed = 0
+    try:
+        entries = list(os.scandir(tmp_dir))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if not entry.name.endswith(TMP_SUFFIX):
+            continue
+        try:
+            old = now - entry.stat().st_mtime > TMP_MAX_AGE_S
+            if old or _owner_is_gone(entry.name):
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed

@@ -1,0 +1,291 @@
+"""One process working on one shard: what the local and the remote runner share.
+
+It reads the shard's lines, records invalid ones, skips done items, hands out jobs under claims
+(deferring those another live process holds, and waiting for them at the end, so a successful
+exit means the whole shard is finished), commits finished items, records failures, shows progress
+and writes the summary. How images are made is the runner's business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from batch.atomic import HOST, clean_temporary_files, write_atomic
+from batch.claims import DEFAULT_TTL_S, ClaimBook
+from batch.exit_codes import EXIT_INVALID_LINES, EXIT_OK, EXIT_RETRIABLE
+from batch.jobs import Job, Shard, load_shard
+from batch.outputs import (
+    OutputDir,
+    ShardMetadata,
+    build_sidecar,
+    image_name,
+    image_rows,
+    job_error_record,
+    json_bytes,
+)
+
+log = logging.getLogger(__name__)
+
+POLL_S = 1.0
+
+
+@dataclass
+class SessionOptions:
+    source: Path
+    out: Path
+    shard: Shard
+    claim_ttl_s: float = DEFAULT_TTL_S
+    progress: bool = True
+    poll_s: float = POLL_S
+
+
+@dataclass
+class Counters:
+    already_done: int = 0
+    made: int = 0
+    images: int = 0
+    done_by_other: int = 0  # finished by another process while this one ran (claims, or a lost commit race)
+    failed_engine: int = 0  # non-retriable: the engine or endpoint refused the request
+    failed_retriable: int = 0
+    pipeline_calls: int = 0
+    padded_images: int = 0
+    failed_ids: set[str] = field(default_factory=set)
+
+
+class ShardSession:
+    def __init__(self, options: SessionOptions, mode: str, settings: dict[str, Any] | None = None) -> None:
+        self.options = options
+        self.mode = mode
+        self.settings = settings or {}
+        self.shard = options.shard
+        self.created = self.started = time.perf_counter()
+        self.stopping = threading.Event()
+        self.abort_code: int | None = None
+        self.counters = Counters()
+        self._lock = threading.Lock()
+
+        self.outputs = OutputDir(options.out).create()
+        clean_temporary_files(self.outputs.tmp)
+        self.outputs.record_layout(options.source, self.shard)
+        self.input = load_shard(options.source, self.shard)
+        self.jobs = self.input.jobs
+        for invalid in self.input.invalid:
+            self.outputs.write_invalid_line(invalid, options.source)
+        done = {}
+        for job in self.jobs:
+            sidecar = self.outputs.read_done(job.id)
+            if sidecar is not None:
+                done[job.id] = sidecar
+                self.outputs.clear_error(job.line)
+        self.counters.already_done = len(done)
+        self._done_ids = set(done)
+        self.metadata = ShardMetadata(self.outputs, self.shard)
+        self.metadata.reconcile(done.values())
+        self.claims = ClaimBook(self.outputs.claims, self.outputs.tmp, options.claim_ttl_s)
+        self.claims.__enter__()
+        self._deferred: list[Job] = []
+        self.progress: tqdm | None = None  # started by the first pass, after the runner's set-up (model load)
+
+    # -- handing out jobs -----------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Start the clock and the progress bar (items/s and ETA count from here, not from the model load)."""
+        if self.progress is not None:
+            return
+        self.started = time.perf_counter()
+        self.progress = tqdm(
+            total=len(self.jobs),
+            initial=len(self._done_ids),
+            unit="item",
+            desc=f"shard {self.shard}",
+            disable=not self.options.progress,
+            file=sys.stderr,
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,
+            dynamic_ncols=True,
+        )
+
+    def _advance(self) -> None:
+        if self.progress is not None:
+            self._advance()
+
+    def first_pass(self) -> Iterator[Job]:
+        """The shard's unfinished jobs in line order, each claimed; those held by a live process are deferred."""
+        self.begin()
+        for job in self.jobs:
+            if self.stopping.is_set():
+                return
+            if job.id in self._done_ids:
+                continue
+            if self.outputs.read_done(job.id) is not None:
+                self._finished_elsewhere(job)
+            elif self.claims.try_claim(job.id):
+                yield job
+            else:
+                self._deferred.append(job)
+
+    def deferred_rounds(self) -> Iterator[list[Job]]:
+        """Jobs another process held, as they become claimable (its claim went stale or was released undone).
+
+        Returns once each is done by someone; the caller must finish everything it holds before
+        asking for the next round, or two runners would wait on each other's claims.
+        """
+        announced = False
+        while self._deferred and not self.stopping.is_set():
+            ready, waiting = [], []
+            for job in self._deferred:
+                if self.outputs.read_done(job.id) is not None:
+                    self._finished_elsewhere(job)
+                elif self.claims.try_claim(job.id):
+                    ready.append(job)
+                else:
+                    waiting.append(job)
+            self._deferred = waiting
+            if ready:
+                yield ready
+            elif waiting:
+                if not announced:
+                    log.info("waiting for %d item(s) another process is making", len(waiting))
+                    announced = True
+                self.stopping.wait(self.options.poll_s)
+
+    def _finished_elsewhere(self, job: Job) -> None:
+        with self._lock:
+            self._done_ids.add(job.id)
+            self.counters.done_by_other += 1
+        self._advance()
+
+    # -- results ----------------------------------------------------------------------------------
+
+    def finish_item(
+        self, job: Job, images: list[tuple[bytes, int]], metadata: dict[str, Any], generation: dict[str, Any]
+    ) -> bool:
+        """Commit a job's encoded images (bytes, seed) and its sidecar; True if this process's commit won."""
+        output_format = job.request.output_format
+        records, files = [], []
+        for index, (data, seed) in enumerate(images):
+            name = image_name(job.id, index, output_format)
+            files.append((name, data))
+            records.append({"file_name": name, "seed": seed, "sha256": hashlib.sha256(data).hexdigest()})
+            records[-1]["size"] = len(data)
+        generation = {
+            "mode": self.mode,
+            "host": HOST,
+            "pid": os.getpid(),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            **generation,
+        }
+        sidecar = build_sidecar(job, records, metadata, generation)
+        result = self.outputs.commit(job.id, files, sidecar)
+        if result.committed:
+            self.metadata.append(image_rows(sidecar))
+        self.outputs.clear_error(job.line)
+        self.claims.release(job.id)
+        with self._lock:
+            self._done_ids.add(job.id)
+            if result.committed:
+                self.counters.made += 1
+                self.counters.images += len(images)
+            else:
+                self.counters.done_by_other += 1
+        self._advance()
+        return result.committed
+
+    def fail_item(self, job: Job, kind: str, message: str, retriable: bool) -> None:
+        """Record why ``job`` failed (``errors/line-<n>.json``); it stays not-done and is tried again next run."""
+        with self._lock:
+            if job.id in self.counters.failed_ids:
+                return
+            self.counters.failed_ids.add(job.id)
+            if retriable:
+                self.counters.failed_retriable += 1
+            else:
+                self.counters.failed_engine += 1
+        log.warning("line %d (%s) failed: %s", job.line, job.id, message)
+        self.outputs.write_error(job_error_record(job, kind, message, retriable))
+        self.claims.release(job.id)
+        self._advance()
+
+    def count_call(self, images: int, padded: int) -> None:
+        with self._lock:
+            self.counters.pipeline_calls += 1
+            self.counters.padded_images += padded
+
+    def abort(self, exit_code: int, reason: str) -> None:
+        """Stop handing out work (SIGTERM, a dead endpoint, a refused API key); the first reason's code wins."""
+        if self.abort_code is None:
+            self.abort_code = exit_code
+            log.error("stopping: %s", reason)
+        self.stopping.set()
+
+    # -- the end ----------------------------------------------------------------------------------
+
+    def close(self) -> dict[str, Any]:
+        """Release claims, write the summary; returns it (with ``exit_code``)."""
+        if self.progress is not None:
+            self.progress.close()
+        self.claims.__exit__(None, None, None)
+        now = time.perf_counter()
+        seconds = now - self.started
+        counters = self.counters
+        remaining = [job for job in self.jobs if job.id not in self._done_ids and job.id not in counters.failed_ids]
+        if counters.failed_retriable or remaining:
+            exit_code = self.abort_code if self.abort_code is not None else EXIT_RETRIABLE
+        elif counters.failed_engine or self.input.invalid:
+            exit_code = EXIT_INVALID_LINES
+        else:
+            exit_code = EXIT_OK
+        summary = {
+            "shard": str(self.shard),
+            "mode": self.mode,
+            "input": str(self.options.source),
+            "lines": len(range(self.shard.index, self.input.total_lines, self.shard.count)),
+            "items": len(self.jobs),
+            "invalid_lines": len(self.input.invalid),
+            "already_done": counters.already_done,
+            "made": counters.made,
+            "done_by_other": counters.done_by_other,
+            "failed": counters.failed_engine,
+            "failed_retriable": counters.failed_retriable,
+            "remaining": len(remaining),
+            "images": counters.images,
+            "pipeline_calls": counters.pipeline_calls,
+            "padded_images": counters.padded_images,
+            "claims_taken_over": self.claims.taken_over,
+            "seconds": round(seconds, 3),  # from the first job on (set-up such as the model load excluded)
+            "setup_seconds": round(self.started - self.created, 3) if self.progress is not None else None,
+            "items_per_s": round(counters.made / seconds, 4) if seconds > 0 else None,
+            "images_per_s": round(counters.images / seconds, 4) if seconds > 0 else None,
+            "exit_code": exit_code,
+            **self.settings,
+        }
+        write_atomic(self.outputs.shard_summary_path(self.shard), json_bytes(summary), self.outputs.tmp)
+        return summary
+
+
+def describe_summary(summary: dict[str, Any]) -> str:
+    """A few human lines for the end of a run."""
+    failed = summary["failed"] + summary["failed_retriable"] + summary["invalid_lines"]
+    lines = [
+        f"shard {summary['shard']}: {summary['made']} made, {summary['already_done']} already done, "
+        f"{summary['done_by_other']} by another process, {failed} failed "
+        f"({summary['invalid_lines']} invalid lines, {summary['failed']} refused, "
+        f"{summary['failed_retriable']} retriable), {summary['remaining']} remaining",
+        f"{summary['images']} images in {summary['seconds']:.1f} s ({summary['images_per_s'] or 0:.3f} images/s, "
+        f"{summary['pipeline_calls']} pipeline calls, {summary['padded_images']} padding images); "
+        f"exit code {summary['exit_code']}",
+    ]
+    if failed:
+        lines.append("see errors/line-*.json in the output folder for each failed line")
+    return "\n".join(lines)

@@ -1,0 +1,183 @@
+"""The output folder's building blocks: atomic writes, claims, done markers, metadata files, call planning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from batch.atomic import clean_temporary_files, create_exclusive, write_atomic
+from batch.claims import ClaimBook
+from batch.jobs import Shard, load_shard
+from batch.outputs import OutputDir, ShardMetadata, build_sidecar, image_rows, read_jsonl_tolerant
+from batch.planner import Planner, split_job
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def jobs_from(tmp_path: Path, lines: list[dict]) -> list:
+    source = tmp_path / "jobs.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return load_shard(source, Shard(0, 1)).jobs
+
+
+def python(code: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+
+def test_exclusive_create_has_one_winner_among_processes(tmp_path: Path) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    target = tmp_path / "item.json"
+    code = (
+        "import sys; from pathlib import Path; from batch.atomic import create_exclusive; "
+        "print(create_exclusive(Path(sys.argv[1]), sys.argv[2].encode() * 10000, Path(sys.argv[3])))"
+    )
+    racers = [python(code, str(target), f"writer{n}", str(tmp)) for n in range(6)]
+    results = [racer.communicate()[0].strip() for racer in racers]
+    assert sorted(results) == ["False"] * 5 + ["True"]
+    winner = results.index("True")
+    assert target.read_bytes() == f"writer{winner}".encode() * 10000
+    assert list(tmp.iterdir()) == []  # no temporary file left behind
+
+
+def test_write_atomic_replaces_and_cleanup_spares_live_writers(tmp_path: Path) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    write_atomic(tmp_path / "a.bin", b"one", tmp)
+    write_atomic(tmp_path / "a.bin", b"two", tmp)
+    assert (tmp_path / "a.bin").read_bytes() == b"two"
+    assert not create_exclusive(tmp_path / "a.bin", b"three", tmp)
+
+    dead = python("import os; print(os.getpid())")
+    dead_pid = int(dead.communicate()[0])
+    from batch.atomic import HOST_TAG
+
+    leftover = tmp / f".{HOST_TAG}.{dead_pid}.abcd.x.png.tmp"
+    mine = tmp / f".{HOST_TAG}.{os.getpid()}.abcd.y.png.tmp"
+    foreign_fresh = tmp / ".other-host.12.abcd.z.png.tmp"
+    foreign_old = tmp / ".other-host.13.abcd.w.png.tmp"
+    for path in (leftover, mine, foreign_fresh, foreign_old):
+        path.write_bytes(b"partial")
+    os.utime(foreign_old, (time.time() - 7200, time.time() - 7200))
+    assert clean_temporary_files(tmp) == 2
+    assert sorted(p.name for p in tmp.iterdir()) == sorted([mine.name, foreign_fresh.name])
+
+
+def test_claims_exclude_live_owners_and_expire_with_their_owner(tmp_path: Path) -> None:
+    folder, tmp = tmp_path / "claims", tmp_path / "tmp"
+    folder.mkdir()
+    tmp.mkdir()
+    holder_code = (
+        "import sys, time; from pathlib import Path; from batch.claims import ClaimBook; "
+        "book = ClaimBook(Path(sys.argv[1]), Path(sys.argv[2]), ttl_s=60); "
+        "print(book.try_claim('item-a'), flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", holder_code, str(folder), str(tmp)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        book = ClaimBook(folder, tmp, ttl_s=60)
+        assert not book.try_claim("item-a")  # a live process on this host holds it
+        assert book.holder("item-a")["pid"] == holder.pid
+        assert book.try_claim("item-b")
+        assert book.try_claim("item-b")  # re-entrant for its owner
+    finally:
+        holder.kill()
+        holder.wait()
+    assert book.holder("item-a") is None  # its owner is gone: stale at once, no TTL wait
+    assert book.try_claim("item-a") and book.taken_over == 1
+    book.release_all()
+    assert sorted(folder.iterdir()) == []
+
+    # A claim from another host is stale only after the TTL without a heartbeat.
+    foreign = folder / "item-c.claim"
+    foreign.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": 0.0, "token": "t"}))
+    short = ClaimBook(folder, tmp, ttl_s=5)
+    assert not short.try_claim("item-c")
+    os.utime(foreign, (time.time() - 10, time.time() - 10))
+    assert short.try_claim("item-c")
+
+
+def test_done_means_complete_sidecar_and_images(tmp_path: Path) -> None:
+    outputs = OutputDir(tmp_path / "out").create()
+    (job,) = jobs_from(tmp_path, [{"prompt": "a boat", "height": 256, "width": 256, "num_images": 2, "seed": 4}])
+    images = [{"file_name": f"images/{job.id}-{k}.png", "seed": 4 + k, "sha256": "x", "size": 5} for k in range(2)]
+    sidecar = build_sidecar(job, images, {"prompt": {"cache_hit": True, "num_chunks": 1}, "timings": {"a": 1}}, {})
+    assert "cache_hit" not in sidecar["metadata"]["prompt"] and sidecar["generation"]["timings"] == {"a": 1}
+    result = outputs.commit(job.id, [(image["file_name"], b"12345") for image in images], sidecar)
+    assert result.committed and outputs.read_done(job.id) == sidecar
+    assert not outputs.commit(job.id, [], sidecar).committed  # a second commit of the same item loses
+
+    # A truncated image: not done, and the sidecar is set aside so the item is made again.
+    (outputs.root / images[1]["file_name"]).write_bytes(b"123")
+    assert outputs.read_done(job.id) is None
+    assert not outputs.sidecar_path(job.id).exists() and len(list(outputs.quarantine.iterdir())) == 1
+
+    # A torn sidecar (a filesystem that lost data): never taken for done.
+    outputs.sidecar_path(job.id).write_bytes(json.dumps(sidecar).encode()[:40])
+    assert outputs.read_done(job.id) is None and not outputs.sidecar_path(job.id).exists()
+
+
+def test_shard_metadata_is_rebuilt_from_sidecars_after_a_crash(tmp_path: Path) -> None:
+    outputs = OutputDir(tmp_path / "out").create()
+    jobs = jobs_from(tmp_path, [{"prompt": f"p{n}", "height": 256, "width": 256, "seed": n} for n in range(3)])
+    sidecars = [
+        build_sidecar(job, [{"file_name": f"images/{job.id}-0.png", "seed": job.request.seed}], {}, {}) for job in jobs
+    ]
+    metadata = ShardMetadata(outputs, Shard(0, 1))
+    metadata.append(image_rows(sidecars[0]))
+    # A writer died mid-append (torn last line), and sidecar 1 was committed without its row.
+    with open(metadata.path, "ab") as handle:
+        handle.write(json.dumps(image_rows(sidecars[2])[0]).encode()[:30])
+    rows, damaged = read_jsonl_tolerant(metadata.path)
+    assert damaged and [row["id"] for row in rows] == [jobs[0].id]
+    assert metadata.reconcile(sidecars[:2]) == 1
+    rows, damaged = read_jsonl_tolerant(metadata.path)
+    assert not damaged and [row["id"] for row in rows] == [jobs[0].id, jobs[1].id]
+    # Appending after a torn line keeps the new row whole.
+    with open(metadata.path, "ab") as handle:
+        handle.write(b'{"file_name": "torn')
+    metadata.append(image_rows(sidecars[2]))
+    rows, _ = read_jsonl_tolerant(metadata.path)
+    assert [row["id"] for row in rows] == [job.id for job in jobs]
+    assert set(rows[0]) == set(rows[2])  # one schema for every row (imagefolder)
+
+
+def test_planner_groups_same_shapes_pads_and_never_groups_sde(tmp_path: Path) -> None:
+    base = {"height": 256, "width": 256, "num_inference_steps": 2}
+    lines = [{"prompt": f"p{n}", **base} for n in range(5)]
+    lines.append({"prompt": "big", **base, "num_images": 3})
+    lines.append({"prompt": "tall", **base, "height": 512})
+    lines.append({"prompt": "sde", **base, "scheduler": "DPM++ SDE", "num_images": 2})
+    jobs = jobs_from(tmp_path, lines)
+    planner = Planner(4, pad=True, key_of=lambda unit: (unit.request.width, unit.request.height))
+    calls = []
+    for job in jobs:
+        units = split_job(job)
+        if job.request.scheduler == "DPM++ SDE":
+            assert len(units) == 1 and units[0].index is None and units[0].request.num_images == 2
+        else:
+            seeds = [job.request.seed + k for k in range(job.request.num_images)]
+            assert [unit.request.seed for unit in units] == seeds
+        for unit in units:
+            calls += planner.add(unit)
+    calls += planner.flush()
+    shapes = sorted((len(call.units), len(call.padding), call.num_images) for call in calls)
+    # 8 square images: two full calls; the tall one alone, padded to 4; the SDE request alone, unpadded.
+    assert shapes == [(1, 0, 2), (1, 3, 4), (4, 0, 4), (4, 0, 4)]
+    assert all(call.num_images == 4 for call in calls if not call.units[0].job.per_call_noise)
+    made = sorted((unit.job.line, k) for call in calls for unit in call.units for k in unit.image_indices)
+    assert made == sorted((job.line, k) for job in jobs for k in range(job.request.num_images))
+
+    unpadded = Planner(4, pad=False, key_of=lambda unit: unit.request.height, window=2)
+    calls = [call for job in jobs[:3] for unit in split_job(job) for call in unpadded.add(unit)]
+    assert [len(call.units) for call in calls] == [3] and not calls[0].padding  # the window pushed a call out
