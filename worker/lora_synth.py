@@ -1,0 +1,156 @@
+"""Random LoRAs for a given SDXL pipeline, written as real LoRA files: for tests and benchmarks only.
+
+:func:`random_lora` draws low-rank weights for a pipeline's attention projections (optionally its
+feed-forward and projection layers, as real Kohya LoRAs have). :func:`save_diffusers_lora` writes
+them the way diffusers' training scripts do (``save_lora_weights`` with the LoraConfig as
+metadata); :func:`save_kohya_lora` writes the same weights the way Kohya's sd-scripts writes SDXL
+LoRAs: original (sgm) UNet block names such as ``lora_unet_input_blocks_4_1_transformer_blocks_0_
+attn1_to_q``, ``lora_te1_``/``lora_te2_`` text-encoder names, ``lora_down``/``lora_up`` weights and
+one ``alpha`` scalar per layer. Both files of one LoRA must give the same images.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# What Kohya's default SDXL network adapts besides attention (transformer blocks only, no convolutions).
+UNET_KOHYA_TARGETS = (*UNET_ATTENTION_TARGETS, "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+TEXT_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+TEXT_KOHYA_TARGETS = (*TEXT_ATTENTION_TARGETS, "fc1", "fc2")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+@dataclass
+class RandomLora:
+    """Per component, peft-format weights: ``{"<module path>.lora_A.weight": tensor, ...lora_B...}``."""
+
+    rank: int
+    alpha: float
+    layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for part in self.layers.values() for t in part.values())
+
+
+def _targets(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[tuple[str, torch.nn.Linear]]:
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes):
+            found.append((name, module))
+    return found
+
+
+def random_lora(
+    pipe: Any,
+    rank: int = 4,
+    alpha: float | None = None,
+    seed: int = 0,
+    strength: float = 1.0,
+    unet_targets: tuple[str, ...] = UNET_ATTENTION_TARGETS,
+    text_targets: tuple[str, ...] = TEXT_ATTENTION_TARGETS,
+    components: tuple[str, ...] = ("unet", *TEXT_ENCODERS),
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> RandomLora:
+    """Random weights shaped for ``pipe``'s layers; ``strength`` scales the update's size relative to the layer.
+
+    lora_B is nonzero (unlike a freshly initialised LoRA), so the adapter visibly changes the output. The
+    weights are drawn on ``device`` (fast on a GPU) and returned on the CPU, ready to save.
+    """
+    generator = torch.Generator(device).manual_seed(seed)
+    lora = RandomLora(rank=rank, alpha=float(alpha if alpha is not None else rank))
+    scaling = lora.alpha / rank
+    for component in components:
+        model = getattr(pipe, component)
+        targets = _targets(model, unet_targets if component == "unet" else text_targets)
+        part: dict[str, torch.Tensor] = {}
+        for name, module in targets:
+            shape_down, shape_up = (rank, module.in_features), (module.out_features, rank)
+            down = torch.randn(shape_down, generator=generator, device=device, dtype=dtype)
+            up = torch.randn(shape_up, generator=generator, device=device, dtype=dtype)
+            # Make ||B A x|| * scaling about `strength` times a unit-variance input's norm per output channel.
+            part[f"{name}.lora_A.weight"] = down.mul_(module.in_features**-0.5).cpu()
+            part[f"{name}.lora_B.weight"] = up.mul_(strength / (math.sqrt(rank) * scaling)).cpu()
+        lora.layers[component] = part
+    return lora
+
+
+def save_diffusers_lora(lora: RandomLora, path: Path) -> Path:
+    """Write like diffusers' training scripts: ``save_lora_weights`` with each component's LoraConfig as metadata."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+
+    def config(part: dict[str, torch.Tensor]) -> dict | None:
+        if not part:
+            return None
+        modules = sorted({key.split(".lora_")[0] for key in part})
+        return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=modules).to_dict()
+
+    layers = {component: lora.layers.get(component) or None for component in ("unet", *TEXT_ENCODERS)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    StableDiffusionXLPipeline.save_lora_weights(
+        path.parent,
+        unet_lora_layers=layers["unet"],
+        text_encoder_lora_layers=layers["text_encoder"],
+        text_encoder_2_lora_layers=layers["text_encoder_2"],
+        unet_lora_adapter_metadata=config(layers["unet"] or {}),
+        text_encoder_lora_adapter_metadata=config(layers["text_encoder"] or {}),
+        text_encoder_2_lora_adapter_metadata=config(layers["text_encoder_2"] or {}),
+        weight_name=path.name,
+    )
+    return path
+
+
+def sgm_unet_module_name(name: str, layers_per_block: int) -> str:
+    """diffusers UNet module path -> the original (sgm) path Kohya names SDXL LoRA layers after."""
+    per_level = layers_per_block + 1  # resnets plus the down/upsampler
+    match = re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
+    if match:
+        block, index, rest = int(match[1]), int(match[2]), match[3]
+        return f"input_blocks.{block * per_level + index + 1}.1.{rest}"
+    match = re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
+    if match:
+        block, index, rest = int(match[1]), int(match[2]), match[3]
+        return f"output_blocks.{block * per_level + index}.1.{rest}"
+    match = re.match(r"mid_block\.attentions\.0\.(.*)", name)
+    if match:
+        return f"middle_block.1.{match[1]}"
+    raise ValueError(f"no sgm name for UNet module {name!r} (only transformer blocks are mapped)")
+
+
+def kohya_state_dict(lora: RandomLora, pipe: Any) -> dict[str, torch.Tensor]:
+    """The LoRA under Kohya sd-scripts' SDXL names (lora_unet_input_blocks_..., lora_te1_text_model_...)."""
+    layers_per_block = pipe.unet.config.layers_per_block
+    state: dict[str, torch.Tensor] = {}
+    for component, part in lora.layers.items():
+        for key, tensor in part.items():
+            module, kind = key.split(".lora_")
+            if component == "unet":
+                kohya_name = "lora_unet_" + sgm_unet_module_name(module, layers_per_block).replace(".", "_")
+            else:
+                full = module if module.startswith("text_model.") else f"text_model.{module}"
+                kohya_name = ("lora_te1_" if component == "text_encoder" else "lora_te2_") + full.replace(".", "_")
+            state[f"{kohya_name}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = tensor.contiguous()
+            state[f"{kohya_name}.alpha"] = torch.tensor(lora.alpha, dtype=tensor.dtype)
+    return state
+
+
+def save_kohya_lora(lora: RandomLora, pipe: Any, path: Path, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write like Kohya's sd-scripts (plus ``extra`` tensors, e.g. to build a broken file)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(lora.rank),
+        "ss_network_alpha": str(lora.alpha),
+    }
+    save_file({**kohya_state_dict(lora, pipe), **(extra or {})}, str(path), metadata=metadata)
+    return path
