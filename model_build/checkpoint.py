@@ -86,12 +86,15 @@ FAMILY_ADVICE = {
 class TensorEntry:
     dtype: str  # safetensors' name: F16, BF16, F32, I64, ...
     shape: tuple[int, ...]
+    begin: int = 0  # byte offsets into the data section
+    end: int = 0
 
 
 @dataclass(frozen=True)
 class SafetensorsHeader:
     tensors: dict[str, TensorEntry]
     metadata: dict[str, str]
+    data_start: int = 0  # file offset of the data section (8 + header length)
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,8 @@ def read_header(path: Path) -> SafetensorsHeader:
         data_end = 0
         for key, entry in header.items():
             begin, end = entry["data_offsets"]
-            tensors[key] = TensorEntry(str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
+            shape = tuple(int(d) for d in entry["shape"])
+            tensors[key] = TensorEntry(str(entry["dtype"]), shape, int(begin), int(end))
             if not 0 <= int(begin) <= int(end):
                 raise ValueError(f"tensor {key} has data offsets {begin}..{end}")
             data_end = max(data_end, int(end))
@@ -205,7 +209,63 @@ def read_header(path: Path) -> SafetensorsHeader:
             handle.keys()
     except SafetensorError as error:
         raise CheckpointError(f"{path.name} is not a valid safetensors file ({error}); fetch it again") from error
-    return SafetensorsHeader(tensors, {str(k): str(v) for k, v in metadata.items()})
+    return SafetensorsHeader(tensors, {str(k): str(v) for k, v in metadata.items()}, 8 + header_length)
+
+
+_TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class TensorReader:
+    """Reads one tensor at a time with plain file reads.
+
+    safetensors' own reader maps the file: every page it touches stays mapped, and counted in the
+    process's memory, until the file is closed, so streaming a 7 GB checkpoint through it shows up
+    as 7 GB more memory. Plain reads leave only the tensor itself (the page cache is the kernel's).
+    """
+
+    def __init__(self, path: Path, header: SafetensorsHeader | None = None) -> None:
+        self.path = Path(path)
+        self.header = header or read_header(self.path)
+        self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed by close() / the with block)
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def get(self, key: str) -> torch.Tensor:
+        entry = self.header.tensors[key]
+        dtype = _TORCH_DTYPES.get(entry.dtype)
+        if dtype is None:
+            raise CheckpointError(f"tensor {key} of {self.path.name} has dtype {entry.dtype}, which is not converted")
+        data = bytearray(entry.end - entry.begin)
+        view, done = memoryview(data), 0
+        self._file.seek(self.header.data_start + entry.begin)
+        while done < len(data):
+            count = self._file.readinto(view[done:])
+            if not count:
+                raise CheckpointError(f"{self.path.name} ended while reading tensor {key}: the file was cut short")
+            done += count
+        if not data:
+            return torch.empty(entry.shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(entry.shape)
 
 
 # --- 3. what is it: family from the names, config from the shapes ---
@@ -452,9 +512,9 @@ def read_tensors(
     path: Path, keys: Iterable[str], dtype: torch.dtype, dtype_name: str, where: str
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream ``keys`` from ``path``, checked for NaN/Inf and cast to ``dtype`` one at a time."""
-    with safe_open(str(path), framework="pt") as handle:
+    with TensorReader(path) as reader:
         for key in keys:
-            tensor = handle.get_tensor(key)
+            tensor = reader.get(key)
             check_finite(tensor, key, where)
             cast = tensor.to(dtype) if tensor.is_floating_point() else tensor
             check_cast(tensor, cast, key, where, dtype_name)
@@ -488,8 +548,8 @@ def load_vae_file(path: Path, config_name: str) -> VaeFile:
     ignored = tuple(sorted(key for key in keys if key.startswith(("loss.", "model_ema."))))  # training leftovers
     keys -= set(ignored)
     where = f"--vae {path.name}"
-    with safe_open(str(path), framework="pt") as handle:
-        raw = {key: handle.get_tensor(key) for key in sorted(keys)}
+    with TensorReader(path, header) as reader:
+        raw = {key: reader.get(key) for key in sorted(keys)}
     for key, tensor in raw.items():
         check_finite(tensor, key, where)
     if any(key.startswith(prefix) for key in keys):

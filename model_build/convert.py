@@ -37,7 +37,16 @@ from typing import Any
 
 import torch
 
-from model_build.checkpoint import CheckpointInfo, VaeFile, check_cast, inspect_checkpoint, load_vae_file, read_tensors
+from model_build.checkpoint import (
+    CheckpointInfo,
+    TensorReader,
+    VaeFile,
+    check_cast,
+    check_file_format,
+    inspect_checkpoint,
+    load_vae_file,
+    read_tensors,
+)
 from model_build.errors import ConversionError
 from model_build.manifest import (
     MANIFEST_FORMAT,
@@ -257,8 +266,6 @@ def _prove_folder(
 
     The tokenizers just written are passed in rather than parsed again: they hold no weights.
     """
-    from safetensors import safe_open
-
     from model_build.completeness import prove_component
     from model_build.single_file import load_pipeline
 
@@ -266,7 +273,7 @@ def _prove_folder(
     pipe = load_pipeline(staging, torch_dtype, **tokenizers)
     proofs = {}
     try:
-        with safe_open(str(info.path), framework="pt") as handle:
+        with TensorReader(info.path) as reader:
             for component in COMPONENT_ORDER:
                 if component == "vae" and vae_file is not None:
                     keys = sorted(vae_file.tensors)
@@ -278,7 +285,7 @@ def _prove_folder(
                     keys = info.component_keys[component]
 
                     def read(key: str) -> torch.Tensor:
-                        return handle.get_tensor(key).to(torch_dtype)
+                        return reader.get(key).to(torch_dtype)
 
                 log.info("proving %s: %d tensors against the checkpoint", component, len(keys))
                 proof = prove_component(component, getattr(pipe, component), keys, read, torch_dtype)
@@ -385,9 +392,9 @@ def convert(
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     vae_path = Path(vae) if vae is not None else None
-    log.info("checking %s", checkpoint)
-    info = inspect_checkpoint(checkpoint, vae_replaced=vae_path is not None)
-    vae_file = load_vae_file(vae_path, info.config_name) if vae_path is not None else None
+    check_file_format(checkpoint)  # pickles are refused before anything else looks at them
+    if vae_path is not None:
+        check_file_format(vae_path, role="--vae file")
     source = _FileIdentity(checkpoint, source_name or checkpoint.name, source_sha256)
     vae_identity = _FileIdentity(vae_path, vae_name or vae_path.name, vae_sha256) if vae_path is not None else None
 
@@ -399,10 +406,14 @@ def convert(
         )
         return ConversionResult(output, False, seconds, message, source.sha256, waited)
 
-    # A finished folder only ever appears by rename, so an up-to-date one can be trusted without the lock.
+    # A finished folder only ever appears by rename, so an up-to-date one can be trusted without the
+    # lock; and its source is byte for byte the one that passed every check when it was converted.
     if not force and _folder_state(output, source, vae_identity, dtype)[0] == "current":
         _remove_leftovers_if_idle(output)
         return up_to_date(0.0)
+    log.info("checking %s", checkpoint)
+    info = inspect_checkpoint(checkpoint, vae_replaced=vae_path is not None)
+    vae_file = load_vae_file(vae_path, info.config_name) if vae_path is not None else None
     output.parent.mkdir(parents=True, exist_ok=True)
     with _conversion_lock(output, lock_timeout) as waited:
         state, why = _folder_state(output, source, vae_identity, dtype)
