@@ -14,7 +14,7 @@ from typing import Any
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 # Files that from_pretrained may read: an unlisted one in a model folder is reported by verify.
-LOADABLE_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".json", ".txt", ".model"})
+LOADABLE_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".json"})
 
 
 class ModelFolderError(Exception):

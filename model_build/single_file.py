@@ -24,13 +24,23 @@ import torch
 
 @contextlib.contextmanager
 def offline() -> Iterator[None]:
-    """Conversion never reaches the network, whatever diffusers or transformers would like to look up."""
+    """Conversion never reaches the network, whatever diffusers or transformers would like to look up.
+
+    huggingface_hub reads HF_HUB_OFFLINE once, when it is imported, so setting the variable is not
+    enough in a process that imported it already (the worker): its flag is switched too, and both
+    are restored afterwards.
+    """
+    from huggingface_hub import constants
+
     names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE")
     saved = {name: os.environ.get(name) for name in names}
+    saved_flag = constants.HF_HUB_OFFLINE
     os.environ.update(dict.fromkeys(names, "1"))
+    constants.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
+        constants.HF_HUB_OFFLINE = saved_flag
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)

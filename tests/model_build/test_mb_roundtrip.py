@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -185,3 +186,29 @@ def test_cli_convert_verify_inspect(dev_checkpoint: Path, tmp_path: Path, capsys
     assert main(["-q", "convert", str(tmp_path / "missing.safetensors"), "--output", str(output)]) == 1
     assert "error: " in capsys.readouterr().err
     assert json.loads((output / "manifest.json").read_text())["dtype"] == "fp16"
+
+
+def test_conversion_runs_with_the_hub_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants, is_offline_mode
+
+    from model_build.single_file import offline
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as in a process that imported the hub online
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with offline():
+        assert is_offline_mode() and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert not is_offline_mode() and "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_ensure_converted_keeps_a_current_folder_and_repairs_a_damaged_one(
+    dev_model_dir: Path, dev_checkpoint: Path, tmp_path: Path
+) -> None:
+    from model_build.convert import ensure_converted
+
+    output = Path(shutil.copytree(dev_model_dir, tmp_path / "volume" / "sdxl"))
+    kept = ensure_converted(dev_checkpoint, output)
+    assert not kept.converted and kept.lock_wait_seconds == 0.0
+    (output / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # e.g. a half-deleted volume
+    repaired = ensure_converted(dev_checkpoint, output)
+    assert repaired.converted
+    verify(output, full=True)
