@@ -262,6 +262,8 @@ class PromptEncoder:
         self.cache_misses = 0
         self._cache: OrderedDict[tuple, EncodedPrompts] = OrderedDict()
         self._generation = 0
+        self._placement_memo: tuple[tuple, tuple[torch.device, list[torch.device]]] | None = None
+        self._adapter_layers_memo: dict[tuple, list[Any]] = {}
 
         # Same list diffusers builds: without text_encoder (a refiner) only text_encoder_2 is used, and it then gets
         # the first text (``prompt``) because diffusers zips [prompt, prompt_2] with the encoders it has.
@@ -321,7 +323,7 @@ class PromptEncoder:
             negative_source = "encoded"
             negative_texts = [negative_prompt or "", negative_prompt_2 or negative_prompt or ""]
 
-        device = self.pipe._execution_device
+        device, input_devices = self._placement()
         output_dtype = self._output_dtype()
         key = (
             tuple(positive_texts),
@@ -345,7 +347,7 @@ class PromptEncoder:
         self.cache_misses += 1
         with torch.no_grad():
             encoded = self._encode_uncached(
-                positive_texts, negative_source, negative_texts, positive_layer, device, output_dtype
+                positive_texts, negative_source, negative_texts, positive_layer, device, input_devices, output_dtype
             )
         if self.cache_size:
             self._cache[key] = encoded
@@ -358,6 +360,8 @@ class PromptEncoder:
         """Forget every cached result; call whenever the text encoders' weights or adapters change."""
         self._cache.clear()
         self._generation += 1
+        self._placement_memo = None
+        self._adapter_layers_memo.clear()
 
     def tokenize(self, text: str, encoder_index: int = 0) -> TokenChunks:
         """The chunked rows one text gives for one encoder (0: ``text_encoder``, 1: ``text_encoder_2``)."""
@@ -381,28 +385,65 @@ class PromptEncoder:
             return self.pipe.text_encoder_2.dtype
         return self.pipe.unet.dtype
 
+    def _placement(self) -> tuple[torch.device, list[torch.device]]:
+        """``pipe._execution_device`` and each text encoder's input device, as diffusers computes them, memoized.
+
+        diffusers finds both by walking every submodule of every component looking for offload hooks: about 2,700
+        modules for SDXL, milliseconds per call, more than the whole encode of a short prompt on a GPU. The result
+        only changes when components, their top-level offload hooks or their devices change, which a cheap signature
+        notices; ``clear_cache()`` forgets it too.
+        """
+        signature = self._placement_signature()
+        if self._placement_memo is None or self._placement_memo[0] != signature:
+            from diffusers.utils.torch_utils import get_module_execution_device
+
+            devices = [get_module_execution_device(slot.text_encoder) for slot in self._slots]
+            self._placement_memo = (signature, (self.pipe._execution_device, devices))
+        return self._placement_memo[1]
+
+    def _placement_signature(self) -> tuple:
+        parts = []
+        for name, component in self.pipe.components.items():
+            if not isinstance(component, torch.nn.Module):
+                continue
+            accelerate_hook = getattr(component, "_hf_hook", None)
+            diffusers_hook = getattr(component, "_diffusers_hook", None)
+            # Under an offload hook the weights move in and out; the hook decides the device, not the weights.
+            first = next(component.parameters(), None) if accelerate_hook is None else None
+            device = first.device if first is not None else None
+            parts.append((name, id(component), id(accelerate_hook), id(diffusers_hook), device))
+        return tuple(parts)
+
     def _adapter_fingerprint(self) -> tuple | None:
         """Active PEFT adapters, their scales and merge state: a cache key part that changes with text-encoder LoRAs.
 
-        Costs nothing when no adapter was ever loaded into a text encoder (no ``peft_config``).
+        Costs nothing when no adapter was ever loaded into a text encoder (no ``peft_config``); otherwise it reads the
+        state of the encoder's adapter layers (found once per set of adapter names).
         """
         parts = []
         for slot in self._slots:
-            if not getattr(slot.text_encoder, "peft_config", None):
+            peft_config = getattr(slot.text_encoder, "peft_config", None)
+            if not peft_config:
                 continue
-            layers = []
-            for module in slot.text_encoder.modules():
-                scaling = getattr(module, "scaling", None)
-                if isinstance(scaling, dict) and hasattr(module, "active_adapters"):
-                    layers.append(
-                        (
-                            tuple(module.active_adapters),
-                            tuple(sorted(scaling.items())),
-                            tuple(getattr(module, "merged_adapters", ())),
-                            bool(getattr(module, "disable_adapters", False)),
-                        )
-                    )
-            parts.append((slot.name, tuple(sorted(slot.text_encoder.peft_config)), hash(tuple(layers))))
+            layers_key = (id(slot.text_encoder), tuple(sorted(peft_config)))
+            layers = self._adapter_layers_memo.get(layers_key)
+            if layers is None:
+                layers = [
+                    module
+                    for module in slot.text_encoder.modules()
+                    if isinstance(getattr(module, "scaling", None), dict) and hasattr(module, "active_adapters")
+                ]
+                self._adapter_layers_memo[layers_key] = layers
+            state = tuple(
+                (
+                    tuple(layer.active_adapters),
+                    tuple(sorted(layer.scaling.items())),
+                    tuple(getattr(layer, "merged_adapters", ())),
+                    bool(getattr(layer, "disable_adapters", False)),
+                )
+                for layer in layers
+            )
+            parts.append((slot.name, layers_key[1], hash(state)))
         return tuple(parts) or None
 
     def _tokenize(self, text: str, slot: _EncoderSlot) -> TokenChunks:
@@ -433,10 +474,8 @@ class PromptEncoder:
             return None
         return lambda text: convert(text, tokenizer)
 
-    def _run_encoder(self, slot: _EncoderSlot, rows: list[list[int]]) -> Any:
-        from diffusers.utils.torch_utils import get_module_execution_device
-
-        input_ids = torch.tensor(rows, dtype=torch.long).to(get_module_execution_device(slot.text_encoder))
+    def _run_encoder(self, slot: _EncoderSlot, rows: list[list[int]], device: torch.device) -> Any:
+        input_ids = torch.tensor(rows, dtype=torch.long).to(device)
         # Through the module's __call__, so accelerate's offload hooks move the weights in and out.
         return slot.text_encoder(input_ids, output_hidden_states=True)
 
@@ -446,13 +485,14 @@ class PromptEncoder:
         sides: list[tuple[TokenChunks, int]],
         target_chunks: int,
         need_pooled: bool,
+        input_device: torch.device,
     ) -> list[_SideOutput]:
         """Encode each side's chunks with one encoder; ``sides`` holds (chunks, hidden-state index) per side."""
         outputs: list[_SideOutput] = []
         if all(chunks.num_chunks == 1 for chunks, _ in sides) and target_chunks == 1:
             # Short prompts: one batch-of-one call per side, exactly as diffusers calls the encoder.
             for chunks, layer in sides:
-                output = self._run_encoder(slot, chunks.input_ids)
+                output = self._run_encoder(slot, chunks.input_ids, input_device)
                 pooled = output[0] if need_pooled and output[0].ndim == 2 else None
                 hidden = output.hidden_states[layer]
                 weights = torch.tensor(chunks.weights)
@@ -469,7 +509,7 @@ class PromptEncoder:
         padding_row = len(rows)
         if needs_padding:
             rows.append(slot.empty_row())
-        output = self._run_encoder(slot, rows)
+        output = self._run_encoder(slot, rows, input_device)
         for (chunks, layer), start in zip(sides, starts, strict=True):
             all_hidden = output.hidden_states[layer]
             hidden = all_hidden[start : start + chunks.num_chunks]
@@ -497,6 +537,7 @@ class PromptEncoder:
         negative_texts: list[str] | None,
         positive_layer: int,
         device: torch.device,
+        input_devices: list[torch.device],
         output_dtype: torch.dtype,
     ) -> EncodedPrompts:
         # Texts are paired with encoders positionally, like diffusers' zip.
@@ -516,7 +557,7 @@ class PromptEncoder:
                 sides.append((negative_tokens[index], -2))  # diffusers: the negative ignores clip_skip
             # The pooled vector comes from the first encoder whose first output is 2-D (text_embeds), as in diffusers.
             need_pooled = not any(side.pooled is not None for side in positive_outputs)
-            outputs = self._encode_slot(slot, sides, target_chunks, need_pooled)
+            outputs = self._encode_slot(slot, sides, target_chunks, need_pooled, input_devices[index])
             positive_outputs.append(outputs[0])
             if negative_tokens is not None:
                 negative_outputs.append(outputs[1])

@@ -464,6 +464,19 @@ def test_cache_notices_text_encoder_adapters(dev_model_dir: Path) -> None:
     assert not encoder.encode("a cat").info["cache_hit"]
 
 
+def test_model_cpu_offload_hooks_are_respected(dev_model_dir: Path) -> None:
+    """Through accelerate's hooks (the worker's "model" offload plan; "cpu" stands in for the GPU here)."""
+    own_pipe = load_dev_pipe(dev_model_dir)
+    own_encoder = PromptEncoder(own_pipe)
+    prompt = "a cat " * 60
+    before = own_encoder.encode(prompt, negative_prompt="blurry")
+    own_pipe.enable_model_cpu_offload(device="cpu")
+    after = own_encoder.encode(prompt, negative_prompt="blurry")
+    assert not after.info["cache_hit"]  # the placement changed: devices found again, and a new cache key
+    assert_identical(as_tuple(after), as_tuple(before))
+    assert all(hasattr(module, "_hf_hook") for module in (own_pipe.text_encoder, own_pipe.text_encoder_2))
+
+
 # ---- validation -----------------------------------------------------------------------------------------------------
 
 
