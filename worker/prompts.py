@@ -65,6 +65,7 @@ Cache
 from __future__ import annotations
 
 import copy
+import json
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -247,6 +248,39 @@ class _SideOutput:
     pooled: torch.Tensor | None  # [1, projection dim] from the first chunk
 
 
+def _tokenization_groups(tokenizers: Sequence[Any]) -> tuple[list[int], list[frozenset[str]]]:
+    """Group tokenizers that give the same ids for any text free of the added tokens they disagree on.
+
+    Returns, per tokenizer, its group (the index of the first equal one) and the added tokens on which the group's
+    members differ. Fast (``tokenizers``-backed) tokenizers only; two are equal when their serialised pipelines
+    (normaliser, pre-tokenizer, model, decoder) are, padding and post-processing aside (the chunker adds BOS, EOS and
+    padding itself).
+    """
+    specs: list[tuple[str, dict[str, str]] | None] = []
+    for tokenizer in tokenizers:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            specs.append(None)
+            continue
+        spec = json.loads(backend.to_str())
+        added = {entry["content"]: json.dumps(entry, sort_keys=True) for entry in spec.pop("added_tokens", None) or []}
+        for key in ("padding", "truncation", "post_processor"):
+            spec.pop(key, None)
+        specs.append((json.dumps([type(tokenizer).__name__, spec], sort_keys=True), added))
+    groups = list(range(len(tokenizers)))
+    for index, spec in enumerate(specs):
+        for earlier in range(index):
+            if spec is not None and specs[earlier] is not None and specs[earlier][0] == spec[0]:
+                groups[index] = groups[earlier]
+                break
+    differing: list[frozenset[str]] = []
+    for index in range(len(tokenizers)):
+        members = [specs[other][1] for other in range(len(tokenizers)) if groups[other] == groups[index]]
+        contents = set().union(*members) if specs[index] is not None else set()
+        differing.append(frozenset(c for c in contents if len({member.get(c) for member in members}) > 1))
+    return groups, differing
+
+
 class PromptEncoder:
     """Long-prompt, A1111-weighted ``encode_prompt`` for a ``StableDiffusionXLPipeline``; see the module docstring."""
 
@@ -288,6 +322,9 @@ class PromptEncoder:
         if len(lengths) != 1 or min(lengths) < 3:
             raise ValueError(f"the tokenizers' model_max_length must be equal and >= 3, got {sorted(lengths)}")
         self.sequence_length = lengths.pop()
+        self._tokenization_groups, self._differing_added_tokens = _tokenization_groups(
+            [slot.tokenizer for slot in self._slots]
+        )
 
     # -- public API -------------------------------------------------------------------------------------------------
 
@@ -365,7 +402,7 @@ class PromptEncoder:
 
     def tokenize(self, text: str, encoder_index: int = 0) -> TokenChunks:
         """The chunked rows one text gives for one encoder (0: ``text_encoder``, 1: ``text_encoder_2``)."""
-        return self._tokenize(text, self._slots[encoder_index])
+        return self._tokenize(text, encoder_index)[1]
 
     # -- internals --------------------------------------------------------------------------------------------------
 
@@ -446,18 +483,34 @@ class PromptEncoder:
             parts.append((slot.name, layers_key[1], hash(state)))
         return tuple(parts) or None
 
-    def _tokenize(self, text: str, slot: _EncoderSlot) -> TokenChunks:
+    def _tokenize(
+        self, text: str, slot_index: int, memo: dict[tuple, list[list[int]]] | None = None
+    ) -> tuple[list[tuple[str, float]], TokenChunks]:
+        """Parse ``text`` and chunk its tokens for one encoder; ``memo`` shares token ids between equal tokenizers."""
+        slot = self._slots[slot_index]
         parsed = parse_prompt_attention(text)
-        texts = [item[0] for item in parsed if item != BREAK]
+        fragments = [item[0] for item in parsed if item != BREAK]
         convert = self._textual_inversion_converter(slot)
         if convert is not None:
-            texts = [convert(fragment) for fragment in texts]
-        # One tokenizer call for all runs; no special tokens (the chunker adds them), no truncation, no
-        # "sequence longer than 77" warning (long prompts are the point).
-        token_ids = iter(slot.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"])
-        runs = [None if item == BREAK else (next(token_ids), item[1]) for item in parsed]
+            fragments = [convert(fragment) for fragment in fragments]
+        # SDXL's two tokenizers are the same BPE; they differ only in an added token ("!", tokenizer_2's pad), so for
+        # a text without it one tokenizer call serves both encoders (tokenizing is ~1 ms per 300 tokens).
+        differing = self._differing_added_tokens[slot_index]
+        shareable = memo is not None and not any(
+            token in fragment or token.lower() in fragment.lower() for token in differing for fragment in fragments
+        )
+        key = (self._tokenization_groups[slot_index], tuple(fragments))
+        token_ids = memo.get(key) if shareable else None
+        if token_ids is None:
+            # One call for all runs; no special tokens (the chunker adds them), no truncation, and no "sequence
+            # longer than 77" warning: long prompts are the point.
+            token_ids = slot.tokenizer(fragments, add_special_tokens=False, verbose=False)["input_ids"]
+            if shareable:
+                memo[key] = token_ids
+        ids = iter(token_ids)
+        runs = [None if item == BREAK else (next(ids), item[1]) for item in parsed]
         tokenizer = slot.tokenizer
-        return chunk_weighted_tokens(
+        chunks = chunk_weighted_tokens(
             runs,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -465,6 +518,7 @@ class PromptEncoder:
             comma_token_id=slot.comma_token_id,
             chunk_length=slot.sequence_length - 2,
         )
+        return parsed, chunks
 
     def _textual_inversion_converter(self, slot: _EncoderSlot) -> Callable[[str], str] | None:
         """diffusers' multi-vector textual-inversion rewrite, only when the tokenizer has tokens beyond its specials."""
@@ -541,12 +595,15 @@ class PromptEncoder:
         output_dtype: torch.dtype,
     ) -> EncodedPrompts:
         # Texts are paired with encoders positionally, like diffusers' zip.
-        positive_tokens = [self._tokenize(text, slot) for text, slot in zip(positive_texts, self._slots, strict=False)]
-        negative_tokens = (
-            [self._tokenize(text, slot) for text, slot in zip(negative_texts, self._slots, strict=False)]
-            if negative_texts is not None
-            else None
-        )
+        memo: dict[tuple, list[list[int]]] = {}
+        parsed: dict[str, list[tuple[str, float]]] = {}
+        positive_tokens: list[TokenChunks] = []
+        negative_tokens: list[TokenChunks] | None = [] if negative_texts is not None else None
+        for index in range(len(self._slots)):
+            for texts, tokens in ((positive_texts, positive_tokens), (negative_texts, negative_tokens)):
+                if texts is not None and index < len(texts):
+                    parsed[texts[index]], chunks = self._tokenize(texts[index], index, memo)
+                    tokens.append(chunks)
         target_chunks = max(chunks.num_chunks for chunks in positive_tokens + (negative_tokens or []))
 
         positive_outputs: list[_SideOutput] = []
@@ -579,7 +636,7 @@ class PromptEncoder:
         if negative_prompt_embeds is not None:
             negative_prompt_embeds = negative_prompt_embeds.to(dtype=output_dtype, device=device)
 
-        info = self._describe(positive_texts, positive_tokens, negative_source, negative_texts, negative_tokens)
+        info = self._describe(positive_texts, positive_tokens, negative_source, negative_texts, negative_tokens, parsed)
         info["num_chunks"] = target_chunks
         return EncodedPrompts(
             prompt_embeds=prompt_embeds,
@@ -597,6 +654,7 @@ class PromptEncoder:
         negative_source: str,
         negative_texts: list[str] | None,
         negative_tokens: list[TokenChunks] | None,
+        parsed_texts: dict[str, list[tuple[str, float]]],
     ) -> dict[str, Any]:
         """JSON-able metadata: tokens and chunks per encoder and side, what was weighted, the weighting mode."""
 
@@ -617,7 +675,7 @@ class PromptEncoder:
             if text in seen_texts:
                 continue  # prompt_2 defaulting to prompt: report its weights once
             seen_texts.add(text)
-            parsed = parse_prompt_attention(text)
+            parsed = parsed_texts.get(text) or parse_prompt_attention(text)
             for run_text, weight in weighted_runs(parsed):
                 shown = run_text if len(run_text) <= _MAX_METADATA_TEXT else run_text[: _MAX_METADATA_TEXT - 1] + "…"
                 key = (field_name, shown, round(weight, 6))

@@ -147,6 +147,20 @@ def test_boundary_lengths_equal_diffusers(pipe, encoder, words, num_words: int) 
     )
 
 
+def test_tokenizer_2s_added_pad_token_is_respected(pipe, encoder) -> None:
+    """tokenizer_2 has "!" (its pad) as an added token, so "!!" tokenizes differently there; one tokenizer call may
+    serve both encoders only for texts without it."""
+    text = "wow!! a great view"
+    first, second = (t(text, add_special_tokens=False).input_ids for t in (pipe.tokenizer, pipe.tokenizer_2))
+    assert first != second
+    assert chunk_contents(encoder.tokenize(text, 0).input_ids) == [first]
+    assert chunk_contents(encoder.tokenize(text, 1).input_ids) == [second]
+    for prompt in (text, "a great view"):
+        assert_identical(
+            as_tuple(encoder.encode(prompt, negative_prompt=prompt)), diffusers_encode(pipe, prompt, None, prompt)
+        )
+
+
 def test_short_prompt_gives_the_same_latents_as_stock_diffusers(pipe, encoder) -> None:
     def latents(**kwargs) -> torch.Tensor:
         return pipe(
