@@ -29,7 +29,8 @@ from pathlib import Path
 def run_measured(args: list[str]) -> dict[str, float]:
     """Run ``python -m model_build ARGS``; return its wall seconds and peak RSS in MiB."""
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "model_build", "-q", *args])
+    # The child's own messages go to stderr, so that stdout carries only this script's JSON.
+    process = subprocess.Popen([sys.executable, "-m", "model_build", "-q", *args], stdout=sys.stderr)
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
