@@ -166,6 +166,7 @@ def _run(args: argparse.Namespace) -> int:
         handle_signals=True,
     )
     print(describe_summary(summary), file=sys.stderr)
+    print(json.dumps(summary, sort_keys=True))  # one machine-readable line (also in _batch/shards/summary-*.json)
     return summary["exit_code"]
 
 

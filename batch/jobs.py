@@ -14,9 +14,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from worker.schema import MAX_SEED, GenerationRequest, RequestError, parse_request
+if TYPE_CHECKING:
+    from worker.schema import GenerationRequest
+
+# worker.schema is imported where lines are parsed, not here: it pulls in diffusers (seconds), which `merge` and
+# the output-folder code do not need.
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ID_RULE = "1-128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
@@ -114,12 +118,16 @@ def hash_id(line_object: dict[str, Any]) -> str:
 
 def derive_seed(item_id: str) -> int:
     """A 63-bit seed from the id, for lines without a seed: random-looking, yet the same on every run and shard."""
+    from worker.schema import MAX_SEED
+
     digest = hashlib.sha256(b"sdxl-batch seed\0" + item_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") & MAX_SEED
 
 
 def parse_line(raw: RawLine, is_last: bool) -> Job | InvalidLine | None:
     """One line -> a Job, an InvalidLine with a message naming the problem, or None for a blank line."""
+    from worker.schema import RequestError, parse_request
+
     if not raw.text.strip():
         return None
     try:

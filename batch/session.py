@@ -118,7 +118,7 @@ class ShardSession:
 
     def _advance(self) -> None:
         if self.progress is not None:
-            self._advance()
+            self.progress.update(1)
 
     def first_pass(self) -> Iterator[Job]:
         """The shard's unfinished jobs in line order, each claimed; those held by a live process are deferred."""

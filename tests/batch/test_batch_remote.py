@@ -1,0 +1,115 @@
+"""Remote mode against the worker's own local API server (``python -m worker --rp_serve_api``) on loopback:
+real HTTP, the real handler and engine; the batch run starts before the server listens, so it retries."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from batch_testing import ENV, ROOT, SMALL, image_files, one_torch_thread, read_json, sidecars, stable, write_jsonl
+
+from batch.cli import execute_run
+from batch.exit_codes import EXIT_INVALID_LINES, EXIT_USAGE
+from batch.jobs import Shard
+from batch.session import SessionOptions
+
+
+@pytest.fixture(scope="module")
+def engine(dev_model_dir: Path):
+    from worker.engine import Engine
+
+    return Engine(dev_model_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def worker_server(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The worker's local API server, starting (not yet listening) when the first test begins."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("worker") / "worker.log", "wb")  # noqa: SIM115 - closed below, after the process
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, **ENV, "MODEL_DIR": str(dev_model_dir), "UVICORN_LOG_LEVEL": "warning"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def test_remote_mode_makes_the_same_outputs_as_a_local_run(worker_server: str, engine, tmp_path: Path) -> None:
+    lines = [
+        {"prompt": "remote one", **SMALL},
+        {"id": "remote-two", "prompt": "remote two", **SMALL, "seed": 11, "output_format": "jpeg"},
+        {"prompt": "remote three", **SMALL, "negative_prompt": "fog", "guidance_scale": 2.0},
+        {"prompt": "remote four", **SMALL, "num_images": 2},
+        {"prompt": "invalid here", "height": 100},
+        {"prompt": "refused there", **SMALL, "clip_skip": 5},
+        {"prompt": "remote five", **SMALL, "scheduler": "Euler a"},
+    ]
+    source = write_jsonl(tmp_path / "jobs.jsonl", lines)
+    remote_out, local_out = tmp_path / "remote", tmp_path / "local"
+
+    summary = execute_run(
+        SessionOptions(source, remote_out, Shard(0, 1), progress=False),
+        endpoint=worker_server,
+        concurrency=3,
+        retries=12,
+        backoff_s=0.5,
+    )
+    assert summary["exit_code"] == EXIT_INVALID_LINES, summary
+    assert summary["made"] == 5 and summary["invalid_lines"] == 1 and summary["failed"] == 1
+    refused = read_json(remote_out / "errors" / "line-00000006.json")
+    assert refused["kind"] == "remote_error" and "clip_skip" in refused["error"] and not refused["retriable"]
+    assert read_json(remote_out / "errors" / "line-00000005.json")["kind"] == "invalid_request"  # never sent
+    remote = sidecars(remote_out)
+    assert all(item["generation"]["mode"] == "remote" for item in remote.values())
+    assert max(item["generation"]["attempts"] for item in remote.values()) > 1  # the server was not up at first
+
+    with one_torch_thread():  # the server runs with one thread too
+        local_summary = execute_run(SessionOptions(source, local_out, Shard(0, 1), progress=False), engine=engine)
+    assert local_summary["made"] == 5
+    local = sidecars(local_out)
+    assert set(local) == set(remote)
+    remote_images, local_images = image_files(remote_out), image_files(local_out)
+    assert set(remote_images) == set(local_images)
+    for item_id, item in remote.items():
+        if item["request"]["num_images"] == 1:
+            # One image: the worker's call and the local batch-size-1 call are the same computation.
+            assert stable(item) == stable(local[item_id])
+            name = item["images"][0]["file_name"]
+            assert remote_images[name] == local_images[name]
+        else:
+            # The worker makes a request's images in one call, the local runner one by one: same seeds, and
+            # the same pixels up to float rounding (see batch/planner.py), so only the layout is compared.
+            assert [image["seed"] for image in item["images"]] == [image["seed"] for image in local[item_id]["images"]]
+
+
+def test_remote_mode_stops_at_once_when_the_endpoint_refuses(worker_server: str, tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "jobs.jsonl", [{"prompt": f"p{n}", **SMALL} for n in range(3)])
+    summary = execute_run(
+        SessionOptions(source, tmp_path / "out", Shard(0, 1), progress=False),
+        endpoint=worker_server + "/v2/no-such-endpoint",  # 404 on /runsync: a wrong URL, not a busy server
+        retries=12,
+        backoff_s=0.5,
+    )
+    assert summary["exit_code"] == EXIT_USAGE and summary["made"] == 0
+    assert not list((tmp_path / "out").glob("*.json"))
