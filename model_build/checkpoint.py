@@ -25,12 +25,11 @@ from safetensors import SafetensorError, safe_open
 
 from model_build.architectures import KNOWN_CONFIGS, expected_checkpoint, load_component_config
 from model_build.dev_model import DEV_METADATA_KEY
-from model_build.errors import CheckpointError
+from model_build.errors import CheckpointError, shown_names
 from model_build.layout import COMPONENT_PREFIXES, to_original_layout
 
 PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
-SHOWN = 5  # how many names an error message lists
 
 # Tensors that real SDXL checkpoints carry besides the weights, known to be harmless to drop.
 # They are listed in the manifest as ignored. Anything else unknown is an error.
@@ -109,12 +108,6 @@ class CheckpointInfo:
     ignored: tuple[str, ...] = ()  # known harmless non-weight tensors that are dropped
     replaced: tuple[str, ...] = ()  # checkpoint tensors of a component replaced by another file (--vae)
     dtypes: tuple[str, ...] = ()  # the checkpoint's tensor dtypes, e.g. ("F16",)
-
-
-def _shown(names: Iterable[str]) -> str:
-    names = list(names)
-    text = ", ".join(names[:SHOWN])
-    return text + (f", … ({len(names) - SHOWN} more)" if len(names) > SHOWN else "")
 
 
 # --- 1. format: decided from the name and the first bytes, before any parser sees the file ---
@@ -307,7 +300,7 @@ def refuse_family(path: Path, family: str, keys: Iterable[str]) -> None:
     if family == "sdxl":
         return
     advice = FAMILY_ADVICE.get(family, "this converter handles SDXL base checkpoints only")
-    first = f" (first tensors: {_shown(sorted(keys))})" if family == "unknown" else ""
+    first = f" (first tensors: {shown_names(sorted(keys))})" if family == "unknown" else ""
     raise CheckpointError(f"{path.name} looks like {FAMILY_DESCRIPTIONS[family]}{first}; {advice}.")
 
 
@@ -348,7 +341,7 @@ def choose_config(path: Path, shapes: Mapping[str, tuple[int, ...]], vae_replace
                 f"{path.name} has a UNet with {conv_in[1]} input channels (SDXL base has 4): an inpainting or "
                 "other special-purpose SDXL variant, which this converter does not support."
             )
-        details = _shown(f"{key} is {list(shapes[key])}, expected {list(expected[key].shape)}" for key in mismatched)
+        details = shown_names(f"{k} is {list(shapes[k])}, expected {list(expected[k].shape)}" for k in mismatched)
         raise CheckpointError(
             f"{path.name} is SDXL-shaped but its tensor sizes match no shipped config (closest: {best}, "
             f"{len(mismatched)} tensors differ: {details}). Only the SDXL base architecture "
@@ -421,14 +414,14 @@ def account_for_tensors(
             continue
         parts = []
         if missing:
-            parts.append(f"{len(missing)} of {len(wanted)} expected tensors missing ({_shown(sorted(missing))})")
+            parts.append(f"{len(missing)} of {len(wanted)} expected tensors missing ({shown_names(sorted(missing))})")
         if unknown:
-            parts.append(f"{len(unknown)} unknown tensors ({_shown(sorted(unknown))})")
+            parts.append(f"{len(unknown)} unknown tensors ({shown_names(sorted(unknown))})")
         if parts:
             problems.append(f"{component}: " + "; ".join(parts) + "." + _hints(component, missing, unknown))
     if stray:
         problems.append(
-            f"{len(stray)} unknown tensors outside the four SDXL components ({_shown(stray)}); the converter does "
+            f"{len(stray)} unknown tensors outside the four SDXL components ({shown_names(stray)}); the converter does "
             "not know what they are, so it will not guess"
         )
     if problems:
@@ -571,26 +564,26 @@ def load_vae_file(path: Path, config_name: str) -> VaeFile:
             raise CheckpointError(f"{path.name}: unknown Diffusers VAE tensor {error}; is this an SDXL VAE?") from error
     else:
         raise CheckpointError(
-            f"{path.name} does not look like a VAE (first tensors: {_shown(sorted(keys))}); --vae takes an SDXL "
+            f"{path.name} does not look like a VAE (first tensors: {shown_names(sorted(keys))}); --vae takes an SDXL "
             "VAE .safetensors in the original or the Diffusers layout"
         )
     shapes = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
     stray = sorted(key for key in shapes if not key.startswith(prefix))
     if stray:
-        raise CheckpointError(f"{path.name} holds tensors that are not the VAE's ({_shown(stray)})")
+        raise CheckpointError(f"{path.name} holds tensors that are not the VAE's ({shown_names(stray)})")
     wanted = {key: t.shape for key, t in expected_checkpoint(config_name).items() if t.component == "vae"}
     missing = sorted(set(wanted) - set(shapes))
     unknown = sorted(set(shapes) - set(wanted))
     wrong = sorted(key for key in set(shapes) & set(wanted) if shapes[key] != wanted[key])
     problems = []
     if missing:
-        problems.append(f"{len(missing)} of {len(wanted)} expected tensors missing ({_shown(missing)})")
+        problems.append(f"{len(missing)} of {len(wanted)} expected tensors missing ({shown_names(missing)})")
     if unknown:
-        problems.append(f"{len(unknown)} unknown tensors ({_shown(unknown)})")
+        problems.append(f"{len(unknown)} unknown tensors ({shown_names(unknown)})")
     if wrong:
         problems.append(
             f"{len(wrong)} with the wrong shape ("
-            + _shown(f"{k} is {list(shapes[k])}, expected {list(wanted[k])}" for k in wrong)
+            + shown_names(f"{k} is {list(shapes[k])}, expected {list(wanted[k])}" for k in wrong)
             + ")"
         )
     if problems:

@@ -24,16 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model_build.errors import CompletenessError
+from model_build.errors import CompletenessError, shown_names
 from model_build.layout import to_original_layout
-
-SHOWN = 5
-
-
-def _shown(names: Iterable[str]) -> str:
-    names = list(names)
-    text = ", ".join(names[:SHOWN])
-    return text + (f", … ({len(names) - SHOWN} more)" if len(names) > SHOWN else "")
 
 
 def _is_finite(tensor: torch.Tensor) -> bool:
@@ -53,7 +45,7 @@ def assert_materialized(component: str, module: torch.nn.Module) -> None:
     if on_meta:
         raise CompletenessError(
             f"{component}: {len(on_meta)} tensors were never loaded and are still on the meta device "
-            f"({_shown(on_meta)}): the checkpoint did not provide them under the names diffusers looked for. "
+            f"({shown_names(on_meta)}): the checkpoint did not provide them under the names diffusers looked for. "
             "Saving would fail with 'Cannot copy out of meta tensor'."
         )
 
@@ -91,11 +83,11 @@ def prove_component(
     if not_from_checkpoint:
         problems.append(
             f"{len(not_from_checkpoint)} pipeline tensors did not come from the checkpoint "
-            f"({_shown(not_from_checkpoint)}) and hold diffusers' random initialisation"
+            f"({shown_names(not_from_checkpoint)}) and hold diffusers' random initialisation"
         )
     if not_in_pipeline:
         problems.append(
-            f"{len(not_in_pipeline)} checkpoint tensors did not land in the pipeline ({_shown(not_in_pipeline)})"
+            f"{len(not_in_pipeline)} checkpoint tensors did not land in the pipeline ({shown_names(not_in_pipeline)})"
         )
     if problems:
         raise CompletenessError(f"{component}: " + "; ".join(problems))
@@ -113,11 +105,11 @@ def prove_component(
     if differ:
         raise CompletenessError(
             f"{component}: {len(differ)} of {len(source_keys)} tensors differ from the checkpoint after conversion "
-            f"({_shown(differ)}): diffusers loaded something else into them (a random initialisation, or another "
+            f"({shown_names(differ)}): diffusers loaded something else into them (a random initialisation, or another "
             "component's weights)"
         )
     if wrong_dtype:
-        raise CompletenessError(f"{component}: tensors saved in another dtype than {dtype}: {_shown(wrong_dtype)}")
+        raise CompletenessError(f"{component}: tensors saved in another dtype than {dtype}: {shown_names(wrong_dtype)}")
     if not_finite:
-        raise CompletenessError(f"{component}: tensors hold NaN or Inf after conversion: {_shown(not_finite)}")
+        raise CompletenessError(f"{component}: tensors hold NaN or Inf after conversion: {shown_names(not_finite)}")
     return ComponentProof(component, len(source_keys))

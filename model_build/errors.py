@@ -6,6 +6,17 @@ without importing the orchestration in ``convert.py``, which re-exports :class:`
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+SHOWN = 5  # how many names an error message lists before "… (N more)"
+
+
+def shown_names(names: Iterable[str]) -> str:
+    """The first few names, comma-separated, and how many more there are."""
+    names = list(names)
+    text = ", ".join(names[:SHOWN])
+    return text + (f", … ({len(names) - SHOWN} more)" if len(names) > SHOWN else "")
+
 
 class ConversionError(Exception):
     """The checkpoint cannot be converted; the message says why and what to do."""
