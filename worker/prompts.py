@@ -90,14 +90,11 @@ class TokenChunks:
     input_ids: list[list[int]]
     weights: list[list[float]]
     num_tokens: int  # the prompt's own tokens, without BOS, EOS and padding
+    is_weighted: bool = False  # any weight other than 1
 
     @property
     def num_chunks(self) -> int:
         return len(self.input_ids)
-
-    @property
-    def is_weighted(self) -> bool:
-        return any(weight != 1.0 for row in self.weights for weight in row)
 
 
 def chunk_weighted_tokens(
@@ -113,46 +110,37 @@ def chunk_weighted_tokens(
     """Lay weighted token runs into ``[BOS] + chunk_length + [EOS]`` rows padded with ``pad_token_id``.
 
     ``runs`` holds ``(token_ids, weight)`` per text run and ``None`` where a ``BREAK`` forces a chunk boundary.
-    A port of A1111's ``tokenize_line``, including its comma backtrack, without its token dropping: every token ends
-    up in exactly one chunk, in order.
+    The same chunks as A1111's ``tokenize_line`` (comma backtrack included), except that a ``BREAK`` with nothing
+    before it in its chunk adds no empty chunk. Every token ends up in exactly one chunk, in order.
     """
-    chunks: list[tuple[list[int], list[float]]] = []
-    tokens: list[int] = []
-    weights: list[float] = []
-    last_comma = -1
-
-    def close_chunk() -> None:
-        nonlocal tokens, weights, last_comma
-        chunks.append((tokens, weights))
-        tokens, weights, last_comma = [], [], -1
-
+    # Sections between BREAKs, as flat token and weight lists; an empty section makes no chunk.
+    sections: list[tuple[list[int], list[float]]] = [([], [])]
     for run in runs:
         if run is None:
-            if tokens:  # nothing to close right after a boundary
-                close_chunk()
-            continue
-        run_ids, run_weight = run
-        for token_id in run_ids:
-            if token_id == comma_token_id:
-                last_comma = len(tokens)
-            elif (
-                comma_backtrack > 0
-                and len(tokens) == chunk_length
-                and last_comma != -1
-                and len(tokens) - last_comma <= comma_backtrack
-            ):
-                # The chunk is full and a comma is near its end: move what follows the comma to the next chunk.
-                split = last_comma + 1
-                moved_tokens, moved_weights = tokens[split:], weights[split:]
-                tokens, weights = tokens[:split], weights[:split]
-                close_chunk()
-                tokens, weights = moved_tokens, moved_weights
-            if len(tokens) == chunk_length:
-                close_chunk()
-            tokens.append(token_id)
-            weights.append(run_weight)
-    if tokens or not chunks:
-        close_chunk()
+            sections.append(([], []))
+        else:
+            sections[-1][0].extend(run[0])
+            sections[-1][1].extend([run[1]] * len(run[0]))
+
+    # A1111 fills a chunk token by token; when a 76th token that is not a comma arrives and the chunk's last comma is
+    # among its last ``comma_backtrack`` tokens, what follows that comma moves to the next chunk. Slicing a chunk at
+    # a time does the same without a Python step per token.
+    chunks: list[tuple[list[int], list[float]]] = []
+    for tokens, weights in sections:
+        start = 0
+        while len(tokens) - start > chunk_length:
+            end = start + chunk_length
+            if comma_backtrack > 0 and tokens[end] != comma_token_id:
+                for position in range(end - 1, max(start, end - comma_backtrack) - 1, -1):
+                    if tokens[position] == comma_token_id:
+                        end = position + 1
+                        break
+            chunks.append((tokens[start:end], weights[start:end]))
+            start = end
+        if start < len(tokens):
+            chunks.append((tokens[start:], weights[start:]))
+    if not chunks:
+        chunks.append(([], []))
 
     rows, row_weights = [], []
     for chunk_tokens, chunk_weights in chunks:
@@ -160,7 +148,8 @@ def chunk_weighted_tokens(
         # diffusers' row: BOS, the tokens, EOS, then the pad id up to 77 (pad == EOS for CLIP-L, "!" for bigG).
         rows.append([bos_token_id, *chunk_tokens, eos_token_id] + [pad_token_id] * padding)
         row_weights.append([1.0, *chunk_weights, 1.0] + [1.0] * padding)
-    return TokenChunks(rows, row_weights, sum(len(chunk_tokens) for chunk_tokens, _ in chunks))
+    is_weighted = any(run is not None and run[1] != 1.0 and run[0] for run in runs)
+    return TokenChunks(rows, row_weights, sum(len(chunk_tokens) for chunk_tokens, _ in chunks), is_weighted)
 
 
 def apply_token_weights(hidden_states: torch.Tensor, weights: torch.Tensor, weighting: str) -> torch.Tensor:
@@ -528,6 +517,11 @@ class PromptEncoder:
             return None
         return lambda text: convert(text, tokenizer)
 
+    def _weighted(self, hidden_states: torch.Tensor, chunks: TokenChunks) -> torch.Tensor:
+        if not chunks.is_weighted:
+            return hidden_states
+        return apply_token_weights(hidden_states, torch.tensor(chunks.weights), self.weighting)
+
     def _run_encoder(self, slot: _EncoderSlot, rows: list[list[int]], device: torch.device) -> Any:
         input_ids = torch.tensor(rows, dtype=torch.long).to(device)
         # Through the module's __call__, so accelerate's offload hooks move the weights in and out.
@@ -548,9 +542,7 @@ class PromptEncoder:
             for chunks, layer in sides:
                 output = self._run_encoder(slot, chunks.input_ids, input_device)
                 pooled = output[0] if need_pooled and output[0].ndim == 2 else None
-                hidden = output.hidden_states[layer]
-                weights = torch.tensor(chunks.weights)
-                outputs.append(_SideOutput(apply_token_weights(hidden, weights, self.weighting), None, pooled))
+                outputs.append(_SideOutput(self._weighted(output.hidden_states[layer], chunks), None, pooled))
             return outputs
 
         # Long prompts: every chunk of every side in one batch, plus one padding chunk if any side is short.
@@ -566,11 +558,10 @@ class PromptEncoder:
         output = self._run_encoder(slot, rows, input_device)
         for (chunks, layer), start in zip(sides, starts, strict=True):
             all_hidden = output.hidden_states[layer]
-            hidden = all_hidden[start : start + chunks.num_chunks]
-            weights = torch.tensor(chunks.weights)
+            hidden = self._weighted(all_hidden[start : start + chunks.num_chunks], chunks)
             pooled = output[0][start : start + 1] if need_pooled and output[0].ndim == 2 else None
             padding = all_hidden[padding_row] if chunks.num_chunks < target_chunks else None
-            outputs.append(_SideOutput(apply_token_weights(hidden, weights, self.weighting), padding, pooled))
+            outputs.append(_SideOutput(hidden, padding, pooled))
         return outputs
 
     def _assemble(self, side_outputs: list[_SideOutput], target_chunks: int) -> torch.Tensor:

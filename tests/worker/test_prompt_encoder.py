@@ -235,6 +235,54 @@ def test_chunker_keeps_every_token_in_order(stream: list[int | None], weight: fl
     assert {p for p in break_positions if 0 < p < len(tokens)} <= boundaries
 
 
+def a1111_chunks(stream: list[int | None], weight_of, chunk_length: int = 75, backtrack: int = COMMA_BACKTRACK):
+    """A1111's token-by-token ``tokenize_line`` (sd_hijack_clip.py), BREAK on an empty chunk adding nothing."""
+    chunks, tokens, weights, last_comma = [], [], [], -1
+
+    def next_chunk() -> None:
+        nonlocal tokens, weights, last_comma
+        chunks.append((tokens, weights))
+        tokens, weights, last_comma = [], [], -1
+
+    for token in stream:
+        if token is None:
+            if tokens:
+                next_chunk()
+            continue
+        if token == COMMA:
+            last_comma = len(tokens)
+        elif backtrack and len(tokens) == chunk_length and last_comma != -1 and len(tokens) - last_comma <= backtrack:
+            split = last_comma + 1
+            moved = tokens[split:], weights[split:]
+            tokens, weights = tokens[:split], weights[:split]
+            next_chunk()
+            tokens, weights = moved
+        if len(tokens) == chunk_length:
+            next_chunk()
+        tokens.append(token)
+        weights.append(weight_of(token))
+    if tokens or not chunks:
+        next_chunk()
+    return chunks
+
+
+@given(
+    st.lists(st.one_of(st.integers(1, 9), st.just(COMMA), st.none()), max_size=600),
+    st.sampled_from([0, 5, COMMA_BACKTRACK]),
+)
+def test_chunker_matches_a1111_token_by_token(stream: list[int | None], backtrack: int) -> None:
+    def weight_of(token: int) -> float:
+        return 1.0 + token / 10
+
+    runs = [None if token is None else ([token], weight_of(token)) for token in stream]
+    result = plain_chunks(runs, comma_backtrack=backtrack)
+    expected = a1111_chunks(stream, weight_of, backtrack=backtrack)
+    assert chunk_contents(result.input_ids) == [tokens for tokens, _ in expected]
+    assert [row[1 : len(tokens) + 1] for row, (tokens, _) in zip(result.weights, expected, strict=True)] == [
+        weights for _, weights in expected
+    ]
+
+
 def test_comma_backtrack_moves_the_tail_to_the_next_chunk() -> None:
     stream = [5] * 70 + [COMMA] + [6] * 10  # the comma is the 71st token: 4 tokens after it still fit
     contents = chunk_contents(plain_chunks([(stream, 1.0)]).input_ids)
