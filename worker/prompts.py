@@ -18,9 +18,11 @@ Chunking (per tokenizer: each tokenizer tokenizes its own text, ``prompt`` for `
 
 Encoding
     Each 77-token chunk goes through each text encoder independently (A1111 and compel semantics: a chunk attends
-    only to itself); the chunks of one side of one encoder run as one batch. The hidden states are those diffusers
-    uses: ``hidden_states[-2]``, or ``hidden_states[-(clip_skip + 2)]``. Chunks are concatenated along the sequence,
-    then the two encoders along the features (768 + 1280 = 2048 for SDXL), then the result is cast to
+    only to itself). A prompt whose sides are one chunk each is encoded exactly as diffusers does it (one
+    batch-of-one call per side); otherwise all chunks of both sides, plus one padding chunk if needed, go through
+    each encoder as a single batch (two encoder calls per prompt, whatever its length). The hidden states are those
+    diffusers uses: ``hidden_states[-2]``, or ``hidden_states[-(clip_skip + 2)]``. Chunks are concatenated along the
+    sequence, then the two encoders along the features (768 + 1280 = 2048 for SDXL), then the result is cast to
     ``text_encoder_2.dtype`` on ``pipe._execution_device``, as diffusers does.
 
     Chunk counts can differ between the encoders (``prompt_2`` is a different text) and between the positive and
@@ -31,8 +33,9 @@ Encoding
 
 Pooled embeddings
     From the first chunk of ``text_encoder_2`` (its projected ``text_embeds``), as A1111 and compel do. The first
-    chunk holds the start of the prompt, which is where people put the subject; averaging the chunks' pooled vectors
-    would blend in padding chunks and give a vector the model never saw in training.
+    chunk holds the start of the prompt, which is where people put the subject, and it is exactly what SDXL was
+    trained with (a truncated prompt's pooled vector); averaging the chunks' vectors would blend in padding chunks
+    and give a vector the model never saw. Weights do not touch the pooled vector (as in A1111).
 
 Weighting (``weighting=``), applied per chunk and per encoder to that chunk's hidden states, in float32
     - ``"multiply"`` (A1111's "No norm"): each token's row is multiplied by its weight. Only weighted tokens change.
@@ -40,8 +43,18 @@ Weighting (``weighting=``), applied per chunk and per encoder to that chunk's hi
       unweighted mean. Every row of the chunk changes, BOS and padding included, by a factor that depends on the
       chunk's mean; when that mean is near zero the factor is unbounded (a guard falls back to plain multiplication
       when the new mean is zero or the factor is not finite).
-    Default: ``DEFAULT_WEIGHTING``; ``bench/prompt_encode.py`` prints the measurement behind the choice (see there).
     A chunk whose weights are all 1 is never touched, so unweighted prompts are bit-identical in both modes.
+
+    Default ``"multiply"``, by measurement (``bench/prompt_encode.py``, ``weighting_measurement`` lines, prompts with
+    30% of their words weighted 0.5 to 2.0, against the same tokens unweighted). With ``multiply`` a weighted row
+    scales by exactly its weight and no other row moves. ``restore_mean`` rescales whole chunks by a ratio of two
+    means: with SDXL's full-size encoders (random weights) the factor was 0.94 to 1.0, so weights acted up to 6%
+    weaker than written and every other row of a weighted chunk (BOS, the other words, padding) shrank by up to 6%;
+    on the dev model, whose chunk means are near zero, the factor ranged from -2.8 to 2.9 and flipped the sign of 2
+    chunks in 80. Random weights cannot show image quality, but they show that restore_mean's effect depends on the
+    chunk's statistics rather than on the weights written, with no bound as the mean nears zero. A1111 itself
+    describes "No norm" as working better for SDXL, and the sd-webui-prevent-artifact extension traces broken SDXL
+    images to this normalisation. Both cost the same (a few element-wise operations on weighted chunks only).
 
 Negative prompt (only with ``do_classifier_free_guidance``), as in diffusers
     ``negative_prompt=None`` with ``force_zeros_for_empty_prompt`` (SDXL base) gives zeros of the positive's shape.
@@ -60,6 +73,12 @@ Cache
     :meth:`PromptEncoder.clear_cache` bumps (the LoRA code calls it whenever text-encoder adapters change; the
     fingerprint is a safety net, not the contract). Every call returns fresh clones, so callers may modify them.
     Not thread-safe: one encoder per worker thread.
+
+Speed
+    ``pipe._execution_device`` and diffusers' per-encoder device lookup walk every module of the pipeline (~2,700
+    for SDXL, milliseconds per call); they are memoized against a cheap signature of the components, their
+    top-level offload hooks and devices. When both tokenizers agree on a text (SDXL's differ only on "!", the pad
+    token tokenizer_2 registers as an added token) one tokenizer call serves both encoders.
 """
 
 from __future__ import annotations
@@ -174,7 +193,9 @@ def apply_token_weights(hidden_states: torch.Tensor, weights: torch.Tensor, weig
         # A zero new mean would give inf or NaN: keep the plain multiplication for such a chunk.
         factor = torch.where(torch.isfinite(factor) & (new_mean != 0), factor, torch.ones_like(factor))
         weighted = weighted * factor
-    weighted = weighted.to(hidden_states.dtype)
+    # Large weights (or a large restore_mean factor) must not overflow fp16 into inf, which would give NaN images.
+    limit = torch.finfo(hidden_states.dtype).max
+    weighted = weighted.clamp(-limit, limit).to(hidden_states.dtype)
     return torch.where(weighted_rows[:, None, None], weighted, hidden_states)
 
 
@@ -660,12 +681,10 @@ class PromptEncoder:
         fields = [("prompt", positive_texts[0]), ("prompt_2", positive_texts[1])]
         if negative_texts is not None:
             fields += [("negative_prompt", negative_texts[0]), ("negative_prompt_2", negative_texts[1])]
-        seen_texts = set()
         breaks: dict[str, int] = {}
-        for field_name, text in fields:
-            if text in seen_texts:
-                continue  # prompt_2 defaulting to prompt: report its weights once
-            seen_texts.add(text)
+        for index, (field_name, text) in enumerate(fields):
+            if index % 2 and text == fields[index - 1][1]:
+                continue  # prompt_2 defaulting to prompt (or the same text): report its weights once
             parsed = parsed_texts.get(text) or parse_prompt_attention(text)
             for run_text, weight in weighted_runs(parsed):
                 shown = run_text if len(run_text) <= _MAX_METADATA_TEXT else run_text[: _MAX_METADATA_TEXT - 1] + "…"

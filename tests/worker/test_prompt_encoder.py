@@ -372,6 +372,8 @@ def test_multiply_scales_exactly_the_weighted_rows(pipe) -> None:
         {"field": "negative_prompt", "text": "blurry", "weight": round(1 / 1.1, 6), "count": 1},
     ]
     assert weighted.info["weighting"] == "multiply"
+    same = encoder.encode("a (cat:1.5)", negative_prompt="a (cat:1.5)").info["weighted"]
+    assert [entry["field"] for entry in same] == ["prompt", "negative_prompt"]
 
 
 def test_restore_mean_scales_then_restores_each_encoders_chunk_mean(pipe) -> None:
@@ -403,6 +405,8 @@ def test_apply_token_weights_guards_a_zero_mean() -> None:
     assert torch.equal(apply_token_weights(hidden, weights, "restore_mean"), hidden * weights[..., None])
     unweighted = torch.ones(1, 2)
     assert apply_token_weights(hidden, unweighted, "restore_mean") is hidden
+    large = torch.full((1, 2, 2), 60_000.0, dtype=torch.float16)
+    assert torch.isfinite(apply_token_weights(large, weights, "multiply")).all()  # clamped, not inf
     with pytest.raises(ValueError, match="weighting"):
         apply_token_weights(hidden, weights, "bogus")
 
