@@ -21,7 +21,13 @@ unweighted, over strongly weighted prompts (runs weighted 0.5 to 2.0):
   many chunks got a factor further than 10% from 1 or a negative one.
 * ``chunk_mean_shift`` and ``norm_change``: how far each mode moves each chunk's mean and the whole embedding norm.
 
-Run: ``python bench/prompt_encode.py`` (dev, CPU); ``python bench/prompt_encode.py --full-size`` (GPU).
+Both scales also check that short unweighted prompts give exactly diffusers' ``encode_prompt`` tensors on that device
+(``equivalence_with_diffusers``: ``bit_identical`` should equal ``cases``). Times are wall-clock medians;
+``cpu_median_ms`` is the process's CPU time, steadier than wall time on a shared machine.
+
+Run: ``python bench/prompt_encode.py [--threads 1]`` (dev, CPU, about a minute);
+``python bench/prompt_encode.py --full-size`` (GPU: cuda, fp16, UNet and VAE in the pipeline, a few minutes);
+``python bench/prompt_encode.py --full-size --device cpu`` (sanity only: fp32, 1 repetition, ~8 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -253,6 +259,38 @@ def time_full_size(pipe: Any, words: list[str], device: str, repeats: int, warmu
         case="300_tokens_cache_hit",
         **median_ms(lambda: cached.encode(long_weighted), device, repeats, warmup),
     )
+    very_long, _ = weighted_prompt(rng, words, 1000)
+    emit(
+        bench="prompt_encode_full_size",
+        device=device,
+        case="1000_tokens_weighted_with_300_token_negative",
+        **median_ms(lambda: encoder.encode(very_long, negative_prompt=negative), device, repeats, warmup),
+    )
+
+
+def check_equivalence(pipe: Any, words: list[str], device: str, label: str) -> None:
+    """Short unweighted prompts: PromptEncoder against diffusers' encode_prompt, bit for bit, on this device."""
+    encoder = PromptEncoder(pipe, cache_size=0)
+    rng = random.Random(2)
+    cases, identical = 0, 0
+    for clip_skip in (None, 0, 1):
+        for negative_prompt in (None, "", "blurry, low quality, watermark"):
+            for prompt_2 in (None, "an oil painting, warm light"):
+                prompt = " ".join(rng.sample(words, rng.randint(1, 70)))
+                ours = encoder.encode(prompt, prompt_2, negative_prompt, None, clip_skip)
+                theirs = pipe.encode_prompt(prompt, prompt_2, negative_prompt=negative_prompt, clip_skip=clip_skip)
+                mine = (
+                    ours.prompt_embeds,
+                    ours.negative_prompt_embeds,
+                    ours.pooled_prompt_embeds,
+                    ours.negative_pooled_prompt_embeds,
+                )
+                cases += 1
+                identical += all(
+                    a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+                    for a, b in zip(mine, theirs, strict=True)
+                )
+    emit(bench=f"equivalence_with_diffusers_{label}", device=device, cases=cases, bit_identical=identical)
 
 
 def measure_weighting(pipe: Any, words: list[str], num_prompts: int, label: str) -> None:
@@ -355,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         words = vocabulary_words(pipe)
         emit(bench="setup", scale="dev", device="cpu", torch=torch.__version__, threads=torch.get_num_threads())
         time_dev(pipe, words, args.repeats or 100)
+        check_equivalence(pipe, words, "cpu", "dev")
         measure_weighting(pipe, words, args.measure_prompts or 20, "dev")
         return
 
@@ -376,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     repeats = args.repeats or (50 if on_gpu else 1)
     time_full_size(pipe, words, device, repeats, warmup=5 if on_gpu else 1)
+    if on_gpu:
+        check_equivalence(pipe, words, device, "full_size")
     measure_weighting(pipe, words, args.measure_prompts or (20 if on_gpu else 2), "full_size")
 
 
