@@ -165,7 +165,8 @@ def prepare_lora(pipe: Any, lora_file: LoraFile, label: str) -> PreparedLora:
             f"LoRA {label!r} holds tensors that are not LoRA weights: {', '.join(not_lora[:_MAX_EXAMPLES])}"
         )
 
-    prepared = PreparedLora(format=lora_format, state_dict=state_dict, network_alphas=network_alphas or None)
+    # The loaders get peft-format keys ("<module path>.lora_A.weight"), the form checked here against the model.
+    prepared = PreparedLora(format=lora_format, state_dict={}, network_alphas=network_alphas or None)
     problems: list[str] = []
     for component in COMPONENTS:
         prefix = f"{component}."
@@ -176,15 +177,17 @@ def prepare_lora(pipe: Any, lora_file: LoraFile, label: str) -> PreparedLora:
         if model is None:
             problems.append(f"it adapts {component}, which this pipeline does not have")
             continue
-        layers, component_problems = _check_component(model, component, _to_peft_keys(part, component, model))
+        peft_part = _to_peft_keys(part, component, model)
+        layers, component_problems = _check_component(model, component, peft_part)
         prepared.layers[component] = layers
+        prepared.state_dict.update({prefix + key: value for key, value in peft_part.items()})
         problems.extend(component_problems)
         component_metadata = {key: value for key, value in (lora_file.metadata or {}).items() if key.startswith(prefix)}
         if component_metadata and not prepared.network_alphas:
             prepared.metadata[component] = component_metadata
     if problems:
         raise LoraError(
-            f"LoRA {label!r} does not fit this model: {'; '.join(problems)}{_family_hint(pipe, state_dict)}"
+            f"LoRA {label!r} does not fit this model: {'; '.join(problems)}{_family_hint(pipe, prepared.state_dict)}"
         )
     if not prepared.components:
         raise LoraError(f"LoRA {label!r} adapts no layer of the UNet or the text encoders")
@@ -193,16 +196,19 @@ def prepare_lora(pipe: Any, lora_file: LoraFile, label: str) -> PreparedLora:
 
 
 def _to_peft_keys(part: dict[str, torch.Tensor], component: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The keys diffusers' loaders will hand to peft (``<module path>.lora_A.weight``), to look modules up by."""
+    """Keys as peft names them (``<module path>.lora_A.weight``), from any diffusers-era spelling."""
     from diffusers.utils.state_dict_utils import (
-        convert_state_dict_to_diffusers,
-        convert_state_dict_to_peft,
+        DIFFUSERS_OLD_TO_DIFFUSERS,
+        DIFFUSERS_TO_PEFT,
+        convert_state_dict,
         convert_unet_state_dict_to_peft,
     )
 
     if component == "unet":
-        return part if "lora_A" in next(iter(part)) else convert_unet_state_dict_to_peft(part)
-    converted = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+        return convert_unet_state_dict_to_peft(part)  # leaves keys already in peft form as they are
+    # Key by key, old (to_q_lora) -> new (q_proj.lora_linear_layer) -> peft. diffusers' own detection looks for
+    # "to_out_lora" only and gives up on a text-encoder LoRA without out_proj layers.
+    converted = convert_state_dict(convert_state_dict(part, DIFFUSERS_OLD_TO_DIFFUSERS), DIFFUSERS_TO_PEFT)
     if not hasattr(model, "text_model"):  # transformers 5 flattens CLIPTextModel (no text_model. prefix)
         converted = {key.removeprefix("text_model."): value for key, value in converted.items()}
     return converted
@@ -270,17 +276,18 @@ def _shape_problem(module: torch.nn.Module, down: torch.Tensor | None, up: torch
 
 
 def _family_hint(pipe: Any, state_dict: Mapping[str, torch.Tensor]) -> str:
-    """' It looks like an SD 1.x LoRA.' when the cross-attention key width says so."""
+    """'. It was made for SD 1.x (...)' when a cross-attention key's width tells the LoRA's model family."""
     expected = pipe.unet.config.cross_attention_dim
-    for key, tensor in state_dict.items():
-        if key.startswith("unet.") and "attn2" in key and ("to_k" in key) and tensor.ndim == 2:
-            is_down = "lora_A" in key or "lora.down" in key or "lora_down" in key
-            if is_down and tensor.shape[1] != expected:
-                family = _CROSS_ATTENTION_FAMILIES.get(int(tensor.shape[1]), "another model")
-                return (
-                    f". It was made for {family} (cross-attention width {tensor.shape[1]}, this model's is {expected})"
-                )
-    return ""
+    widths = [
+        int(tensor.shape[1])
+        for key, tensor in state_dict.items()
+        if key.startswith("unet.") and key.endswith("attn2.to_k.lora_A.weight") and tensor.ndim == 2
+    ]
+    width = next((width for width in widths if width != expected), None)
+    if width is None:
+        return ""
+    family = _CROSS_ATTENTION_FAMILIES.get(width, "another model")
+    return f". It was made for {family} (cross-attention width {width}, this model's is {expected})"
 
 
 def _cast_to_components(pipe: Any, state_dict: dict[str, torch.Tensor]) -> None:

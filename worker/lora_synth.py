@@ -42,8 +42,9 @@ class RandomLora:
 def _targets(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[tuple[str, torch.nn.Linear]]:
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes):
-            found.append((name, module))
+        layer = getattr(module, "base_layer", module)  # a layer that already carries adapters: its base Linear
+        if isinstance(layer, torch.nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes):
+            found.append((name, layer))
     return found
 
 

@@ -1,0 +1,334 @@
+"""LoRAs on the dev model, end to end: effects, formats, scales, combination, cache, isolation, refusals.
+
+Every LoRA here is made in the test (random peft weights for the tiny UNet and text encoders), saved
+as diffusers' training scripts and as Kohya's sd-scripts save them. Equalities are exact (pixel
+bytes, torch.equal): "no LoRA after LoRA jobs" must be the fresh worker's image bit for bit.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from worker import loras as loras_module
+from worker.engine import Engine, EngineError
+from worker.handler import STATE, handler
+from worker.images import read_parameters
+from worker.lora_synth import (
+    TEXT_ENCODERS,
+    TEXT_KOHYA_TARGETS,
+    UNET_KOHYA_TARGETS,
+    random_lora,
+    save_diffusers_lora,
+    save_kohya_lora,
+)
+from worker.loras import LoraManager, LoraSettings
+from worker.schema import GenerationRequest
+
+JOB = {"prompt": "a lighthouse at dawn", "height": 256, "width": 256, "num_inference_steps": 2, "seed": 7}
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def load_pipeline(model_dir: Path):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def kohya_pair(name: str, fan_in: int, fan_out: int, rank: int = 4, conv: bool = False) -> dict[str, torch.Tensor]:
+    shape = (rank, fan_in, 1, 1) if conv else (rank, fan_in)
+    up = (fan_out, rank, 1, 1) if conv else (fan_out, rank)
+    return {
+        f"{name}.lora_down.weight": torch.randn(shape),
+        f"{name}.lora_up.weight": torch.randn(up),
+        f"{name}.alpha": torch.tensor(float(rank)),
+    }
+
+
+def sd15_kohya_lora() -> dict[str, torch.Tensor]:
+    """What Kohya writes for SD 1.5: diffusers-style block names, 768-wide cross-attention and CLIP-L."""
+    block = "lora_unet_down_blocks_0_attentions_0"
+    return {
+        **kohya_pair(f"{block}_proj_in", 320, 320, conv=True),
+        **kohya_pair(f"{block}_transformer_blocks_0_attn1_to_q", 320, 320),
+        **kohya_pair(f"{block}_transformer_blocks_0_attn2_to_k", 768, 320),
+        **kohya_pair("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v", 768, 1280),
+        **kohya_pair("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 768, 768),
+    }
+
+
+@pytest.fixture(scope="module")
+def lora_dir(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("loras")
+    pipe = load_pipeline(dev_model_dir)
+    # alpha != rank: the diffusers file carries it as LoraConfig metadata, the Kohya file as per-layer alphas.
+    style = random_lora(pipe, rank=4, alpha=2, seed=1, unet_targets=UNET_KOHYA_TARGETS, text_targets=TEXT_KOHYA_TARGETS)
+    save_diffusers_lora(style, root / "style.safetensors")
+    save_kohya_lora(style, pipe, root / "kohya" / "style.safetensors")  # the same weights, Kohya's names
+    save_diffusers_lora(random_lora(pipe, rank=8, seed=2, components=("unet",)), root / "detail.safetensors")
+    save_diffusers_lora(random_lora(pipe, rank=4, seed=3, components=TEXT_ENCODERS), root / "words.safetensors")
+
+    torch.manual_seed(0)
+    save_file(sd15_kohya_lora(), root / "sd15.safetensors")
+    flux_key = "transformer.single_transformer_blocks.0.attn.to_q"
+    save_file(
+        {f"{flux_key}.lora_A.weight": torch.randn(4, 64), f"{flux_key}.lora_B.weight": torch.randn(64, 4)},
+        root / "flux.safetensors",
+    )
+    dora = random_lora(pipe, rank=4, seed=4, components=("unet",))
+    save_kohya_lora(
+        dora,
+        pipe,
+        root / "dora.safetensors",
+        extra={"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.dora_scale": torch.ones(1, 64)},
+    )
+    torch.save({"weight": torch.ones(2)}, root / "disguised.safetensors")  # a pickle with a safetensors name
+    data = (root / "style.safetensors").read_bytes()
+    (root / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    torch.save({"weight": torch.ones(2)}, root / "legacy.ckpt")
+    outside = tmp_path_factory.mktemp("outside") / "stolen.safetensors"
+    outside.write_bytes(data)
+    (root / "escape.safetensors").symlink_to(outside)
+    return root
+
+
+@pytest.fixture(scope="module")
+def worker(dev_model_dir: Path, lora_dir: Path) -> SimpleNamespace:
+    """An engine whose LoRA folder is ``lora_dir``, and its images from before any LoRA job (a fresh worker)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LORA_DIR", str(lora_dir))
+        for key in ("ALLOW_LORA_DOWNLOAD", "LORA_CACHE_SIZE", "LORA_CACHE_MB"):
+            env.delenv(key, raising=False)
+        engine = Engine(dev_model_dir)
+    state = SimpleNamespace(engine=engine, references={})
+    state.fresh = pixels(state)
+    return state
+
+
+def generate(worker: SimpleNamespace, *loras: tuple[str, float]):
+    request = GenerationRequest(**JOB, loras=[{"name": name, "scale": scale} for name, scale in loras])
+    return worker.engine.generate(request)
+
+
+def pixels(worker: SimpleNamespace, *loras: tuple[str, float]) -> bytes:
+    return generate(worker, *loras).images[0].tobytes()
+
+
+def reference(worker: SimpleNamespace, *loras: tuple[str, float]) -> bytes:
+    """The image for ``loras``, made once per module (for comparisons, not for checking determinism)."""
+    if loras not in worker.references:
+        worker.references[loras] = pixels(worker, *loras)
+    return worker.references[loras]
+
+
+# -- through the engine -----------------------------------------------------------------------------------------------
+
+
+def test_a_lora_changes_the_image_and_says_what_was_applied(worker, lora_dir: Path, monkeypatch) -> None:
+    result = generate(worker, ("style", 0.8))
+    assert result.images[0].tobytes() != worker.fresh
+    (entry,) = result.metadata["loras"]
+    assert entry["name"] == "style" and entry["scale"] == 0.8 and entry["active"] is True
+    assert entry["format"] == "diffusers" and entry["components"] == ["unet", *TEXT_ENCODERS]
+    assert entry["path"] == str((lora_dir / "style.safetensors").resolve())
+    assert entry["sha256"] == hashlib.sha256((lora_dir / "style.safetensors").read_bytes()).hexdigest()[:12]
+    assert entry["cache_hit"] is False and entry["load_s"] > 0
+    json.dumps(result.metadata["loras"])  # goes into the job's JSON output as is
+    worker.references[(("style", 0.8),)] = result.images[0].tobytes()
+
+    reads = []
+    real_read = loras_module.read_lora_file
+    monkeypatch.setattr(loras_module, "read_lora_file", lambda *args: reads.append(args) or real_read(*args))
+    (again,) = worker.engine.loras.activate(GenerationRequest(**JOB, loras=[{"name": "style", "scale": 0.8}]).loras)
+    assert again["cache_hit"] is True and again["load_s"] == 0.0
+    assert reads == []  # a cached LoRA costs no disk read
+
+
+def test_kohya_file_gives_the_same_image_as_the_diffusers_file(worker) -> None:
+    result = generate(worker, ("kohya/style", 0.8))
+    assert result.metadata["loras"][0]["format"] == "kohya"
+    assert result.metadata["loras"][0]["components"] == ["unet", *TEXT_ENCODERS]
+    assert result.images[0].tobytes() == reference(worker, ("style", 0.8))
+
+
+def test_text_encoder_lora_acts_through_the_prompt(worker) -> None:
+    result = generate(worker, ("words", 1.0))
+    assert result.metadata["loras"][0]["components"] == list(TEXT_ENCODERS)
+    assert result.images[0].tobytes() not in (worker.fresh, reference(worker, ("style", 0.8)))
+
+
+def test_no_lora_after_lora_jobs_is_byte_identical_to_a_fresh_worker(worker) -> None:
+    combined = generate(worker, ("style", 0.8), ("detail", -1.5), ("words", 0.5))
+    assert [entry["name"] for entry in combined.metadata["loras"]] == ["style", "detail", "words"]
+    assert combined.images[0].tobytes() not in (worker.fresh, reference(worker, ("style", 0.8)))
+    # The same prompt as the text-encoder LoRA jobs: the prompt cache must not hand back their embeddings.
+    after = generate(worker)
+    assert after.images[0].tobytes() == worker.fresh and after.metadata["loras"] == []
+
+
+REFUSALS = [
+    ("sd15", r"LoRA 'sd15' does not fit this model: .*do not exist.*wrong shape.*made for SD 1\.x"),
+    ("flux", r"LoRA 'flux' is not an SDXL LoRA .*transformer model"),
+    ("dora", r"LoRA 'dora' is DoRA"),
+    ("disguised", r"LoRA 'disguised' is a PyTorch pickle"),
+    ("truncated", r"LoRA 'truncated' is not a valid \.safetensors file"),
+    ("legacy.ckpt", r"loras\[1\]\.name: 'legacy\.ckpt' is a pickle file"),
+    ("legacy", r"loras\[1\]\.name: 'legacy': only .*legacy\.ckpt exists, a pickle file"),
+    ("../style", r"loras\[1\]\.name: '\.\./style' contains '\.\.'"),
+    ("/etc/hostname", r"loras\[1\]\.name: '/etc/hostname' is an absolute path"),
+    ("escape", r"loras\[1\]\.name: 'escape' is a link that points outside"),
+    ("nope", r"loras\[1\]\.name: no LoRA named 'nope' in .*; available: .*detail, .*kohya/style, .*style, .*words"),
+    (f"hf://someone/repo/x.safetensors@{COMMIT}", r"downloading LoRAs is off on this worker"),
+]
+
+
+@pytest.mark.parametrize(("name", "message"), REFUSALS, ids=[name for name, _ in REFUSALS])
+def test_refusals_are_clear_errors_and_change_nothing(worker, name: str, message: str) -> None:
+    loaded_before = worker.engine.loras.loaded()
+    with pytest.raises(EngineError, match=message):
+        generate(worker, ("style", 0.8), (name, 1.0))
+    assert sorted(entry["name"] for entry in worker.engine.loras.loaded()) == sorted(e["name"] for e in loaded_before)
+    for component in ("unet", *TEXT_ENCODERS):  # nothing half-loaded: no adapter beyond the cached ones
+        adapters = set(getattr(getattr(worker.engine.pipe, component), "peft_config", {}) or {})
+        assert adapters <= {entry["adapter"] for entry in loaded_before}
+
+
+def test_after_a_refusal_the_next_jobs_are_unaffected_and_scale_zero_is_no_lora(worker) -> None:
+    with pytest.raises(EngineError, match="does not fit"):
+        generate(worker, ("style", 0.8), ("sd15", 1.0))
+    zero = generate(worker, ("style", 0.0))
+    assert zero.images[0].tobytes() == worker.fresh
+    assert zero.metadata["loras"][0]["active"] is False and "cache_hit" not in zero.metadata["loras"][0]
+    assert pixels(worker, ("style", 0.8)) == reference(worker, ("style", 0.8))
+
+
+def test_handler_returns_lora_errors_and_a1111_parameters(worker, monkeypatch) -> None:
+    monkeypatch.setattr(STATE, "engine", worker.engine)
+    monkeypatch.setattr(STATE, "startup_error", None)
+    out = handler({"id": "lora-job", "input": {**JOB, "loras": [{"name": "nope"}]}})
+    assert set(out) == {"error"} and out["error"].startswith("loras[0].name: no LoRA named 'nope'")
+    assert "available: " in out["error"]
+
+    out = handler({"id": "lora-job", "input": {**JOB, "loras": [{"name": "style", "scale": 0.8}]}})
+    assert "error" not in out, out
+    png = base64.b64decode(out["images"][0].split(",", 1)[1])
+    assert "Lora weights: style: 0.8" in read_parameters(png)
+    assert Image.open(io.BytesIO(png)).convert("RGB").tobytes() == reference(worker, ("style", 0.8))
+    assert out["metadata"]["loras"][0]["name"] == "style" and out["metadata"]["loras"][0]["cache_hit"] is True
+
+
+# -- the manager on a bare pipeline: combination arithmetic, isolation, the LRU -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bare(dev_model_dir: Path) -> SimpleNamespace:
+    pipe = load_pipeline(dev_model_dir)
+    return SimpleNamespace(pipe=pipe, fresh=latents(pipe))
+
+
+@pytest.fixture
+def managers(bare: SimpleNamespace):
+    """Makes LoraManagers on the shared bare pipeline; each test leaves the pipeline without adapters."""
+    made: list[LoraManager] = []
+
+    def make(root: Path, **settings) -> LoraManager:
+        made.append(LoraManager(bare.pipe, settings=LoraSettings(roots=(root,), **settings)))
+        return made[-1]
+
+    yield make
+    for manager in made:
+        manager.clear()
+    assert not getattr(bare.pipe.unet, "peft_config", None)
+
+
+def request(*pairs: tuple[str, float]) -> list[SimpleNamespace]:
+    return [SimpleNamespace(name=name, scale=scale) for name, scale in pairs]
+
+
+def latents(pipe) -> torch.Tensor:
+    generator = torch.Generator("cpu").manual_seed(3)
+    return pipe("a cat", num_inference_steps=2, height=64, width=64, generator=generator, output_type="latent").images
+
+
+def test_scales_and_combinations_add_up_in_each_layer(bare, managers, lora_dir: Path) -> None:
+    manager = managers(lora_dir)
+    path = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    x = torch.randn(2, 5, bare.pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = bare.pipe.unet.get_submodule(path)(x)
+
+    def output(*pairs):
+        manager.activate(request(*pairs))
+        with torch.no_grad():
+            return bare.pipe.unet.get_submodule(path)(x)
+
+    style, detail = output(("style", 1.0)) - base, output(("detail", 1.0)) - base
+    assert style.abs().mean() > 1e-3 and detail.abs().mean() > 1e-3
+    torch.testing.assert_close(output(("style", 0.5)) - base, 0.5 * style)
+    torch.testing.assert_close(output(("style", -2.0)) - base, -2.0 * style)
+    torch.testing.assert_close(output(("style", 1.0), ("detail", 0.25)) - base, style + 0.25 * detail)
+    assert torch.equal(output(), base)  # loaded but not asked for: the base layer alone, exactly
+
+
+def test_unrequested_adapters_contribute_nothing(bare, managers, lora_dir: Path) -> None:
+    manager = managers(lora_dir)
+    manager.activate(request(("style", 1.0)))
+    style_alone = latents(bare.pipe)
+    manager.activate(request(("detail", 1.0), ("words", 1.0)))
+    manager.activate(request(("style", 1.0)))
+    assert torch.equal(latents(bare.pipe), style_alone) and not torch.equal(style_alone, bare.fresh)
+    manager.deactivate()
+    assert torch.equal(latents(bare.pipe), bare.fresh)
+
+
+def test_cache_is_bounded_by_count_and_memory_and_evicts_least_recently_used(bare, managers, lora_dir: Path) -> None:
+    manager = managers(lora_dir, cache_size=2)
+    for name in ("style", "detail", "words"):
+        manager.activate(request((name, 1.0)))
+    assert [entry["name"] for entry in manager.loaded()] == ["detail", "words"]
+    assert len(bare.pipe.unet.peft_config) == 1  # style's UNet adapter was deleted, detail's remains (words: none)
+    assert manager.activate(request(("detail", 1.0)))[0]["cache_hit"] is True
+    assert manager.activate(request(("style", 1.0)))[0]["cache_hit"] is False  # reloaded
+    assert [entry["name"] for entry in manager.loaded()] == ["detail", "style"]
+    sizes = {entry["name"]: entry["mb"] for entry in manager.loaded()}
+
+    # A job may need more adapters than the cache holds; the surplus goes after the job.
+    manager.activate(request(("style", 1.0), ("detail", 1.0), ("words", 1.0)))
+    assert len(manager.loaded()) == 3
+    manager.activate(request(("words", 1.0)))
+    assert [entry["name"] for entry in manager.loaded()] == ["detail", "words"]
+    manager.clear()
+    assert manager.loaded() == [] and not getattr(bare.pipe.unet, "peft_config", None)
+    assert torch.equal(latents(bare.pipe), bare.fresh)  # after loads and evictions, exactly the fresh model
+
+    small = managers(lora_dir, cache_mb=max(sizes.values()) * 1.2)  # room for style or detail, not both
+    small.activate(request(("style", 1.0)))
+    small.activate(request(("detail", 1.0)))
+    assert [entry["name"] for entry in small.loaded()] == ["detail"] and small.evictions == 1
+
+
+def test_a_changed_file_is_loaded_again(bare, managers, tmp_path: Path) -> None:
+    folder = tmp_path / "loras"
+    save_diffusers_lora(random_lora(bare.pipe, seed=10, components=("unet",)), folder / "evolving.safetensors")
+    manager = managers(folder)
+    manager.activate(request(("evolving", 1.0)))
+    first = latents(bare.pipe)
+    save_diffusers_lora(random_lora(bare.pipe, seed=11, components=("unet",)), folder / "evolving.safetensors")
+    assert manager.activate(request(("evolving", 1.0)))[0]["cache_hit"] is False
+    assert not torch.equal(latents(bare.pipe), first)
+
+
+def test_the_same_file_under_two_names_is_refused(managers, lora_dir: Path) -> None:
+    with pytest.raises(EngineError, match=r"loras\[1\]\.name: 'style\.safetensors' is the same file as loras\[0\]"):
+        managers(lora_dir).activate(request(("style", 1.0), ("style.safetensors", 0.5)))
