@@ -85,6 +85,8 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -93,6 +95,8 @@ from typing import Any, Final
 import torch
 
 from worker.prompt_syntax import BREAK, parse_prompt_attention, weighted_runs
+
+log = logging.getLogger(__name__)
 
 WEIGHTING_MODES: Final = ("multiply", "restore_mean")
 DEFAULT_WEIGHTING: Final = "multiply"
@@ -291,6 +295,82 @@ def _tokenization_groups(tokenizers: Sequence[Any]) -> tuple[list[int], list[fro
     return groups, differing
 
 
+class EncoderGraphs:
+    """CUDA graphs of text-encoder forwards, one per (encoder, input shape), captured on first use.
+
+    Used only where replay is exactly the eager computation: the encoder's weights on a CUDA device, no accelerate
+    offload hook moving them, no PEFT adapter whose scales Python would read at call time. Outputs are copied out of
+    the graph's static buffers, since the next replay overwrites them. Any change of weights or adapters must call
+    :meth:`clear` (``PromptEncoder.clear_cache`` does).
+    """
+
+    def __init__(self, max_graphs: int = 16) -> None:
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = OrderedDict()
+        self._pool: Any = None
+        self.broken: str | None = None  # set when capture failed once; eager from then on
+
+    @staticmethod
+    def applies_to(text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> bool:
+        return (
+            input_ids.is_cuda
+            and getattr(text_encoder, "_hf_hook", None) is None
+            and not getattr(text_encoder, "peft_config", None)
+            and next(text_encoder.parameters()).is_cuda
+        )
+
+    def clear(self) -> None:
+        self._graphs.clear()
+
+    def run(self, name: str, text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> Any:
+        if self.broken is not None:
+            return text_encoder(input_ids, output_hidden_states=True)
+        key = (name, id(text_encoder), tuple(input_ids.shape), input_ids.device)
+        entry = self._graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(text_encoder, input_ids)
+            except Exception as error:  # an encoder that cannot be captured still works eagerly
+                self.broken = f"{type(error).__name__}: {error}"
+                log.warning("text encoder CUDA graph capture failed, encoding eagerly: %s", self.broken)
+                return text_encoder(input_ids, output_hidden_states=True)
+            self._graphs[key] = entry
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        graph, static_input, static_output = entry
+        static_input.copy_(input_ids)
+        graph.replay()
+        return _clone_output(static_output)
+
+    def _capture(self, text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> tuple:
+        static_input = input_ids.clone()
+        side_stream = torch.cuda.Stream(device=input_ids.device)
+        side_stream.wait_stream(torch.cuda.current_stream(input_ids.device))
+        with torch.cuda.stream(side_stream), torch.inference_mode():
+            for _ in range(2):  # warm-up outside the graph: lazy initialisation must not be captured
+                text_encoder(static_input, output_hidden_states=True)
+        torch.cuda.current_stream(input_ids.device).wait_stream(side_stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
+            static_output = text_encoder(static_input, output_hidden_states=True)
+        return graph, static_input, static_output
+
+
+def _clone_output(output: Any) -> Any:
+    """A copy of a transformers model output whose tensors no later graph replay can overwrite."""
+    copied = copy.copy(output)
+    for key, value in output.items():
+        if isinstance(value, torch.Tensor):
+            copied[key] = value.clone()
+        elif isinstance(value, tuple):
+            copied[key] = tuple(item.clone() if isinstance(item, torch.Tensor) else item for item in value)
+    return copied
+
+
 class PromptEncoder:
     """Long-prompt, A1111-weighted ``encode_prompt`` for a ``StableDiffusionXLPipeline``; see the module docstring."""
 
@@ -308,6 +388,9 @@ class PromptEncoder:
         self._generation = 0
         self._placement_memo: tuple[tuple, tuple[torch.device, list[torch.device]]] | None = None
         self._adapter_layers_memo: dict[tuple, list[Any]] = {}
+        # Eager CLIP on a GPU is bound by kernel launches (~17 ms for one chunk through both full-size encoders on
+        # an H200), not by arithmetic; replaying a captured CUDA graph per batch shape removes most of that.
+        self._graphs = EncoderGraphs() if os.environ.get("PROMPT_ENCODER_CUDA_GRAPHS", "1") != "0" else None
 
         # Same list diffusers builds: without text_encoder (a refiner) only text_encoder_2 is used, and it then gets
         # the first text (``prompt``) because diffusers zips [prompt, prompt_2] with the encoders it has.
@@ -409,6 +492,8 @@ class PromptEncoder:
         self._generation += 1
         self._placement_memo = None
         self._adapter_layers_memo.clear()
+        if self._graphs is not None:
+            self._graphs.clear()
 
     def tokenize(self, text: str, encoder_index: int = 0) -> TokenChunks:
         """The chunked rows one text gives for one encoder (0: ``text_encoder``, 1: ``text_encoder_2``)."""
@@ -545,6 +630,8 @@ class PromptEncoder:
 
     def _run_encoder(self, slot: _EncoderSlot, rows: list[list[int]], device: torch.device) -> Any:
         input_ids = torch.tensor(rows, dtype=torch.long).to(device)
+        if self._graphs is not None and self._graphs.applies_to(slot.text_encoder, input_ids):
+            return self._graphs.run(slot.name, slot.text_encoder, input_ids)
         # Through the module's __call__, so accelerate's offload hooks move the weights in and out.
         return slot.text_encoder(input_ids, output_hidden_states=True)
 
