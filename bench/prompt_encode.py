@@ -305,10 +305,10 @@ def measure_weighting(pipe: Any, words: list[str], num_prompts: int, label: str)
     }
     for _ in range(num_prompts):
         weighted_text, plain_text = weighted_prompt(rng, words, 120)  # 2 chunks
-        reference = plain_encoder.encode(plain_text, do_classifier_free_guidance=False).prompt_embeds[0].float()
+        reference = plain_encoder.encode(plain_text, do_classifier_free_guidance=False).prompt_embeds[0].float().cpu()
         rows = torch.tensor([w for chunk in plain_encoder.tokenize(weighted_text, 0).weights for w in chunk])
         for mode, encoder in encoders.items():
-            result = encoder.encode(weighted_text, do_classifier_free_guidance=False).prompt_embeds[0].float()
+            result = encoder.encode(weighted_text, do_classifier_free_guidance=False).prompt_embeds[0].float().cpu()
             collect = stats[mode]
             collect["norm_change"].append(float(result.norm() / reference.norm() - 1))
             start = 0

@@ -300,14 +300,15 @@ class EncoderGraphs:
 
     Used only where replay is exactly the eager computation: the encoder's weights on a CUDA device, no accelerate
     offload hook moving them, no PEFT adapter whose scales Python would read at call time. Outputs are copied out of
-    the graph's static buffers, since the next replay overwrites them. Any change of weights or adapters must call
-    :meth:`clear` (``PromptEncoder.clear_cache`` does).
+    the graph's static buffers, since the next replay overwrites them. A replay reads the weights' memory, so
+    in-place weight changes (fused LoRAs) are seen; weights replaced by new tensors change the key. Each graph keeps
+    its own memory pool: a pool shared by graphs that were all freed is released, and capturing into it again trips
+    an allocator assertion (seen on an H200 with torch 2.11).
     """
 
     def __init__(self, max_graphs: int = 16) -> None:
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = OrderedDict()
-        self._pool: Any = None
         self.broken: str | None = None  # set when capture failed once; eager from then on
 
     @staticmethod
@@ -325,7 +326,8 @@ class EncoderGraphs:
     def run(self, name: str, text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> Any:
         if self.broken is not None:
             return text_encoder(input_ids, output_hidden_states=True)
-        key = (name, id(text_encoder), tuple(input_ids.shape), input_ids.device)
+        weight = next(text_encoder.parameters())
+        key = (name, id(text_encoder), weight.data_ptr(), weight.dtype, tuple(input_ids.shape), input_ids.device)
         entry = self._graphs.get(key)
         if entry is None:
             try:
@@ -352,10 +354,8 @@ class EncoderGraphs:
             for _ in range(2):  # warm-up outside the graph: lazy initialisation must not be captured
                 text_encoder(static_input, output_hidden_states=True)
         torch.cuda.current_stream(input_ids.device).wait_stream(side_stream)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
+        with torch.cuda.graph(graph), torch.inference_mode():
             static_output = text_encoder(static_input, output_hidden_states=True)
         return graph, static_input, static_output
 
@@ -492,8 +492,6 @@ class PromptEncoder:
         self._generation += 1
         self._placement_memo = None
         self._adapter_layers_memo.clear()
-        if self._graphs is not None:
-            self._graphs.clear()
 
     def tokenize(self, text: str, encoder_index: int = 0) -> TokenChunks:
         """The chunked rows one text gives for one encoder (0: ``text_encoder``, 1: ``text_encoder_2``)."""
