@@ -3,7 +3,8 @@
 A claim is a small file ``_batch/claims/<id>.claim`` created exclusively (hard link of a complete
 temporary file) by the process about to generate the item, refreshed by a heartbeat thread, and
 removed once the item's sidecar is committed. A claim is stale, and may be taken over, when its
-heartbeat is older than the TTL, or at once when its owner ran on this host and is gone (a crash
+heartbeat is older than the TTL (the heartbeat stops when the process has finished nothing for a
+TTL, so a hung process loses its claims too), or at once when its owner ran on this host and is gone (a crash
 or SIGKILL followed by a resume on the same machine). Claims only avoid duplicate work: should two
 processes ever generate the same item anyway, the exclusive sidecar commit still keeps exactly
 one, and both wrote identical bytes.
@@ -68,6 +69,7 @@ class ClaimBook:
         self.ttl_s = ttl_s
         self.owner = ClaimOwner.this_process()
         self.taken_over = 0
+        self._last_progress = time.monotonic()
         self._held: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -155,7 +157,12 @@ class ClaimBook:
     def _hold(self, item_id: str) -> bool:
         with self._lock:
             self._held.add(item_id)
+        self.note_progress()
         return True
+
+    def note_progress(self) -> None:
+        """The work is moving: keep the heartbeat going (a hung process must not hold its claims forever)."""
+        self._last_progress = time.monotonic()
 
     def release(self, item_id: str) -> None:
         with self._lock:
@@ -192,6 +199,8 @@ class ClaimBook:
     def _beat(self) -> None:
         interval = max(self.ttl_s / 5, 0.05)
         while not self._stop.wait(interval):
+            if time.monotonic() - self._last_progress > self.ttl_s:
+                continue  # no item finished for a whole TTL: let the claims go stale for another process
             with self._lock:
                 held = list(self._held)
             for item_id in held:

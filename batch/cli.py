@@ -55,6 +55,7 @@ def execute_run(
     offload: str = "auto",
     batch_size: int = 1,
     deterministic: bool = True,
+    encode_workers: int | None = None,
     endpoint: str | None = None,
     concurrency: int = 4,
     retries: int = 5,
@@ -76,8 +77,7 @@ def execute_run(
     if handle_signals:
         signal.signal(signal.SIGTERM, lambda *_: session.abort(EXIT_STOPPED, "SIGTERM: finishing the work in flight"))
     try:
-        unfinished = [job for job in session.jobs if session.outputs.read_done(job.id, repair=False) is None]
-        if not unfinished:
+        if not session.unfinished:
             pass  # nothing to do: no model to load
         elif endpoint:
             from batch.remote import EndpointClient, RemoteRunner
@@ -91,7 +91,7 @@ def execute_run(
                 engine = load_engine(model_dir, offload)
             settings["model"] = {"name": engine.model_name, "manifest_hash": engine.model_hash}
             try:
-                LocalRunner(session, engine, batch_size, deterministic).run()
+                LocalRunner(session, engine, batch_size, deterministic, encode_workers).run()
             except RunAborted as error:
                 session.abort(EXIT_RETRIABLE, f"the device looks unusable ({error})")
     except UsageError as error:
@@ -114,7 +114,7 @@ def load_engine(model_dir: Path | None, offload: str) -> Any:
         raise UsageError(f"no model: {error} (pass --model DIR or set MODEL_DIR)") from None
 
 
-def _add_run_parser(commands: argparse._SubParsersAction) -> None:
+def add_run_parser(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser(
         "run",
         help="generate the lines of one shard (resumable)",
@@ -135,12 +135,20 @@ def _add_run_parser(commands: argparse._SubParsersAction) -> None:
         default=True,
         help="pad every call to --batch-size images so an image never depends on its batch mates (default on)",
     )
+    run.add_argument(
+        "--encode-workers",
+        type=int,
+        help="processes encoding images (default: 1 per 4 CPUs, 1-4); 0 encodes in the writer thread",
+    )
     run.add_argument("--endpoint", help="send lines to a RunPod-style endpoint URL instead of a local model")
     run.add_argument("--concurrency", type=int, default=4, help="remote requests in flight (with --endpoint)")
     run.add_argument("--retries", type=int, default=5, help="retries per remote request (with --endpoint)")
     run.add_argument("--request-timeout", type=float, default=600.0, help="seconds per remote request")
     run.add_argument("--claim-ttl", type=float, default=DEFAULT_TTL_S, help="seconds before a silent claim is stale")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--max-seconds", type=float, help="stop after the call in flight once this long has passed (exit 143)"
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -152,6 +160,7 @@ def _run(args: argparse.Namespace) -> int:
         shard=resolve_shard(args.shard, args.num_shards, os.environ),
         claim_ttl_s=args.claim_ttl,
         progress=not args.no_progress,
+        max_seconds=args.max_seconds,
     )
     summary = execute_run(
         options,
@@ -159,6 +168,7 @@ def _run(args: argparse.Namespace) -> int:
         offload=args.offload,
         batch_size=args.batch_size,
         deterministic=args.deterministic,
+        encode_workers=args.encode_workers,
         endpoint=args.endpoint,
         concurrency=args.concurrency,
         retries=args.retries,
@@ -198,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m batch", description="Resumable, sharded JSONL generation.")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "WARNING"))
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_run_parser(commands)
+    add_run_parser(commands)
     status = commands.add_parser("status", help="done / failed / remaining per shard")
     status.add_argument("out", type=Path)
     status.add_argument("--input", type=Path, help="the JSONL file (default: the one the run recorded)")

@@ -1,9 +1,10 @@
 """The local runner: the shard's jobs through one loaded engine, in GPU batches, with a writer thread.
 
 The main thread plans calls (:mod:`batch.planner`) and runs them on the engine; a writer thread
-encodes the images (PNG/JPEG/WebP with their A1111 parameters, exactly as the worker does) and
-commits them while the GPU runs the next call. The queue between them holds two calls, so memory
-stays bounded when writing is slower than generating.
+has the images encoded (PNG/JPEG/WebP with their A1111 parameters, exactly as the worker does, in
+encoder processes: see :mod:`batch.encoding` for why not in a thread) and commits them while the
+GPU runs the next call. The queue between them holds two calls, so memory stays bounded when
+writing is slower than generating.
 
 Failures. ``EngineError`` means the engine cannot run a request as asked (clip_skip too deep, a
 LoRA it cannot find, a NaN image): the line gets an error sidecar and the run goes on; in a
@@ -20,14 +21,16 @@ import queue
 import threading
 import traceback
 from collections.abc import Hashable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from batch.encoding import ImageEncoder
 from batch.jobs import Job
 from batch.planner import Call, Planner, Unit, split_job
 from batch.session import ShardSession
 from worker.engine import Engine, EngineError, GenerationResult, group_key
-from worker.images import a1111_parameters, encode_image
+from worker.images import a1111_parameters
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +61,10 @@ class _PendingItem:
 class ImageWriter:
     """Encodes and commits finished calls on its own thread."""
 
-    def __init__(self, session: ShardSession, engine: Engine) -> None:
+    def __init__(self, session: ShardSession, engine: Engine, encoder: ImageEncoder) -> None:
         self.session = session
         self.engine = engine
+        self.encoder = encoder
         self.error: BaseException | None = None
         self._queue: queue.Queue[tuple[Call, list[GenerationResult], dict[str, Any]] | None] = queue.Queue(
             maxsize=WRITE_QUEUE_CALLS
@@ -85,6 +89,7 @@ class ImageWriter:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
+        self.encoder.close()
         if self.error is not None:
             raise RuntimeError(f"writing outputs failed: {self.error}") from self.error
 
@@ -99,16 +104,23 @@ class ImageWriter:
                 self.error = error
 
     def _write(self, call: Call, results: list[GenerationResult], generation: dict[str, Any]) -> None:
+        # All images of the call go to the encoder processes at once, then are collected in order.
+        submitted = []
         for unit, result in zip(call.units, results, strict=True):
+            with self._lock:
+                if unit.job.id in self._dropped:
+                    continue
+            futures = {
+                index: (self._encode(unit.job, image, seed, result.metadata), seed)
+                for index, image, seed in zip(unit.image_indices, result.images, result.seeds, strict=True)
+            }
+            submitted.append((unit, result, futures))
+        for unit, result, futures in submitted:
             job = unit.job
+            encoded = {index: (future.result(), seed) for index, (future, seed) in futures.items()}
             with self._lock:
                 if job.id in self._dropped:
                     continue
-            encoded = {
-                index: (self._encode(job, image, seed, result.metadata), seed)
-                for index, image, seed in zip(unit.image_indices, result.images, result.seeds, strict=True)
-            }
-            with self._lock:
                 item = self._pending.setdefault(job.id, _PendingItem({}, result.metadata, generation))
                 item.images.update(encoded)
                 complete = len(item.images) == job.request.num_images
@@ -121,18 +133,26 @@ class ImageWriter:
                 images = [item.images[k] for k in range(job.request.num_images)]
                 self.session.finish_item(job, images, metadata, item.generation)
 
-    def _encode(self, job: Job, image: Any, seed: int, metadata: dict[str, Any]) -> bytes:
+    def _encode(self, job: Job, image: Any, seed: int, metadata: dict[str, Any]) -> Future[bytes]:
         request = job.request
         parameters = a1111_parameters(request, seed, self.engine.model_name, self.engine.model_hash, metadata["loras"])
-        return encode_image(image, request.output_format, request.quality, parameters)
+        return self.encoder.submit(image, request.output_format, request.quality, parameters)
 
 
 class LocalRunner:
     """Runs a session's jobs on ``engine`` in calls of ``batch_size`` images."""
 
-    def __init__(self, session: ShardSession, engine: Engine, batch_size: int = 1, deterministic: bool = True) -> None:
+    def __init__(
+        self,
+        session: ShardSession,
+        engine: Engine,
+        batch_size: int = 1,
+        deterministic: bool = True,
+        encode_workers: int | None = None,
+    ) -> None:
         self.session = session
         self.engine = engine
+        self.encode_workers = encode_workers
         self.batch_size = batch_size
         self.deterministic = deterministic
         self.planner = Planner(batch_size, pad=deterministic, key_of=self._key)
@@ -142,7 +162,7 @@ class LocalRunner:
         return group_key(unit.request, self.engine.encode(unit.request))
 
     def run(self) -> None:
-        writer = ImageWriter(self.session, self.engine)
+        writer = ImageWriter(self.session, self.engine, ImageEncoder(self.encode_workers))
         self.writer = writer
         try:
             for job in self.session.first_pass():

@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,8 +25,8 @@ from tqdm import tqdm
 
 from batch.atomic import HOST, clean_temporary_files, write_atomic
 from batch.claims import DEFAULT_TTL_S, ClaimBook
-from batch.exit_codes import EXIT_INVALID_LINES, EXIT_OK, EXIT_RETRIABLE
-from batch.jobs import Job, Shard, load_shard
+from batch.exit_codes import EXIT_INVALID_LINES, EXIT_OK, EXIT_RETRIABLE, EXIT_STOPPED
+from batch.jobs import InvalidKind, Job, Shard, load_shard
 from batch.outputs import (
     OutputDir,
     ShardMetadata,
@@ -39,6 +40,7 @@ from batch.outputs import (
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0
+INVALID_KINDS = set(typing.get_args(InvalidKind))
 
 
 @dataclass
@@ -49,6 +51,7 @@ class SessionOptions:
     claim_ttl_s: float = DEFAULT_TTL_S
     progress: bool = True
     poll_s: float = POLL_S
+    max_seconds: float | None = None  # stop gracefully after this long (exit 143, resumable)
 
 
 @dataclass
@@ -89,6 +92,8 @@ class ShardSession:
             if sidecar is not None:
                 done[job.id] = sidecar
                 self.outputs.clear_error(job.line)
+            elif (self.outputs.read_error(job.line) or {}).get("kind") in INVALID_KINDS:
+                self.outputs.clear_error(job.line)  # the line was fixed since: it is remaining, not failed
         self.counters.already_done = len(done)
         self._done_ids = set(done)
         self.metadata = ShardMetadata(self.outputs, self.shard)
@@ -97,14 +102,26 @@ class ShardSession:
         self.claims.__enter__()
         self._deferred: list[Job] = []
         self.progress: tqdm | None = None  # started by the first pass, after the runner's set-up (model load)
+        self._timer: threading.Timer | None = None
 
     # -- handing out jobs -----------------------------------------------------------------------
+
+    @property
+    def unfinished(self) -> int:
+        """Jobs of the shard not done (by anyone) as far as this process knows."""
+        with self._lock:
+            return sum(1 for job in self.jobs if job.id not in self._done_ids)
 
     def begin(self) -> None:
         """Start the clock and the progress bar (items/s and ETA count from here, not from the model load)."""
         if self.progress is not None:
             return
         self.started = time.perf_counter()
+        if self.options.max_seconds is not None:
+            reason = f"--max-seconds {self.options.max_seconds:g} reached; run again to resume"
+            self._timer = threading.Timer(self.options.max_seconds, self.abort, (EXIT_STOPPED, reason))
+            self._timer.daemon = True
+            self._timer.start()
         self.progress = tqdm(
             total=len(self.jobs),
             initial=len(self._done_ids),
@@ -192,6 +209,7 @@ class ShardSession:
             self.metadata.append(image_rows(sidecar))
         self.outputs.clear_error(job.line)
         self.claims.release(job.id)
+        self.claims.note_progress()
         with self._lock:
             self._done_ids.add(job.id)
             if result.committed:
@@ -215,9 +233,11 @@ class ShardSession:
         log.warning("line %d (%s) failed: %s", job.line, job.id, message)
         self.outputs.write_error(job_error_record(job, kind, message, retriable))
         self.claims.release(job.id)
+        self.claims.note_progress()
         self._advance()
 
     def count_call(self, images: int, padded: int) -> None:
+        self.claims.note_progress()
         with self._lock:
             self.counters.pipeline_calls += 1
             self.counters.padded_images += padded
@@ -233,6 +253,8 @@ class ShardSession:
 
     def close(self) -> dict[str, Any]:
         """Release claims, write the summary; returns it (with ``exit_code``)."""
+        if self._timer is not None:
+            self._timer.cancel()
         if self.progress is not None:
             self.progress.close()
         self.claims.__exit__(None, None, None)
