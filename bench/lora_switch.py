@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -196,13 +197,25 @@ def timed_denoise(
 # -- torch.compile ----------------------------------------------------------------------------------------------------
 
 
+class _RecompileLimitCounter(logging.Handler):
+    """Counts dynamo's "hit config.recompile_limit" warnings: past it, dynamo silently runs that code eagerly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "recompile_limit" in record.getMessage():
+            self.hits += 1
+
+
+LIMIT_COUNTER = _RecompileLimitCounter()
+
+
 def compile_counts() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
-    return {
-        "frames_compiled": int(counters["stats"]["unique_graphs"]),
-        "recompiles": int(sum(counters["recompiles"].values())),
-    }
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "limit_hits": LIMIT_COUNTER.hits}
 
 
 def compile_check(args: argparse.Namespace, clock: Clock, loras: dict, device: str, dtype: torch.dtype) -> None:
@@ -212,6 +225,8 @@ def compile_check(args: argparse.Namespace, clock: Clock, loras: dict, device: s
     from worker.loras import LoraManager, LoraSettings
 
     steps, size = 2, args.compile_size
+    logging.getLogger("torch._dynamo").addHandler(LIMIT_COUNTER)
+    emit(event="compile", case="settings", recompile_limit=torch._dynamo.config.recompile_limit, size=size, steps=steps)
 
     def run(label: str, pipe: Any, embeds: dict, **extra: Any) -> None:
         before = compile_counts()
@@ -222,8 +237,8 @@ def compile_check(args: argparse.Namespace, clock: Clock, loras: dict, device: s
             event="compile",
             case=label,
             seconds=round(clock.now() - started, 3),
-            new_graphs=after["frames_compiled"] - before["frames_compiled"],
-            recompiles=after["recompiles"] - before["recompiles"],
+            new_graphs=after["graphs"] - before["graphs"],
+            recompile_limit_hits=after["limit_hits"] - before["limit_hits"],
             **extra,
         )
 
@@ -287,6 +302,39 @@ def compile_check(args: argparse.Namespace, clock: Clock, loras: dict, device: s
     _free(device)
 
 
+def offload_check(args: argparse.Namespace, clock: Clock, device: str, dtype: torch.dtype) -> None:
+    """With enable_model_cpu_offload (the engine's low-memory plan): loading keeps the hooks, results stay exact."""
+    from worker.loras import LoraManager, LoraSettings, _offload_mode
+
+    pipe = build_pipeline(args.config, device, dtype)
+    pipe.enable_model_cpu_offload()
+    embeds = encode(pipe, device)
+    size = args.compile_size
+    fresh = denoise(pipe, embeds, 2, size)
+    manager = LoraManager(pipe, settings=LoraSettings(roots=(args.lora_dir,), cache_size=8, cache_mb=1e6))
+    started = clock.now()
+    manager.activate(request(("a", 1.0)))
+    load_s = clock.now() - started
+    hooks_after_load = _offload_mode(pipe)
+    with_lora = denoise(pipe, embeds, 2, size)
+    manager.activate(request())
+    after = denoise(pipe, embeds, 2, size)
+    emit(
+        event="offload",
+        load_s=round(load_s, 3),
+        hooks_after_load=hooks_after_load,
+        lora_changes_output=not bit_equal(with_lora, fresh),
+        no_lora_after_equals_fresh=bit_equal(after, fresh),
+        lora_device=str(_lora_parameter_device(pipe.unet)),
+    )
+    del manager, pipe
+    _free(device)
+
+
+def _lora_parameter_device(model: torch.nn.Module) -> torch.device | None:
+    return next((p.device for name, p in model.named_parameters() if "lora_A" in name), None)
+
+
 def _free(device: str) -> None:
     import gc
 
@@ -313,7 +361,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", action="store_true", help="count recompilations when switching under torch.compile"
     )
-    parser.add_argument("--compile-size", type=int, default=None, help="image side for the compile check")
+    parser.add_argument("--compile-size", type=int, default=None, help="image side for the compile/offload checks")
+    parser.add_argument("--offload", action="store_true", help="check loading under enable_model_cpu_offload (cuda)")
     parser.add_argument("--lora-dir", type=Path, default=None, help="where the random LoRAs are written")
     args = parser.parse_args(argv)
     full = args.full_size
@@ -457,9 +506,11 @@ def main(argv: list[str] | None = None) -> None:
             overhead_vs_fresh={label: f"{(value / base - 1) * 100:+.1f}%" for label, value in timings.items()},
         )
 
+    del manager, pipe
+    _free(device)
+    if args.offload:
+        offload_check(args, clock, device, dtype)
     if args.compile:
-        del manager, pipe
-        _free(device)
         compile_check(args, clock, loras, device, dtype)
     emit(event="done")
 

@@ -165,7 +165,7 @@ def prepare_lora(pipe: Any, lora_file: LoraFile, label: str) -> PreparedLora:
             f"LoRA {label!r} holds tensors that are not LoRA weights: {', '.join(not_lora[:_MAX_EXAMPLES])}"
         )
 
-    # The loaders get peft-format keys ("<module path>.lora_A.weight"), the form checked here against the model.
+    # Checked in peft form ("<module path>.lora_A.weight"); handed to the loaders in the form each converts reliably.
     prepared = PreparedLora(format=lora_format, state_dict={}, network_alphas=network_alphas or None)
     problems: list[str] = []
     for component in COMPONENTS:
@@ -180,7 +180,7 @@ def prepare_lora(pipe: Any, lora_file: LoraFile, label: str) -> PreparedLora:
         peft_part = _to_peft_keys(part, component, model)
         layers, component_problems = _check_component(model, component, peft_part)
         prepared.layers[component] = layers
-        prepared.state_dict.update({prefix + key: value for key, value in peft_part.items()})
+        prepared.state_dict.update({prefix + key: value for key, value in _loader_keys(component, peft_part).items()})
         problems.extend(component_problems)
         component_metadata = {key: value for key, value in (lora_file.metadata or {}).items() if key.startswith(prefix)}
         if component_metadata and not prepared.network_alphas:
@@ -212,6 +212,21 @@ def _to_peft_keys(part: dict[str, torch.Tensor], component: str, model: torch.nn
     if not hasattr(model, "text_model"):  # transformers 5 flattens CLIPTextModel (no text_model. prefix)
         converted = {key.removeprefix("text_model."): value for key, value in converted.items()}
     return converted
+
+
+def _loader_keys(component: str, peft_part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys in the form diffusers' loader for ``component`` converts reliably.
+
+    The UNet loader takes peft keys as they are. The text-encoder loader always converts "to diffusers" and back
+    "to peft", guessing the format from q/k/v/out_proj keys; a LoRA adapting only the MLP (fc1/fc2) makes it fail.
+    Keys spelled ``.lora_linear_layer.down``/``.up`` are recognised on both legs whatever the layers.
+    """
+    if component == "unet":
+        return peft_part
+    return {
+        key.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up."): value
+        for key, value in peft_part.items()
+    }
 
 
 def _check_component(

@@ -240,10 +240,13 @@ class LoraManager:
             model = getattr(self.pipe, component, None)
             if model is None or adapter_name not in (getattr(model, "peft_config", None) or {}):
                 continue
-            if component == "unet":
-                model.delete_adapters([adapter_name])
-            else:
-                delete_adapter_layers(model, adapter_name)
+            with warnings.catch_warnings():
+                # peft announces which adapter it activates instead; the line below decides that.
+                warnings.filterwarnings("ignore", message=".*was active which is now deleted")
+                if component == "unet":
+                    model.delete_adapters([adapter_name])
+                else:
+                    delete_adapter_layers(model, adapter_name)
         # peft may make another adapter active when the active one is deleted: reassert the current choice.
         self._apply_active(self._current_weights)
 
