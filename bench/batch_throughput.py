@@ -12,7 +12,7 @@ overhead is the ratio of the median per-item times.
 GPU throughput: images/s of full-size SDXL (random weights, fp16) for the same lines at several batch sizes::
 
     python bench/batch_throughput.py --full-size --device cuda [--lines 100] [--batch-sizes 1,4,8]
-        [--size 1024 --steps 20] [--time-limit 95]
+        [--size 1024 --steps 20] [--time-limit 75]
 
 The pipeline is built on the GPU from ``model_build``'s shipped SDXL base config (bench/fullsize.py), saved as
 a converted folder with a manifest and loaded by the real ``Engine``, so the runner is measured exactly as it
@@ -216,18 +216,30 @@ def full_size(args: argparse.Namespace, workdir: Path) -> None:
             device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         )
 
-    # Are images the same whatever the batch size? (Within one batch size the runner pads every call to the same
-    # shape, which makes them independent of their batch mates; across batch sizes the kernels differ.)
+    # Alone vs inside a batch, at the same --batch-size: one line in a file of its own runs as a padded call.
+    largest = max(args.batch_sizes)
+    alone_source = workdir / "alone.jsonl"
+    alone_source.write_text(source.read_text().splitlines(keepends=True)[1])
+    alone_out = workdir / "out-alone"
+    run_shard(alone_source, alone_out, engine, largest)
+    (name,) = [path.name for path in (alone_out / "images").iterdir()]
+    alone, batched = (alone_out / "images" / name).read_bytes(), (outputs[largest] / "images" / name).read_bytes()
+    emit(
+        compare=f"alone (padded) vs in a batch, both at bs{largest}",
+        byte_identical=alone == batched,
+        max_pixel_difference=max_pixel_difference(alone, batched),
+    )
+
+    # Across batch sizes the kernels differ (other shapes), so images may differ by float rounding.
     first = args.batch_sizes[0]
     for other in args.batch_sizes[1:]:
         folders = (outputs[first] / "images", outputs[other] / "images")
         names = sorted({p.name for p in folders[0].iterdir()} & {p.name for p in folders[1].iterdir()})
         pairs = [((folders[0] / name).read_bytes(), (folders[1] / name).read_bytes()) for name in names]
-        identical = sum(a == b for a, b in pairs)
         emit(
             compare=f"bs{first} vs bs{other}",
             images=len(pairs),
-            byte_identical=identical,
+            byte_identical=sum(a == b for a, b in pairs),
             max_pixel_difference=max((max_pixel_difference(a, b) for a, b in pairs[:8]), default=None),
         )
 
@@ -246,7 +258,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--scheduler", default="Euler")
     parser.add_argument("--batch-sizes", default="1,4,8")
-    parser.add_argument("--time-limit", type=float, default=95.0, help="seconds per batch size (GPU mode)")
+    parser.add_argument("--time-limit", type=float, default=75.0, help="seconds per batch size (GPU mode)")
     parser.add_argument("--workdir", type=Path, help="default: a temporary folder, deleted afterwards")
     args = parser.parse_args()
     args.batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
