@@ -54,10 +54,11 @@ class LoraFile:
 
 @dataclass
 class PreparedLora:
-    """A LoRA converted to diffusers' keys and checked against one pipeline, ready for its loaders."""
+    """A LoRA converted, checked against one pipeline and cast to its dtypes, ready for diffusers' loaders."""
 
     format: str  # "kohya" or "diffusers"
-    state_dict: dict[str, torch.Tensor]  # keys prefixed "unet." / "text_encoder." / "text_encoder_2."
+    # "<component>.<module path>.lora_A.weight" (UNet) or "...lora_linear_layer.down.weight" (text encoders)
+    state_dict: dict[str, torch.Tensor]
     network_alphas: dict[str, float] | None
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # per component, prefixed keys
     layers: dict[str, int] = field(default_factory=dict)  # component -> number of layers it adapts
