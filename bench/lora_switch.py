@@ -1,18 +1,24 @@
 """LoRA benchmark: first load, cached switch, denoising overhead, bit-identity, and torch.compile behaviour.
 
-Prints one JSON object per line. Two scales:
+Prints one JSON object per line. Run:
 
-* dev (default): the tiny dev architecture on CPU, rank 4, a few seconds; checks the script's logic.
-* ``--full-size --device cuda``: SDXL base 1.0's architecture with random fp16 weights (no checkpoint
-  needed) and random rank-32 LoRAs of realistic size (attention, feed-forward and projections of
-  every transformer block plus both text encoders, ~230 MB each in fp16), saved as safetensors.
+* ``python bench/lora_switch.py`` (dev architecture on CPU, rank 4, under a minute): checks the logic.
+* ``python bench/lora_switch.py --full-size --device cuda --offload --compile`` (about 4 minutes on an
+  H100): SDXL base 1.0's architecture with random fp16 weights (bench/fullsize.py, no checkpoint) and
+  four random rank-32 LoRAs of realistic size (attention, feed-forward and projections of every
+  transformer block plus both text encoders' attention and MLP, ~218 MB each in fp16; three in
+  diffusers format, one in Kohya format), saved as safetensors.
+* ``python bench/lora_switch.py --full-size --device cpu --dtype fp16 --no-denoise`` (sanity of the
+  full-size load and switch path on CPU; slow).
 
-Measured through :class:`worker.loras.LoraManager`, the worker's own code path:
-first load (read + sha256, convert + check, peft injection), cached switch between LoRA sets,
-UNet denoising time with 0/1/3 active adapters and with one LoRA fused into the weights, that a
-job without LoRAs after LoRA jobs gives bit-identical latents, and (``--compile``) how many
-recompilations switching LoRAs causes under torch.compile, with plain ``set_adapters`` switching
-and with diffusers' LoRA hotswap (``enable_lora_hotswap`` + ``load_lora_weights(hotswap=True)``).
+Measured through :class:`worker.loras.LoraManager`, the worker's own code path: first load (read +
+sha256, convert + check, peft injection), cached switch between LoRA sets (target <= 0.2 s), UNet
+denoising time with 0/1/3 active adapters and with one LoRA fused into the weights, that a job
+without LoRAs after LoRA jobs gives bit-identical latents; ``--offload``: loading under
+``enable_model_cpu_offload`` keeps the hooks and exactness; ``--compile``: graphs compiled when
+switching LoRAs under torch.compile (regional, as ``compile_repeated_blocks``), with the worker's
+switching and with diffusers' LoRA hotswap (``enable_lora_hotswap`` + ``hotswap=True``), and whether
+dynamo hits its recompile limit (after which it silently runs that code eagerly).
 """
 
 from __future__ import annotations
@@ -52,51 +58,11 @@ class Clock:
 # -- a pipeline with random weights, from the shipped configs ---------------------------------------------------------
 
 
-def build_pipeline(config: str, device: str, dtype: torch.dtype, seed: int = 0, init: bool = True) -> Any:
-    """SDXL pipeline of architecture ``config`` with random weights, built without any checkpoint."""
-    from diffusers import StableDiffusionXLPipeline
-    from diffusers.schedulers import EulerDiscreteScheduler
-    from transformers import CLIPTokenizer
+def build_pipeline(config: str, device: str, dtype: torch.dtype) -> Any:
+    """SDXL pipeline of architecture ``config`` with random weights (bench/fullsize.py), no checkpoint needed."""
+    from bench.fullsize import build_random_pipeline
 
-    from model_build.architectures import empty_component, materialize
-
-    folder = materialize(config, Path(tempfile.mkdtemp(prefix="lora-bench-config-")))
-    generator = torch.Generator(device).manual_seed(seed)
-    components: dict[str, Any] = {}
-    previous = torch.get_default_dtype()
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        torch.set_default_dtype(dtype if name != "vae" else torch.float32)  # built on meta: no memory, no init cost
-        try:
-            module = empty_component(config, name)
-        finally:
-            torch.set_default_dtype(previous)
-        module = module.to_empty(device=device)
-        if init:  # without it the weights are whatever the memory held: fine for load/switch timings only
-            _random_init(module, generator)
-        with torch.no_grad():  # CLIP's position ids are a non-persistent buffer: on meta they hold nothing
-            for buffer_name, buffer in module.named_buffers():
-                if buffer_name.endswith("position_ids"):
-                    buffer.copy_(torch.arange(buffer.shape[-1], device=buffer.device).expand_as(buffer))
-        components[name] = module.eval().requires_grad_(False)
-    components["tokenizer"] = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    components["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
-    components["scheduler"] = EulerDiscreteScheduler.from_pretrained(folder / "scheduler")
-    pipe = StableDiffusionXLPipeline(**components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@torch.no_grad()
-def _random_init(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """Fan-in scaled normal weights, zero biases, unit norms: finite activations through the whole UNet."""
-    for name, parameter in module.named_parameters():
-        if parameter.ndim >= 2:
-            fan_in = parameter[0].numel()
-            parameter.normal_(0.0, fan_in**-0.5, generator=generator)
-        elif name.endswith("bias"):
-            parameter.zero_()
-        else:
-            parameter.fill_(1.0)
+    return build_random_pipeline(config, device=device, dtype=dtype)
 
 
 # -- LoRAs ------------------------------------------------------------------------------------------------------------
@@ -351,7 +317,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--switches", type=int, default=10, help="cached switches timed")
     parser.add_argument("--no-denoise", action="store_true", help="only load and switch timings")
     parser.add_argument("--dtype", choices=("auto", "fp16", "fp32"), default="auto", help="auto: fp16 on cuda")
-    parser.add_argument("--no-init", action="store_true", help="skip random init (with --no-denoise, saves time)")
     parser.add_argument(
         "--compile", action="store_true", help="count recompilations when switching under torch.compile"
     )
@@ -399,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     started = clock.now()
-    pipe = build_pipeline(args.config, device, dtype, init=not args.no_init)
+    pipe = build_pipeline(args.config, device, dtype)
     emit(event="pipeline", build_s=round(clock.now() - started, 2))
 
     started = clock.now()
