@@ -285,18 +285,27 @@ class ShardMetadata:
         self.lock = FileLock(str(self.path) + ".lock")
 
     def reconcile(self, done: Iterable[dict[str, Any]]) -> int:
-        """Make the file hold exactly the rows of ``done`` items (in its existing order); returns rows added."""
+        """Add the rows of ``done`` items the file lacks, drop torn lines, duplicates and rows of items no longer
+        done (a quarantined sidecar); returns how many rows were added.
+
+        Rows of items finished by another process after ``done`` was read are kept: an item is judged by its
+        sidecar at the moment of the check, under the file's lock, so a concurrent runner's appends survive.
+        """
         wanted: dict[str, dict[str, Any]] = {}
         for sidecar in done:
             for row in image_rows(sidecar):
                 wanted[row["file_name"]] = row
         with self.lock:
             rows, damaged = read_jsonl_tolerant(self.path)
-            kept, seen = [], set()
+            kept, seen, verdicts = [], set(), {}
             for row in rows:
-                name = row.get("file_name")
-                if name in wanted and name not in seen:
-                    kept.append(wanted[name])
+                name, item_id = row.get("file_name"), row.get("id")
+                if name in seen or not isinstance(item_id, str):
+                    continue
+                if name not in wanted and item_id not in verdicts:
+                    verdicts[item_id] = self.outputs.read_done(item_id, repair=False) is not None
+                if name in wanted or verdicts.get(item_id):
+                    kept.append(wanted.get(name, row))
                     seen.add(name)
             added = [row for name, row in wanted.items() if name not in seen]
             if damaged or added or len(kept) != len(rows):

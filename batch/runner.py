@@ -16,6 +16,7 @@ because the device is probably unusable.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -39,7 +40,7 @@ WRITE_QUEUE_CALLS = 2
 
 
 class RunAborted(Exception):
-    """The device looks unusable; stop and let the retry (a new pod, a new process) continue."""
+    """The device or the output folder looks unusable; stop and let the retry (a new pod, a new process) continue."""
 
 
 def is_fatal_device_error(error: BaseException) -> bool:
@@ -77,7 +78,7 @@ class ImageWriter:
 
     def submit(self, call: Call, results: list[GenerationResult], generation: dict[str, Any]) -> None:
         if self.error is not None:
-            raise RuntimeError(f"writing outputs failed: {self.error}") from self.error
+            raise RunAborted(f"writing outputs failed: {self.error}") from self.error
         self._queue.put((call, results, generation))
 
     def drop(self, job_id: str) -> None:
@@ -91,7 +92,7 @@ class ImageWriter:
         self._thread.join()
         self.encoder.close()
         if self.error is not None:
-            raise RuntimeError(f"writing outputs failed: {self.error}") from self.error
+            raise RunAborted(f"writing outputs failed: {self.error}") from self.error
 
     def _work(self) -> None:
         while (entry := self._queue.get()) is not None:
@@ -172,8 +173,11 @@ class LocalRunner:
                 for job in jobs:
                     self._plan(job)
                 self._flush()
-        finally:
-            writer.close()
+        except BaseException:
+            with contextlib.suppress(RunAborted):
+                writer.close()  # write what was made; the first error is the one to report
+            raise
+        writer.close()
 
     def _plan(self, job: Job) -> None:
         units = split_job(job)

@@ -76,6 +76,7 @@ class ShardSession:
         self.created = self.started = time.perf_counter()
         self.stopping = threading.Event()
         self.abort_code: int | None = None
+        self.abort_reason: str | None = None
         self.counters = Counters()
         self._lock = threading.Lock()
 
@@ -245,7 +246,7 @@ class ShardSession:
     def abort(self, exit_code: int, reason: str) -> None:
         """Stop handing out work (SIGTERM, a dead endpoint, a refused API key); the first reason's code wins."""
         if self.abort_code is None:
-            self.abort_code = exit_code
+            self.abort_code, self.abort_reason = exit_code, reason
             log.error("stopping: %s", reason)
         self.stopping.set()
 
@@ -290,6 +291,7 @@ class ShardSession:
             "items_per_s": round(counters.made / seconds, 4) if seconds > 0 else None,
             "images_per_s": round(counters.images / seconds, 4) if seconds > 0 else None,
             "exit_code": exit_code,
+            "stopped": self.abort_reason,
             **self.settings,
         }
         write_atomic(self.outputs.shard_summary_path(self.shard), json_bytes(summary), self.outputs.tmp)
@@ -308,6 +310,8 @@ def describe_summary(summary: dict[str, Any]) -> str:
         f"{summary['pipeline_calls']} pipeline calls, {summary['padded_images']} padding images); "
         f"exit code {summary['exit_code']}",
     ]
+    if summary.get("stopped"):
+        lines.append(f"stopped: {summary['stopped']}")
     if failed:
         lines.append("see errors/line-*.json in the output folder for each failed line")
     return "\n".join(lines)

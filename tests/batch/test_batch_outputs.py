@@ -151,6 +151,14 @@ def test_shard_metadata_is_rebuilt_from_sidecars_after_a_crash(tmp_path: Path) -
     assert [row["id"] for row in rows] == [job.id for job in jobs]
     assert set(rows[0]) == set(rows[2])  # one schema for every row (imagefolder)
 
+    # Another runner committed item 2 after this one listed the done items: its row survives a reconcile;
+    # item 1's sidecar is gone (quarantined), so its row goes.
+    image = sidecars[2]["images"][0]
+    image["size"] = 3
+    outputs.commit(jobs[2].id, [(image["file_name"], b"png")], sidecars[2])
+    assert metadata.reconcile(sidecars[:1]) == 0
+    assert [row["id"] for row in read_jsonl_tolerant(metadata.path)[0]] == [jobs[0].id, jobs[2].id]
+
 
 def test_planner_groups_same_shapes_pads_and_never_groups_sde(tmp_path: Path) -> None:
     base = {"height": 256, "width": 256, "num_inference_steps": 2}
