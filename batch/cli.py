@@ -56,6 +56,7 @@ def execute_run(
     batch_size: int = 1,
     deterministic: bool = True,
     encode_workers: int | None = None,
+    allow_model_change: bool = False,
     endpoint: str | None = None,
     concurrency: int = 4,
     retries: int = 5,
@@ -90,6 +91,9 @@ def execute_run(
             if engine is None:
                 engine = load_engine(model_dir, offload)
             settings["model"] = {"name": engine.model_name, "manifest_hash": engine.model_hash}
+            conflict = session.outputs.pin_model(settings["model"], allow_model_change)
+            if conflict:
+                raise UsageError(conflict)
             try:
                 LocalRunner(session, engine, batch_size, deterministic, encode_workers).run()
             except RunAborted as error:
@@ -140,6 +144,11 @@ def add_run_parser(commands: argparse._SubParsersAction) -> None:
         type=int,
         help="processes encoding images (default: 1 per 4 CPUs, 1-4); 0 encodes in the writer thread",
     )
+    run.add_argument(
+        "--allow-model-change",
+        action="store_true",
+        help="resume into a folder started with another model (its done items are kept as they are)",
+    )
     run.add_argument("--endpoint", help="send lines to a RunPod-style endpoint URL instead of a local model")
     run.add_argument("--concurrency", type=int, default=4, help="remote requests in flight (with --endpoint)")
     run.add_argument("--retries", type=int, default=5, help="retries per remote request (with --endpoint)")
@@ -169,6 +178,7 @@ def _run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         deterministic=args.deterministic,
         encode_workers=args.encode_workers,
+        allow_model_change=args.allow_model_change,
         endpoint=args.endpoint,
         concurrency=args.concurrency,
         retries=args.retries,

@@ -29,7 +29,7 @@ HASH_ID_LENGTH = 16
 # its Brownian-tree noise from one seed for the whole pipeline call, so an image depends on its batch mates.
 PER_CALL_NOISE_SCHEDULERS = ("DPM++ SDE", "DPM++ SDE Karras")
 
-InvalidKind = Literal["invalid_json", "invalid_id", "invalid_request", "duplicate_id", "torn_line"]
+InvalidKind = Literal["invalid_json", "invalid_id", "invalid_request", "duplicate_id", "torn_line", "changed_line"]
 
 
 @dataclass(frozen=True)

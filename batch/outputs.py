@@ -263,6 +263,25 @@ class OutputDir:
             )
             write_atomic(self.run_config, json_bytes(layout), self.tmp)
 
+    def pin_model(self, model: dict[str, Any], allow_change: bool = False) -> str | None:
+        """Record the model of the first local run; returns a message when this run's model differs."""
+        path = self.internal / "model.json"
+        if create_exclusive(path, json_bytes(model), self.tmp):
+            return None
+        try:
+            pinned = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            pinned = None
+        if pinned == model:
+            return None
+        if allow_change:
+            write_atomic(path, json_bytes(model), self.tmp)
+            return None
+        return (
+            f"{self.root} holds images of model {pinned}, this run loads {model}; "
+            "use another --out, or pass --allow-model-change to mix them"
+        )
+
     def read_layout(self) -> dict[str, Any] | None:
         try:
             value = json.loads(self.run_config.read_bytes())

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from batch.atomic import HOST, clean_temporary_files, write_atomic
 from batch.claims import DEFAULT_TTL_S, ClaimBook
 from batch.exit_codes import EXIT_INVALID_LINES, EXIT_OK, EXIT_RETRIABLE, EXIT_STOPPED
-from batch.jobs import InvalidKind, Job, Shard, load_shard
+from batch.jobs import InvalidKind, InvalidLine, Job, Shard, load_shard
 from batch.outputs import (
     OutputDir,
     ShardMetadata,
@@ -84,17 +84,30 @@ class ShardSession:
         clean_temporary_files(self.outputs.tmp)
         self.outputs.record_layout(options.source, self.shard)
         self.input = load_shard(options.source, self.shard)
-        self.jobs = self.input.jobs
-        for invalid in self.input.invalid:
-            self.outputs.write_invalid_line(invalid, options.source)
-        done = {}
-        for job in self.jobs:
+        done, self.jobs = {}, []
+        for job in self.input.jobs:
             sidecar = self.outputs.read_done(job.id)
+            if sidecar is not None and sidecar.get("request") != job.request.model_dump(mode="json"):
+                # An explicit id reused for another request: keeping the old images would be wrong, silently
+                # replacing them would break "a done item never changes". The user decides.
+                self.input.invalid.append(
+                    InvalidLine(
+                        job.line,
+                        "changed_line",
+                        f"id {job.id!r} was already made from a different request (see {job.id}.json); give the "
+                        "changed line a new id, or delete that sidecar to make it again",
+                        job.id,
+                    )
+                )
+                continue
+            self.jobs.append(job)
             if sidecar is not None:
                 done[job.id] = sidecar
                 self.outputs.clear_error(job.line)
             elif (self.outputs.read_error(job.line) or {}).get("kind") in INVALID_KINDS:
                 self.outputs.clear_error(job.line)  # the line was fixed since: it is remaining, not failed
+        for invalid in self.input.invalid:
+            self.outputs.write_invalid_line(invalid, options.source)
         self.counters.already_done = len(done)
         self._done_ids = set(done)
         self.metadata = ShardMetadata(self.outputs, self.shard)

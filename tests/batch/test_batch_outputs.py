@@ -189,3 +189,13 @@ def test_planner_groups_same_shapes_pads_and_never_groups_sde(tmp_path: Path) ->
     unpadded = Planner(4, pad=False, key_of=lambda unit: unit.request.height, window=2)
     calls = [call for job in jobs[:3] for unit in split_job(job) for call in unpadded.add(unit)]
     assert [len(call.units) for call in calls] == [3] and not calls[0].padding  # the window pushed a call out
+
+
+def test_an_output_folder_keeps_to_one_model(tmp_path: Path) -> None:
+    outputs = OutputDir(tmp_path / "out").create()
+    first, other = {"name": "a", "manifest_hash": "1"}, {"name": "b", "manifest_hash": "2"}
+    assert outputs.pin_model(first) is None
+    assert outputs.pin_model(first) is None
+    assert "--allow-model-change" in outputs.pin_model(other)
+    assert outputs.pin_model(other, allow_change=True) is None
+    assert outputs.pin_model(other) is None

@@ -263,3 +263,18 @@ def test_bad_lines_get_error_sidecars_and_the_run_goes_on(reference: Reference, 
     assert summary["made"] == 1 and summary["already_done"] == 3
     assert not (out / "errors" / "line-00000012.json").exists()
     assert len(sidecars(out)) == 4 and leftovers(out) == []
+
+
+def test_a_changed_line_under_a_used_id_is_refused_not_overwritten(engine, tmp_path: Path) -> None:
+    line = {"id": "cover", "prompt": "a harbour", "height": 256, "width": 256, "num_inference_steps": 1, "seed": 2}
+    source = write_jsonl(tmp_path / "jobs.jsonl", [line])
+    options = SessionOptions(source, tmp_path / "out", Shard(0, 1), progress=False)
+    with one_torch_thread():
+        assert execute_run(options, engine=engine)["exit_code"] == EXIT_OK
+    before = (tmp_path / "out" / "cover.json").read_bytes()
+    write_jsonl(source, [{**line, "prompt": "a harbour at night"}])
+    summary = execute_run(options, engine=engine)
+    assert summary["exit_code"] == EXIT_INVALID_LINES and summary["made"] == 0
+    error = read_json(tmp_path / "out" / "errors" / "line-00000001.json")
+    assert error["kind"] == "changed_line" and "new id" in error["error"]
+    assert (tmp_path / "out" / "cover.json").read_bytes() == before
