@@ -38,6 +38,16 @@ JOB = {"prompt": "a lighthouse at dawn", "height": 256, "width": 256, "num_infer
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_cpu_thread():
+    """The dev model's ops are tiny: one thread is as fast, and it stays fast on a busy machine, where two OpenMP
+    threads spin-wait for each other (measured here: 0.1 s vs 0.3-27 s per 64x64 run under load)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def load_pipeline(model_dir: Path):
     from diffusers import StableDiffusionXLPipeline
 
