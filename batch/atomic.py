@@ -48,8 +48,14 @@ def _write_fully(path: Path, data: bytes, durable: bool) -> None:
             os.fsync(handle.fileno())
 
 
-def write_atomic(path: Path, data: bytes, tmp_dir: Path, *, durable: bool = True) -> None:
-    """Create or replace ``path`` with ``data`` in one step (readers see the old file or the new one)."""
+def write_atomic(
+    path: Path, data: bytes, tmp_dir: Path, *, durable: bool = True, sync_folder: bool | None = None
+) -> None:
+    """Create or replace ``path`` with ``data`` in one step (readers see the old file or the new one).
+
+    ``sync_folder=False`` skips the folder fsync, for a caller that writes several files into one folder
+    and fsyncs it once afterwards.
+    """
     tmp = temporary_path(tmp_dir, path.name)
     try:
         _write_fully(tmp, data, durable)
@@ -57,7 +63,7 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path, *, durable: bool = True
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if durable:
+    if durable if sync_folder is None else sync_folder:
         fsync_dir(path.parent)
 
 

@@ -208,7 +208,9 @@ class OutputDir:
     def commit(self, item_id: str, images: list[tuple[str, bytes]], sidecar: dict[str, Any]) -> CommitResult:
         """Write the images, then the sidecar (exclusively). ``images``: (file_name, bytes) pairs."""
         for file_name, data in images:
-            write_atomic(self.root / file_name, data, self.tmp, durable=True)
+            write_atomic(self.root / file_name, data, self.tmp, durable=True, sync_folder=False)
+        if images:
+            fsync_dir(self.images)  # the images' names are durable before the sidecar that lists them appears
         created = create_exclusive(self.sidecar_path(item_id), json_bytes(sidecar), self.tmp)
         if created:
             return CommitResult(True, sidecar)

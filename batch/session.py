@@ -40,6 +40,7 @@ from batch.outputs import (
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0
+PROGRESS_LOG_S = 60.0
 INVALID_KINDS = set(typing.get_args(InvalidKind))
 
 
@@ -117,6 +118,7 @@ class ShardSession:
         self._deferred: list[Job] = []
         self.progress: tqdm | None = None  # started by the first pass, after the runner's set-up (model load)
         self._timer: threading.Timer | None = None
+        self._last_log = time.perf_counter()
 
     # -- handing out jobs -----------------------------------------------------------------------
 
@@ -148,8 +150,20 @@ class ShardSession:
         )
 
     def _advance(self) -> None:
-        if self.progress is not None:
-            self.progress.update(1)
+        if self.progress is None:
+            return
+        self.progress.update(1)
+        now = time.perf_counter()
+        if self.progress.disable and now - self._last_log >= PROGRESS_LOG_S:
+            # No bar (a pod's log, --no-progress): one line a minute with the same figures.
+            self._last_log = now
+            with self._lock:
+                finished = len(self._done_ids) + len(self.counters.failed_ids)
+                made = self.counters.made
+            rate = made / (now - self.started) if now > self.started else 0.0
+            left = len(self.jobs) - finished
+            eta = f"{left / rate / 60:.1f} min" if rate > 0 else "unknown"
+            log.info("shard %s: %d/%d items, %.3f items/s, ETA %s", self.shard, finished, len(self.jobs), rate, eta)
 
     def first_pass(self) -> Iterator[Job]:
         """The shard's unfinished jobs in line order, each claimed; those held by a live process are deferred."""
