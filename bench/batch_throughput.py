@@ -12,7 +12,7 @@ overhead is the ratio of the median per-item times.
 GPU throughput: images/s of full-size SDXL (random weights, fp16) for the same lines at several batch sizes::
 
     python bench/batch_throughput.py --full-size --device cuda [--lines 100] [--batch-sizes 1,4,8]
-        [--size 1024 --steps 20] [--time-limit 75]
+        [--size 1024 --steps 20] [--time-limit 55]
 
 The pipeline is built on the GPU from ``model_build``'s shipped SDXL base config (bench/fullsize.py), saved as
 a converted folder with a manifest and loaded by the real ``Engine``, so the runner is measured exactly as it
@@ -264,7 +264,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--scheduler", default="Euler")
     parser.add_argument("--batch-sizes", default="1,4,8")
-    parser.add_argument("--time-limit", type=float, default=75.0, help="seconds per batch size (GPU mode)")
+    parser.add_argument("--time-limit", type=float, default=55.0, help="seconds per batch size (GPU mode)")
     parser.add_argument("--workdir", type=Path, help="default: a temporary folder, deleted afterwards")
     args = parser.parse_args()
     args.batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
