@@ -15,6 +15,8 @@ ROOT = Path(__file__).parent
 DEV_CHECKPOINT = ROOT / "build" / "sdxl-dev.safetensors"
 DEV_MODEL = ROOT / "models" / "sdxl-dev"
 DEMO_OUT = ROOT / "outputs" / "demo"
+DEMO_JOBS = ROOT / "batch" / "examples" / "demo.jsonl"
+K8S_MANIFEST = ROOT / "batch" / "k8s" / "indexed-job.yaml"
 
 
 def install_runtime(session: nox.Session) -> None:
@@ -33,7 +35,7 @@ def make_dev_model(session: nox.Session) -> None:
 
 @nox.session
 def convert(session: nox.Session) -> None:
-    """Convert a checkpoint: nox -s convert -- SOURCE --output models/NAME [--dtype ..] [--force]."""
+    """Convert: nox -s convert -- SOURCE --output models/NAME [--dtype D] [--vae PATH] [--sha256 HEX] [--force]."""
     install_runtime(session)
     session.run("python", "-m", "model_build", "convert", *session.posargs)
 
@@ -44,6 +46,22 @@ def demo(session: nox.Session) -> None:
     install_runtime(session)
     make_dev_model(session)
     session.run("python", "-m", "worker.run_job", "test_input.json", "--out", str(DEMO_OUT), "--model", str(DEV_MODEL))
+    batch_out = DEMO_OUT / "batch"
+    session.run("python", "-m", "batch", "run", str(DEMO_JOBS), "--out", str(batch_out), "--model", str(DEV_MODEL))
+    session.run("python", "-m", "batch", "merge", str(batch_out))
+    session.log(f"images in {DEMO_OUT} (dev model: random weights, the images are noise)")
+
+
+@nox.session(default=False)
+def batch(session: nox.Session) -> None:
+    """JSONL batch: nox -s batch -- JOBS.jsonl --out DIR [--shard I/N] [--batch-size B] [--model DIR]."""
+    install_runtime(session)
+    args = list(session.posargs)
+    if not args:  # no arguments: the demo lines on the dev model
+        if not (DEV_MODEL / "manifest.json").exists():
+            make_dev_model(session)
+        args = [str(DEMO_JOBS), "--out", str(ROOT / "outputs" / "batch"), "--model", str(DEV_MODEL)]
+    session.run("python", "-m", "batch", "run", *args)
 
 
 @nox.session(default=False)
@@ -79,3 +97,16 @@ def lint(session: nox.Session) -> None:
     session.install("-r", "requirements-dev.txt")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("kubernetes-validate", "--strict", str(K8S_MANIFEST))
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """CPU benchmarks on the dev model (JSON lines); GPU ones: see bench/results/README.md."""
+    install_runtime(session)
+    if not (DEV_MODEL / "manifest.json").exists():
+        make_dev_model(session)
+    session.run("python", "bench/handler_overhead.py", "--model", str(DEV_MODEL), *session.posargs)
+    session.run("python", "bench/prompt_encode.py", "--model", str(DEV_MODEL))
+    session.run("python", "bench/batch_throughput.py", "--model", str(DEV_MODEL))
+    session.run("python", "bench/lora_switch.py")
