@@ -54,14 +54,16 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def batch(session: nox.Session) -> None:
-    """JSONL batch: nox -s batch -- JOBS.jsonl --out DIR [--shard I/N] [--batch-size B] [--model DIR]."""
+    """JSONL batch: nox -s batch -- [run] JOBS.jsonl --out DIR [--shard I/N] [--batch-size B], or status|merge DIR."""
     install_runtime(session)
     args = list(session.posargs)
     if not args:  # no arguments: the demo lines on the dev model
         if not (DEV_MODEL / "manifest.json").exists():
             make_dev_model(session)
-        args = [str(DEMO_JOBS), "--out", str(ROOT / "outputs" / "batch"), "--model", str(DEV_MODEL)]
-    session.run("python", "-m", "batch", "run", *args)
+        args = ["run", str(DEMO_JOBS), "--out", str(ROOT / "outputs" / "batch"), "--model", str(DEV_MODEL)]
+    if args[0] not in ("run", "status", "merge"):
+        args = ["run", *args]
+    session.run("python", "-m", "batch", *args)
 
 
 @nox.session(default=False)

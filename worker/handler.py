@@ -124,6 +124,9 @@ def _is_cuda_failure(error: BaseException) -> bool:
     )
 
 
+# The batch runner's remote mode tells retriable from final errors by these prefixes (RunPod's /runsync passes
+# only `error` through): "out of GPU memory", "CUDA error", "internal error", "worker has no model",
+# "worker failed to load". Keep them stable.
 def handler(job: dict[str, Any]) -> dict[str, Any]:
     job_id = str(job.get("id", "local"))
     try:

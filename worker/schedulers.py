@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import diffusers
-
 # canonical A1111-style name -> (diffusers class, config overrides)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "Euler": ("EulerDiscreteScheduler", {}),
@@ -80,6 +78,8 @@ def build_scheduler(name: str, model_scheduler_config: dict[str, Any]) -> Any:
     canonical = canonical_scheduler_name(name)
     if canonical is None:
         raise ValueError(f"unknown scheduler {name!r}; use one of: {', '.join(SCHEDULERS)}")
+    import diffusers  # here, not at the top: the schema imports this module, and diffusers costs seconds
+
     class_name, overrides = SCHEDULERS[canonical]
     scheduler_class = getattr(diffusers, class_name)
     return scheduler_class.from_config(dict(model_scheduler_config), **overrides)
