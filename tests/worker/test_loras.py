@@ -298,8 +298,18 @@ def test_unrequested_adapters_contribute_nothing(bare, managers, lora_dir: Path)
     manager.activate(request(("detail", 1.0), ("words", 1.0)))
     manager.activate(request(("style", 1.0)))
     assert torch.equal(latents(bare.pipe), style_alone) and not torch.equal(style_alone, bare.fresh)
+    manager.activate(request(("words", 1.0)))  # text encoders only: the UNet runs its original modules
+    assert peft_layers(bare.pipe.unet) == 0 and peft_layers(bare.pipe.text_encoder) > 0
     manager.deactivate()
     assert torch.equal(latents(bare.pipe), bare.fresh)
+    # Not just equal numbers: the very modules of a fresh pipeline (no peft wrapper left to cost time).
+    assert all(peft_layers(getattr(bare.pipe, name)) == 0 for name in ("unet", *TEXT_ENCODERS))
+
+
+def peft_layers(model: torch.nn.Module) -> int:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(isinstance(module, BaseTunerLayer) for module in model.modules())
 
 
 def test_cache_is_bounded_by_count_and_memory_and_evicts_least_recently_used(bare, managers, lora_dir: Path) -> None:
@@ -320,6 +330,7 @@ def test_cache_is_bounded_by_count_and_memory_and_evicts_least_recently_used(bar
     assert [entry["name"] for entry in manager.loaded()] == ["detail", "words"]
     manager.clear()
     assert manager.loaded() == [] and not getattr(bare.pipe.unet, "peft_config", None)
+    assert peft_layers(bare.pipe.unet) == 0
     assert torch.equal(latents(bare.pipe), bare.fresh)  # after loads and evictions, exactly the fresh model
 
     small = managers(lora_dir, cache_mb=max(sizes.values()) * 1.2)  # room for style or detail, not both
