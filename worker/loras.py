@@ -3,9 +3,9 @@
 Each LoRA file becomes one peft adapter in the UNet and/or text encoders, named from the file's
 identity (path, size, mtime, ...), so a changed file loads again under a new name. Adapters stay
 in the model after their job (an LRU bounded by count and parameter memory), which makes a repeat
-cost no disk read. Per job, each component runs exactly the requested adapters with their scales,
-and a component with none of them has its LoRA layers disabled: peft's disabled path is the base
-layer's forward alone, so a job without LoRAs is bit-identical to one on a fresh worker.
+cost no disk read. Per job, each adapted layer runs exactly the requested adapters with their
+scales, and a layer with none of them gets its original module back in place of the peft wrapper:
+a job without LoRAs runs the very modules of a fresh worker, bit-identical and at the same speed.
 
 A LoRA with scale 0 contributes nothing, so it is resolved (a typo is still an error) but never
 loaded. A LoRA that does not fit the model is refused before anything is injected
