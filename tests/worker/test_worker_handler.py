@@ -152,27 +152,23 @@ def worker_env(model_dir: Path) -> dict[str, str]:
     return {**env, "MODEL_DIR": str(model_dir), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
-def test_test_input_subprocess_exits_0_on_success_and_1_on_error(dev_model_dir: Path, tmp_path: Path) -> None:
-    good = json.dumps({"input": {**SMALL, "num_inference_steps": 1, "seed": 5}})
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", "--test_input", good],
-        cwd=tmp_path,
-        env=worker_env(dev_model_dir),
+def run_test_input(model_dir: Path, cwd: Path, job: dict) -> subprocess.CompletedProcess:
+    """``python -m worker --test_input JOB``, exactly as RunPod's SDK defines the local test."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker", "--test_input", json.dumps(job)],
+        cwd=cwd,
+        env=worker_env(model_dir),
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_test_input_subprocess_exits_0_on_success_and_1_on_error(dev_model_dir: Path, tmp_path: Path) -> None:
+    done = run_test_input(dev_model_dir, tmp_path, {"input": {**SMALL, "num_inference_steps": 1, "seed": 5}})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "completed successfully" in done.stdout + done.stderr
-    bad = json.dumps({"input": {"prompt": "x", "width": 100}})
-    failed = subprocess.run(
-        [sys.executable, "-m", "worker", "--test_input", bad],
-        cwd=tmp_path,
-        env=worker_env(dev_model_dir),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    failed = run_test_input(dev_model_dir, tmp_path, {"input": {"prompt": "x", "width": 100}})
     assert failed.returncode == 1 and "width" in failed.stdout + failed.stderr
 
 
