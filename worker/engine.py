@@ -135,10 +135,8 @@ class Engine:
         return plan
 
     def _lora_manager(self) -> Any:
-        try:
-            from worker.loras import LoraManager
-        except ImportError:
-            return None
+        from worker.loras import LoraManager  # imported here: worker.loras imports EngineError from this module
+
         return LoraManager(self.pipe, on_text_encoder_change=self.prompt_encoder.clear_cache)
 
     @property
@@ -157,10 +155,6 @@ class Engine:
             )
 
     def activate_loras(self, request: GenerationRequest) -> list[dict[str, Any]]:
-        if self.loras is None:
-            if request.loras:
-                raise EngineError("loras: LoRA support is not available in this build")
-            return []
         return self.loras.activate(request.loras)
 
     def encode(self, request: GenerationRequest) -> EncodedPrompts:
