@@ -321,6 +321,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--compile", action="store_true", help="count recompilations when switching under torch.compile"
     )
     parser.add_argument("--compile-size", type=int, default=None, help="image side for the compile/offload checks")
+    parser.add_argument("--diagnose-idle", action="store_true", help="where the no-LoRA time goes after LoRA jobs")
     parser.add_argument("--offload", action="store_true", help="check loading under enable_model_cpu_offload (cuda)")
     parser.add_argument("--lora-dir", type=Path, default=None, help="where the random LoRAs are written")
     args = parser.parse_args(argv)
@@ -435,6 +436,24 @@ def main(argv: list[str] | None = None) -> None:
             timings[label], latents = timed_denoise(clock, pipe, embeds, args.steps, args.size, args.repeats)
             if label.startswith("0 active"):
                 emit(event="bit_identity", no_lora_after_lora_jobs_equals_fresh=bit_equal(latents, fresh_latents))
+
+        if args.diagnose_idle:
+            # Where does the "0 active" time go? Count peft wrappers still reachable, time again, then unload all.
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            manager.activate(request())
+            reachable = sum(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules())
+            again, _ = timed_denoise(clock, pipe, embeds, args.steps, args.size, 3)
+            fresh_order, _ = timed_denoise(clock, pipe, embeds, args.steps, args.size, 3)
+            emit(
+                event="idle_diagnosis",
+                wrappers_reachable_in_unet=reachable,
+                zero_active_again_s=round(again, 3),
+                zero_active_third_s=round(fresh_order, 3),
+                hooks=sorted({type(m._forward_hooks).__name__ for m in pipe.unet.modules() if m._forward_hooks}),
+                forward_pre_hooks=sum(len(m._forward_pre_hooks) for m in pipe.unet.modules()),
+                forward_hooks=sum(len(m._forward_hooks) for m in pipe.unet.modules()),
+            )
 
         # Fused: a merged into the base weights (what fuse_lora costs and saves; the worker does not fuse,
         # since unfusing in fp16 does not restore the base weights bit for bit).
