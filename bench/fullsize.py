@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+from model_build.architectures import COMPONENTS
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from model_build.architectures import COMPONENTS
 from model_build.dev_model import DEV_MODEL_NOTICE
 from model_build.manifest import manifest_hash, verify
 from worker.device_policy import DevicePlan, plan_device
@@ -31,7 +32,6 @@ from worker.schema import MAX_SEED, GenerationRequest
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 class EngineError(Exception):
