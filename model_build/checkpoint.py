@@ -377,6 +377,16 @@ def _hints(component: str, missing: set[str], unknown: set[str]) -> str:
     return ""
 
 
+def _name_problems(missing: list[str], unknown: list[str], num_wanted: int) -> list[str]:
+    """The missing and unknown tensor names of one component, as message parts."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of {num_wanted} expected tensors missing ({shown_names(missing)})")
+    if unknown:
+        parts.append(f"{len(unknown)} unknown tensors ({shown_names(unknown)})")
+    return parts
+
+
 def account_for_tensors(
     path: Path, shapes: Mapping[str, tuple[int, ...]], config_name: str, vae_replaced: bool = False
 ) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...], tuple[str, ...]]:
@@ -412,11 +422,7 @@ def account_for_tensors(
                 + ")"
             )
             continue
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} of {len(wanted)} expected tensors missing ({shown_names(sorted(missing))})")
-        if unknown:
-            parts.append(f"{len(unknown)} unknown tensors ({shown_names(sorted(unknown))})")
+        parts = _name_problems(sorted(missing), sorted(unknown), len(wanted))
         if parts:
             problems.append(f"{component}: " + "; ".join(parts) + "." + _hints(component, missing, unknown))
     if stray:
@@ -575,11 +581,7 @@ def load_vae_file(path: Path, config_name: str) -> VaeFile:
     missing = sorted(set(wanted) - set(shapes))
     unknown = sorted(set(shapes) - set(wanted))
     wrong = sorted(key for key in set(shapes) & set(wanted) if shapes[key] != wanted[key])
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} of {len(wanted)} expected tensors missing ({shown_names(missing)})")
-    if unknown:
-        problems.append(f"{len(unknown)} unknown tensors ({shown_names(unknown)})")
+    problems = _name_problems(missing, unknown, len(wanted))
     if wrong:
         problems.append(
             f"{len(wrong)} with the wrong shape ("
