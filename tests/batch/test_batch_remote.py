@@ -3,14 +3,10 @@ real HTTP, the real handler and engine; the batch run starts before the server l
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from batch_testing import ENV, ROOT, SMALL, image_files, one_torch_thread, read_json, sidecars, stable, write_jsonl
+from batch_testing import SMALL, image_files, one_torch_thread, read_json, sidecars, stable, write_jsonl
 
 from batch.cli import execute_run
 from batch.exit_codes import EXIT_INVALID_LINES, EXIT_USAGE
@@ -25,37 +21,7 @@ def engine(dev_model_dir: Path):
     return Engine(dev_model_dir)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def worker_server(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The worker's local API server, starting (not yet listening) when the first test begins."""
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("worker") / "worker.log", "wb")  # noqa: SIM115 - closed below, after the process
-    process = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
-        cwd=ROOT,
-        env={**os.environ, **ENV, "MODEL_DIR": str(dev_model_dir), "UVICORN_LOG_LEVEL": "warning"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-
-
-def test_remote_mode_makes_the_same_outputs_as_a_local_run(worker_server: str, engine, tmp_path: Path) -> None:
+def test_remote_mode_makes_the_same_outputs_as_a_local_run(worker_api_server: str, engine, tmp_path: Path) -> None:
     lines = [
         {"prompt": "remote one", **SMALL},
         {"id": "remote-two", "prompt": "remote two", **SMALL, "seed": 11, "output_format": "jpeg"},
@@ -70,7 +36,7 @@ def test_remote_mode_makes_the_same_outputs_as_a_local_run(worker_server: str, e
 
     summary = execute_run(
         SessionOptions(source, remote_out, Shard(0, 1), progress=False),
-        endpoint=worker_server,
+        endpoint=worker_api_server,
         concurrency=3,
         retries=12,
         backoff_s=0.5,
@@ -103,11 +69,11 @@ def test_remote_mode_makes_the_same_outputs_as_a_local_run(worker_server: str, e
             assert [image["seed"] for image in item["images"]] == [image["seed"] for image in local[item_id]["images"]]
 
 
-def test_remote_mode_stops_at_once_when_the_endpoint_refuses(worker_server: str, tmp_path: Path) -> None:
+def test_remote_mode_stops_at_once_when_the_endpoint_refuses(worker_api_server: str, tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "jobs.jsonl", [{"prompt": f"p{n}", **SMALL} for n in range(3)])
     summary = execute_run(
         SessionOptions(source, tmp_path / "out", Shard(0, 1), progress=False),
-        endpoint=worker_server + "/v2/no-such-endpoint",  # 404 on /runsync: a wrong URL, not a busy server
+        endpoint=worker_api_server + "/v2/no-such-endpoint",  # 404 on /runsync: a wrong URL, not a busy server
         retries=12,
         backoff_s=0.5,
     )

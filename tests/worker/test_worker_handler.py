@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -172,45 +171,26 @@ def test_test_input_subprocess_exits_0_on_success_and_1_on_error(dev_model_dir: 
     assert failed.returncode == 1 and "width" in failed.stdout + failed.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def post(url: str, body: dict, timeout: float = 120) -> dict:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
 
-def test_local_api_server_runsync(dev_model_dir: Path, tmp_path: Path) -> None:
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
-        cwd=tmp_path,
-        env=worker_env(dev_model_dir),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/runsync"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                first = post(url, {"input": {**SMALL, "seed": 21, "output_format": "webp"}})
-                break
-            except OSError:
-                assert server.poll() is None, "the API server exited"
-                assert time.monotonic() < deadline, "the API server did not answer in time"
-                time.sleep(0.5)
-        second = post(url, {"input": {**SMALL, "seed": 21, "output_format": "webp"}})
-        assert first["status"] == "COMPLETED", first
-        image, _ = decode(first["output"]["images"][0])
-        assert image.format == "WEBP" and image.size == (256, 256)
-        assert first["output"]["images"] == second["output"]["images"]
-        bad = post(url, {"input": {"prompt": "x", "num_images": 0}})
-        assert "num_images" in json.dumps(bad)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+def test_local_api_server_runsync(worker_api_server: str) -> None:
+    url = f"{worker_api_server}/runsync"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            first = post(url, {"input": {**SMALL, "seed": 21, "output_format": "webp"}})
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the API server did not answer in time"
+            time.sleep(0.5)
+    second = post(url, {"input": {**SMALL, "seed": 21, "output_format": "webp"}})
+    assert first["status"] == "COMPLETED", first
+    image, _ = decode(first["output"]["images"][0])
+    assert image.format == "WEBP" and image.size == (256, 256)
+    assert first["output"]["images"] == second["output"]["images"]
+    bad = post(url, {"input": {"prompt": "x", "num_images": 0}})
+    assert "num_images" in json.dumps(bad)
