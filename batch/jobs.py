@@ -16,18 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from worker.schedulers import PER_CALL_NOISE_SCHEDULERS
+
 if TYPE_CHECKING:
     from worker.schema import GenerationRequest
 
-# worker.schema is imported where lines are parsed, not here: it pulls in diffusers (seconds), which `merge` and
-# the output-folder code do not need.
+# worker.schema is imported where lines are parsed, not here: `merge` and the output-folder code need no pydantic.
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ID_RULE = "1-128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
 HASH_ID_LENGTH = 16
-# Schedulers whose noise does not come from the per-image generators: diffusers' DPMSolverSDEScheduler draws
-# its Brownian-tree noise from one seed for the whole pipeline call, so an image depends on its batch mates.
-PER_CALL_NOISE_SCHEDULERS = ("DPM++ SDE", "DPM++ SDE Karras")
 
 InvalidKind = Literal["invalid_json", "invalid_id", "invalid_request", "duplicate_id", "torn_line", "changed_line"]
 

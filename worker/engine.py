@@ -204,8 +204,7 @@ class Engine:
             )
 
         cfg = first.guidance_scale > 1.0
-        scheduler_overrides = {"noise_sampler_seed": all_seeds[0]} if first.scheduler.startswith("DPM++ SDE") else {}
-        self.pipe.scheduler = build_scheduler(first.scheduler, {**self.scheduler_config, **scheduler_overrides})
+        self.pipe.scheduler = build_scheduler(first.scheduler, self.scheduler_config, noise_seed=all_seeds[0])
 
         callback = None
         if progress is not None:

@@ -57,6 +57,13 @@ _ALIASES: dict[str, str] = {
 }
 
 
+# Schedulers that draw their noise from one seed per pipeline call (diffusers' DPMSolverSDEScheduler and its
+# Brownian tree), not from the per-image generators: an image then depends on its batch mates.
+PER_CALL_NOISE_SCHEDULERS: tuple[str, ...] = tuple(
+    name for name, (class_name, _) in SCHEDULERS.items() if class_name == "DPMSolverSDEScheduler"
+)
+
+
 def _fold(name: str) -> str:
     return " ".join(name.replace("_", " ").split()).casefold()
 
@@ -73,8 +80,13 @@ def canonical_scheduler_name(name: str) -> str | None:
     return _LOOKUP.get(_fold(name)) if isinstance(name, str) else None
 
 
-def build_scheduler(name: str, model_scheduler_config: dict[str, Any]) -> Any:
-    """A new scheduler instance of ``name`` from the model's scheduler config."""
+def build_scheduler(name: str, model_scheduler_config: dict[str, Any], noise_seed: int | None = None) -> Any:
+    """A new scheduler instance of ``name`` from the model's scheduler config.
+
+    ``noise_seed`` seeds the per-call noise of :data:`PER_CALL_NOISE_SCHEDULERS` (otherwise drawn from torch's
+    global generator, so the same request would give another image each time); others take their noise from
+    the pipeline's generators and ignore it.
+    """
     canonical = canonical_scheduler_name(name)
     if canonical is None:
         raise ValueError(f"unknown scheduler {name!r}; use one of: {', '.join(SCHEDULERS)}")
@@ -82,4 +94,6 @@ def build_scheduler(name: str, model_scheduler_config: dict[str, Any]) -> Any:
 
     class_name, overrides = SCHEDULERS[canonical]
     scheduler_class = getattr(diffusers, class_name)
+    if canonical in PER_CALL_NOISE_SCHEDULERS and noise_seed is not None:
+        overrides = {**overrides, "noise_sampler_seed": noise_seed}
     return scheduler_class.from_config(dict(model_scheduler_config), **overrides)
