@@ -1,0 +1,171 @@
+"""One error contract for the worker, the batch runner and the converter.
+
+Every failure a caller can see is a :class:`WorkerError` of one *kind*. The kind decides three
+things once, here, instead of in every module that handles the error:
+
+- ``code``: the stable prefix of the message (``"invalid input: ..."``), which is all RunPod's
+  ``/runsync`` passes back to a client, so a remote caller can classify the error with
+  :func:`error_kind_of` without knowing this code base;
+- ``retriable``: whether another attempt (maybe on another worker) can succeed;
+- ``refresh_worker``: whether the worker process must be replaced after the job (a broken CUDA context).
+
+Messages say what is wrong and what to do, and never carry a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+def first_line(text: object, limit: int = 500) -> str:
+    """The first non-empty line of ``text`` (an exception or a string), at most ``limit`` characters."""
+    for line in str(text).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return ""
+
+
+class WorkerError(Exception):
+    """Base of every error a job, a batch line or a conversion reports to its caller."""
+
+    code: ClassVar[str] = "error"
+    retriable: ClassVar[bool] = False
+    refresh_worker: ClassVar[bool] = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}" if not self.message.startswith(self.code + ":") else self.message
+
+    def to_output(self) -> dict[str, Any]:
+        """The RunPod handler's return value for this error (``error`` is a string, as the SDK requires)."""
+        output: dict[str, Any] = {"error": str(self)}
+        if self.refresh_worker:
+            output["refresh_worker"] = True
+        return output
+
+
+class InvalidRequest(WorkerError):
+    """The request cannot run as asked (a field out of range, an option this model does not allow)."""
+
+    code = "invalid input"
+
+
+class ModelMissing(WorkerError):
+    """The worker has no usable model folder; another worker (or a fixed deployment) may have one."""
+
+    code = "worker has no model"
+    retriable = True
+
+
+class ModelLoadFailed(WorkerError):
+    """The model folder exists but could not be loaded."""
+
+    code = "worker failed to load the model"
+    retriable = True
+
+
+class LoraFailed(InvalidRequest):
+    """A LoRA the job names cannot be used (missing, a pickle, for another model, ...)."""
+
+    code = "lora"
+
+
+class ImageQualityFailed(WorkerError):
+    """The VAE produced NaN or an all-black image: an error, never an image."""
+
+    code = "image quality"
+
+
+class OutputTooLarge(InvalidRequest):
+    """The encoded images exceed the payload limit and cannot be uploaded."""
+
+    code = "output too large"
+
+
+class UploadFailed(WorkerError):
+    """Images could not be uploaded to the configured bucket (no silent base64 or local fallback)."""
+
+    code = "upload failed"
+    retriable = True
+
+
+class CudaFailed(WorkerError):
+    """A CUDA error other than out-of-memory: the context is unusable, the worker must be replaced."""
+
+    code = "CUDA error"
+    retriable = True
+    refresh_worker = True
+
+
+class OutOfMemory(WorkerError):
+    """The GPU (or host) ran out of memory for this job; a smaller job, or a fresh worker, may succeed."""
+
+    code = "out of GPU memory"
+    retriable = True
+    refresh_worker = True
+
+
+class InternalError(WorkerError):
+    """A bug or an unexpected failure; the message names the exception type."""
+
+    code = "internal error"
+    retriable = True
+
+
+class ConfigurationError(WorkerError):
+    """A setting (environment variable or command-line option) is invalid; nothing can run until it is fixed."""
+
+    code = "configuration"
+
+
+# Every kind, most specific first (error_kind_of matches prefixes in this order).
+ERROR_KINDS: tuple[type[WorkerError], ...] = (
+    LoraFailed,
+    OutputTooLarge,
+    InvalidRequest,
+    ModelMissing,
+    ModelLoadFailed,
+    ImageQualityFailed,
+    UploadFailed,
+    CudaFailed,
+    OutOfMemory,
+    InternalError,
+    ConfigurationError,
+)
+
+
+def error_kind_of(message: object) -> type[WorkerError] | None:
+    """The kind of an error message a worker sent back (``output["error"]``), or None when it is not ours.
+
+    The RunPod SDK reports an uncaught exception as a JSON object (error_type, error_message,
+    error_traceback); that is an internal error.
+    """
+    if isinstance(message, dict):
+        return InternalError
+    text = str(message).lstrip()
+    if text.startswith("{"):
+        return InternalError
+    for kind in ERROR_KINDS:
+        if text.startswith(kind.code + ":") or text.startswith(kind.code + " ("):
+            return kind
+    return None
+
+
+def from_exception(error: BaseException) -> WorkerError:
+    """Wrap any exception in its kind; CUDA failures are told apart by torch's types and messages.
+
+    torch is not imported here: an out-of-memory error is recognised by its class name, so this
+    module stays importable without torch.
+    """
+    if isinstance(error, WorkerError):
+        return error
+    name = type(error).__name__
+    text = first_line(error)
+    if name == "OutOfMemoryError" or isinstance(error, MemoryError):
+        return OutOfMemory(f"{text or name}; try a smaller size or num_images")
+    if isinstance(error, RuntimeError) and any(word in str(error) for word in ("CUDA", "cuDNN", "cuBLAS")):
+        return CudaFailed(text)
+    return InternalError(f"{name}: {text}" if text else name)

@@ -1,0 +1,81 @@
+"""What a generation produces, as types: encoded images and metadata with stable and volatile parts apart.
+
+``GenerationMetadata.stable`` is everything that follows from the request and the model (seeds,
+sizes, scheduler, prompt tokens, LoRAs, model hash): identical whichever process, machine or run
+made the image, so batch sidecars stay byte-stable. ``GenerationMetadata.volatile`` is what differs
+from run to run (timings, device, cache hits, how the images travelled). The worker's output
+``metadata`` is both merged, with the volatile keys at their documented places.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+IMAGE_FORMATS = ("png", "jpeg", "webp")
+MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """One finished image file: its bytes, format and the seed it was made with."""
+
+    data: bytes
+    format: str
+    seed: int
+
+    @property
+    def extension(self) -> str:
+        return EXTENSIONS[self.format]
+
+    @property
+    def mime_type(self) -> str:
+        return MIME_TYPES[self.format]
+
+    def data_uri(self) -> str:
+        return f"data:{self.mime_type};base64,{base64.b64encode(self.data).decode('ascii')}"
+
+    @property
+    def data_uri_length(self) -> int:
+        """Length of :meth:`data_uri` without building it (base64 makes 4 characters of every 3 bytes)."""
+        return len(f"data:{self.mime_type};base64,") + 4 * ((len(self.data) + 2) // 3)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds spent in each stage of one job (or one shared GPU call)."""
+
+    lora_s: float = 0.0
+    text_encoding_s: float = 0.0
+    denoising_s: float = 0.0
+    vae_decode_s: float = 0.0
+    refiner_s: float | None = None
+    image_encoding_s: float | None = None
+    total_s: float | None = None
+
+    def to_dict(self) -> dict[str, float]:
+        return {key: round(value, 4) for key, value in self.__dict__.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class GenerationMetadata:
+    """Metadata of one request's images."""
+
+    stable: dict[str, Any]
+    timings: Timings = field(default_factory=Timings)
+    volatile: dict[str, Any] = field(default_factory=dict)  # device, cache hits, returned_as, ...
+
+    def with_timings(self, **changes: float) -> GenerationMetadata:
+        return replace(self, timings=replace(self.timings, **changes))
+
+    def with_volatile(self, **changes: Any) -> GenerationMetadata:
+        return replace(self, volatile={**self.volatile, **changes})
+
+    def with_stable(self, **changes: Any) -> GenerationMetadata:
+        return replace(self, stable={**self.stable, **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The worker's ``metadata`` output: stable keys, then the volatile ones and ``timings``."""
+        return {**self.stable, **self.volatile, "timings": self.timings.to_dict()}

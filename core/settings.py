@@ -1,0 +1,180 @@
+"""Every environment variable the worker, the batch runner and the converter read: one typed object.
+
+:func:`load_settings` reads the environment once (the worker at start-up, the batch CLI at launch,
+tests with a dict of their own); nothing else in the code base calls ``os.environ.get``. Each field
+declares its variable, default and a one-line meaning, and the README's table of variables is
+checked against :data:`SETTINGS_FIELDS` by a test, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from core.errors import ConfigurationError
+
+VOLUME = Path("/runpod-volume")  # RunPod's network volume, mounted in every worker of an endpoint that has one
+VOLUME_MODELS = VOLUME / "models"
+BAKED_MODELS = Path("/models")  # models converted at image build time
+BAKED_LORAS = Path("/loras")
+OFFLOAD_MODES = ("auto", "none", "model", "sequential")
+
+
+def _text(raw: str) -> str:
+    return raw
+
+
+def _optional_text(raw: str) -> str | None:
+    return raw or None
+
+
+def _optional_path(raw: str) -> Path | None:
+    return Path(raw) if raw else None
+
+
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a finite number >= 0")
+    return value
+
+
+def _offload(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in OFFLOAD_MODES:
+        raise ValueError(f"use one of {', '.join(OFFLOAD_MODES)}")
+    return value
+
+
+def _paths(raw: str) -> tuple[Path, ...]:
+    return tuple(Path(part) for part in raw.split(os.pathsep) if part)
+
+
+def _setting(env: str, default: str, parse: Callable[[str], Any], doc: str) -> Any:
+    return field(default=parse(default), metadata={"env": env, "default": default, "parse": parse, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the environment asks of this process. Build it with :func:`load_settings`."""
+
+    # -- which model
+    model_dir: Path | None = _setting(
+        "MODEL_DIR", "", _optional_path, "converted model folder to serve (overrides MODEL_NAME and CHECKPOINT_PATH)"
+    )
+    model_name: str | None = _setting(
+        "MODEL_NAME", "", _optional_text, "folder name under /runpod-volume/models or the baked /models (default sdxl)"
+    )
+    checkpoint_path: Path | None = _setting(
+        "CHECKPOINT_PATH", "", _optional_path, "a .safetensors on the volume, converted on first start under a lock"
+    )
+    offload: str = _setting(
+        "OFFLOAD", "auto", _offload, "auto (all on the GPU when it fits), none, model or sequential CPU offload"
+    )
+    # -- LoRAs
+    lora_dirs: tuple[Path, ...] = _setting(
+        "LORA_DIR", "/runpod-volume/loras", _paths, "LoRA folder(s), separated by ':'; the baked /loras is added"
+    )
+    allow_lora_download: bool = _setting(
+        "ALLOW_LORA_DOWNLOAD", "0", _flag, "1 allows hf://owner/repo/file.safetensors@<commit> LoRA names"
+    )
+    lora_download_dir: Path | None = _setting(
+        "LORA_DOWNLOAD_DIR", "", _optional_path, "where hf:// LoRAs are cached (default: on the volume when present)"
+    )
+    lora_cache_size: int = _setting("LORA_CACHE_SIZE", "8", _positive_int, "LoRA adapters kept loaded between jobs")
+    lora_cache_mb: float = _setting("LORA_CACHE_MB", "2048", _positive_float, "memory those adapters may take, MiB")
+    # -- outputs
+    bucket_endpoint_url: str | None = _setting(
+        "BUCKET_ENDPOINT_URL", "", _optional_text, "S3 bucket URL: images are uploaded and URLs returned"
+    )
+    bucket_access_key_id: str | None = _setting(
+        "BUCKET_ACCESS_KEY_ID", "", _optional_text, "the bucket's access key (RunPod's rp_upload reads it)"
+    )
+    bucket_secret_access_key: str | None = _setting(
+        "BUCKET_SECRET_ACCESS_KEY", "", _optional_text, "the bucket's secret key (RunPod's rp_upload reads it)"
+    )
+    max_payload_bytes: int = _setting(
+        "MAX_PAYLOAD_BYTES", "10000000", _positive_int, "largest base64 result (RunPod's /run limit is 10 MB)"
+    )
+    max_job_pixels: int = _setting(
+        "MAX_JOB_PIXELS", "8388608", _positive_int, "width x height x num_images a job may ask for (8 x 1024²)"
+    )
+    # -- engine
+    prompt_encoder_cuda_graphs: bool = _setting(
+        "PROMPT_ENCODER_CUDA_GRAPHS", "1", _flag, "0 runs the text encoders eagerly instead of from CUDA graphs"
+    )
+    log_level: str = _setting("LOG_LEVEL", "INFO", _text, "Python logging level of the worker")
+    # -- batch and converter
+    runpod_api_key: str | None = _setting(
+        "RUNPOD_API_KEY", "", _optional_text, "API key for `batch run --endpoint` against RunPod's hosted API"
+    )
+    model_build_cache: Path | None = _setting(
+        "MODEL_BUILD_CACHE", "", _optional_path, "download cache of the converter (default ~/.cache/model_build)"
+    )
+    # -- set by RunPod, read only
+    runpod_pod_id: str | None = _setting(
+        "RUNPOD_POD_ID", "", _optional_text, "set by RunPod: progress updates are sent only there"
+    )
+
+    @property
+    def lora_roots(self) -> tuple[Path, ...]:
+        """The LoRA folders in search order, with the image's baked folder last."""
+        return self.lora_dirs if BAKED_LORAS in self.lora_dirs else (*self.lora_dirs, BAKED_LORAS)
+
+    @property
+    def bucket_configured(self) -> bool:
+        return bool(self.bucket_endpoint_url)
+
+    @property
+    def on_runpod(self) -> bool:
+        return bool(self.runpod_pod_id)
+
+
+SETTINGS_FIELDS = tuple(f for f in fields(Settings))
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read every setting from ``environ`` (default: the process environment); a bad value names the variable."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for spec in SETTINGS_FIELDS:
+        name = spec.metadata["env"]
+        raw = env.get(name)
+        if raw is None:
+            continue
+        try:
+            values[spec.name] = spec.metadata["parse"](raw)
+        except ValueError as error:
+            raise ConfigurationError(
+                f"{name}={raw!r} is invalid: {error} (default {spec.metadata['default']!r})"
+            ) from None
+    values.update(overrides)
+    return Settings(**values)
+
+
+def settings_table() -> str:
+    """The README's table of environment variables, generated from the fields."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for spec in SETTINGS_FIELDS:
+        default = spec.metadata["default"]
+        rows.append(f"| `{spec.metadata['env']}` | {f'`{default}`' if default else '—'} | {spec.metadata['doc']} |")
+    return "\n".join(rows)
