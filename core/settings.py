@@ -87,6 +87,15 @@ class Settings:
     checkpoint_path: Path | None = _setting(
         "CHECKPOINT_PATH", "", _optional_path, "a .safetensors on the volume, converted on first start under a lock"
     )
+    checkpoint: str | None = _setting(
+        "CHECKPOINT",
+        "",
+        _optional_text,
+        "volume path, hf://owner/repo/file@<commit> or https URL: downloaded to the volume, converted once",
+    )
+    checkpoint_sha256: str | None = _setting(
+        "CHECKPOINT_SHA256", "", _optional_text, "sha256 of CHECKPOINT (required for a URL), checked before converting"
+    )
     offload: str = _setting(
         "OFFLOAD", "auto", _offload, "auto (all on the GPU when it fits), none, model or sequential CPU offload"
     )

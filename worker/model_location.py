@@ -1,39 +1,359 @@
-"""Which converted folder the worker serves, and its conversion on first start.
+"""Which converted folder the worker serves, and how a network volume gets one on the first start.
 
-``MODEL_DIR`` names the folder. Without it: the network volume's ``/runpod-volume/models/<MODEL_NAME>``
-when present, else the folder baked into the image, ``/models/<MODEL_NAME>``. With
-``CHECKPOINT_PATH`` (a ``.safetensors`` on the network volume), the first worker to start converts
-it into the model folder under a file lock; the others wait and then load the finished folder.
+The folder, in order:
+
+1. ``MODEL_DIR``, as given;
+2. with ``CHECKPOINT`` (a path on the volume, ``hf://owner/repo/file@<commit>``, or an https URL with
+   ``CHECKPOINT_SHA256``) or the older ``CHECKPOINT_PATH`` (a path): ``/runpod-volume/models/<name>``,
+   where the first worker to start downloads the checkpoint into the volume's cache (resumable, with
+   progress in the log), converts it once, and every other worker waits for it and then loads it;
+3. ``/runpod-volume/models/<MODEL_NAME>`` when that folder exists (converted earlier);
+4. ``/models/<MODEL_NAME>``, the folder baked into the image at build time.
+
+``<name>`` is ``MODEL_NAME``, else the checkpoint's file name without ``.safetensors``, else ``sdxl``.
+
+Download and conversion run under one file lock beside the model folder, so workers starting at
+once download and convert once; the converter itself renames a finished, proven folder into place,
+so a failure (a full volume, a wrong sha256, a killed download) leaves no model folder, only a
+partial download in the cache that the next start resumes. The Hugging Face cache and the compile
+caches go to the volume too (:func:`volume_cache_environment`), so they survive the worker.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
-from collections.abc import Mapping
+import re
+import shutil
+import time
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
-VOLUME_MODELS = Path("/runpod-volume/models")
-BAKED_MODELS = Path("/models")
+from core.errors import ConfigurationError, ModelMissing
+from core.settings import BAKED_MODELS, VOLUME, Settings, load_settings
+
+log = logging.getLogger(__name__)
+
 DEFAULT_MODEL_NAME = "sdxl"
+LOCK_LOG_EVERY_S = 30.0  # how often a waiting worker says it is still waiting
+# errno values that mean "no room to write": a full disk, a quota, a file size limit.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# huggingface_hub errors that mean the hf:// name is wrong (or needs HF_TOKEN), not that the download failed.
+HUB_WRONG_NAME_ERRORS = frozenset(
+    {"GatedRepoError", "RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError", "HubNameError"}
+)
+_URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
-def resolve_model_dir(env: Mapping[str, str] = os.environ) -> Path:
-    if env.get("MODEL_DIR"):
-        return Path(env["MODEL_DIR"])
-    checkpoint = env.get("CHECKPOINT_PATH")
-    name = env.get("MODEL_NAME") or (Path(checkpoint).stem if checkpoint else DEFAULT_MODEL_NAME)
-    volume_dir = VOLUME_MODELS / name
-    if checkpoint or volume_dir.exists():
-        return volume_dir
-    return BAKED_MODELS / name
+@dataclass(frozen=True)
+class ModelPlan:
+    """Where the model folder is, and the checkpoint to convert into it first (None: serve it as it is)."""
+
+    model_dir: Path
+    source: str | None = None
+    sha256: str | None = None
+    cache_dir: Path | None = None  # download cache for a remote source
 
 
-def prepare_model_dir(env: Mapping[str, str] = os.environ) -> Path:
-    """The model folder to load, converting ``CHECKPOINT_PATH`` into it first if needed (once, locked)."""
-    model_dir = resolve_model_dir(env)
-    checkpoint = env.get("CHECKPOINT_PATH")
-    if checkpoint:
-        from model_build.convert import ensure_converted
+def _is_remote(source: str) -> bool:
+    return bool(_URL_SCHEME.match(source))
 
-        ensure_converted(Path(checkpoint), model_dir)
-    return model_dir
+
+def source_model_name(source: str) -> str:
+    """The model folder name a checkpoint source gives: its file name without the extension, filesystem-safe."""
+    if source.startswith("hf://"):
+        path = source.removeprefix("hf://").rpartition("@")[0] or source.removeprefix("hf://")
+    elif _is_remote(source):
+        path = unquote(urlsplit(source).path)
+    else:
+        path = source
+    stem = Path(path.rstrip("/")).name.removesuffix(".safetensors")
+    return re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip(".") or DEFAULT_MODEL_NAME
+
+
+def _checkpoint_source(settings: Settings) -> str | None:
+    """CHECKPOINT, or CHECKPOINT_PATH (the older, path-only name); both set must agree."""
+    path = str(settings.checkpoint_path) if settings.checkpoint_path else None
+    source = settings.checkpoint or None
+    if source and path and source != path:
+        raise ConfigurationError(
+            f"CHECKPOINT={source!r} and CHECKPOINT_PATH={path!r} name different checkpoints; "
+            "set only CHECKPOINT (CHECKPOINT_PATH is its older name)"
+        )
+    return source or path
+
+
+def plan_model(settings: Settings, volume: Path = VOLUME, baked: Path = BAKED_MODELS) -> ModelPlan:
+    """Decide the model folder from the settings, without touching the network or converting anything."""
+    source = _checkpoint_source(settings)
+    sha256 = settings.checkpoint_sha256 or None
+    if sha256 and not source:
+        raise ConfigurationError("CHECKPOINT_SHA256 is set but CHECKPOINT is not; set CHECKPOINT to the file it pins")
+    if source and _is_remote(source) and not source.startswith("hf://") and not sha256:
+        raise ConfigurationError(
+            f"CHECKPOINT={_shown(source)} is a URL without CHECKPOINT_SHA256; a URL can serve other bytes tomorrow, "
+            "so set CHECKPOINT_SHA256 to the file's sha256 (sha256sum prints it)"
+        )
+    name = settings.model_name or (source_model_name(source) if source else DEFAULT_MODEL_NAME)
+    volume_models = volume / "models"
+    cache_dir = settings.model_build_cache or volume / "cache" / "model_build"
+    if settings.model_dir is not None:
+        return ModelPlan(settings.model_dir, source, sha256, cache_dir if source else None)
+    if source:
+        if not volume.is_dir():
+            raise ConfigurationError(
+                f"CHECKPOINT={_shown(source)} is converted onto the network volume, but none is mounted at {volume}. "
+                "Attach a network volume to the endpoint, bake the model into the image "
+                "(--build-arg CHECKPOINT=...), or set MODEL_DIR to a writable folder to convert into"
+            )
+        return ModelPlan(volume_models / name, source, sha256, cache_dir)
+    if (volume_models / name).exists():
+        return ModelPlan(volume_models / name)
+    return ModelPlan(baked / name)
+
+
+def resolve_model_dir(settings: Settings | None = None, volume: Path = VOLUME, baked: Path = BAKED_MODELS) -> Path:
+    """The folder the worker will serve (converting nothing)."""
+    return plan_model(settings or load_settings(), volume, baked).model_dir
+
+
+def prepare_model_dir(settings: Settings | None = None, volume: Path = VOLUME, baked: Path = BAKED_MODELS) -> Path:
+    """The model folder to load; with a checkpoint configured, download and convert it first (once, locked).
+
+    ``settings`` defaults to the process environment's, for callers that have not built one yet.
+    Raises :class:`ModelMissing` when the download or the volume failed (a later start can succeed)
+    and :class:`ConfigurationError` when the settings name something that cannot work.
+    """
+    plan = plan_model(settings or load_settings(), volume, baked)
+    if plan.source is None:
+        return plan.model_dir
+    if converted_from(plan):
+        log.info("model %s is converted from %s", plan.model_dir, _shown(plan.source))
+        return plan.model_dir
+    try:
+        with _model_lock(plan.model_dir):
+            if not converted_from(plan):  # else another worker finished it while this one waited
+                _fetch_and_convert(plan)
+    except OSError as error:
+        raise _storage_error(plan, error) from None
+    return plan.model_dir
+
+
+def _pin(plan: ModelPlan) -> str | None:
+    return plan.sha256.strip().lower().removeprefix("sha256:") if plan.sha256 else None
+
+
+def converted_from(plan: ModelPlan) -> bool:
+    """True when the folder holds a complete conversion of this very source, told without downloading or hashing.
+
+    The manifest records the source's name (the hf:// URI, or the URL without its query string),
+    size, modification time and sha256. A remote source is the same when its name (and the pin, if
+    any) match; a local file when its size and modification time match, as make and rsync decide, so
+    a restarted worker reads neither the network nor 7 GB off the volume.
+    """
+    from model_build.convert import CONVERTER_VERSION
+    from model_build.manifest import MANIFEST_NAME, ModelFolderError, verify
+    from model_build.source import display_url
+
+    if plan.source is None or not (plan.model_dir / MANIFEST_NAME).is_file():
+        return False
+    try:
+        manifest = verify(plan.model_dir, full=False)
+    except ModelFolderError:
+        return False  # damaged: the conversion replaces it
+    recorded = manifest.get("source") or {}
+    if plan.source.startswith("hf://"):
+        same_file = recorded.get("name") == plan.source
+    elif _is_remote(plan.source):
+        same_file = recorded.get("name") == display_url(plan.source)
+    else:
+        try:
+            stat = Path(plan.source).stat()
+        except OSError:
+            return False
+        same_file = (recorded.get("size"), recorded.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns)
+    pin = _pin(plan)
+    return (
+        same_file
+        and (pin is None or recorded.get("sha256") == pin)
+        and manifest.get("converter_version") == CONVERTER_VERSION
+        and manifest.get("dtype") == "fp16"
+        and not manifest.get("vae")
+    )
+
+
+def _fetch_and_convert(plan: ModelPlan) -> None:
+    """Download (resumable) and convert; every failure becomes ModelMissing or ConfigurationError."""
+    from model_build.convert import convert
+    from model_build.errors import ConversionError
+    from model_build.manifest import sha256_file
+    from model_build.source import fetch
+
+    assert plan.source is not None
+    remote = _is_remote(plan.source)
+    if not remote and not Path(plan.source).is_file():
+        raise ConfigurationError(
+            f"{_setting_name(plan)}: no such file. Copy the checkpoint there (e.g. with a pod that mounts the "
+            "network volume), or fix CHECKPOINT"
+        )
+    started = time.perf_counter()
+    if remote:
+        log.info("downloading %s into %s (a partial download is resumed)", _shown(plan.source), plan.cache_dir)
+    try:
+        fetched = fetch(plan.source, None, plan.cache_dir)
+    except ConversionError as error:
+        if _no_space(error):
+            raise _storage_error(plan, _no_space(error)) from None
+        kind = ModelMissing if _transient(error) else ConfigurationError
+        raise kind(
+            f"{_setting_name(plan)}: {_message(error)}. Nothing was written to {plan.model_dir}; an interrupted "
+            "download is resumed by the next worker start, anything else needs CHECKPOINT fixed"
+        ) from None
+    if remote:
+        size = fetched.path.stat().st_size
+        log.info("downloaded %s: %.2f GB in %.0f s", fetched.name, size / 1e9, time.perf_counter() - started)
+    actual = None
+    pin = _pin(plan)
+    if pin is not None:
+        actual = sha256_file(fetched.path)
+        if actual != pin:
+            removed = ""
+            if fetched.origin == "url":  # our own download cache: drop the wrong bytes, the next start fetches anew
+                shutil.rmtree(fetched.path.parent, ignore_errors=True)
+                removed = " The downloaded copy was deleted."
+            raise ConfigurationError(
+                f"{_setting_name(plan)}: the file's sha256 is {actual}, but CHECKPOINT_SHA256 is {pin}: this is not "
+                f"the file you pinned (another version, or a corrupt copy).{removed} Fix CHECKPOINT or "
+                f"CHECKPOINT_SHA256; nothing was written to {plan.model_dir}"
+            )
+    try:
+        result = convert(
+            fetched.path,
+            plan.model_dir,
+            source_name=fetched.name,
+            source_sha256=actual,
+            lock_timeout=None,  # this process holds the model lock: nobody else converts into this folder
+            replace_outdated=True,
+        )
+    except ConversionError as error:
+        if _no_space(error):
+            raise _storage_error(plan, _no_space(error)) from None
+        raise ConfigurationError(
+            f"{_setting_name(plan)} cannot be served: {_message(error)}. Nothing was written to {plan.model_dir}"
+        ) from None
+    log.info("%s", result.message)
+
+
+@contextmanager
+def _model_lock(model_dir: Path) -> Iterator[None]:
+    """``NAME.prepare.lock`` beside the model folder: one worker downloads and converts, the others wait."""
+    from filelock import FileLock, Timeout
+
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = model_dir.with_name(model_dir.name + ".prepare.lock")
+    lock = FileLock(str(path))
+    waited = time.perf_counter()
+    while True:
+        try:
+            lock.acquire(timeout=LOCK_LOG_EVERY_S)
+            break
+        except Timeout:
+            log.info(
+                "another worker is downloading or converting %s; waiting (%.0f s so far, lock %s)",
+                model_dir,
+                time.perf_counter() - waited,
+                path,
+            )
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def volume_cache_environment(volume: Path = VOLUME) -> dict[str, str]:
+    """Cache locations on the network volume, so downloads and compiled kernels outlive the worker.
+
+    Applied with ``setdefault``: a variable the endpoint sets itself wins. ``HF_HOME`` takes effect
+    only if set before huggingface_hub is imported; torch reads its cache variables when it compiles.
+    """
+    caches = volume / "cache"
+    return {
+        "HF_HOME": str(caches / "huggingface"),
+        "TORCHINDUCTOR_CACHE_DIR": str(caches / "torchinductor"),
+        "TRITON_CACHE_DIR": str(caches / "triton"),
+    }
+
+
+def apply_volume_caches(environ: MutableMapping[str, str] | None = None, volume: Path = VOLUME) -> dict[str, str]:
+    """Point the caches at the volume when one is mounted; returns what was set (call before heavy imports)."""
+    target = os.environ if environ is None else environ
+    if not volume.is_dir():
+        return {}
+    applied = {}
+    for variable, value in volume_cache_environment(volume).items():
+        if variable not in target:
+            target[variable] = applied[variable] = value
+    return applied
+
+
+def _no_space(error: BaseException) -> OSError | None:
+    """The OSError in the exception's chain that means "no room to write", if any."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in NO_SPACE_ERRNOS:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _transient(error: BaseException) -> bool:
+    """A download that failed on the way (network, server, a cut-off transfer), not a wrong name.
+
+    Told by the cause's type: an HTTP 4xx or a Hub "not found / gated" error means the source is wrong;
+    anything else (connection errors, 5xx, a short read) can succeed on the next start.
+    """
+    import urllib.error
+
+    cause = error.__cause__
+    if isinstance(cause, urllib.error.HTTPError):
+        return cause.code >= 500 or cause.code in (408, 429)
+    return type(cause).__name__ not in HUB_WRONG_NAME_ERRORS
+
+
+def _storage_error(plan: ModelPlan, error: OSError) -> ModelMissing | ConfigurationError:
+    where = plan.model_dir.parent
+    if error.errno in NO_SPACE_ERRNOS:
+        return ModelMissing(
+            f"no space left to download and convert {_setting_name(plan)} into {where} ({os.strerror(error.errno)}). "
+            "An SDXL checkpoint needs about 7 GB for the download and 7 GB for the converted fp16 folder; "
+            f"free space or enlarge the network volume, then restart the worker. Nothing was left in {plan.model_dir}"
+            f"; a partial download in {plan.cache_dir} is resumed by the next start (delete it to free its space)"
+        )
+    return ConfigurationError(
+        f"cannot write the model for {_setting_name(plan)} into {where}: {os.strerror(error.errno or 0)} "
+        f"({error.filename or where}); make the network volume writable or set MODEL_DIR to a writable folder"
+    )
+
+
+def _setting_name(plan: ModelPlan) -> str:
+    return f"CHECKPOINT={_shown(plan.source or '')}"
+
+
+def _shown(source: str) -> str:
+    """The source without a URL's credentials or query string (download tokens live there)."""
+    if _is_remote(source) and not source.startswith("hf://"):
+        from model_build.source import display_url
+
+        return display_url(source)
+    return source
+
+
+def _message(error: BaseException) -> str:
+    """The error's own message, without a kind prefix (this module adds its own)."""
+    return str(getattr(error, "message", None) or error).rstrip(".")

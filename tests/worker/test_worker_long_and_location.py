@@ -1,4 +1,4 @@
-"""A 1,000-token prompt through the handler and the batch runner; model location and first-start conversion."""
+"""A 1,000-token prompt through the handler and the batch runner (model location: test_model_location.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import json
 from pathlib import Path
 
 from batch.cli import main as batch_main
-from model_build.manifest import verify
 from worker.handler import STATE, handler, start_engine
-from worker.model_location import prepare_model_dir, resolve_model_dir
 
 SENTENCE = "a castle on a hill, golden light over the valley, (tall towers:1.2), [mist], river and bridges"
 WORDS = SENTENCE.split(" ")
@@ -41,21 +39,3 @@ def test_thousand_token_prompt_in_the_batch_runner(dev_model_dir: Path, tmp_path
     assert (out / "images" / "long-0.png").stat().st_size > 0
     assert sidecar["id"] == "long" and sidecar["request"]["prompt"] == line["prompt"]
     assert sidecar["metadata"]["prompt"]["num_chunks"] >= 13
-
-
-def test_model_dir_defaults(tmp_path: Path) -> None:
-    assert resolve_model_dir({"MODEL_DIR": str(tmp_path / "m")}) == tmp_path / "m"
-    assert resolve_model_dir({"MODEL_NAME": "base"}) in (Path("/runpod-volume/models/base"), Path("/models/base"))
-    assert resolve_model_dir({"CHECKPOINT_PATH": "/runpod-volume/ckpt/my-model.safetensors"}) == Path(
-        "/runpod-volume/models/my-model"
-    )
-
-
-def test_checkpoint_on_the_volume_is_converted_on_first_start_once(dev_checkpoint: Path, tmp_path: Path) -> None:
-    env = {"CHECKPOINT_PATH": str(dev_checkpoint), "MODEL_DIR": str(tmp_path / "models" / "dev")}
-    model_dir = prepare_model_dir(env)
-    manifest = verify(model_dir, full=True)
-    assert model_dir == tmp_path / "models" / "dev" and manifest["dev_model"]
-    before = (model_dir / "manifest.json").stat().st_mtime_ns
-    assert prepare_model_dir(env) == model_dir  # the second start finds it done
-    assert (model_dir / "manifest.json").stat().st_mtime_ns == before
