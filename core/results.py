@@ -10,7 +10,8 @@ from run to run (timings, device, cache hits, how the images travelled). The wor
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 IMAGE_FORMATS = ("png", "jpeg", "webp")
@@ -59,13 +60,47 @@ class Timings:
         return {key: round(value, 4) for key, value in self.__dict__.items() if value is not None}
 
 
+# Every volatile key, as it appears at the top level of the worker's output ``metadata`` (see ``to_dict``). Declared
+# here so a reader of that plain dict (the batch runner's remote mode) splits it exactly as the worker built it.
+VOLATILE_KEYS = frozenset({"device", "cache", "returned_as"})
+TIMINGS_KEY = "timings"
+
+
 @dataclass(frozen=True)
 class GenerationMetadata:
     """Metadata of one request's images."""
 
     stable: dict[str, Any]
     timings: Timings = field(default_factory=Timings)
-    volatile: dict[str, Any] = field(default_factory=dict)  # device, cache hits, returned_as, ...
+    volatile: dict[str, Any] = field(default_factory=dict)  # keys from VOLATILE_KEYS: device, cache hits, returned_as
+
+    def __post_init__(self) -> None:
+        undeclared = set(self.volatile) - VOLATILE_KEYS
+        if undeclared:
+            raise ValueError(f"volatile metadata keys {sorted(undeclared)} are not in core.results.VOLATILE_KEYS")
+        misplaced = set(self.stable) & (VOLATILE_KEYS | {TIMINGS_KEY})
+        if misplaced:
+            raise ValueError(f"stable metadata must not hold the volatile keys {sorted(misplaced)}")
+
+    @classmethod
+    def from_output_dict(cls, metadata: Mapping[str, Any]) -> GenerationMetadata:
+        """The inverse of :meth:`to_dict`: a worker output's ``metadata`` split back into its three parts.
+
+        Timings a newer worker reports that :class:`Timings` does not know are dropped, never put among the
+        stable keys.
+        """
+        known = {spec.name for spec in fields(Timings)}
+        raw_timings = metadata.get(TIMINGS_KEY)
+        timings = {
+            key: value
+            for key, value in (raw_timings.items() if isinstance(raw_timings, Mapping) else ())
+            if key in known and isinstance(value, int | float)
+        }
+        return cls(
+            stable={key: value for key, value in metadata.items() if key not in VOLATILE_KEYS and key != TIMINGS_KEY},
+            timings=Timings(**timings),
+            volatile={key: value for key, value in metadata.items() if key in VOLATILE_KEYS},
+        )
 
     def with_timings(self, **changes: float) -> GenerationMetadata:
         return replace(self, timings=replace(self.timings, **changes))
@@ -78,4 +113,4 @@ class GenerationMetadata:
 
     def to_dict(self) -> dict[str, Any]:
         """The worker's ``metadata`` output: stable keys, then the volatile ones and ``timings``."""
-        return {**self.stable, **self.volatile, "timings": self.timings.to_dict()}
+        return {**self.stable, **self.volatile, TIMINGS_KEY: self.timings.to_dict()}

@@ -96,6 +96,15 @@ class Settings:
     checkpoint_sha256: str | None = _setting(
         "CHECKPOINT_SHA256", "", _optional_text, "sha256 of CHECKPOINT (required for a URL), checked before converting"
     )
+    refiner_dir: Path | None = _setting(
+        "REFINER_DIR",
+        "",
+        _optional_path,
+        "converted SDXL refiner folder: text-to-image jobs are refined, as officially",
+    )
+    refiner_name: str | None = _setting(
+        "REFINER_NAME", "", _optional_text, "refiner folder name under /runpod-volume/models or the baked /models"
+    )
     offload: str = _setting(
         "OFFLOAD", "auto", _offload, "auto (all on the GPU when it fits), none, model or sequential CPU offload"
     )

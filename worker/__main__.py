@@ -7,17 +7,25 @@ job and exits, ``--rp_serve_api --rp_api_port 8000`` serves /runsync, /run and /
 from __future__ import annotations
 
 import logging
-import os
+import sys
 
 import runpod
 
-from worker.handler import handler, start_engine
+from core.errors import ConfigurationError
+from core.settings import load_settings
+from worker.handler import Worker
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(message)s")
-    start_engine()
-    runpod.serverless.start({"handler": handler})
+    try:
+        settings = load_settings()
+    except ConfigurationError as error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    worker = Worker(settings)
+    worker.start()
+    runpod.serverless.start({"handler": worker.handle})
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """The generation engine shared by the RunPod handler and the batch runner.
 
-request (validated) -> prompt embeddings -> latents -> decoded images, with per-image seeds and
-metadata. The pipeline is loaded once, from a converted Diffusers folder only (``from_pretrained``;
-never a single file, never the Hub), after the folder has been checked against its manifest.
+request (validated) -> prompt embeddings -> latents (base, optionally refined) -> decoded images,
+with per-image seeds and typed metadata. Pipelines are loaded once, from converted Diffusers folders
+only (``from_pretrained``; never a single file, never the Hub), after each folder has been checked
+against its manifest. An optional refiner folder runs the official worker's ensemble of experts; img2img
+runs on the base model's own components (no second copy in memory) unless a request asks for the refiner.
 
 Nothing one job does can change the next: every job gets a fresh scheduler built from the
 model's scheduler config, its own generators, and exactly the LoRAs it asks for.
@@ -10,36 +12,36 @@ model's scheduler config, its own generators, and exactly the LoRAs it asks for.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from core.errors import ImageQualityFailed, InternalError, InvalidRequest, ModelLoadFailed
+from core.results import GenerationMetadata, Timings
+from core.settings import Settings, load_settings
 from model_build.architectures import COMPONENTS
 from model_build.dev_model import DEV_MODEL_NOTICE
 from model_build.manifest import manifest_hash, verify
 from worker.device_policy import DevicePlan, plan_device
+from worker.input_images import load_input_image
 from worker.prompts import EncodedPrompts, PromptEncoder
 from worker.schedulers import build_scheduler
-from worker.schema import MAX_SEED, GenerationRequest
+from worker.schema import MAX_SEED, MIN_SIDE, SIDE_MULTIPLE, GenerationRequest, draw_seed
 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
-
-
-class EngineError(Exception):
-    """A job cannot run as asked (e.g. clip_skip deeper than the model); the message says what to change."""
-
-
-class ImageQualityError(EngineError):
-    """The VAE produced NaN or an all-black image: an error, never an image."""
+# Transitional names while worker.lora_sources and batch move to core.errors (removed before this round lands).
+EngineError = InvalidRequest
+ImageQualityError = ImageQualityFailed
+REFINER_COMPONENTS = ("unet", "text_encoder_2", "vae")
 
 
 @dataclass
@@ -47,12 +49,12 @@ class GenerationResult:
     request: GenerationRequest
     images: list[Image.Image]
     seeds: list[int]
-    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata: GenerationMetadata
 
 
 def resolve_seed(request: GenerationRequest) -> int:
-    """The request's seed, or a fresh random 63-bit one."""
-    return request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    """The request's seed, or a fresh random one below 2^32 (see :func:`worker.schema.draw_seed`)."""
+    return request.seed if request.seed is not None else draw_seed()
 
 
 def image_seeds(first_seed: int, count: int) -> list[int]:
@@ -60,8 +62,14 @@ def image_seeds(first_seed: int, count: int) -> list[int]:
     return [(first_seed + k) % (MAX_SEED + 1) for k in range(count)]
 
 
+def refiner_seed(seed: int) -> int:
+    """The refiner stage's noise seed: derived from the image's seed, but never another image's seed."""
+    return (seed ^ 0x5DEECE66D_9E3779B9) % (MAX_SEED + 1)
+
+
 def group_key(request: GenerationRequest, encoded: EncodedPrompts) -> tuple:
-    """Requests with equal keys can share one pipeline call (same latent shape, schedule and weights)."""
+    """Requests with equal keys can share one pipeline call (same latent shape, schedule, weights and inputs)."""
+    image_key = hashlib.sha256(request.image_url.encode()).hexdigest() if request.image_url else None
     return (
         request.width,
         request.height,
@@ -70,20 +78,39 @@ def group_key(request: GenerationRequest, encoded: EncodedPrompts) -> tuple:
         request.guidance_scale,
         tuple((lora.name, lora.scale) for lora in request.loras),
         encoded.num_chunks,
+        request.refiner,
+        request.refiner_inference_steps,
+        request.high_noise_frac,
+        request.strength,
+        image_key,
+        request.size_given,
     )
 
 
-class Engine:
-    """A loaded SDXL pipeline and everything needed to turn requests into images."""
+def _file_hash(manifest: dict[str, Any], relative: str) -> str | None:
+    entry = manifest.get("files", {}).get(relative)
+    return entry.get("sha256") if isinstance(entry, dict) else None
 
-    def __init__(self, model_dir: Path | str, offload: str = "auto") -> None:
+
+class Engine:
+    """Loaded SDXL pipelines (base, optional refiner) and everything needed to turn requests into images."""
+
+    def __init__(
+        self,
+        model_dir: Path | str,
+        offload: str | None = None,
+        *,
+        settings: Settings | None = None,
+        refiner_dir: Path | str | None = None,
+    ) -> None:
         import diffusers
         import transformers
-        from diffusers import StableDiffusionXLPipeline
+        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
         # Loading bars would interleave with the worker's and the batch runner's own output.
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
+        self.settings = settings if settings is not None else load_settings()
         self.model_dir = Path(model_dir)
         self.manifest = verify(self.model_dir)  # raises ModelFolderError with the command to run
         self.model_name = self.model_dir.name
@@ -96,16 +123,25 @@ class Engine:
             self.model_dir, torch_dtype=self.dtype, local_files_only=True, use_safetensors=True
         )
         self.pipe.set_progress_bar_config(disable=True)
-        self.plan = self._place(offload, cuda)
+        self.refiner, self.refiner_info = None, None
+        if refiner_dir is not None:
+            self.refiner, self.refiner_info = self._load_refiner(Path(refiner_dir), StableDiffusionXLImg2ImgPipeline)
+        self.plan = self._place(offload or self.settings.offload, cuda)
+        # img2img on the base model: the same modules under the img2img pipeline's loop.
+        self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(self.pipe)
+        self.img2img.set_progress_bar_config(disable=True)
+        self._offload_owner: Any = self.pipe
         self.scheduler_config = dict(self.pipe.scheduler.config)
         self.prompt_encoder = PromptEncoder(self.pipe)
+        self.refiner_prompt_encoder = self._refiner_prompt_encoder(StableDiffusionXLPipeline)
         self.loras = self._lora_manager()
         self.load_seconds = time.perf_counter() - started
         log.info(
-            "loaded %s (%s, manifest %s) in %.1f s; %s",
+            "loaded %s (%s, manifest %s)%s in %.1f s; %s",
             self.model_dir,
             self.dtype,
             self.model_hash,
+            f" with refiner {self.refiner_info['name']}" if self.refiner_info else "",
             self.load_seconds,
             self.plan.reason,
         )
@@ -114,28 +150,83 @@ class Engine:
 
     # -- set-up ------------------------------------------------------------------------------
 
-    def _place(self, offload: str, cuda: bool) -> DevicePlan:
-        component_bytes = {
-            name: sum(p.numel() * p.element_size() for p in getattr(self.pipe, name).parameters())
-            for name in COMPONENTS
+    def _load_refiner(self, refiner_dir: Path, pipeline_class: Any) -> tuple[Any, dict[str, Any]]:
+        """The refiner pipeline, sharing the base's VAE and second text encoder when their files are identical."""
+        manifest = verify(refiner_dir)
+        family = manifest.get("family")
+        if family != "sdxl-refiner":
+            raise ModelLoadFailed(
+                f"REFINER_DIR {refiner_dir} holds a {family or 'sdxl-base'} model, not an SDXL refiner; convert a "
+                "refiner checkpoint (python -m model_build convert sd_xl_refiner_1.0.safetensors --output ...)"
+            )
+        shared: dict[str, Any] = {}
+        for component in ("vae", "text_encoder_2"):
+            weights = f"{component}/{'diffusion_pytorch_model' if component == 'vae' else 'model'}.safetensors"
+            if _file_hash(manifest, weights) and _file_hash(manifest, weights) == _file_hash(self.manifest, weights):
+                shared[component] = getattr(self.pipe, component)
+        refiner = pipeline_class.from_pretrained(
+            refiner_dir, torch_dtype=self.dtype, local_files_only=True, use_safetensors=True, **shared
+        )
+        refiner.set_progress_bar_config(disable=True)
+        info = {
+            "name": refiner_dir.name,
+            "manifest_hash": manifest_hash(refiner_dir),
+            "shares_with_base": sorted(shared),
         }
+        return refiner, info
+
+    def _refiner_prompt_encoder(self, pipeline_class: Any) -> PromptEncoder | None:
+        """An encoder for a refiner whose bigG text encoder differs from the base's (None when they are shared).
+
+        It runs the same chunking and weighting over the base's CLIP-L and the refiner's bigG, so its bigG part is
+        the refiner's own conditioning for long and weighted prompts.
+        """
+        if self.refiner is None or self.refiner.text_encoder_2 is self.pipe.text_encoder_2:
+            return None
+        components = {**self.pipe.components, "text_encoder_2": self.refiner.text_encoder_2}
+        if getattr(self.refiner, "tokenizer_2", None) is not None:
+            components["tokenizer_2"] = self.refiner.tokenizer_2
+        return PromptEncoder(pipeline_class(**components))
+
+    def _component_bytes(self) -> dict[str, int]:
+        modules: dict[str, Any] = {name: getattr(self.pipe, name) for name in COMPONENTS}
+        if self.refiner is not None:
+            for name in REFINER_COMPONENTS:
+                module = getattr(self.refiner, name)
+                if all(module is not other for other in modules.values()):
+                    modules[f"refiner.{name}"] = module
+        return {
+            name: sum(p.numel() * p.element_size() for p in module.parameters()) for name, module in modules.items()
+        }
+
+    def _place(self, offload: str, cuda: bool) -> DevicePlan:
         free = torch.cuda.mem_get_info()[0] if cuda else None
-        plan = plan_device(offload, cuda, free, component_bytes)
+        plan = plan_device(offload, cuda, free, self._component_bytes())
         vae = self.pipe.vae
         if self.dtype == torch.float16 and vae.config.get("force_upcast", False):
             # The stock SDXL VAE overflows in fp16 (NaN/black images); keep it in fp32 for good
             # instead of casting back and forth on every job as the stock pipeline does.
             vae.to(torch.float32)
+        pipes = [self.pipe] + ([self.refiner] if self.refiner is not None else [])
         if plan.offload == "none":
-            self.pipe.to(plan.device)
+            for pipe in pipes:
+                pipe.to(plan.device)
         elif plan.offload == "model":
-            self.pipe.enable_model_cpu_offload()
+            self.pipe.enable_model_cpu_offload()  # the other pipelines take the hooks when they run (_use)
         else:
-            self.pipe.enable_sequential_cpu_offload()
+            for pipe in pipes:
+                pipe.enable_sequential_cpu_offload()
         return plan
 
+    def _use(self, pipe: Any) -> Any:
+        """Give ``pipe`` the model-offload hooks: they follow one pipeline's order, and shared modules move."""
+        if self.plan.offload == "model" and self._offload_owner is not pipe:
+            pipe.enable_model_cpu_offload()
+            self._offload_owner = pipe
+        return pipe
+
     def _lora_manager(self) -> Any:
-        from worker.loras import LoraManager  # imported here: worker.loras imports EngineError from this module
+        from worker.loras import LoraManager
 
         return LoraManager(self.pipe, on_text_encoder_change=self.prompt_encoder.clear_cache)
 
@@ -145,20 +236,32 @@ class Engine:
 
     # -- jobs ------------------------------------------------------------------------------------
 
+    def uses_refiner(self, request: GenerationRequest) -> bool:
+        """Whether this request runs the refiner: the official worker refines every text-to-image job."""
+        if request.refiner and self.refiner is None:
+            raise InvalidRequest(
+                "refiner: true, but this worker has no refiner loaded; set REFINER_DIR (or REFINER_NAME) to a "
+                "converted SDXL refiner, or leave refiner out"
+            )
+        if request.is_img2img:
+            return bool(request.refiner)  # img2img runs on the base unless the request asks for the refiner
+        return self.refiner is not None if request.refiner is None else request.refiner
+
     def check_request(self, request: GenerationRequest) -> None:
         """Model-dependent limits the schema cannot know."""
         layers = min(self.pipe.text_encoder.config.num_hidden_layers, self.pipe.text_encoder_2.config.num_hidden_layers)
         if request.clip_skip is not None and request.clip_skip > layers - 2:
-            raise EngineError(
+            raise InvalidRequest(
                 f"clip_skip: {request.clip_skip} is deeper than this model allows; use 0..{layers - 2} "
                 "(0 or absent is SDXL's usual penultimate layer)"
             )
+        self.uses_refiner(request)
 
     def activate_loras(self, request: GenerationRequest) -> list[dict[str, Any]]:
         return self.loras.activate(request.loras)
 
-    def encode(self, request: GenerationRequest) -> EncodedPrompts:
-        return self.prompt_encoder.encode(
+    def encode(self, request: GenerationRequest, encoder: PromptEncoder | None = None) -> EncodedPrompts:
+        return (encoder or self.prompt_encoder).encode(
             request.prompt,
             prompt_2=request.prompt_2,
             negative_prompt=request.negative_prompt,
@@ -179,70 +282,187 @@ class Engine:
         for request in requests:
             self.check_request(request)
         first = requests[0]
-        timings: dict[str, float] = {}
+        times: dict[str, float] = {}
 
         started = self._clock()
         loras = self.activate_loras(first)
-        timings["lora_s"] = self._clock() - started
+        times["lora_s"] = self._clock() - started
 
         started = self._clock()
         encoded = [self.encode(request) for request in requests]
-        timings["text_encoding_s"] = self._clock() - started
+        times["text_encoding_s"] = self._clock() - started
         keys = {group_key(request, enc) for request, enc in zip(requests, encoded, strict=True)}
         if len(keys) != 1:
-            raise EngineError("internal: requests of different shapes cannot share one pipeline call")
+            raise InternalError("requests of different shapes cannot share one pipeline call")
 
         seeds_per_request = [image_seeds(resolve_seed(r), r.num_images) for r in requests]
         all_seeds = [seed for seeds in seeds_per_request for seed in seeds]
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in all_seeds]
-
-        def repeat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
-            if tensors[0] is None:
-                return None
-            return torch.cat(
-                [t.repeat(r.num_images, *([1] * (t.ndim - 1))) for t, r in zip(tensors, requests, strict=True)]
-            )
-
-        cfg = first.guidance_scale > 1.0
-        self.pipe.scheduler = build_scheduler(first.scheduler, self.scheduler_config, noise_seed=all_seeds[0])
-
-        callback = None
-        if progress is not None:
-
-            def callback(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
-                progress(step + 1, first.num_inference_steps)
-                return tensors
+        refine = self.uses_refiner(first)
+        embeds = _Embeddings(encoded, requests, cfg=first.guidance_scale > 1.0)
 
         started = self._clock()
-        latents = self.pipe(
-            prompt_embeds=repeat([e.prompt_embeds for e in encoded]),
-            pooled_prompt_embeds=repeat([e.pooled_prompt_embeds for e in encoded]),
-            negative_prompt_embeds=repeat([e.negative_prompt_embeds for e in encoded]) if cfg else None,
-            negative_pooled_prompt_embeds=repeat([e.negative_pooled_prompt_embeds for e in encoded]) if cfg else None,
-            height=first.height,
-            width=first.width,
-            num_inference_steps=first.num_inference_steps,
-            guidance_scale=first.guidance_scale,
-            generator=generators,
-            output_type="latent",
-            callback_on_step_end=callback,
-        ).images
-        timings["denoising_s"] = self._clock() - started
+        if first.is_img2img:
+            latents, size, mode_info = self._img2img(first, embeds, all_seeds, refine, progress)
+            times["denoising_s"] = self._clock() - started
+        else:
+            latents = self._text_to_latents(first, embeds, all_seeds, refine, progress)
+            size, mode_info = (first.width, first.height), {"mode": "txt2img"}
+            times["denoising_s"] = self._clock() - started
+            if refine:
+                started = self._clock()
+                latents = self._refine(first, self._refiner_embeddings(requests, embeds), latents, all_seeds, progress)
+                times["refiner_s"] = self._clock() - started
 
         started = self._clock()
-        images = self.decode(latents)
-        timings["vae_decode_s"] = self._clock() - started
+        images = self.decode(latents, loras)
+        times["vae_decode_s"] = self._clock() - started
 
+        timings = Timings(**{key: value for key, value in times.items()})
+        refiner_info = self._refiner_metadata(first, refine)
         results, offset = [], 0
         for request, enc, seeds in zip(requests, encoded, seeds_per_request, strict=True):
             own_images = images[offset : offset + len(seeds)]
             offset += len(seeds)
-            results.append(
-                GenerationResult(request, own_images, seeds, self._metadata(request, enc, seeds, loras, timings))
-            )
+            metadata = self._metadata(request, enc, seeds, loras, timings, size, {**mode_info, **refiner_info})
+            results.append(GenerationResult(request, own_images, seeds, metadata))
         return results
 
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+    # -- the pipeline calls ----------------------------------------------------------------------
+
+    def _refiner_embeddings(self, requests: Sequence[GenerationRequest], embeds: _Embeddings) -> _Embeddings:
+        if self.refiner_prompt_encoder is None:
+            return embeds  # the refiner shares the base's bigG encoder: its part of the same embeddings
+        encoded = [self.encode(request, self.refiner_prompt_encoder) for request in requests]
+        return _Embeddings(encoded, requests, embeds.cfg)
+
+    def _scheduler(self, request: GenerationRequest, seeds: list[int]) -> Any:
+        return build_scheduler(request.scheduler, self.scheduler_config, noise_seed=seeds[0])
+
+    @staticmethod
+    def _generators(seeds: list[int]) -> list[torch.Generator]:
+        return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+    @staticmethod
+    def _step_callback(progress: ProgressCallback | None, done_before: int, total: int) -> Any:
+        if progress is None:
+            return None
+
+        def callback(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            progress(done_before + step + 1, total)
+            return tensors
+
+        return callback
+
+    def _total_steps(self, request: GenerationRequest, refine: bool) -> int:
+        base = request.num_inference_steps
+        if not refine or request.is_img2img:
+            return base
+        return base + request.refiner_inference_steps
+
+    def _text_to_latents(
+        self,
+        request: GenerationRequest,
+        embeds: _Embeddings,
+        seeds: list[int],
+        refine: bool,
+        progress: ProgressCallback | None,
+    ) -> torch.Tensor:
+        pipe = self._use(self.pipe)
+        pipe.scheduler = self._scheduler(request, seeds)
+        return pipe(
+            **embeds.base(),
+            height=request.height,
+            width=request.width,
+            num_inference_steps=request.num_inference_steps,
+            denoising_end=request.high_noise_frac if refine else None,
+            guidance_scale=request.guidance_scale,
+            generator=self._generators(seeds),
+            output_type="latent",
+            callback_on_step_end=self._step_callback(progress, 0, self._total_steps(request, refine)),
+        ).images
+
+    def _refine(
+        self,
+        request: GenerationRequest,
+        embeds: _Embeddings,
+        latents: torch.Tensor,
+        seeds: list[int],
+        progress: ProgressCallback | None,
+    ) -> torch.Tensor:
+        """The official worker's second stage: the refiner continues from the base's latents.
+
+        With ``high_noise_frac`` the two models split one noise schedule (ensemble of experts: the base stops
+        at that fraction, the refiner starts there); without it the refiner runs img2img at ``strength`` over
+        the finished base latents, exactly as the official worker does.
+        """
+        refiner = self._use(self.refiner)
+        refiner.scheduler = build_scheduler(request.scheduler, dict(refiner.scheduler.config), noise_seed=seeds[0])
+        return refiner(
+            **embeds.refiner(self.pipe.text_encoder.config.hidden_size),
+            image=latents,
+            num_inference_steps=request.refiner_inference_steps,
+            denoising_start=request.high_noise_frac,
+            strength=request.strength,
+            guidance_scale=request.guidance_scale,
+            generator=self._generators([refiner_seed(seed) for seed in seeds]),
+            output_type="latent",
+            callback_on_step_end=self._step_callback(
+                progress, request.num_inference_steps, self._total_steps(request, True)
+            ),
+        ).images
+
+    def _img2img(
+        self,
+        request: GenerationRequest,
+        embeds: _Embeddings,
+        seeds: list[int],
+        refine: bool,
+        progress: ProgressCallback | None,
+    ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any]]:
+        source = load_input_image(request.image_url or "")
+        size = self._img2img_size(request, source.size)
+        image = source if source.size == size else source.resize(size, Image.Resampling.LANCZOS)
+        if refine:
+            embeds = self._refiner_embeddings([request], embeds)
+        pipe = self._use(self.refiner if refine else self.img2img)
+        pipe.scheduler = build_scheduler(request.scheduler, dict(pipe.scheduler.config), noise_seed=seeds[0])
+        steps = request.refiner_inference_steps if refine else request.num_inference_steps
+        prompt = embeds.refiner(self.pipe.text_encoder.config.hidden_size) if refine else embeds.base()
+        latents = pipe(
+            **prompt,
+            image=[image] * len(seeds),
+            strength=request.strength,
+            num_inference_steps=steps,
+            guidance_scale=request.guidance_scale,
+            generator=self._generators(seeds),
+            output_type="latent",
+            callback_on_step_end=self._step_callback(progress, 0, max(1, int(steps * request.strength))),
+        ).images
+        info = {
+            "mode": "img2img",
+            "img2img": {
+                "strength": request.strength,
+                "input_size": list(source.size),
+                "model": "refiner" if refine else "base",
+                "steps": steps,
+            },
+        }
+        return latents, size, info
+
+    @staticmethod
+    def _img2img_size(request: GenerationRequest, source_size: tuple[int, int]) -> tuple[int, int]:
+        """The output size: the request's, or the input image's rounded down to a multiple of 8."""
+        if request.size_given:
+            return request.width, request.height
+        width, height = (side - side % SIDE_MULTIPLE for side in source_size)
+        if min(width, height) < MIN_SIDE or max(width, height) > 2048:
+            raise InvalidRequest(
+                f"image_url: the image is {source_size[0]}x{source_size[1]}; without width/height the output "
+                f"follows it, which must be {MIN_SIDE}..2048 a side: give width and height to resize it"
+            )
+        return width, height
+
+    def decode(self, latents: torch.Tensor, loras: list[dict[str, Any]] | None = None) -> list[Image.Image]:
         """Latents -> PIL images through the VAE, refusing NaN and all-black results."""
         vae = self.pipe.vae
         with torch.inference_mode():
@@ -250,14 +470,41 @@ class Engine:
             latents = latents.to(vae.dtype) / vae.config.scaling_factor
             decoded = vae.decode(latents, return_dict=False)[0]
         if torch.isnan(decoded).any():
-            raise ImageQualityError(
+            if loras:
+                names = ", ".join(f"{lora['name']} ({lora['scale']:g})" for lora in loras)
+                raise ImageQualityFailed(
+                    f"the image came out as NaN with LoRAs {names} active; no image was returned. The likeliest "
+                    "cause is a LoRA scale too high or a broken LoRA: try a smaller scale or the job without it"
+                )
+            raise ImageQualityFailed(
                 "the VAE produced NaN values (fp16 overflow or broken weights); no image was returned. "
                 "Use a VAE that is safe in fp16 (--vae with the fp16-fix VAE) or convert with --dtype fp32"
             )
         black = [i for i in range(decoded.shape[0]) if bool((decoded[i] <= -1.0).all())]
         if black:
-            raise ImageQualityError(f"image(s) {black} came out all black; no image was returned")
+            raise ImageQualityFailed(f"image(s) {black} came out all black; no image was returned")
         return self.pipe.image_processor.postprocess(decoded.float(), output_type="pil")
+
+    # -- metadata --------------------------------------------------------------------------------
+
+    def _refiner_metadata(self, request: GenerationRequest, refine: bool) -> dict[str, Any]:
+        if refine:
+            return {
+                "refiner": {
+                    "used": True,
+                    "model": self.refiner_info,
+                    "refiner_inference_steps": request.refiner_inference_steps,
+                    "high_noise_frac": request.high_noise_frac,
+                    "strength": request.strength if request.high_noise_frac is None else None,
+                }
+            }
+        if request.refiner is False:
+            reason = "the request set refiner: false"
+        elif self.refiner is None:
+            reason = "no refiner is loaded on this worker (set REFINER_DIR or REFINER_NAME to use one)"
+        else:
+            reason = "img2img runs on the base model unless the request sets refiner: true"
+        return {"refiner": {"used": False, "reason": reason}}
 
     def _metadata(
         self,
@@ -265,27 +512,72 @@ class Engine:
         encoded: EncodedPrompts,
         seeds: list[int],
         loras: list[dict[str, Any]],
-        timings: dict[str, float],
-    ) -> dict[str, Any]:
-        metadata: dict[str, Any] = {
+        timings: Timings,
+        size: tuple[int, int],
+        extra: dict[str, Any],
+    ) -> GenerationMetadata:
+        prompt_info = dict(encoded.info)
+        cache_hit = prompt_info.pop("cache_hit", None)
+        lora_stable = [{k: v for k, v in lora.items() if k not in ("cache_hit", "load_s")} for lora in loras]
+        lora_volatile = [{k: lora[k] for k in ("name", "cache_hit", "load_s") if k in lora} for lora in loras]
+        stable: dict[str, Any] = {
             "seeds": seeds,
-            "width": request.width,
-            "height": request.height,
+            "width": size[0],
+            "height": size[1],
             "num_inference_steps": request.num_inference_steps,
             "guidance_scale": request.guidance_scale,
             "scheduler": request.scheduler,
             "clip_skip": request.clip_skip,
-            "prompt": encoded.info,
-            "loras": loras,
+            "prompt": prompt_info,
+            "loras": lora_stable,
             "model": {"name": self.model_name, "manifest_hash": self.model_hash},
-            "device": {"device": self.plan.device, "offload": self.plan.offload, "dtype": str(self.dtype)},
-            "timings": {key: round(value, 4) for key, value in timings.items()},
+            "output_format": request.output_format,
+            **extra,
         }
         if self.is_dev_model:
-            metadata["warning"] = DEV_MODEL_NOTICE
-        return metadata
+            stable["warning"] = DEV_MODEL_NOTICE
+        volatile: dict[str, Any] = {
+            "device": {"device": self.plan.device, "offload": self.plan.offload, "dtype": str(self.dtype)},
+            "cache": {"prompt": cache_hit, "loras": lora_volatile},
+        }
+        return GenerationMetadata(stable=stable, timings=timings, volatile=volatile)
 
     def _clock(self) -> float:
         if self.plan.device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter()
+
+
+class _Embeddings:
+    """A group's prompt embeddings, each request's repeated for its images, as pipeline keyword arguments."""
+
+    def __init__(self, encoded: list[EncodedPrompts], requests: Sequence[GenerationRequest], cfg: bool) -> None:
+        self.encoded, self.requests, self.cfg = encoded, requests, cfg
+
+    def _repeat(self, name: str) -> torch.Tensor | None:
+        tensors = [getattr(e, name) for e in self.encoded]
+        if tensors[0] is None:
+            return None
+        return torch.cat(
+            [t.repeat(r.num_images, *([1] * (t.ndim - 1))) for t, r in zip(tensors, self.requests, strict=True)]
+        )
+
+    def base(self) -> dict[str, torch.Tensor | None]:
+        return {
+            "prompt_embeds": self._repeat("prompt_embeds"),
+            "pooled_prompt_embeds": self._repeat("pooled_prompt_embeds"),
+            "negative_prompt_embeds": self._repeat("negative_prompt_embeds") if self.cfg else None,
+            "negative_pooled_prompt_embeds": self._repeat("negative_pooled_prompt_embeds") if self.cfg else None,
+        }
+
+    def refiner(self, first_encoder_width: int) -> dict[str, torch.Tensor | None]:
+        """The refiner's conditioning: the second (OpenCLIP bigG) encoder's part of the same chunked embeddings.
+
+        The base concatenates CLIP-L (``first_encoder_width``) and bigG features per token; the refiner reads
+        bigG alone, so long prompts, weights and BREAK reach it chunk for chunk as they reach the base.
+        """
+        embeds = self.base()
+        for key in ("prompt_embeds", "negative_prompt_embeds"):
+            if embeds[key] is not None:
+                embeds[key] = embeds[key][..., first_encoder_width:]
+        return embeds

@@ -1,157 +1,132 @@
-"""The RunPod handler: job input -> validated request -> engine -> encoded images and metadata.
+"""The RunPod handler: job input -> validated request -> engine -> encoded images -> output.
 
-Errors go back as a string in ``error`` (RunPod's convention), never as a traceback; CUDA
-failures also set ``refresh_worker`` so RunPod replaces the worker after the job.
+Every failure becomes one :class:`core.errors.WorkerError` kind, returned as a string in ``error``
+(RunPod's convention), never a traceback; kinds that leave the CUDA context unusable also set
+``refresh_worker`` so RunPod replaces the worker after the job.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import traceback
-import uuid
+from pathlib import Path
 from typing import Any
 
-import torch
-
-from worker.engine import Engine, EngineError, GenerationResult
-from worker.images import a1111_parameters, encode_image, to_data_uri
-from worker.schema import GenerationRequest, RequestError, parse_request
+from core.errors import ModelLoadFailed, ModelMissing, WorkerError, first_line, from_exception
+from core.settings import BAKED_MODELS, VOLUME_MODELS, Settings, load_settings
+from worker.delivery import deliver
+from worker.engine import Engine, GenerationResult
+from worker.images import a1111_parameters, encode_image
+from worker.schema import parse_request
 
 log = logging.getLogger(__name__)
 
-# RunPod refuses larger results (/run allows 10 MB, /runsync 20 MB); keep under the smaller one.
-MAX_PAYLOAD_BYTES = int(os.environ.get("MAX_PAYLOAD_BYTES", str(10 * 1000 * 1000)))
 PROGRESS_EVERY_STEPS = 5
 
 
-class WorkerState:
-    """The engine, or the start-up error that every job reports until the worker is fixed."""
-
-    engine: Engine | None = None
-    startup_error: str | None = None
-
-
-STATE = WorkerState()
-
-
-def start_engine(model_dir: os.PathLike | str | None = None, offload: str | None = None) -> None:
-    """Load the engine once; on failure remember a message for every job (logged once)."""
-    from model_build.convert import ConversionError
+def _startup_error(error: BaseException) -> WorkerError:
+    from model_build.errors import ConversionError
     from model_build.manifest import ModelFolderError
-    from worker.model_location import prepare_model_dir
 
-    try:
-        folder = model_dir if model_dir is not None else prepare_model_dir()
-        STATE.engine = Engine(folder, offload=offload or os.environ.get("OFFLOAD", "auto"))
-        STATE.startup_error = None
-    except (ModelFolderError, ConversionError, ValueError, OSError) as error:
-        STATE.engine, STATE.startup_error = None, f"worker has no model: {error}"
-        log.error(STATE.startup_error)
-    except Exception as error:  # anything else at start-up: still answer jobs with a clear error
-        STATE.engine, STATE.startup_error = None, f"worker failed to load the model: {type(error).__name__}: {error}"
-        log.error("%s\n%s", STATE.startup_error, traceback.format_exc())
+    if isinstance(error, WorkerError):
+        return error
+    if isinstance(error, ModelFolderError | ConversionError | FileNotFoundError):
+        return ModelMissing(first_line(error))
+    return ModelLoadFailed(f"{type(error).__name__}: {first_line(error)}")
 
 
-def _on_runpod() -> bool:
-    return bool(os.environ.get("RUNPOD_POD_ID") or os.environ.get("RUNPOD_WEBHOOK_GET_JOB"))
+def resolve_refiner_dir(settings: Settings) -> Path | None:
+    """The refiner folder: REFINER_DIR, else REFINER_NAME on the volume or baked into the image; None without one."""
+    if settings.refiner_dir is not None:
+        return settings.refiner_dir
+    if not settings.refiner_name:
+        return None
+    volume_dir = VOLUME_MODELS / settings.refiner_name
+    return volume_dir if volume_dir.exists() else BAKED_MODELS / settings.refiner_name
 
 
-def _progress_reporter(job: dict[str, Any]):
-    if not _on_runpod():
-        return None  # locally (--test_input, --rp_serve_api) there is nobody to report to
+class Worker:
+    """One worker process: its settings, its engine (or why it has none), and the job handler."""
 
-    from runpod.serverless import progress_update
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings if settings is not None else load_settings()
+        self.engine: Engine | None = None
+        self.startup_error: WorkerError | None = ModelMissing("the model has not been loaded yet")
 
-    def report(step: int, total: int) -> None:
-        if step % PROGRESS_EVERY_STEPS == 0 or step == total:
-            progress_update(job, {"step": step, "total_steps": total})
+    def start(self, model_dir: Path | str | None = None, refiner_dir: Path | str | None = None) -> None:
+        """Load the engine once; on failure remember the error for every job (logged once)."""
+        from worker.model_location import prepare_model_dir
 
-    return report
+        try:
+            if model_dir is None:
+                model_dir = prepare_model_dir(self.settings)
+                refiner_dir = refiner_dir if refiner_dir is not None else resolve_refiner_dir(self.settings)
+            self.engine = Engine(model_dir, settings=self.settings, refiner_dir=refiner_dir)
+            self.startup_error = None
+        except Exception as error:  # still answer every job, with the reason
+            self.engine, self.startup_error = None, _startup_error(error)
+            log.error("%s", self.startup_error)
+            if isinstance(self.startup_error, ModelLoadFailed):
+                log.error("%s", traceback.format_exc())
 
+    def handle(self, job: dict[str, Any]) -> dict[str, Any]:
+        """RunPod's handler: a job in, an output (or ``{"error": ...}``) out."""
+        job_id = str(job.get("id", "local"))
+        started = time.perf_counter()
+        try:
+            request = parse_request(job.get("input"), max_job_pixels=self.settings.max_job_pixels)
+            if self.engine is None:
+                raise self.startup_error or ModelMissing("set MODEL_DIR to a converted folder")
+            result = self.engine.generate(request, progress=self._progress_reporter(job))
+            output = self.render(job_id, result)
+        except Exception as error:
+            failure = from_exception(error)
+            if not isinstance(error, WorkerError):
+                log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+            if failure.refresh_worker:
+                self._release_gpu_memory()
+            return failure.to_output()
+        output["metadata"]["timings"]["total_s"] = round(time.perf_counter() - started, 4)
+        return output
 
-def _upload(job_id: str, payloads: list[bytes], output_format: str) -> list[str]:
-    from runpod.serverless.utils.rp_upload import upload_in_memory_object
-
-    extension = "jpg" if output_format == "jpeg" else output_format
-    return [
-        upload_in_memory_object(f"{job_id}-{k}-{uuid.uuid4().hex[:8]}.{extension}", data, prefix=job_id)
-        for k, data in enumerate(payloads)
-    ]
-
-
-def render_output(job_id: str, result: GenerationResult, engine: Engine) -> dict[str, Any]:
-    """Encode the images and build the RunPod output (``images``, ``image_url``, ``seed``, ``metadata``)."""
-    request: GenerationRequest = result.request
-    started = time.perf_counter()
-    payloads = [
-        encode_image(
-            image,
-            request.output_format,
-            request.quality,
-            a1111_parameters(request, seed, engine.model_name, engine.model_hash, result.metadata["loras"]),
+    def render(self, job_id: str, result: GenerationResult) -> dict[str, Any]:
+        """Encode the images and build the output: ``images``, ``image_url``, ``seed``, ``metadata``."""
+        engine, request = self.engine, result.request
+        assert engine is not None
+        started = time.perf_counter()
+        loras = result.metadata.stable["loras"]
+        encoded = [
+            encode_image(
+                image,
+                request.output_format,
+                request.quality,
+                seed,
+                a1111_parameters(request, seed, engine.model_name, engine.model_hash, loras),
+            )
+            for image, seed in zip(result.images, result.seeds, strict=True)
+        ]
+        images, returned_as = deliver(job_id, encoded, request.return_type, self.settings)
+        metadata = result.metadata.with_timings(image_encoding_s=time.perf_counter() - started).with_volatile(
+            returned_as=returned_as
         )
-        for image, seed in zip(result.images, result.seeds, strict=True)
-    ]
-    metadata = dict(result.metadata)
-    metadata["timings"] = dict(metadata["timings"], image_encoding_s=round(time.perf_counter() - started, 4))
-    metadata["output_format"] = request.output_format
+        return {"images": images, "image_url": images[0], "seed": result.seeds[0], "metadata": metadata.to_dict()}
 
-    bucket = os.environ.get("BUCKET_ENDPOINT_URL")
-    if request.return_type == "s3":
-        if not bucket:
-            raise EngineError("return_type: 's3' needs BUCKET_ENDPOINT_URL (and bucket keys) set on the worker")
-        images, metadata["returned_as"] = _upload(job_id, payloads, request.output_format), "s3"
-    else:
-        images = [to_data_uri(data, request.output_format) for data in payloads]
-        size = sum(len(uri) for uri in images)
-        metadata["returned_as"] = "base64"
-        if size > MAX_PAYLOAD_BYTES:
-            if not bucket:
-                raise EngineError(
-                    f"the {len(images)} image(s) take {size / 1e6:.1f} MB as base64, over RunPod's "
-                    f"{MAX_PAYLOAD_BYTES / 1e6:.0f} MB payload limit; ask for output_format 'jpeg' or 'webp', "
-                    "fewer images, or set BUCKET_ENDPOINT_URL so images are uploaded"
-                )
-            images, metadata["returned_as"] = _upload(job_id, payloads, request.output_format), "s3 (over size limit)"
-    return {"images": images, "image_url": images[0], "seed": result.seeds[0], "metadata": metadata}
+    def _progress_reporter(self, job: dict[str, Any]) -> Any:
+        if not self.settings.on_runpod:
+            return None  # locally (--test_input, --rp_serve_api) there is nobody to report to
 
+        from runpod.serverless import progress_update
 
-def _is_cuda_failure(error: BaseException) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and ("CUDA" in str(error) or "cuDNN" in str(error))
-    )
+        def report(step: int, total: int) -> None:
+            if step % PROGRESS_EVERY_STEPS == 0 or step == total:
+                progress_update(job, {"step": step, "total_steps": total})
 
+        return report
 
-# The batch runner's remote mode tells retriable from final errors by these prefixes (RunPod's /runsync passes
-# only `error` through): "out of GPU memory", "CUDA error", "internal error", "worker has no model",
-# "worker failed to load". Keep them stable.
-def handler(job: dict[str, Any]) -> dict[str, Any]:
-    job_id = str(job.get("id", "local"))
-    try:
-        request = parse_request(job.get("input"))
-    except RequestError as error:
-        return {"error": str(error)}
-    engine = STATE.engine
-    if engine is None:
-        return {"error": STATE.startup_error or "worker has no model loaded; set MODEL_DIR to a converted folder"}
-    started = time.perf_counter()
-    try:
-        result = engine.generate(request, progress=_progress_reporter(job))
-        output = render_output(job_id, result, engine)
-    except (EngineError, RequestError) as error:
-        return {"error": str(error)}
-    except Exception as error:
-        log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-        if _is_cuda_failure(error):
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            kind = "out of GPU memory" if isinstance(error, torch.cuda.OutOfMemoryError) else "CUDA error"
-            return {
-                "error": f"{kind}: {str(error).splitlines()[0]}; try a smaller size or num_images",
-                "refresh_worker": True,
-            }
-        return {"error": f"internal error ({type(error).__name__}): {str(error).splitlines()[0] if str(error) else ''}"}
-    output["metadata"]["timings"]["total_s"] = round(time.perf_counter() - started, 4)
-    return output
+    @staticmethod
+    def _release_gpu_memory() -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

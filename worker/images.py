@@ -2,20 +2,26 @@
 
 PNGs get an A1111-style ``parameters`` text chunk and JPEG/WebP the same text as EXIF
 UserComment, so the files open with their settings in common UIs (A1111, ComfyUI readers,
-Civitai). PNG is written at compression level 1: the measured 0.18 s against 0.25 s at level 6
-for a 1024x1024 image is worth the slightly larger file.
+Civitai). EXIF lives in one JPEG APP1 segment of at most 64 KiB, so for JPEG and WebP the embedded
+text is cut to :data:`MAX_EXIF_PARAMETER_BYTES` (with a note saying so); the full text is always in
+the job's metadata. PNG is written at compression level 1 (level 6 costs more time for a slightly
+smaller file: ``bench/handler_overhead.py`` measures image encoding).
 """
 
 from __future__ import annotations
 
-import base64
 import io
 from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+from core.results import IMAGE_FORMATS, EncodedImage
+
 PNG_COMPRESS_LEVEL = 1
+# The UTF-16 parameters text in EXIF: a JPEG APP1 segment holds at most 65,533 bytes, with the EXIF header and
+# IFD entries around the comment; 60,000 leaves room for them (Pillow refuses more: "EXIF data is too long").
+MAX_EXIF_PARAMETER_BYTES = 60_000
+TRUNCATION_NOTE = " … [truncated to fit the image format; the full text is in the job's metadata]"
 _EXIF_IFD = 0x8769
 _EXIF_USER_COMMENT = 0x9286
 
@@ -41,7 +47,21 @@ def a1111_parameters(request: Any, seed: int, model_name: str, model_hash: str, 
     return text + "\n" + ", ".join(settings)
 
 
-def encode_image(image: Image.Image, output_format: str, quality: int, parameters: str | None = None) -> bytes:
+def fit_exif_parameters(parameters: str, limit: int = MAX_EXIF_PARAMETER_BYTES) -> str:
+    """``parameters`` unchanged when its UTF-16 form fits ``limit`` bytes, else cut (on a character) with a note."""
+    if len(parameters.encode("utf-16-be")) <= limit:
+        return parameters
+    room = limit - len(TRUNCATION_NOTE.encode("utf-16-be"))
+    cut = parameters.encode("utf-16-be")[: room - room % 2].decode("utf-16-be", errors="ignore")
+    return cut + TRUNCATION_NOTE
+
+
+def encode_image(
+    image: Image.Image, output_format: str, quality: int, seed: int, parameters: str | None = None
+) -> EncodedImage:
+    """One image as PNG/JPEG/WebP bytes with its parameters embedded."""
+    if output_format not in IMAGE_FORMATS:
+        raise ValueError(f"output_format must be png, jpeg or webp, not {output_format!r}")
     buffer = io.BytesIO()
     if output_format == "png":
         info = PngImagePlugin.PngInfo()
@@ -52,16 +72,11 @@ def encode_image(image: Image.Image, output_format: str, quality: int, parameter
         exif = Image.Exif()
         if parameters:
             # EXIF UserComment with the UNICODE character code, as A1111 writes it (UTF-16BE).
-            exif.get_ifd(_EXIF_IFD)[_EXIF_USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
+            text = fit_exif_parameters(parameters)
+            exif.get_ifd(_EXIF_IFD)[_EXIF_USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be")
         save_format = "JPEG" if output_format == "jpeg" else "WEBP"
         image.save(buffer, format=save_format, quality=quality, exif=exif.tobytes())
-    else:
-        raise ValueError(f"output_format must be png, jpeg or webp, not {output_format!r}")
-    return buffer.getvalue()
-
-
-def to_data_uri(data: bytes, output_format: str) -> str:
-    return f"data:{MIME_TYPES[output_format]};base64,{base64.b64encode(data).decode('ascii')}"
+    return EncodedImage(buffer.getvalue(), output_format, seed)
 
 
 def read_parameters(data: bytes) -> str | None:

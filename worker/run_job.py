@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from worker.handler import STATE, handler, start_engine
+from worker.handler import Worker
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
@@ -41,11 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     job = json.loads(args.job.read_text())
-    start_engine(args.model)
-    if STATE.startup_error:
-        print(f"error: {STATE.startup_error}", file=sys.stderr)
+    worker = Worker()
+    worker.start(args.model)
+    if worker.startup_error:
+        print(f"error: {worker.startup_error}", file=sys.stderr)
         return 1
-    output = handler({"id": args.job.stem, "input": job.get("input")})
+    output = worker.handle({"id": args.job.stem, "input": job.get("input")})
     if "error" in output:
         print(f"error: {output['error']}", file=sys.stderr)
         return 1

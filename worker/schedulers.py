@@ -1,5 +1,9 @@
 """Scheduler names (A1111, diffusers and the official RunPod worker's) and fresh instances per job.
 
+:data:`SCHEDULERS` is the one table of what a request may name: canonical A1111-style names, then
+:data:`ALIASES` (the official worker's ``PNDM``, ``KLMS``, ``DDIM``, ``K_EULER``, ``K_EULER_ANCESTRAL``,
+``DPMSolverMultistep``, ``DPMSolverSinglestep`` and diffusers' class names).
+
 Every job gets a new scheduler built from the model's own scheduler config: a scheduler keeps
 state between steps (timesteps, step index, the multistep history), so a shared instance would
 let one job leak into the next.
@@ -21,6 +25,13 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
     ),
+    "DPM++ 3M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
+    "DPM++ 3M SDE Karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_karras_sigmas": True},
+    ),
+    "DPM++ 2S": ("DPMSolverSinglestepScheduler", {}),
+    "DPM++ 2S Karras": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}),
     "DPM++ SDE": ("DPMSolverSDEScheduler", {}),
     "DPM++ SDE Karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
     "DPM2": ("KDPM2DiscreteScheduler", {}),
@@ -31,17 +42,21 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "LMS": ("LMSDiscreteScheduler", {}),
     "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
     "DDIM": ("DDIMScheduler", {}),
+    "DDPM": ("DDPMScheduler", {}),
     "PNDM": ("PNDMScheduler", {}),
     "UniPC": ("UniPCMultistepScheduler", {}),
     "DEIS": ("DEISMultistepScheduler", {}),
 }
 
 # Other spellings that clients send: the official worker's names and diffusers' class names.
-_ALIASES: dict[str, str] = {
+ALIASES: dict[str, str] = {
     "K_EULER": "Euler",
     "K_EULER_ANCESTRAL": "Euler a",
     "KLMS": "LMS",
     "DPMSolverMultistep": "DPM++ 2M",
+    "DPMSolverSinglestep": "DPM++ 2S",
+    "DPMSolverSinglestepScheduler": "DPM++ 2S",
+    "DDPMScheduler": "DDPM",
     "EulerDiscreteScheduler": "Euler",
     "EulerAncestralDiscreteScheduler": "Euler a",
     "DPMSolverMultistepScheduler": "DPM++ 2M",
@@ -68,7 +83,7 @@ def _fold(name: str) -> str:
     return " ".join(name.replace("_", " ").split()).casefold()
 
 
-_LOOKUP = {_fold(name): name for name in SCHEDULERS} | {_fold(alias): name for alias, name in _ALIASES.items()}
+_LOOKUP = {_fold(name): name for name in SCHEDULERS} | {_fold(alias): name for alias, name in ALIASES.items()}
 
 
 def scheduler_names() -> list[str]:

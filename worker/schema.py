@@ -1,34 +1,53 @@
 """The request: one typed declaration of everything a job (or a batch line) may ask for.
 
-Field names and defaults follow RunPod's official SDXL worker (`prompt`, `negative_prompt`,
-`height`, `width`, `seed`, `scheduler`, `num_inference_steps`, `guidance_scale`, `num_images`)
-so its clients work unchanged. Validation is strict: unknown keys are errors, every number has
-bounds, and :func:`parse_request` turns pydantic's errors into one message that names each field,
-the value given and what is allowed.
+Every field of RunPod's official SDXL worker (runpod-workers/worker-sdxl) is accepted with its
+meaning and default (`prompt`, `negative_prompt`, `height`, `width`, `seed`, `scheduler`,
+`num_inference_steps`, `refiner_inference_steps`, `guidance_scale`, `strength`, `image_url`,
+`num_images`, `high_noise_frac`), so its clients work unchanged. Validation is strict: unknown keys
+are errors, every number has bounds, and :func:`parse_request` turns pydantic's errors into one
+:class:`core.errors.InvalidRequest` naming each field, the value given and what is allowed.
+Limits that depend on the deployment (the pixel budget) come from the settings through pydantic's
+validation context, never from the environment at import time.
 """
 
 from __future__ import annotations
 
-import os
+import secrets
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from core.errors import InvalidRequest
 from worker.schedulers import canonical_scheduler_name, scheduler_names
 
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**63 - 1  # seeds a request may give
+# Seeds this worker draws itself stay below 2^32: JavaScript's JSON.parse rounds integers above 2^53, so a larger
+# seed sent back by a browser client would silently make another image.
+MAX_RANDOM_SEED = 2**32 - 1
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 8
 MAX_PROMPT_CHARS = 20_000
-# Pixels a single job may ask for across all its images (8 images of 1024x1024 by default).
-MAX_JOB_PIXELS = int(os.environ.get("MAX_JOB_PIXELS", str(8 * 1024 * 1024)))
+DEFAULT_MAX_JOB_PIXELS = 8 * 1024 * 1024  # core.settings' MAX_JOB_PIXELS default
+MAX_LORAS = 8
+# A data URI of up to 15 MB still fits RunPod's 20 MB /runsync payload with the rest of the request.
+MAX_IMAGE_URL_CHARS = 15_000_000
 
-# Keys of the official worker that this one deliberately does not serve, with the reason.
-_UNSUPPORTED_KEYS = {
-    "refiner_inference_steps": "this worker runs no refiner (the base model alone, as most SDXL finetunes need)",
-    "high_noise_frac": "this worker runs no refiner (the base model alone, as most SDXL finetunes need)",
-    "strength": "img2img is not supported; send a text-to-image request",
-    "image_url": "img2img is not supported; send a text-to-image request",
-}
+
+def draw_seed() -> int:
+    """A fresh random seed for a request that gave none (0..2^32-1, safe in JavaScript clients)."""
+    return secrets.randbelow(MAX_RANDOM_SEED + 1)
+
+
+def _number_from_int(value: Any) -> Any:
+    # strict mode would refuse `1` for a float field; a JSON integer is a perfectly good float.
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class LoraRequest(BaseModel):
@@ -39,15 +58,12 @@ class LoraRequest(BaseModel):
     name: Annotated[str, Field(min_length=1, max_length=512)]
     scale: Annotated[float, Field(ge=-5.0, le=5.0, allow_inf_nan=False)] = 1.0
 
-    @field_validator("scale", mode="before")
-    @classmethod
-    def _int_scale_is_fine(cls, value: Any) -> Any:
-        # strict mode would refuse `1`; a JSON integer is a perfectly good scale.
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    _int_scale_is_fine = field_validator("scale", mode="before")(_number_from_int)
 
 
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE)]
 OptionalText = Annotated[str | None, Field(max_length=MAX_PROMPT_CHARS)]
+Fraction = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 
 
 class GenerationRequest(BaseModel):
@@ -67,15 +83,21 @@ class GenerationRequest(BaseModel):
     guidance_scale: Annotated[float, Field(ge=0.0, le=30.0, allow_inf_nan=False)] = 7.5
     num_images: Annotated[int, Field(ge=1, le=8)] = 1
     clip_skip: Annotated[int | None, Field(ge=0, le=10)] = None
-    loras: Annotated[list[LoraRequest], Field(max_length=8)] = []
+    loras: Annotated[list[LoraRequest], Field(max_length=MAX_LORAS)] = []
+    # The official worker's refiner and img2img fields, with its defaults.
+    refiner: bool | None = None  # None: use the refiner when one is loaded (the official worker always does)
+    refiner_inference_steps: Annotated[int, Field(ge=1, le=150)] = 50
+    high_noise_frac: Annotated[float | None, Field(gt=0.0, lt=1.0, allow_inf_nan=False)] = None
+    strength: Fraction = 0.3
+    image_url: Annotated[str | None, Field(max_length=MAX_IMAGE_URL_CHARS)] = None
+    # Outputs.
     output_format: Literal["png", "jpeg", "webp"] = "png"
     quality: Annotated[int, Field(ge=1, le=100)] = 95
-    return_type: Literal["base64", "s3"] = "base64"
+    return_type: Literal["base64", "s3"] | None = None  # None: uploaded when a bucket is configured, else base64
 
-    @field_validator("guidance_scale", mode="before")
-    @classmethod
-    def _int_guidance_is_fine(cls, value: Any) -> Any:
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    _floats_from_ints = field_validator("guidance_scale", "high_noise_frac", "strength", mode="before")(
+        _number_from_int
+    )
 
     @field_validator("scheduler")
     @classmethod
@@ -85,13 +107,23 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"unknown scheduler; use one of: {', '.join(scheduler_names())}")
         return canonical
 
+    @field_validator("image_url")
+    @classmethod
+    def _image_url_kind(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None  # the official samples send null; an empty string means the same
+        if "://" in value[:16] and not value.lower().startswith(("http://", "https://")):
+            raise ValueError("only http(s) URLs, data URIs or bare base64 are accepted; local paths are never read")
+        return value
+
     @model_validator(mode="after")
-    def _pixel_budget(self) -> GenerationRequest:
+    def _pixel_budget(self, info: ValidationInfo) -> GenerationRequest:
+        budget = (info.context or {}).get("max_job_pixels", DEFAULT_MAX_JOB_PIXELS)
         pixels = self.width * self.height * self.num_images
-        if pixels > MAX_JOB_PIXELS:
+        if pixels > budget:
             raise ValueError(
                 f"width x height x num_images = {self.width}x{self.height}x{self.num_images} = {pixels} pixels "
-                f"exceeds this worker's budget of {MAX_JOB_PIXELS}; lower the size or num_images"
+                f"exceeds this worker's budget of {budget}; lower the size or num_images"
             )
         return self
 
@@ -103,49 +135,58 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"loras: {', '.join(duplicates)} listed more than once; give each LoRA once")
         return self
 
+    @property
+    def is_img2img(self) -> bool:
+        return self.image_url is not None
 
-class RequestError(ValueError):
-    """The request is invalid; ``str()`` is a message for the caller naming every bad field."""
+    @property
+    def size_given(self) -> bool:
+        """Whether width or height was sent (img2img output follows the input image otherwise)."""
+        return bool({"width", "height"} & self.model_fields_set)
 
 
-def _allowed_range(location: tuple) -> str:
-    """'allowed LOW..HIGH' for a bounded top-level number field, from the schema itself."""
-    if len(location) != 1 or location[0] not in GenerationRequest.model_fields:
+# Kept under its old name: the batch runner and tests catch request errors as RequestError.
+RequestError = InvalidRequest
+
+
+def _allowed_range(model: type[BaseModel], location: tuple) -> str:
+    """'allowed LOW..HIGH' for a bounded number field, from the schema itself."""
+    if not location or location[-1] not in model.model_fields:
         return ""
     low = high = None
-    for constraint in GenerationRequest.model_fields[str(location[0])].metadata:
-        low = getattr(constraint, "ge", low)
-        high = getattr(constraint, "le", high)
+    for constraint in model.model_fields[str(location[-1])].metadata:
+        low = getattr(constraint, "ge", getattr(constraint, "gt", low))
+        high = getattr(constraint, "le", getattr(constraint, "lt", high))
     if low is None or high is None:
         return ""
     return f"; allowed {low:g}..{high:g}" if isinstance(high, float) else f"; allowed {low}..{high}"
 
 
 def _describe(error: dict[str, Any]) -> str:
-    location = ".".join(str(part) for part in error.get("loc", ())) or "input"
+    location_parts = tuple(error.get("loc", ()))
+    location = ".".join(str(part) for part in location_parts) or "input"
     message = error.get("msg", "invalid").removeprefix("Value error, ")
+    in_lora = len(location_parts) >= 2 and location_parts[0] == "loras"
+    model = LoraRequest if in_lora else GenerationRequest
     if error.get("type") == "extra_forbidden":
-        reason = _UNSUPPORTED_KEYS.get(str(error["loc"][-1]), "unknown field")
-        return f"{location}: {reason}"
+        fields = ", ".join(model.model_fields)
+        return f"{location}: unknown field (a {'LoRA entry' if in_lora else 'request'} takes: {fields})"
     if error.get("type") == "missing":
         return f"{location}: required field is missing"
-    if not error.get("loc"):
+    if not location_parts:
         return f"{location}: {message}"
     shown = repr(error.get("input"))
     if len(shown) > 80:
         shown = shown[:77] + "..."
-    return f"{location}: {message} (got {shown}{_allowed_range(tuple(error['loc']))})"
+    return f"{location}: {message} (got {shown}{_allowed_range(model, location_parts)})"
 
 
-def parse_request(payload: Any) -> GenerationRequest:
-    """Validate a job input; raise :class:`RequestError` with a message naming every bad field."""
+def parse_request(payload: Any, max_job_pixels: int = DEFAULT_MAX_JOB_PIXELS) -> GenerationRequest:
+    """Validate a job input; raise :class:`core.errors.InvalidRequest` naming every bad field."""
     if not isinstance(payload, dict):
-        raise RequestError(f"input must be a JSON object with at least a 'prompt', got {type(payload).__name__}")
+        raise InvalidRequest(f"input must be a JSON object with at least a 'prompt', got {type(payload).__name__}")
     try:
-        return GenerationRequest.model_validate(payload)
+        return GenerationRequest.model_validate(payload, context={"max_job_pixels": max_job_pixels})
     except ValidationError as error:
-        errors = error.errors(include_url=False)
-        problems = [_describe(item) for item in errors]
-        if any(item.get("type") == "extra_forbidden" for item in errors):
-            problems.append(f"allowed fields: {', '.join(GenerationRequest.model_fields)}")
-        raise RequestError("invalid input: " + "; ".join(problems)) from None
+        problems = [_describe(item) for item in error.errors(include_url=False)]
+        raise InvalidRequest("; ".join(problems)) from None

@@ -20,8 +20,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from worker import loras as loras_module
+from core.settings import load_settings
 from worker.engine import Engine, EngineError
-from worker.handler import STATE, handler
+from worker.handler import Worker
 from worker.images import read_parameters
 from worker.lora_synth import (
     TEXT_ENCODERS,
@@ -148,13 +149,14 @@ def reference(worker: SimpleNamespace, *loras: tuple[str, float]) -> bytes:
 def test_a_lora_changes_the_image_and_says_what_was_applied(worker, lora_dir: Path, monkeypatch) -> None:
     result = generate(worker, ("style", 0.8))
     assert result.images[0].tobytes() != worker.fresh
-    (entry,) = result.metadata["loras"]
+    (entry,) = result.metadata.stable["loras"]
     assert entry["name"] == "style" and entry["scale"] == 0.8 and entry["active"] is True
     assert entry["format"] == "diffusers" and entry["components"] == ["unet", *TEXT_ENCODERS]
     assert entry["path"] == str((lora_dir / "style.safetensors").resolve())
     assert entry["sha256"] == hashlib.sha256((lora_dir / "style.safetensors").read_bytes()).hexdigest()[:12]
-    assert entry["cache_hit"] is False and entry["load_s"] > 0
-    json.dumps(result.metadata["loras"])  # goes into the job's JSON output as is
+    (cache,) = result.metadata.volatile["cache"]["loras"]
+    assert cache == {"name": "style", "cache_hit": False, "load_s": cache["load_s"]} and cache["load_s"] > 0
+    json.dumps(result.metadata.stable["loras"])  # goes into the job's JSON output as is
     worker.references[(("style", 0.8),)] = result.images[0].tobytes()
 
     reads = []
@@ -167,24 +169,24 @@ def test_a_lora_changes_the_image_and_says_what_was_applied(worker, lora_dir: Pa
 
 def test_kohya_file_gives_the_same_image_as_the_diffusers_file(worker) -> None:
     result = generate(worker, ("kohya/style", 0.8))
-    assert result.metadata["loras"][0]["format"] == "kohya"
-    assert result.metadata["loras"][0]["components"] == ["unet", *TEXT_ENCODERS]
+    assert result.metadata.stable["loras"][0]["format"] == "kohya"
+    assert result.metadata.stable["loras"][0]["components"] == ["unet", *TEXT_ENCODERS]
     assert result.images[0].tobytes() == reference(worker, ("style", 0.8))
 
 
 def test_text_encoder_lora_acts_through_the_prompt(worker) -> None:
     result = generate(worker, ("words", 1.0))
-    assert result.metadata["loras"][0]["components"] == list(TEXT_ENCODERS)
+    assert result.metadata.stable["loras"][0]["components"] == list(TEXT_ENCODERS)
     assert result.images[0].tobytes() not in (worker.fresh, reference(worker, ("style", 0.8)))
 
 
 def test_no_lora_after_lora_jobs_is_byte_identical_to_a_fresh_worker(worker) -> None:
     combined = generate(worker, ("style", 0.8), ("detail", -1.5), ("words", 0.5))
-    assert [entry["name"] for entry in combined.metadata["loras"]] == ["style", "detail", "words"]
+    assert [entry["name"] for entry in combined.metadata.stable["loras"]] == ["style", "detail", "words"]
     assert combined.images[0].tobytes() not in (worker.fresh, reference(worker, ("style", 0.8)))
     # The same prompt as the text-encoder LoRA jobs: the prompt cache must not hand back their embeddings.
     after = generate(worker)
-    assert after.images[0].tobytes() == worker.fresh and after.metadata["loras"] == []
+    assert after.images[0].tobytes() == worker.fresh and after.metadata.stable["loras"] == []
 
 
 REFUSALS = [
@@ -219,15 +221,17 @@ def test_after_a_refusal_the_next_jobs_are_unaffected_and_scale_zero_is_no_lora(
         generate(worker, ("style", 0.8), ("sd15", 1.0))
     zero = generate(worker, ("style", 0.0))
     assert zero.images[0].tobytes() == worker.fresh
-    assert zero.metadata["loras"][0]["active"] is False and "cache_hit" not in zero.metadata["loras"][0]
+    assert zero.metadata.stable["loras"][0]["active"] is False
+    assert "cache_hit" not in zero.metadata.volatile["cache"]["loras"][0]
     # The handler test below runs style@0.8 next and compares it with the image made before any refusal.
 
 
-def test_handler_returns_lora_errors_and_a1111_parameters(worker, monkeypatch) -> None:
-    monkeypatch.setattr(STATE, "engine", worker.engine)
-    monkeypatch.setattr(STATE, "startup_error", None)
+def test_handler_returns_lora_errors_and_a1111_parameters(worker) -> None:
+    handler_worker = Worker(load_settings({}))
+    handler_worker.engine, handler_worker.startup_error = worker.engine, None
+    handler = handler_worker.handle
     out = handler({"id": "lora-job", "input": {**JOB, "loras": [{"name": "nope"}]}})
-    assert set(out) == {"error"} and out["error"].startswith("loras[0].name: no LoRA named 'nope'")
+    assert set(out) == {"error"} and out["error"].startswith("lora: loras[0].name: no LoRA named 'nope'")
     assert "available: " in out["error"]
 
     out = handler({"id": "lora-job", "input": {**JOB, "loras": [{"name": "style", "scale": 0.8}]}})
@@ -235,7 +239,7 @@ def test_handler_returns_lora_errors_and_a1111_parameters(worker, monkeypatch) -
     png = base64.b64decode(out["images"][0].split(",", 1)[1])
     assert "Lora weights: style: 0.8" in read_parameters(png)
     assert Image.open(io.BytesIO(png)).convert("RGB").tobytes() == reference(worker, ("style", 0.8))
-    assert out["metadata"]["loras"][0]["name"] == "style" and out["metadata"]["loras"][0]["cache_hit"] is True
+    assert out["metadata"]["loras"][0]["name"] == "style" and out["metadata"]["cache"]["loras"][0]["cache_hit"] is True
 
 
 # -- the manager on a bare pipeline: combination arithmetic, isolation, the LRU -------------------------------------

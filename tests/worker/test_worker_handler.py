@@ -17,10 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from worker import handler as handler_module
-from worker.handler import STATE, handler, start_engine
+from core.settings import load_settings
+from worker.handler import Worker
 from worker.images import read_parameters
-from worker.schedulers import SCHEDULERS
+from worker.schedulers import canonical_scheduler_name
+from worker.schema import MAX_RANDOM_SEED
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"prompt": "a lighthouse at dawn", "height": 256, "width": 256, "num_inference_steps": 3}
@@ -32,15 +33,18 @@ def decode(uri: str) -> tuple[Image.Image, bytes]:
     return Image.open(io.BytesIO(data)), data
 
 
+WORKER = Worker(load_settings({}))  # no bucket, default limits, whatever the test machine's environment says
+
+
 @pytest.fixture(scope="module")
 def engine_loaded(dev_model_dir: Path):
-    start_engine(dev_model_dir)
-    assert STATE.startup_error is None, STATE.startup_error
-    yield STATE.engine
+    WORKER.start(dev_model_dir)
+    assert WORKER.startup_error is None, WORKER.startup_error
+    yield WORKER.engine
 
 
-def run(payload: dict) -> dict:
-    return handler({"id": "test-job", "input": payload})
+def run(payload: dict, worker: Worker = WORKER) -> dict:
+    return worker.handle({"id": "test-job", "input": payload})
 
 
 @pytest.mark.parametrize(("output_format", "pil_format"), [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
@@ -65,17 +69,21 @@ def test_same_seed_same_bytes_and_metadata(engine_loaded) -> None:
     json.dumps(metadata)  # JSON-able all the way down
 
 
-def test_random_seed_is_63_bit_and_reported(engine_loaded) -> None:
+def test_random_seed_is_32_bit_and_reported(engine_loaded) -> None:
     out = run({**SMALL, "num_inference_steps": 1})
-    assert 0 <= out["seed"] < 2**63 and out["metadata"]["seeds"] == [out["seed"]]
+    assert 0 <= out["seed"] <= MAX_RANDOM_SEED and out["metadata"]["seeds"] == [out["seed"]]
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
-def test_every_scheduler_runs_and_is_deterministic(engine_loaded, scheduler: str) -> None:
+# Every name builds a fresh scheduler (tests/worker/test_worker_schema.py); these run the engine for the kinds of
+# noise handling: deterministic, ancestral (per-step noise from the generators), per-call noise (Brownian tree),
+# multistep history, and the official worker's singlestep solver.
+@pytest.mark.parametrize("scheduler", ["DDIM", "Euler a", "DPM++ SDE Karras", "DPM++ 2M Karras", "DPMSolverSinglestep"])
+def test_schedulers_run_and_are_deterministic(engine_loaded, scheduler: str) -> None:
     payload = {**SMALL, "num_inference_steps": 2, "seed": 3, "scheduler": scheduler}
     first, second = run(payload), run(payload)
     assert "error" not in first, first
-    assert first["images"] == second["images"] and first["metadata"]["scheduler"] == scheduler
+    assert first["images"] == second["images"]
+    assert first["metadata"]["scheduler"] == canonical_scheduler_name(scheduler)
 
 
 def test_invalid_input_is_an_error_string_never_a_traceback(engine_loaded) -> None:
@@ -83,7 +91,8 @@ def test_invalid_input_is_an_error_string_never_a_traceback(engine_loaded) -> No
     assert set(out) == {"error"} and "num_inference_steps" in out["error"] and "1..150" in out["error"]
 
 
-@settings(max_examples=25)
+# The schema's own fuzz test covers arbitrary values; these few run the engine on what it accepts.
+@settings(max_examples=6)
 @given(
     st.dictionaries(
         st.sampled_from(["prompt", "width", "height", "seed", "num_images", "scheduler", "guidance_scale", "bogus"]),
@@ -129,21 +138,21 @@ def test_failed_jobs_leave_the_next_one_as_on_a_fresh_worker(engine_loaded, monk
     assert run(good)["images"] == reference["images"]
 
 
-def test_oversized_output_without_a_bucket_is_a_clear_error(engine_loaded, monkeypatch) -> None:
-    monkeypatch.setattr(handler_module, "MAX_PAYLOAD_BYTES", 1000)
-    monkeypatch.delenv("BUCKET_ENDPOINT_URL", raising=False)
-    out = run({**SMALL, "seed": 1})
-    assert "payload limit" in out["error"] and "jpeg" in out["error"]
+def test_oversized_output_without_a_bucket_is_a_clear_error(engine_loaded) -> None:
+    small_limit = Worker(load_settings({"MAX_PAYLOAD_BYTES": "1000"}))
+    small_limit.engine, small_limit.startup_error = engine_loaded, None
+    out = run({**SMALL, "seed": 1}, small_limit)
+    assert out["error"].startswith("output too large:") and "payload limit" in out["error"]
+    assert "jpeg" in out["error"] and "BUCKET_ENDPOINT_URL" in out["error"]
+    already_jpeg = run({**SMALL, "seed": 1, "output_format": "jpeg"}, small_limit)["error"]
+    assert "'jpeg' or 'webp'" not in already_jpeg and "lower quality" in already_jpeg
 
 
 def test_missing_model_folder_makes_every_job_an_error(tmp_path: Path) -> None:
-    saved = (STATE.engine, STATE.startup_error)
-    try:
-        start_engine(tmp_path / "not-converted")
-        out = run(SMALL)
-        assert "python -m model_build convert" in out["error"]
-    finally:
-        STATE.engine, STATE.startup_error = saved
+    worker = Worker(load_settings({}))
+    worker.start(tmp_path / "not-converted")
+    out = run(SMALL, worker)
+    assert out["error"].startswith("worker has no model:") and "python -m model_build convert" in out["error"]
 
 
 def worker_env(model_dir: Path) -> dict[str, str]:

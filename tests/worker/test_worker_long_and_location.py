@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from batch.cli import main as batch_main
-from worker.handler import STATE, handler, start_engine
+from core.settings import load_settings
+from worker.handler import Worker
 
 SENTENCE = "a castle on a hill, golden light over the valley, (tall towers:1.2), [mist], river and bridges"
 WORDS = SENTENCE.split(" ")
@@ -17,8 +18,10 @@ def long_prompt(words: int = 1000) -> str:
 
 
 def test_thousand_token_prompt_in_the_handler(dev_model_dir: Path) -> None:
-    start_engine(dev_model_dir)
-    assert STATE.startup_error is None
+    worker = Worker(load_settings({}))
+    worker.start(dev_model_dir)
+    assert worker.startup_error is None
+    handler = worker.handle
     payload = {"prompt": long_prompt(), "width": 256, "height": 256, "num_inference_steps": 2, "seed": 4}
     out = handler({"id": "long", "input": payload})
     assert "error" not in out, out
