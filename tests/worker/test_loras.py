@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from worker import loras as loras_module
 from core.settings import load_settings
+from worker import loras as loras_module
 from worker.engine import Engine, EngineError
 from worker.handler import Worker
 from worker.images import read_parameters
