@@ -4,9 +4,12 @@
                                   [--sha256 HEX] [--vae-sha256 HEX] [--cache-dir DIR] [--lock-timeout S]
     python -m model_build verify models/NAME [--full]
     python -m model_build inspect SOURCE
-    python -m model_build dev-checkpoint OUT.safetensors [--full-size]
+    python -m model_build dev-checkpoint OUT.safetensors [--full-size] [--refiner]
 
 SOURCE is a local .safetensors path, hf://<owner>/<repo>/<file>@<40-hex commit>, or an https:// URL.
+
+Exit codes: 0 done, 1 the checkpoint or the model folder is refused (the message says why),
+2 configuration: a bad option, or an output that cannot be written (read-only, under a file, full disk).
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ import logging
 import sys
 from pathlib import Path
 
+from core.errors import ConfigurationError, first_line
 from model_build.errors import ConversionError
 from model_build.manifest import ModelFolderError
+
+EXIT_OK, EXIT_REFUSED, EXIT_CONFIGURATION = 0, 1, 2
 
 SOURCE_HELP = "local .safetensors path, hf://<owner>/<repo>/<file>@<40-hex commit>, or https:// URL"
 
@@ -52,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     dev = commands.add_parser("dev-checkpoint", help="write the built-in dev model as one single-file checkpoint")
     dev.add_argument("output", type=Path)
     dev.add_argument("--full-size", action="store_true", help="the real SDXL base architecture (~7 GB, fp16)")
+    dev.add_argument("--refiner", action="store_true", help="the matching SDXL refiner (same VAE and OpenCLIP encoder)")
     return parser
 
 
@@ -92,19 +99,26 @@ def main(argv: list[str] | None = None) -> int:
             info = inspect_checkpoint(source.path)
             counts = ", ".join(f"{component} {len(keys)}" for component, keys in info.component_keys.items())
             print(
-                f"{source.name}: SDXL base checkpoint, config {info.config_name}, {info.num_tensors} tensors "
+                f"{source.name}: {info.family.replace('sdxl-', 'SDXL ')} checkpoint, config {info.config_name}, "
+                f"{info.num_tensors} tensors "
                 f"({counts}; {len(info.ignored)} ignored), dtypes {', '.join(info.dtypes)}"
                 + (" [dev model: random weights]" if info.is_dev_model else "")
             )
         elif args.command == "dev-checkpoint":
             from model_build.dev_model import DEV_MODEL_NOTICE, write_dev_checkpoint
 
-            path = write_dev_checkpoint(args.output, full_size=args.full_size)
+            path = write_dev_checkpoint(args.output, full_size=args.full_size, refiner=args.refiner)
             print(f"wrote {path} ({DEV_MODEL_NOTICE})")
+    except ConfigurationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIGURATION
     except (ConversionError, ModelFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_REFUSED
+    except OSError as error:  # a file that cannot be read or written: one line, never a traceback
+        print(f"error: {type(error).__name__}: {first_line(error)}", file=sys.stderr)
+        return EXIT_REFUSED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

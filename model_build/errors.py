@@ -2,11 +2,17 @@
 
 They live in their own module so that every step (fetch, inspect, convert, prove) can raise them
 without importing the orchestration in ``convert.py``, which re-exports :class:`ConversionError`.
+They are :class:`core.errors.WorkerError` kinds, so the worker (which converts ``CHECKPOINT_PATH``
+on its first start) reports them like any other error. A problem with where the output goes (a
+read-only folder, a path under a file, a full disk) is a :class:`core.errors.ConfigurationError`
+instead: the command line exits with 2 for it, as for any other configuration error.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+from core.errors import WorkerError
 
 SHOWN = 5  # how many names an error message lists before "… (N more)"
 
@@ -18,8 +24,14 @@ def shown_names(names: Iterable[str]) -> str:
     return text + (f", … ({len(names) - SHOWN} more)" if len(names) > SHOWN else "")
 
 
-class ConversionError(Exception):
-    """The checkpoint cannot be converted; the message says why and what to do."""
+class ConversionError(WorkerError):
+    """The checkpoint cannot be converted; the message says why and what to do.
+
+    Not retriable: the same file converts the same way every time (a failed download is fetched
+    again by running the same command, which the message says).
+    """
+
+    code = "conversion failed"
 
 
 class FetchError(ConversionError):

@@ -22,13 +22,14 @@ from email.message import Message
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from core.hub_names import HubFileName, HubNameError, is_hub_name, parse_hub_name
+from core.safetensors_files import pickle_suffix
+from core.settings import Settings, load_settings
 from model_build.errors import FetchError
 from model_build.manifest import sha256_file
 
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 CHUNK_BYTES = 8 << 20
-_HEX40 = re.compile(r"[0-9a-fA-F]{40}")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -40,40 +41,21 @@ class FetchedFile:
     sha256: str | None = None  # known when a pin was checked (saves hashing a 7 GB file twice)
 
 
-@dataclass(frozen=True)
-class HubFile:
-    repo_id: str
-    filename: str
-    revision: str
-
-    @property
-    def uri(self) -> str:
-        return f"hf://{self.repo_id}/{self.filename}@{self.revision}"
+HubFile = HubFileName  # a pinned Hub file (core.hub_names), under the name this package has used
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MODEL_BUILD_CACHE") or Path.home() / ".cache" / "model_build")
+def default_cache_dir(settings: Settings | None = None) -> Path:
+    """Where URL downloads go without --cache-dir: MODEL_BUILD_CACHE, else ~/.cache/model_build."""
+    configured = (settings or load_settings()).model_build_cache
+    return configured or Path.home() / ".cache" / "model_build"
 
 
 def parse_hf_uri(uri: str) -> HubFile:
-    """``hf://owner/repo/path/to/file.safetensors@<40-hex commit>`` -> :class:`HubFile`."""
-    usage = "write hf://<owner>/<repo>/<file>@<40-hex commit>"
-    if not uri.startswith("hf://"):
-        raise FetchError(f"{uri!r} is not an hf:// source; {usage}")
-    body, at, revision = uri.removeprefix("hf://").rpartition("@")
-    if not at:
-        raise FetchError(
-            f"{uri} names no revision; pin the exact file with a commit hash so the same bytes come every time: {usage}"
-        )
-    if not _HEX40.fullmatch(revision):
-        raise FetchError(
-            f"{uri}: revision {revision!r} is not a 40-hex commit hash. Branch and tag names move; pin the commit "
-            f"(the file's page on the Hub lists it under 'History'): {usage}"
-        )
-    parts = body.split("/")
-    if len(parts) < 3 or not all(parts):
-        raise FetchError(f"{uri} does not name a repository and a file; {usage}")
-    return HubFile(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]), revision=revision.lower())
+    """``hf://owner/repo/path/to/file.safetensors@<40-hex commit>`` -> :class:`HubFile`, or a FetchError."""
+    try:
+        return parse_hub_name(uri)
+    except HubNameError as error:
+        raise FetchError(f"{uri} {error}") from None
 
 
 def display_url(url: str) -> str:
@@ -85,9 +67,10 @@ def display_url(url: str) -> str:
 
 
 def _refuse_pickle_name(name: str, shown: str) -> None:
-    if name.lower().endswith(PICKLE_SUFFIXES):
+    suffix = pickle_suffix(name)
+    if suffix:
         raise FetchError(
-            f"{shown} is a pickle checkpoint ({Path(name).suffix}); pickles can run arbitrary code when loaded and are "
+            f"{shown} is a pickle checkpoint ({suffix}); pickles can run arbitrary code when loaded and are "
             "never downloaded or opened here. Use the model's .safetensors file."
         )
 
@@ -228,7 +211,7 @@ def fetch(source: str | os.PathLike, sha256: str | None = None, cache_dir: Path 
     """Resolve ``source`` to a local file, downloading it if the user named a remote one; check the pin."""
     text = os.fspath(source)
     pin = normalize_sha256(sha256) if sha256 else None
-    if text.startswith("hf://"):
+    if is_hub_name(text):
         hub_file = parse_hf_uri(text)
         fetched = FetchedFile(fetch_hub_file(hub_file, cache_dir / "hf" if cache_dir else None), hub_file.uri, "hf")
     elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text):

@@ -181,7 +181,7 @@ def test_hf_uri_is_parsed() -> None:
         (f"hf://owner/repo/model.safetensors@{REVISION[:12]}", r"is not a 40-hex commit hash"),
         ("hf://owner/repo/model.safetensors", r"names no revision"),
         (f"hf://owner/model.safetensors@{REVISION}", r"does not name a repository and a file"),
-        (f"hf://owner/repo/model.ckpt@{REVISION}", r"is a pickle checkpoint"),
+        (f"hf://owner/repo/model.ckpt@{REVISION}", r"is a pickle file"),
     ],
 )
 def test_hf_uri_errors_say_how_to_pin(uri: str, message: str, tmp_path: Path) -> None:

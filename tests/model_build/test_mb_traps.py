@@ -103,7 +103,7 @@ def test_proof_catches_a_tensor_left_at_random_initialisation(dev_model_dir: Pat
     keys = _source(dev_tensors, "text_encoder")
     with pytest.raises(CompletenessError) as error:
         prove_component("text_encoder", encoder, keys, lambda k: dev_tensors[k].half(), torch.float16)
-    assert str(error.value).startswith("text_encoder: 1 of 52 tensors differ from the checkpoint after conversion")
+    assert error.value.message.startswith("text_encoder: 1 of 52 tensors differ from the checkpoint after conversion")
     assert f"{CLIP_L}text_model.encoder.layers.1.mlp.fc2.weight" in str(error.value)
 
 
