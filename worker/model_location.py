@@ -6,7 +6,9 @@ The folder, in order:
 2. with ``CHECKPOINT`` (a path on the volume, ``hf://owner/repo/file@<commit>``, or an https URL with
    ``CHECKPOINT_SHA256``) or the older ``CHECKPOINT_PATH`` (a path): ``/runpod-volume/models/<name>``,
    where the first worker to start downloads the checkpoint into the volume's cache (resumable, with
-   progress in the log), converts it once, and every other worker waits for it and then loads it;
+   progress in the log), converts it once, and every other worker waits for it and then loads it.
+   Without a volume the same happens on the container's own disk, in ``/models/<name>``: it works, but
+   every new worker pays the download and the conversion again (a warning says so);
 3. ``/runpod-volume/models/<MODEL_NAME>`` when that folder exists (converted earlier);
 4. ``/models/<MODEL_NAME>``, the folder baked into the image at build time.
 
@@ -26,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
@@ -46,6 +49,7 @@ NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 HUB_WRONG_NAME_ERRORS = frozenset(
     {"GatedRepoError", "RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError", "HubNameError"}
 )
+TEMP_DOWNLOADS = Path(tempfile.gettempdir()) / "model_build"
 _URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -57,6 +61,7 @@ class ModelPlan:
     source: str | None = None
     sha256: str | None = None
     cache_dir: Path | None = None  # download cache for a remote source
+    keep_download: bool = True  # False: delete the download after converting (no volume to keep it on)
 
 
 def _is_remote(source: str) -> bool:
@@ -100,17 +105,15 @@ def plan_model(settings: Settings, volume: Path = VOLUME, baked: Path = BAKED_MO
         )
     name = settings.model_name or (source_model_name(source) if source else DEFAULT_MODEL_NAME)
     volume_models = volume / "models"
-    cache_dir = settings.model_build_cache or volume / "cache" / "model_build"
+    on_volume = volume.is_dir()
+    # Without a volume a download lands on the container's disk, used once and then deleted.
+    cache_dir = settings.model_build_cache or (volume / "cache" / "model_build" if on_volume else TEMP_DOWNLOADS)
+    keep_download = on_volume or settings.model_build_cache is not None
     if settings.model_dir is not None:
-        return ModelPlan(settings.model_dir, source, sha256, cache_dir if source else None)
+        return ModelPlan(settings.model_dir, source, sha256, cache_dir if source else None, keep_download)
     if source:
-        if not volume.is_dir():
-            raise ConfigurationError(
-                f"CHECKPOINT={_shown(source)} is converted onto the network volume, but none is mounted at {volume}. "
-                "Attach a network volume to the endpoint, bake the model into the image "
-                "(--build-arg CHECKPOINT=...), or set MODEL_DIR to a writable folder to convert into"
-            )
-        return ModelPlan(volume_models / name, source, sha256, cache_dir)
+        # No volume: the container's own disk (slow: every new worker downloads and converts again; logged).
+        return ModelPlan((volume_models if on_volume else baked) / name, source, sha256, cache_dir, keep_download)
     if (volume_models / name).exists():
         return ModelPlan(volume_models / name)
     return ModelPlan(baked / name)
@@ -134,6 +137,15 @@ def prepare_model_dir(settings: Settings | None = None, volume: Path = VOLUME, b
     if converted_from(plan):
         log.info("model %s is converted from %s", plan.model_dir, _shown(plan.source))
         return plan.model_dir
+    if not volume.is_dir():
+        log.warning(
+            "no network volume at %s: %s goes onto this worker's own disk (%s), and every new worker downloads and "
+            "converts it again; attach a network volume to do it once, or bake it into the image (--build-arg "
+            "CHECKPOINT=...)",
+            volume,
+            _setting_name(plan),
+            plan.model_dir,
+        )
     try:
         with _model_lock(plan.model_dir):
             if not converted_from(plan):  # else another worker finished it while this one waited
@@ -246,6 +258,8 @@ def _fetch_and_convert(plan: ModelPlan) -> None:
             f"{_setting_name(plan)} cannot be served: {_message(error)}. Nothing was written to {plan.model_dir}"
         ) from None
     log.info("%s", result.message)
+    if remote and not plan.keep_download and plan.cache_dir is not None:
+        shutil.rmtree(plan.cache_dir, ignore_errors=True)  # nobody reuses it; the container disk is small
 
 
 @contextmanager

@@ -22,6 +22,7 @@ import pytest
 from core.errors import ConfigurationError, ModelMissing
 from core.settings import load_settings
 from model_build.manifest import read_manifest, verify
+from worker import model_location
 from worker.model_location import (
     apply_volume_caches,
     plan_model,
@@ -131,9 +132,19 @@ def test_settings_that_cannot_work_are_configuration_errors(env: dict, message: 
     assert "SECRET" not in str(caught.value)
 
 
-def test_a_checkpoint_without_a_volume_says_what_to_do(tmp_path: Path) -> None:
-    with pytest.raises(ConfigurationError, match=r"none is mounted.*Attach a network volume.*--build-arg CHECKPOINT"):
-        prepare_model_dir(settings(CHECKPOINT=f"hf://o/r/m.safetensors@{COMMIT}"), tmp_path / "no-volume")
+def test_without_a_volume_a_url_is_converted_on_the_containers_disk_and_the_download_dropped(
+    server: _Server, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    baked, downloads = tmp_path / "models", tmp_path / "tmp" / "model_build"
+    monkeypatch.setattr(model_location, "TEMP_DOWNLOADS", downloads)  # the container's /tmp, here a test folder
+    env = settings(CHECKPOINT=checkpoint_url(server), CHECKPOINT_SHA256=sha256(server.data))
+    plan = plan_model(env, tmp_path / "no-volume", baked)
+    assert plan.model_dir == baked / "sdxl-dev" and plan.cache_dir == downloads and not plan.keep_download
+    with caplog.at_level("WARNING", logger="worker.model_location"):
+        assert prepare_model_dir(env, tmp_path / "no-volume", baked) == plan.model_dir
+    assert "no network volume" in caplog.text and "every new worker downloads and converts it again" in caplog.text
+    verify(plan.model_dir, full=True)
+    assert not downloads.exists(), "the download is deleted once converted"
 
 
 def test_the_caches_go_to_the_volume_unless_set(tmp_path: Path, volume: Path) -> None:
