@@ -23,10 +23,23 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from model_build.architectures import KNOWN_CONFIGS, expected_checkpoint, load_component_config
+from model_build.architectures import (
+    CONFIG_FAMILY,
+    FAMILIES,
+    KNOWN_CONFIGS,
+    expected_checkpoint,
+    load_component_config,
+)
 from model_build.dev_model import DEV_METADATA_KEY
 from model_build.errors import CheckpointError, shown_names
-from model_build.layout import COMPONENT_PREFIXES, to_original_layout
+from model_build.layout import (
+    BASE_FAMILY,
+    COMPONENT_PREFIXES,
+    REFINER_COMPONENT_PREFIXES,
+    REFINER_FAMILY,
+    component_prefixes,
+    to_original_layout,
+)
 
 PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
@@ -37,9 +50,12 @@ IGNORED_KEYS = frozenset(
     {
         # CLIP-L's position index buffer; transformers rebuilds it (0..76) and no longer stores it.
         "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
-        # OpenCLIP's contrastive-loss temperature and causal mask: unused when encoding text.
+        # OpenCLIP's contrastive-loss temperature and causal mask: unused when encoding text
+        # (embedder 1 in a base, embedder 0 in a refiner).
         "conditioner.embedders.1.model.logit_scale",
         "conditioner.embedders.1.model.attn_mask",
+        "conditioner.embedders.0.model.logit_scale",
+        "conditioner.embedders.0.model.attn_mask",
         # The training noise schedule of the LDM wrapper; the scheduler config defines it instead.
         "betas",
         "alphas_cumprod",
@@ -63,8 +79,10 @@ IGNORED_PREFIXES = ("model_ema.", "denoiser.")
 FAMILY_DESCRIPTIONS = {
     "sd1": "a Stable Diffusion 1.x checkpoint (one CLIP-L text encoder under cond_stage_model.transformer.)",
     "sd2": "a Stable Diffusion 2.x checkpoint (one OpenCLIP-H text encoder under cond_stage_model.model.)",
-    "sdxl_refiner": (
-        "an SDXL refiner checkpoint (only an OpenCLIP-bigG text encoder, under conditioner.embedders.0.model.)"
+    "sdxl_mixed": (
+        "a mix of an SDXL base and an SDXL refiner (the base's text encoders under conditioner.embedders.0.transformer."
+        " or conditioner.embedders.1.model. beside a refiner's under conditioner.embedders.0.model.), a broken merge "
+        "or two files joined"
     ),
     "sd3": "a Stable Diffusion 3 checkpoint (an MMDiT with joint_blocks, not a UNet)",
     "flux": "a Flux checkpoint (double_blocks/single_blocks transformer, not a UNet)",
@@ -78,6 +96,7 @@ FAMILY_ADVICE = {
     "lora": "load it as a LoRA at generation time and convert the base SDXL checkpoint it was trained on",
     "vae": "pass it with --vae next to a full SDXL base checkpoint",
     "diffusers_component": "convert the model's original single-file .safetensors checkpoint instead",
+    "sdxl_mixed": "convert the base and the refiner each from its own original file, into two --output folders",
 }
 
 
@@ -102,7 +121,7 @@ class CheckpointInfo:
     config_name: str
     is_dev_model: bool
     num_tensors: int
-    family: str = "sdxl"
+    family: str = BASE_FAMILY  # sdxl-base or sdxl-refiner
     # The original-layout keys that will be converted, per component (sorted).
     component_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()  # known harmless non-weight tensors that are dropped
@@ -265,7 +284,7 @@ class TensorReader:
 
 
 def identify_family(keys: Iterable[str]) -> str:
-    """``sdxl`` or the name of what the file looks like instead (a key of FAMILY_DESCRIPTIONS)."""
+    """``sdxl-base``, ``sdxl-refiner``, or what the file looks like instead (a key of FAMILY_DESCRIPTIONS)."""
     keys = set(keys)
 
     def any_prefix(*prefixes: str) -> bool:
@@ -277,10 +296,15 @@ def identify_family(keys: Iterable[str]) -> str:
         return "sd3"
     if any_prefix("double_blocks.", "single_blocks.", "model.diffusion_model.double_blocks."):
         return "flux"
-    if any_prefix("conditioner.embedders.0.model.") and not any_prefix("conditioner.embedders.1."):
-        return "sdxl_refiner"
+    # The text encoders tell base from refiner: CLIP-L at embedder 0 and OpenCLIP-bigG at embedder 1,
+    # or OpenCLIP-bigG alone at embedder 0.
+    refiner_encoder = any_prefix(REFINER_COMPONENT_PREFIXES["text_encoder_2"])
+    if refiner_encoder and any_prefix(COMPONENT_PREFIXES["text_encoder"], COMPONENT_PREFIXES["text_encoder_2"]):
+        return "sdxl_mixed"
+    if refiner_encoder:
+        return REFINER_FAMILY
     if any_prefix("conditioner.embedders.", "model.diffusion_model.label_emb."):
-        return "sdxl"
+        return BASE_FAMILY
     if any_prefix("cond_stage_model.model."):
         return "sd2"
     if any_prefix("cond_stage_model.transformer."):
@@ -297,9 +321,9 @@ def identify_family(keys: Iterable[str]) -> str:
 
 
 def refuse_family(path: Path, family: str, keys: Iterable[str]) -> None:
-    if family == "sdxl":
+    if family in FAMILIES:
         return
-    advice = FAMILY_ADVICE.get(family, "this converter handles SDXL base checkpoints only")
+    advice = FAMILY_ADVICE.get(family, "this converter handles SDXL base and SDXL refiner checkpoints only")
     first = f" (first tensors: {shown_names(sorted(keys))})" if family == "unknown" else ""
     raise CheckpointError(f"{path.name} looks like {FAMILY_DESCRIPTIONS[family]}{first}; {advice}.")
 
@@ -313,14 +337,17 @@ def expected_checkpoint_shape(config_name: str, key: str) -> tuple[int, ...] | N
     return (unet["block_out_channels"][0], unet["in_channels"], unet["conv_in_kernel"], unet["conv_in_kernel"])
 
 
-def choose_config(path: Path, shapes: Mapping[str, tuple[int, ...]], vae_replaced: bool = False) -> str:
-    """The shipped config whose tensor shapes this checkpoint has; an error naming sizes if none fits."""
+def choose_config(
+    path: Path, shapes: Mapping[str, tuple[int, ...]], vae_replaced: bool = False, family: str = BASE_FAMILY
+) -> str:
+    """The shipped config of ``family`` whose tensor shapes this checkpoint has; an error naming sizes if none fits."""
     # Building a config's expected tensors costs a second for sdxl_base, so the UNet's first
-    # convolution picks the candidate; all configs are scored only when it matches none.
+    # convolution picks the candidate; all the family's configs are scored only when it matches none.
     signature = "model.diffusion_model.input_blocks.0.0.weight"
-    candidates = [name for name in KNOWN_CONFIGS if expected_checkpoint_shape(name, signature) == shapes.get(signature)]
+    configs = FAMILIES[family].configs
+    candidates = [name for name in configs if expected_checkpoint_shape(name, signature) == shapes.get(signature)]
     scores = {}
-    for name in candidates if len(candidates) == 1 else KNOWN_CONFIGS:
+    for name in candidates if len(candidates) == 1 else configs:
         expected = expected_checkpoint(name)
         scores[name] = sum(
             1
@@ -341,13 +368,36 @@ def choose_config(path: Path, shapes: Mapping[str, tuple[int, ...]], vae_replace
                 f"{path.name} has a UNet with {conv_in[1]} input channels (SDXL base has 4): an inpainting or "
                 "other special-purpose SDXL variant, which this converter does not support."
             )
+        _refuse_other_family_unet(path, shapes, family)
         details = shown_names(f"{k} is {list(shapes[k])}, expected {list(expected[k].shape)}" for k in mismatched)
         raise CheckpointError(
             f"{path.name} is SDXL-shaped but its tensor sizes match no shipped config (closest: {best}, "
-            f"{len(mismatched)} tensors differ: {details}). Only the SDXL base architecture "
-            f"({', '.join(KNOWN_CONFIGS)}) converts."
+            f"{len(mismatched)} tensors differ: {details}). Only the SDXL base and SDXL refiner architectures "
+            f"({', '.join(KNOWN_CONFIGS)}) convert."
         )
     return best
+
+
+def _refuse_other_family_unet(path: Path, shapes: Mapping[str, tuple[int, ...]], family: str) -> None:
+    """A UNet shaped exactly like another family's, beside this family's text encoders: a mixed file."""
+    unet_prefix = COMPONENT_PREFIXES["unet"]
+    unet_shapes = {key: shape for key, shape in shapes.items() if key.startswith(unet_prefix)}
+    for name in KNOWN_CONFIGS:
+        if CONFIG_FAMILY[name] == family:
+            continue
+        wanted = {key: t.shape for key, t in expected_checkpoint(name).items() if t.component == "unet"}
+        if wanted == unet_shapes:
+            other = FAMILIES[CONFIG_FAMILY[name]].description
+            if not any(key.startswith("conditioner.") for key in shapes):
+                raise CheckpointError(
+                    f"{path.name} has the UNet of {other} ({name}) but no text encoder at all: a full "
+                    f"{other.removeprefix('an ')} holds its text encoders too. Convert the complete checkpoint."
+                )
+            raise CheckpointError(
+                f"{path.name} mixes two SDXL models: its text encoders are those of {FAMILIES[family].description}, "
+                f"but its UNet is shaped exactly like {other}'s ({name}). A broken merge or two files joined; "
+                f"{FAMILY_ADVICE['sdxl_mixed']}."
+            )
 
 
 # --- 4. every tensor accounted for, per component, before diffusers sees any of them ---
@@ -357,15 +407,15 @@ def _is_ignored(key: str) -> bool:
     return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES)
 
 
-def _component_of(key: str) -> str | None:
-    for component, prefix in COMPONENT_PREFIXES.items():
+def _component_of(key: str, prefixes: Mapping[str, str]) -> str | None:
+    for component, prefix in prefixes.items():
         if key.startswith(prefix):
             return component
     return None
 
 
 def _hints(component: str, missing: set[str], unknown: set[str]) -> str:
-    prefix = COMPONENT_PREFIXES[component]
+    prefix = COMPONENT_PREFIXES.get(component, "")
     if component == "text_encoder" and unknown:
         with_level = {prefix + "text_model." + key.removeprefix(prefix) for key in unknown}
         if with_level & missing:
@@ -387,6 +437,9 @@ def _name_problems(missing: list[str], unknown: list[str], num_wanted: int) -> l
     return parts
 
 
+_COUNT_WORDS = {3: "three", 4: "four"}
+
+
 def account_for_tensors(
     path: Path, shapes: Mapping[str, tuple[int, ...]], config_name: str, vae_replaced: bool = False
 ) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...], tuple[str, ...]]:
@@ -395,11 +448,13 @@ def account_for_tensors(
     Raises :class:`CheckpointError` naming, per component, the first missing and unknown tensors.
     Shapes were already checked by :func:`choose_config`.
     """
+    family = FAMILIES[CONFIG_FAMILY[config_name]]
+    prefixes = component_prefixes(family.name)
     expected = expected_checkpoint(config_name)
-    components: dict[str, set[str]] = {component: set() for component in COMPONENT_PREFIXES}
+    components: dict[str, set[str]] = {component: set() for component in prefixes}
     ignored, replaced, stray = [], [], []
     for key in sorted(shapes):
-        component = _component_of(key)
+        component = _component_of(key, prefixes)
         if _is_ignored(key):
             ignored.append(key)
         elif component == "vae" and vae_replaced:
@@ -416,8 +471,9 @@ def account_for_tensors(
         missing, unknown = wanted - present, present - wanted  # shapes were checked by choose_config
         if not present:
             problems.append(
-                f"{component}: no tensors at all under {COMPONENT_PREFIXES[component]} (the checkpoint lacks this "
-                "component; a full SDXL checkpoint has UNet, VAE and both text encoders"
+                f"{component}: no tensors at all under {prefixes[component]} (the checkpoint lacks this "
+                f"component; a full {family.description.removeprefix('an ')} has UNet, VAE and "
+                + ("the OpenCLIP-bigG text encoder" if family.name == REFINER_FAMILY else "both text encoders")
                 + ("; pass a separate VAE with --vae" if component == "vae" else "")
                 + ")"
             )
@@ -427,13 +483,14 @@ def account_for_tensors(
             problems.append(f"{component}: " + "; ".join(parts) + "." + _hints(component, missing, unknown))
     if stray:
         problems.append(
-            f"{len(stray)} unknown tensors outside the four SDXL components ({shown_names(stray)}); the converter does "
-            "not know what they are, so it will not guess"
+            f"{len(stray)} unknown tensors outside the {_COUNT_WORDS[len(prefixes)]} SDXL"
+            f"{' refiner' if family.name == REFINER_FAMILY else ''} components ({shown_names(stray)}); the converter "
+            "does not know what they are, so it will not guess"
         )
     if problems:
+        what = "an SDXL refiner checkpoint" if family.name == REFINER_FAMILY else "an SDXL checkpoint"
         raise CheckpointError(
-            f"{path.name} does not hold exactly the tensors of an SDXL checkpoint ({config_name}):\n  "
-            + "\n  ".join(problems)
+            f"{path.name} does not hold exactly the tensors of {what} ({config_name}):\n  " + "\n  ".join(problems)
         )
     return (
         {component: tuple(sorted(keys)) for component, keys in components.items()},
@@ -450,7 +507,7 @@ def inspect_checkpoint(path: Path, vae_replaced: bool = False) -> CheckpointInfo
     shapes = {key: entry.shape for key, entry in header.tensors.items()}
     family = identify_family(shapes)
     refuse_family(path, family, shapes)
-    config_name = choose_config(path, shapes, vae_replaced)
+    config_name = choose_config(path, shapes, vae_replaced, family)
     component_keys, ignored, replaced = account_for_tensors(path, shapes, config_name, vae_replaced)
     try:
         is_dev_model = bool(json.loads(header.metadata.get(DEV_METADATA_KEY, "null")))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from model_build.errors import CompletenessError, shown_names
-from model_build.layout import to_original_layout
+from model_build.layout import BASE_FAMILY, to_original_layout
 
 
 def _is_finite(tensor: torch.Tensor) -> bool:
@@ -61,16 +61,18 @@ def prove_component(
     source_keys: Iterable[str],
     read_source: Callable[[str], torch.Tensor],
     dtype: torch.dtype,
+    family: str = BASE_FAMILY,
 ) -> ComponentProof:
     """Compare ``module`` with its checkpoint tensors; raise :class:`CompletenessError` naming the first problems.
 
     ``read_source(key)`` returns the checkpoint tensor named ``key`` (original layout), already
-    cast to ``dtype``; it is called once per tensor so a caller can stream them from disk.
+    cast to ``dtype``; it is called once per tensor so a caller can stream them from disk. ``family``
+    names the checkpoint layout the keys are in (the refiner's text encoder has another prefix).
     """
     assert_materialized(component, module)
     state = module.state_dict()  # parameters and persistent buffers: what a checkpoint must provide
     try:
-        mapped = to_original_layout(component, state, _config_of(module))
+        mapped = to_original_layout(component, state, _config_of(module), family)
     except KeyError as error:
         raise CompletenessError(
             f"{component}: the pipeline holds tensor {error} that has no name in the original checkpoint layout, "

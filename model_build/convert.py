@@ -66,6 +66,12 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Smallest first, so a damaged tensor is usually found before the 5 GB UNet is read.
 COMPONENT_ORDER = ("text_encoder", "text_encoder_2", "vae", "unet")
 
+
+def _components_of(info: CheckpointInfo) -> tuple[str, ...]:
+    """The checkpoint family's components in COMPONENT_ORDER (a refiner has no text_encoder)."""
+    return tuple(component for component in COMPONENT_ORDER if component in info.component_keys)
+
+
 # Above this size a freed component's memory is released at once (a full collection costs ~0.3 s).
 BIG_COMPONENT_BYTES = 256 << 20
 
@@ -280,15 +286,16 @@ def _prove_folder(
 
     The tokenizers just written are passed in rather than parsed again: they hold no weights.
     """
+    from model_build.architectures import FAMILIES
     from model_build.completeness import prove_component
     from model_build.single_file import load_pipeline
 
     torch_dtype = DTYPES[dtype]
-    pipe = load_pipeline(staging, torch_dtype, **tokenizers)
+    pipe = load_pipeline(staging, torch_dtype, FAMILIES[info.family].pipeline_class, **tokenizers)
     proofs = {}
     try:
         with TensorReader(info.path) as reader:
-            for component in COMPONENT_ORDER:
+            for component in _components_of(info):
                 if component == "vae" and vae_file is not None:
                     keys = sorted(vae_file.tensors)
                     tensors = vae_file.tensors
@@ -302,7 +309,7 @@ def _prove_folder(
                         return reader.get(key).to(torch_dtype)
 
                 log.info("proving %s: %d tensors against the checkpoint", component, len(keys))
-                proof = prove_component(component, getattr(pipe, component), keys, read, torch_dtype)
+                proof = prove_component(component, getattr(pipe, component), keys, read, torch_dtype, info.family)
                 proofs[component] = proof.tensors
     finally:
         del pipe
@@ -330,7 +337,7 @@ def _build(
         staging = work / "model"
         staging.mkdir()
         with quiet_libraries():
-            for component in COMPONENT_ORDER:
+            for component in _components_of(info):
                 tensors = _component_tensors(component, info, vae_file, dtype)
                 log.info("converting %s (%d tensors)", component, len(tensors))
                 module = load_component(component, tensors, config_folder, DTYPES[dtype])
@@ -353,6 +360,7 @@ def _build(
             "source": source.record(),
             "vae": None if vae is None else {**vae.record(), "layout": vae_file.layout, "ignored": vae_file.ignored},
             "config": info.config_name,
+            "family": info.family,  # sdxl-base or sdxl-refiner; a manifest without it is a base
             "dev_model": info.is_dev_model,
             **({"notice": DEV_MODEL_NOTICE} if info.is_dev_model else {}),
             "dtype": dtype,

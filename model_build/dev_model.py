@@ -6,6 +6,12 @@ one single-file checkpoint in the original SDXL key layout, so the real conversi
 prompt and LoRA code runs on it in seconds. ``--full-size`` writes the real SDXL base
 architecture (about 7 GB in fp16) for memory and speed measurements.
 
+``--refiner`` writes the matching refiner instead (4 UNet levels with the refiner's block
+structure, the same VAE and OpenCLIP-style encoder, in the refiner's key layout). A component's
+seeded weights depend only on its tensor names, shapes and the seed, so with the same seed the dev
+refiner's VAE and text encoder are exactly the dev base's: a pair shares one latent space, as the
+real base and refiner do.
+
 Its weights are random: every image it makes is noise. The file says so in its metadata.
 """
 
@@ -19,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model_build.architectures import COMPONENTS, empty_component, load_component_config
+from model_build.architectures import empty_component, family_of_config, load_component_config
 from model_build.layout import to_original_layout
 
 DEV_MODEL_NOTICE = "sdxl-worker dev model: seeded RANDOM weights, every image it makes is noise"
@@ -41,20 +47,30 @@ def _seeded_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor
 
 
 def dev_state_dict(config_name: str, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
-    """All four components of ``config_name`` with seeded weights, in the original layout."""
+    """Every component of ``config_name`` with seeded weights, in the original layout of its family."""
+    family = family_of_config(config_name)
     checkpoint: dict[str, torch.Tensor] = {}
-    for component in COMPONENTS:
+    for component in family.components:
         module = empty_component(config_name, component)  # meta: names and shapes, no memory
         weights = {
             key: _seeded_tensor(f"{component}.{key}", tuple(t.shape), seed).to(dtype)
             for key, t in module.state_dict().items()
         }
-        checkpoint.update(to_original_layout(component, weights, load_component_config(config_name, component)))
+        config = load_component_config(config_name, component)
+        checkpoint.update(to_original_layout(component, weights, config, family.name))
     return {key: tensor.contiguous() for key, tensor in checkpoint.items()}
 
 
-def write_dev_checkpoint(output: Path, full_size: bool = False, seed: int = 0) -> Path:
-    config_name = "sdxl_base" if full_size else "dev_tiny"
+def dev_config_name(full_size: bool = False, refiner: bool = False) -> str:
+    """The shipped config a dev checkpoint is built from."""
+    if refiner:
+        return "sdxl_refiner" if full_size else "dev_refiner"
+    return "sdxl_base" if full_size else "dev_tiny"
+
+
+def write_dev_checkpoint(output: Path, full_size: bool = False, seed: int = 0, refiner: bool = False) -> Path:
+    """Write the dev base (or with ``refiner`` the dev refiner) as one single-file checkpoint; same bytes every time."""
+    config_name = dev_config_name(full_size, refiner)
     dtype = torch.float16 if full_size else torch.float32
     state_dict = dev_state_dict(config_name, dtype, seed)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,10 @@ block structure). Two users:
 * the converter's pre-flight check, which derives the exact set of keys (and shapes) that a
   checkpoint for a given config must contain, so a missing or unknown tensor is named before
   diffusers turns it into "Cannot copy out of meta tensor" or a silent random initialisation.
+
+Two families share these names: the SDXL base (UNet, VAE, CLIP-L and OpenCLIP-bigG) and the SDXL
+refiner (UNet, VAE and OpenCLIP-bigG only). Their tensors are named alike, except that the
+refiner's single text encoder sits where the base keeps CLIP-L, at ``conditioner.embedders.0``.
 """
 
 from __future__ import annotations
@@ -17,13 +21,35 @@ from collections.abc import Mapping
 
 import torch
 
-# The original checkpoint's top-level prefix of each pipeline component.
+BASE_FAMILY = "sdxl-base"
+REFINER_FAMILY = "sdxl-refiner"
+
+# The original checkpoint's top-level prefix of each pipeline component of an SDXL base.
 COMPONENT_PREFIXES: dict[str, str] = {
     "unet": "model.diffusion_model.",
     "vae": "first_stage_model.",
     "text_encoder": "conditioner.embedders.0.transformer.",
     "text_encoder_2": "conditioner.embedders.1.model.",
 }
+# The refiner has no CLIP-L: its OpenCLIP-bigG encoder (the pipeline's text_encoder_2) is embedder 0.
+REFINER_COMPONENT_PREFIXES: dict[str, str] = {
+    "unet": COMPONENT_PREFIXES["unet"],
+    "vae": COMPONENT_PREFIXES["vae"],
+    "text_encoder_2": "conditioner.embedders.0.model.",
+}
+FAMILY_PREFIXES: dict[str, dict[str, str]] = {
+    BASE_FAMILY: COMPONENT_PREFIXES,
+    REFINER_FAMILY: REFINER_COMPONENT_PREFIXES,
+}
+
+
+def component_prefixes(family: str) -> dict[str, str]:
+    """The components of ``family`` (in pipeline order) and each one's original-layout prefix."""
+    try:
+        return FAMILY_PREFIXES[family]
+    except KeyError:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILY_PREFIXES)}") from None
+
 
 _UNET_TOP = {
     "time_embedding.linear_1.": "time_embed.0.",
@@ -44,7 +70,8 @@ _UNET_RESNET = {
 }
 
 
-def _unet_key(key: str, layers_per_block: int, num_levels: int) -> str:
+def _unet_key(key: str, layers_per_block: int, up_attention: tuple[bool, ...]) -> str:
+    """``up_attention[level]``: whether up block ``level`` has attentions (its upsampler's index follows them)."""
     for diffusers_prefix, original_prefix in _UNET_TOP.items():
         if key.startswith(diffusers_prefix):
             return original_prefix + key[len(diffusers_prefix) :]
@@ -76,9 +103,9 @@ def _unet_key(key: str, layers_per_block: int, num_levels: int) -> str:
         return f"output_blocks.{level * stride + j}.1.{tail}"
     if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
         level = int(m[1])
-        # The upsampler sits after the resnet (and the attention, in levels that have one).
-        has_attention = level < num_levels - 1
-        return f"output_blocks.{level * stride + layers_per_block}.{2 if has_attention else 1}.conv.{m[2]}"
+        # The upsampler sits after the resnet and, in levels that have one, the attention. Which
+        # levels have one differs: the base's last up level has none, the refiner's first and last.
+        return f"output_blocks.{level * stride + layers_per_block}.{2 if up_attention[level] else 1}.conv.{m[2]}"
     raise KeyError(f"no original-layout name for UNet tensor {key!r}")
 
 
@@ -149,19 +176,22 @@ _QKV_KEY = re.compile(r"(?:text_model\.)?encoder\.layers\.(\d+)\.self_attn\.([qk
 
 
 def to_original_layout(
-    component: str, state_dict: Mapping[str, torch.Tensor], config: Mapping
+    component: str, state_dict: Mapping[str, torch.Tensor], config: Mapping, family: str = BASE_FAMILY
 ) -> dict[str, torch.Tensor]:
     """Rename (and where the layouts differ, reshape or fuse) one component's Diffusers tensors.
 
     Works on meta tensors too, so it can describe the expected checkpoint of a config without
-    allocating it.
+    allocating it. ``family`` decides the prefix (the refiner's text encoder is embedder 0).
     """
-    prefix = COMPONENT_PREFIXES[component]
+    prefixes = component_prefixes(family)
+    if component not in prefixes:
+        raise ValueError(f"a {family} model has no {component}; its components: {', '.join(prefixes)}")
+    prefix = prefixes[component]
     out: dict[str, torch.Tensor] = {}
     if component == "unet":
-        levels = len(config["block_out_channels"])
+        up_attention = tuple(block_type.startswith("CrossAttn") for block_type in config["up_block_types"])
         for key, tensor in state_dict.items():
-            out[prefix + _unet_key(key, config["layers_per_block"], levels)] = tensor
+            out[prefix + _unet_key(key, config["layers_per_block"], up_attention)] = tensor
     elif component == "vae":
         levels = len(config["block_out_channels"])
         for key, tensor in state_dict.items():

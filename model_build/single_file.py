@@ -95,9 +95,10 @@ def load_component(
 
 
 def write_pipeline_files(config_folder: Path, staging: Path) -> dict[str, Any]:
-    """The weightless parts of the pipeline folder: model_index.json, scheduler and both tokenizers.
+    """The weightless parts of the pipeline folder: model_index.json, scheduler and the tokenizers.
 
-    Returns the two tokenizers, so the proof's reload need not parse their 3.6 MB JSON files again.
+    Returns the tokenizers (both for a base, tokenizer_2 alone for a refiner), so the proof's
+    reload need not parse their 3.6 MB JSON files again.
     """
     import shutil
 
@@ -111,14 +112,23 @@ def write_pipeline_files(config_folder: Path, staging: Path) -> dict[str, Any]:
             staging / "scheduler"
         )
         for name in ("tokenizer", "tokenizer_2"):
+            if not (config_folder / name).is_dir():
+                continue  # the refiner has no CLIP-L, so no first tokenizer
             tokenizers[name] = CLIPTokenizer.from_pretrained(config_folder / name, local_files_only=True)
             tokenizers[name].save_pretrained(staging / name)
     return tokenizers
 
 
-def load_pipeline(folder: Path, dtype: torch.dtype, **components: Any):  # -> StableDiffusionXLPipeline
-    """Load a converted folder as the runtime does: ``from_pretrained``, offline (``components`` preloaded)."""
-    from diffusers import StableDiffusionXLPipeline
+def load_pipeline(
+    folder: Path, dtype: torch.dtype, pipeline_class: str = "StableDiffusionXLPipeline", **components: Any
+):
+    """Load a converted folder as the runtime does: ``from_pretrained``, offline (``components`` preloaded).
+
+    ``pipeline_class``: the family's diffusers pipeline (``StableDiffusionXLImg2ImgPipeline`` for a refiner).
+    """
+    import diffusers
 
     with offline():
-        return StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, **components)
+        return getattr(diffusers, pipeline_class).from_pretrained(
+            folder, dtype=dtype, local_files_only=True, **components
+        )

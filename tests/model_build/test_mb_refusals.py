@@ -120,8 +120,12 @@ def _tiny(*keys: str) -> dict[str, torch.Tensor]:
             "a Stable Diffusion 2.x",
         ),
         (
-            _tiny("conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight", "model.diffusion_model"),
-            "an SDXL refiner",
+            _tiny(
+                "conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight",
+                "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+                "model.diffusion_model",
+            ),
+            "a mix of an SDXL base and an SDXL refiner",
         ),
         (
             _tiny("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "text_encoders.clip_g.x"),
