@@ -223,6 +223,14 @@ def test_refiner_loads_as_img2img_pipeline_and_runs_two_steps(refiner_dir) -> No
     assert torch.equal(first, run())
 
 
+def test_converted_dev_pair_has_byte_identical_vae_and_text_encoder_files(refiner_dir, dev_model_dir) -> None:
+    """The engine shares the base's VAE and text_encoder_2 with the refiner when the manifests' hashes agree."""
+    base, refiner = read_manifest(dev_model_dir)["files"], read_manifest(refiner_dir)["files"]
+    for name in ("vae/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors", "vae/config.json"):
+        assert base[name]["sha256"] == refiner[name]["sha256"], name
+    assert base["unet/diffusion_pytorch_model.safetensors"] != refiner["unet/diffusion_pytorch_model.safetensors"]
+
+
 def test_base_manifest_records_its_family_and_old_ones_read_as_base(dev_model_dir) -> None:
     assert read_manifest(dev_model_dir)["family"] == BASE_FAMILY
     assert family_of_manifest({"format": 1, "files": {}}) is FAMILIES[BASE_FAMILY]  # written before refiners
