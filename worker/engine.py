@@ -255,7 +255,15 @@ class Engine:
                 f"clip_skip: {request.clip_skip} is deeper than this model allows; use 0..{layers - 2} "
                 "(0 or absent is SDXL's usual penultimate layer)"
             )
-        self.uses_refiner(request)
+        refine = self.uses_refiner(request)
+        if request.is_img2img or (refine and request.high_noise_frac is None):
+            field = "refiner_inference_steps" if refine else "num_inference_steps"
+            steps = request.refiner_inference_steps if refine else request.num_inference_steps
+            if int(steps * request.strength) < 1:
+                raise InvalidRequest(
+                    f"strength: {request.strength:g} x {field} {steps} leaves no denoising step "
+                    f"(img2img runs int(steps x strength) steps); raise strength or {field}"
+                )
 
     def activate_loras(self, request: GenerationRequest) -> list[dict[str, Any]]:
         return self.loras.activate(request.loras)

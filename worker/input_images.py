@@ -29,6 +29,10 @@ MAX_REDIRECTS = 5
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
 
 
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size} bytes"
+
+
 def _error(message: str) -> InvalidRequest:
     return InvalidRequest(f"image_url: {message}")
 
@@ -51,12 +55,12 @@ def _download(url: str, max_bytes: int, timeout_s: float) -> bytes:
         with opener.open(request, timeout=timeout_s) as response:
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise _error(f"{shown} is {int(declared) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB")
+                raise _error(f"{shown} is {_mb(int(declared))}, larger than the {_mb(max_bytes)} limit")
             chunks, size = [], 0
             while chunk := response.read(1 << 16):
                 size += len(chunk)
                 if size > max_bytes:
-                    raise _error(f"{shown} is larger than the {max_bytes / 1e6:.0f} MB limit")
+                    raise _error(f"{shown} is larger than the {_mb(max_bytes)} limit")
                 if time.monotonic() > deadline:
                     raise _error(f"downloading {shown} took longer than {timeout_s:g} s")
                 chunks.append(chunk)
@@ -65,6 +69,9 @@ def _download(url: str, max_bytes: int, timeout_s: float) -> bytes:
         raise
     except urllib.error.HTTPError as error:
         if error.code in (301, 302, 303, 307, 308):
+            location = (error.headers or {}).get("Location", "") if error.headers is not None else ""
+            if urllib.parse.urlsplit(location).scheme.lower() not in ("", "http", "https"):
+                raise _error(f"the server redirected to {location[:100]!r}; only http(s) is followed") from None
             raise _error(f"{shown} redirects more than {MAX_REDIRECTS} times (a redirect loop?)") from None
         raise _error(f"{shown} answered HTTP {error.code} {error.reason}") from None
     except (urllib.error.URLError, TimeoutError, OSError, ValueError) as error:
@@ -96,7 +103,7 @@ def fetch_image_bytes(image_url: str, max_bytes: int = MAX_IMAGE_BYTES, timeout_
     else:
         data = _decode_base64(image_url)
     if len(data) > max_bytes:
-        raise _error(f"the image is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB")
+        raise _error(f"the image is {_mb(len(data))}, larger than the {_mb(max_bytes)} limit")
     return data
 
 
@@ -111,7 +118,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image
             return image.convert("RGB")
     except InvalidRequest:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+    except Image.DecompressionBombError:  # Pillow's own guard, for images far past ours
+        raise _error(f"the image is a decompression bomb; at most {max_pixels} pixels are accepted") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise _error(f"not a readable image ({type(error).__name__}); send a PNG, JPEG or WebP") from None
 
 

@@ -1,0 +1,229 @@
+"""Drop-in parity with the official RunPod SDXL worker: its payloads, img2img, uploads and embedded parameters."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from core.errors import InvalidRequest
+from core.settings import load_settings
+from worker.handler import Worker
+from worker.images import MAX_EXIF_PARAMETER_BYTES, read_parameters
+from worker.input_images import fetch_image_bytes, load_input_image
+
+ROOT = Path(__file__).resolve().parents[2]
+# The official samples (runpod-workers/worker-sdxl test_input.json and .runpod/tests.json), shrunk for the CPU:
+# 256² instead of 1024², 2 base steps instead of 25, 4 refiner steps instead of 50. Every other field as sent there.
+OFFICIAL_TEST_INPUT = {
+    "prompt": "A majestic steampunk dragon soaring through a cloudy sky, intricate clockwork details, golden hour "
+    "lighting, highly detailed",
+    "negative_prompt": "blurry, low quality, deformed, ugly, text, watermark, signature",
+    "height": 256,
+    "width": 256,
+    "num_inference_steps": 2,
+    "refiner_inference_steps": 4,
+    "guidance_scale": 7.5,
+    "strength": 0.3,
+    "high_noise_frac": 0.8,
+    "seed": 42,
+    "scheduler": "K_EULER",
+    "num_images": 1,
+    "image_url": None,
+}
+OFFICIAL_HUB_TEST = {**OFFICIAL_TEST_INPUT, "seed": 1337, "negative_prompt": "blurry, very low quality, deformed,"}
+SMALL = {"prompt": "a lighthouse at dawn", "height": 256, "width": 256, "num_inference_steps": 3, "seed": 11}
+
+
+@pytest.fixture(scope="module")
+def worker(dev_model_dir: Path) -> Worker:
+    worker = Worker(load_settings({}))
+    worker.start(dev_model_dir)
+    assert worker.startup_error is None, worker.startup_error
+    return worker
+
+
+def png_bytes(size: tuple[int, int] = (320, 256), colour: tuple[int, int, int] = (200, 120, 40)) -> bytes:
+    image = Image.new("RGB", size, colour)
+    for x in range(0, size[0], 16):  # some structure, so img2img has something to keep
+        image.paste((20, 40, 220), (x, 0, x + 8, size[1]))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode(uri: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+
+
+@pytest.mark.parametrize("payload", [OFFICIAL_TEST_INPUT, OFFICIAL_HUB_TEST], ids=["test_input", "hub_tests"])
+def test_official_payloads_are_served_with_the_official_output_keys(worker: Worker, payload: dict) -> None:
+    out = worker.handle({"id": "official", "input": payload})
+    assert "error" not in out, out
+    assert set(out) == {"images", "image_url", "seed", "metadata"}
+    assert out["images"][0].startswith("data:image/png;base64,") and out["image_url"] == out["images"][0]
+    assert out["seed"] == payload["seed"] and decode(out["images"][0]).size == (256, 256)
+    refiner = out["metadata"]["refiner"]
+    assert refiner == {"used": False, "reason": refiner["reason"]} and "no refiner is loaded" in refiner["reason"]
+    assert worker.handle({"id": "again", "input": payload})["images"] == out["images"]
+
+
+def test_explicit_refiner_without_one_loaded_is_an_error(worker: Worker) -> None:
+    out = worker.handle({"id": "r", "input": {**SMALL, "refiner": True}})
+    assert out["error"].startswith("invalid input: refiner: true, but this worker has no refiner loaded")
+
+
+def test_img2img_from_a_data_uri_follows_the_input_size_and_is_reproducible(worker: Worker) -> None:
+    uri = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    payload = {"prompt": "a blue fence", "image_url": uri, "strength": 0.5, "num_inference_steps": 4, "seed": 3}
+    out = worker.handle({"id": "i2i", "input": payload})
+    assert "error" not in out, out
+    assert decode(out["images"][0]).size == (320, 256)
+    metadata = out["metadata"]
+    assert metadata["mode"] == "img2img" and metadata["img2img"]["input_size"] == [320, 256]
+    assert metadata["img2img"]["model"] == "base" and (metadata["width"], metadata["height"]) == (320, 256)
+    assert worker.handle({"id": "i2i-again", "input": payload})["images"] == out["images"]
+    # Bare base64 is the same image; a given size resizes the input.
+    bare = worker.handle({"id": "bare", "input": {**payload, "image_url": uri.split(",", 1)[1]}})
+    assert bare["images"] == out["images"]
+    sized = worker.handle({"id": "sized", "input": {**payload, "width": 256, "height": 256}})
+    assert decode(sized["images"][0]).size == (256, 256)
+
+
+def test_img2img_strength_too_small_for_the_steps_is_a_clear_error(worker: Worker) -> None:
+    uri = base64.b64encode(png_bytes((256, 256))).decode()
+    out = worker.handle({"id": "s", "input": {"prompt": "x", "image_url": uri, "num_inference_steps": 3}})
+    assert out["error"].startswith("invalid input: strength: 0.3 x num_inference_steps 3 leaves no denoising step")
+
+
+def test_img2img_strength_changes_how_much_of_the_input_survives(worker: Worker) -> None:
+    uri = base64.b64encode(png_bytes((256, 256))).decode()
+    source = Image.open(io.BytesIO(png_bytes((256, 256)))).convert("RGB")
+
+    def distance(strength: float) -> float:
+        out = worker.handle({"id": "s", "input": {"prompt": "x", "image_url": uri, "strength": strength, "seed": 1}})
+        image = decode(out["images"][0]).convert("RGB")
+        return sum(abs(a - b) for a, b in zip(image.tobytes(), source.tobytes(), strict=True)) / len(source.tobytes())
+
+    assert distance(0.1) < distance(0.9)
+
+
+class _ImageServer(BaseHTTPRequestHandler):
+    routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
+
+    def do_GET(self) -> None:
+        if self.path == "/slow.png":
+            time.sleep(2)
+        status, headers, body = self.routes.get(self.path, (404, {}, b"not here"))
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", headers.get("Content-Length", str(len(body))))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_server() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ImageServer)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    _ImageServer.routes = {
+        "/ok.png": (200, {"Content-Type": "image/png"}, png_bytes((256, 288))),
+        "/loop.png": (302, {"Location": "/loop.png"}, b""),
+        "/to-file.png": (302, {"Location": "file:///etc/passwd"}, b""),
+        "/text.png": (200, {"Content-Type": "text/html"}, b"<html>not an image</html>"),
+        "/huge.png": (200, {"Content-Length": str(10**9)}, b""),
+        "/slow.png": (200, {}, png_bytes((256, 256))),
+    }
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield base
+    server.shutdown()
+
+
+def test_img2img_from_a_url_on_loopback(worker: Worker, image_server: str) -> None:
+    payload = {"prompt": "a fence", "image_url": f"{image_server}/ok.png", "num_inference_steps": 4, "seed": 8}
+    payload["strength"] = 0.5
+    out = worker.handle({"id": "url", "input": payload})
+    assert "error" not in out, out
+    assert decode(out["images"][0]).size == (256, 288)
+    data_uri = "data:image/png;base64," + base64.b64encode(png_bytes((256, 288))).decode()
+    same = worker.handle({"id": "uri", "input": {**payload, "image_url": data_uri}})
+    assert same["images"] == out["images"]  # the same bytes by URL or inline give the same image
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("/loop.png", "redirects more than"),
+        ("/to-file.png", "only http(s) is followed"),
+        ("/text.png", "not a readable image"),
+        ("/huge.png", "1000.0 MB, larger than the 20.0 MB limit"),
+        ("/missing.png", "HTTP 404"),
+    ],
+)
+def test_bad_image_urls_are_clear_errors(worker: Worker, image_server: str, path: str, message: str) -> None:
+    out = worker.handle({"id": "bad", "input": {"prompt": "x", "image_url": f"{image_server}{path}"}})
+    assert out["error"].startswith("invalid input: image_url: ") and message in out["error"], out
+
+
+def test_downloads_are_bounded_in_time_and_bytes(image_server: str) -> None:
+    with pytest.raises(InvalidRequest, match="longer than 0.5 s"):
+        fetch_image_bytes(f"{image_server}/slow.png", timeout_s=0.5)
+    with pytest.raises(InvalidRequest, match="larger than"):
+        fetch_image_bytes(f"{image_server}/ok.png", max_bytes=100)
+
+
+@pytest.mark.parametrize("image_url", ["bm90IGFuIGltYWdl", "data:text/plain,hello", "data:image/png;base64,@@@"])
+def test_inline_non_images_are_refused(image_url: str) -> None:
+    with pytest.raises(InvalidRequest, match="image_url"):
+        load_input_image(image_url)
+
+
+def test_decompression_bombs_are_refused_before_decoding() -> None:
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, format="PNG")  # 400 megapixels, a few kB of PNG
+    with pytest.raises(InvalidRequest, match="at most"):
+        load_input_image(base64.b64encode(buffer.getvalue()).decode())
+
+
+@pytest.mark.parametrize("output_format", ["jpeg", "webp"])
+def test_prompts_past_the_exif_limit_still_give_an_image(worker: Worker, output_format: str) -> None:
+    emoji = "\N{GRINNING FACE}" * 16_400  # accepted by the schema (20,000 characters), 65 kB as UTF-16
+    payload = {**SMALL, "num_inference_steps": 1, "prompt": emoji, "output_format": output_format}
+    out = worker.handle({"id": "exif", "input": payload})
+    assert "error" not in out, out["error"]
+    data = base64.b64decode(out["images"][0].split(",", 1)[1])
+    embedded = read_parameters(data)
+    assert "truncated" in embedded and len(embedded.encode("utf-16-be")) <= MAX_EXIF_PARAMETER_BYTES
+    assert embedded.startswith(emoji[:1000])
+
+
+def test_a_bucket_without_keys_is_an_error_not_a_local_folder(worker: Worker, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # rp_upload's stand-in would write ./local_upload here
+    bucket_only = Worker(load_settings({"BUCKET_ENDPOINT_URL": "https://bucket.example.invalid/images"}))
+    bucket_only.engine, bucket_only.startup_error = worker.engine, None
+    for return_type in ({}, {"return_type": "s3"}):
+        out = bucket_only.handle({"id": "up", "input": {**SMALL, "num_inference_steps": 1, **return_type}})
+        assert out["error"].startswith("upload failed: BUCKET_ENDPOINT_URL is set but BUCKET_ACCESS_KEY_ID and")
+    assert not (tmp_path / "local_upload").exists()
+    # base64 asked for explicitly still works with a bucket configured, as in the official worker.
+    out = bucket_only.handle({"id": "b64", "input": {**SMALL, "num_inference_steps": 1, "return_type": "base64"}})
+    assert out["images"][0].startswith("data:image/png;base64,") and out["metadata"]["returned_as"] == "base64"
+
+
+def test_test_input_json_is_valid_for_the_official_schema_too() -> None:
+    """The repository's own sample job uses only fields the official worker also knows (plus our extras)."""
+    job = json.loads((ROOT / "test_input.json").read_text())
+    assert set(job["input"]) <= set(OFFICIAL_TEST_INPUT) | {"loras", "clip_skip", "output_format", "quality"}
