@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from PIL import Image
@@ -117,7 +118,7 @@ def test_img2img_strength_changes_how_much_of_the_input_survives(worker: Worker)
 
 
 class _ImageServer(BaseHTTPRequestHandler):
-    routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
+    routes: ClassVar[dict[str, tuple[int, dict[str, str], bytes]]] = {}
 
     def do_GET(self) -> None:
         if self.path == "/slow.png":
@@ -179,7 +180,7 @@ def test_bad_image_urls_are_clear_errors(worker: Worker, image_server: str, path
 
 
 def test_downloads_are_bounded_in_time_and_bytes(image_server: str) -> None:
-    with pytest.raises(InvalidRequest, match="longer than 0.5 s"):
+    with pytest.raises(InvalidRequest, match=r"longer than 0\.5 s"):
         fetch_image_bytes(f"{image_server}/slow.png", timeout_s=0.5)
     with pytest.raises(InvalidRequest, match="larger than"):
         fetch_image_bytes(f"{image_server}/ok.png", max_bytes=100)
