@@ -25,6 +25,7 @@ from model_build.architectures import (
     family_of_manifest,
     load_component_config,
 )
+from model_build.checkpoint import inspect_checkpoint
 from model_build.completeness import prove_component
 from model_build.convert import convert
 from model_build.dev_model import write_dev_checkpoint
@@ -166,6 +167,14 @@ def test_inspect_says_refiner(refiner_checkpoint, capsys) -> None:
         in out
     )
     assert "[dev model: random weights]" in out
+
+
+def test_real_refiner_extras_are_ignored_not_refused(refiner_tensors, write_checkpoint) -> None:
+    """The released refiner file carries OpenCLIP's logit_scale and the sgm denoiser's sigmas beside the weights."""
+    extras = {f"{REFINER_TEXT}logit_scale": torch.tensor(4.6), "denoiser.sigmas": torch.linspace(0.03, 14.6, 1000)}
+    info = inspect_checkpoint(write_checkpoint({**refiner_tensors, **extras}))
+    assert (info.family, info.config_name) == (REFINER_FAMILY, "dev_refiner")
+    assert set(info.ignored) == set(extras)
 
 
 # --- conversion, proof, manifest ---
