@@ -65,6 +65,33 @@ def _offload(raw: str) -> str:
     return value
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"use one of {', '.join(a or repr(a) for a in allowed)}")
+        return value
+
+    return parse
+
+
+def _sizes(raw: str) -> tuple[tuple[int, int], ...]:
+    sizes = []
+    for item in (part.strip().lower() for part in raw.split(",") if part.strip()):
+        width, _, height = item.partition("x")
+        if not (width.isdigit() and height.isdigit()) or int(width) % 8 or int(height) % 8:
+            raise ValueError(f"{item!r}: write WIDTHxHEIGHT in multiples of 8, comma-separated, e.g. 1024x1024")
+        sizes.append((int(width), int(height)))
+    return tuple(sizes)
+
+
+def _counts(raw: str) -> tuple[int, ...]:
+    parts = [part.strip() for part in raw.split(",") if part.strip()]
+    if not all(part.isdigit() and int(part) >= 1 for part in parts):
+        raise ValueError("write whole numbers >= 1, comma-separated, e.g. 1,4")
+    return tuple(int(part) for part in parts)
+
+
 def _paths(raw: str) -> tuple[Path, ...]:
     return tuple(Path(part) for part in raw.split(os.pathsep) if part)
 
@@ -139,6 +166,32 @@ class Settings:
     # -- engine
     prompt_encoder_cuda_graphs: bool = _setting(
         "PROMPT_ENCODER_CUDA_GRAPHS", "1", _flag, "0 runs the text encoders eagerly instead of from CUDA graphs"
+    )
+    channels_last: bool = _setting("CHANNELS_LAST", "1", _flag, "UNet and VAE convolutions in channels-last layout")
+    compile: str = _setting(
+        "COMPILE", "off", _choice("off", "unet", "regional"), "torch.compile the whole UNet, its blocks, or off"
+    )
+    compile_mode: str = _setting(
+        "COMPILE_MODE",
+        "default",
+        _choice("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"),
+        "torch.compile mode (reduce-overhead adds CUDA graphs)",
+    )
+    compile_vae: bool = _setting("COMPILE_VAE", "0", _flag, "1 also compiles the VAE decoder")
+    compile_cache_dir: Path | None = _setting(
+        "COMPILE_CACHE_DIR", "", _optional_path, "compiled code kept between starts (default: on the volume if mounted)"
+    )
+    warmup_sizes: tuple[tuple[int, int], ...] = _setting(
+        "WARMUP_SIZES", "1024x1024", _sizes, "WIDTHxHEIGHT list compiled at start-up; other sizes run eagerly"
+    )
+    warmup_batch_sizes: tuple[int, ...] = _setting(
+        "WARMUP_BATCH_SIZES", "1", _counts, "images per call compiled at start-up (each is its own graph)"
+    )
+    vae_dtype: str = _setting(
+        "VAE_DTYPE",
+        "",
+        _choice("", "fp16", "bf16", "fp32"),
+        "VAE dtype (default: fp32 when its config asks, else fp16)",
     )
     log_level: str = _setting("LOG_LEVEL", "INFO", _text, "Python logging level of the worker")
     # -- batch and converter

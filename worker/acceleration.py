@@ -1,0 +1,338 @@
+"""Speed-ups applied to a loaded SDXL pipeline, each opt-in and measured by ``bench/engine_speed.py``.
+
+:func:`apply_speedups` changes the pipeline in place and returns an :class:`Accelerator`; the engine then
+calls :meth:`Accelerator.warm_up` once at start-up (never inside a paid job), which compiles for the
+warm-up shapes, or loads that compilation from the persistent compile cache, and then *freezes*
+compilation: from then on a call whose shape, dtype or module structure was not warmed up runs eagerly
+(``torch.compiler.set_stance("eager_on_recompile")``) instead of spending minutes recompiling inside
+a job. So a 768x1344 request, a 300-token prompt (longer cross-attention sequence), a job without
+classifier-free guidance or a job with an active LoRA (peft wrappers change the module graph) are
+served correctly by the eager modules, and 1024x1024 jobs get the compiled code.
+
+What each option does and why it is safe:
+
+- ``channels_last``: UNet and VAE convolutions in NHWC, the layout cuDNN's and Triton's fp16/bf16
+  kernels prefer. A memory-format change only: the same arithmetic up to kernel choice.
+- ``fuse_qkv``: one matmul for q, k and v (diffusers' ``fuse_qkv_projections``). Off by default:
+  the fused processor reads ``to_qkv``, so a LoRA injected into ``to_q``/``to_k``/``to_v`` would be
+  silently ignored; only for deployments without LoRAs.
+- ``compile``: ``"unet"`` compiles the whole UNet forward (fullgraph, static shapes); ``"regional"``
+  compiles only its repeated transformer blocks (diffusers' ``compile_repeated_blocks``): far shorter
+  compile, a smaller gain. ``compile_vae`` compiles the VAE decoder too.
+- ``vae_dtype``: the stock SDXL VAE overflows in fp16, so the engine keeps it in fp32 when its config
+  says ``force_upcast``; bf16 has fp32's range and avoids the fp32 decode cost. ``None`` keeps the engine's choice.
+- the compile cache: torch's portable cache artifacts (``torch.compiler.save_cache_artifacts``), one
+  file per (torch, GPU, model architecture, options) key, written atomically after a compiling warm-up
+  and loaded before the next one, so a warm start skips Inductor's code generation and autotuning.
+
+Timesteps: schedulers hand the UNet int64 (DDIM, DPM++) or float32 (Euler, Heun) timesteps, which
+would be two compiled graphs; the compiled UNet gets them as float32, which is exact (SDXL's timesteps
+are integers below 1000, and the UNet's time embedding casts them to float32 first thing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+COMPILE_TARGETS = ("off", "unet", "regional")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+VAE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class SpeedupOptions:
+    """Which speed-ups to apply; the defaults change nothing numerically but the memory layout."""
+
+    channels_last: bool = True
+    fuse_qkv: bool = False
+    compile: str = "off"  # one of COMPILE_TARGETS
+    compile_mode: str = "default"  # one of COMPILE_MODES
+    compile_vae: bool = False
+    vae_dtype: str | None = None  # one of VAE_DTYPES, or None for the engine's choice
+    cache_dir: Path | None = None  # where compile-cache files live; None: no persistent cache
+    # Shapes compiled at warm-up: (width, height) and images per pipeline call. Other shapes run eagerly.
+    warmup_sizes: tuple[tuple[int, int], ...] = ((1024, 1024),)
+    warmup_batch_sizes: tuple[int, ...] = (1,)
+
+    def __post_init__(self) -> None:
+        if self.compile not in COMPILE_TARGETS:
+            raise ValueError(f"compile={self.compile!r}: use one of {', '.join(COMPILE_TARGETS)}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode={self.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
+        if self.vae_dtype is not None and self.vae_dtype not in VAE_DTYPES:
+            raise ValueError(f"vae_dtype={self.vae_dtype!r}: use one of {', '.join(VAE_DTYPES)} or leave it unset")
+
+    @property
+    def compiles(self) -> bool:
+        return self.compile != "off" or self.compile_vae
+
+
+@dataclass
+class WarmUpReport:
+    """What the warm-up did and cost; the bench prints it and the worker logs it."""
+
+    seconds: float = 0.0
+    cache_file: str | None = None
+    cache_hit: bool = False
+    cache_load_s: float = 0.0
+    cache_save_s: float = 0.0
+    cache_bytes: int = 0
+    shapes: list[dict[str, int]] = field(default_factory=list)
+    graphs_compiled: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _FloatTimestepUNet:
+    """``unet.forward`` replacement: the compiled forward with the timestep as float32 (see the module doc)."""
+
+    def __init__(self, compiled_forward: Any) -> None:
+        self.compiled_forward = compiled_forward
+
+    def __call__(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_tensor(timestep):
+            if timestep.dtype != torch.float32:
+                timestep = timestep.to(torch.float32)
+        else:
+            timestep = torch.tensor(float(timestep), dtype=torch.float32, device=sample.device)
+        return self.compiled_forward(sample, timestep, *args, **kwargs)
+
+
+class Accelerator:
+    """The speed-ups applied to one pipeline, and its one-time warm-up."""
+
+    def __init__(self, pipe: Any, options: SpeedupOptions, applied: list[str]) -> None:
+        self.pipe = pipe
+        self.options = options
+        self.applied = applied
+        self.frozen = False
+        self.report: WarmUpReport | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """For metadata and logs: what runs, and whether compilation is frozen."""
+        return {"applied": list(self.applied), "frozen": self.frozen}
+
+    def warm_up(self, steps: int = 3) -> WarmUpReport:
+        """Run each warm-up shape once (compiling, or loading the compiled code from the cache), then freeze.
+
+        Does nothing heavy when no compilation is configured. Call once, at start-up, before serving jobs.
+        """
+        report = WarmUpReport()
+        started = time.perf_counter()
+        cache_file = compile_cache_file(self.pipe, self.options) if self.options.compiles else None
+        if cache_file is not None:
+            report.cache_file = str(cache_file)
+            report.cache_hit, report.cache_load_s, report.cache_bytes = load_compile_cache(cache_file)
+        graphs_before = _unique_graphs()
+        if self.options.compiles:
+            device = self.pipe.unet.device
+            for width, height in self.options.warmup_sizes:
+                for batch in self.options.warmup_batch_sizes:
+                    _run_dummy_generation(self.pipe, width, height, batch, steps, device)
+                    report.shapes.append({"width": width, "height": height, "batch": batch})
+        report.graphs_compiled = _unique_graphs() - graphs_before
+        if cache_file is not None and not report.cache_hit:
+            report.cache_save_s, saved_bytes = save_compile_cache(cache_file)
+            report.cache_bytes = saved_bytes or report.cache_bytes
+        self.freeze()
+        report.seconds = time.perf_counter() - started
+        self.report = report
+        log.info("warm-up: %s", json.dumps(report.to_dict()))
+        return report
+
+    def freeze(self) -> None:
+        """No more compiling: cached compiled code where its guards hold, eager code everywhere else."""
+        if self.options.compiles:
+            torch.compiler.set_stance("eager_on_recompile")
+        self.frozen = True
+
+
+def options_from_settings(settings: Any) -> SpeedupOptions:
+    """The speed-ups a :class:`core.settings.Settings` asks for; the compile cache defaults to the volume."""
+    from core.settings import VOLUME
+
+    cache_dir = settings.compile_cache_dir
+    if cache_dir is None and settings.compile != "off" and VOLUME.is_dir():
+        cache_dir = VOLUME / "cache" / "torch-compile"
+    return SpeedupOptions(
+        channels_last=settings.channels_last,
+        compile=settings.compile,
+        compile_mode=settings.compile_mode,
+        compile_vae=settings.compile_vae,
+        vae_dtype=settings.vae_dtype or None,
+        cache_dir=cache_dir,
+        warmup_sizes=settings.warmup_sizes,
+        warmup_batch_sizes=settings.warmup_batch_sizes,
+    )
+
+
+def accelerate(pipe: Any, settings: Any) -> Accelerator:
+    """The engine's one call: apply what ``settings`` asks for and warm up (compiling) before any job."""
+    accelerator = apply_speedups(pipe, options_from_settings(settings))
+    accelerator.warm_up()
+    return accelerator
+
+
+def apply_speedups(pipe: Any, options: SpeedupOptions) -> Accelerator:
+    """Apply ``options`` to ``pipe`` (whole pipeline on one CUDA device, or CPU for tests) in place."""
+    applied: list[str] = []
+    offloaded = any(getattr(getattr(pipe, name, None), "_hf_hook", None) is not None for name in ("unet", "vae"))
+    if offloaded and (options.compiles or options.channels_last):
+        # accelerate's offload hooks replace forward and move weights per call: neither layout nor compile holds.
+        log.warning("speed-ups skipped: the pipeline uses CPU offload")
+        return Accelerator(pipe, options, applied)
+    if options.vae_dtype is not None:
+        pipe.vae.to(VAE_DTYPES[options.vae_dtype])
+        applied.append(f"vae_{options.vae_dtype}")
+    if options.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        applied.append("channels_last")
+    if options.fuse_qkv:
+        pipe.fuse_qkv_projections(unet=True, vae=True)
+        applied.append("fused_qkv")
+    if options.compiles:
+        import torch._inductor.config as inductor_config
+
+        # 1x1 convolutions as matmuls: the UNet's proj_in/proj_out and shortcut convs get Triton/cuBLAS GEMMs.
+        inductor_config.conv_1x1_as_mm = True
+    compile_kwargs = {"fullgraph": True, "dynamic": False, "mode": _mode_argument(options.compile_mode)}
+    if options.compile == "unet":
+        unet = pipe.unet
+        unet.forward = _FloatTimestepUNet(torch.compile(unet.forward, **compile_kwargs))
+        applied.append(f"compile_unet:{options.compile_mode}")
+    elif options.compile == "regional":
+        pipe.unet.compile_repeated_blocks(**compile_kwargs)
+        applied.append(f"compile_regional:{options.compile_mode}")
+    if options.compile_vae:
+        pipe.vae.decoder.compile(**compile_kwargs)
+        applied.append(f"compile_vae_decoder:{options.compile_mode}")
+    return Accelerator(pipe, options, applied)
+
+
+def _mode_argument(mode: str) -> str | None:
+    return None if mode == "default" else mode
+
+
+def _unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+@torch.no_grad()
+def _run_dummy_generation(pipe: Any, width: int, height: int, batch: int, steps: int, device: torch.device) -> None:
+    """One short text-to-image call with the shapes and dtypes a real job of that size has (CFG on)."""
+    from diffusers.schedulers import EulerDiscreteScheduler
+
+    dtype = pipe.text_encoder_2.dtype
+    hidden = pipe.unet.config.cross_attention_dim
+    pooled = pipe.text_encoder_2.config.projection_dim
+    embeds = torch.zeros(batch, 77, hidden, dtype=dtype, device=device)
+    pooled_embeds = torch.zeros(batch, pooled, dtype=dtype, device=device)
+    scheduler = pipe.scheduler
+    pipe.scheduler = EulerDiscreteScheduler.from_config(scheduler.config)
+    try:
+        latents = pipe(
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled_embeds,
+            negative_prompt_embeds=embeds,
+            negative_pooled_prompt_embeds=pooled_embeds,
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            guidance_scale=5.0,
+            generator=torch.Generator("cpu").manual_seed(0),
+            output_type="latent",
+        ).images
+        vae = pipe.vae
+        vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)
+    finally:
+        pipe.scheduler = scheduler
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- the persistent compile cache ------------------------------------------------------------------------------
+
+
+def compile_cache_key(pipe: Any, options: SpeedupOptions) -> str:
+    """What the compiled code depends on: torch, the GPU, the architecture (not the weights), dtypes, options."""
+    device = pipe.unet.device
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    parts = {
+        "format": CACHE_FORMAT,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": gpu,
+        "unet": _config_digest(pipe.unet.config),
+        "vae": _config_digest(pipe.vae.config),
+        "unet_dtype": str(pipe.unet.dtype),
+        "vae_dtype": str(pipe.vae.dtype),
+        "options": {k: v for k, v in asdict(options).items() if k != "cache_dir"},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def compile_cache_file(pipe: Any, options: SpeedupOptions) -> Path | None:
+    if options.cache_dir is None:
+        return None
+    return Path(options.cache_dir) / f"sdxl-compile-{compile_cache_key(pipe, options)}.bin"
+
+
+def load_compile_cache(path: Path) -> tuple[bool, float, int]:
+    """Load cache artifacts from ``path`` into torch's local caches: (hit, seconds, bytes). A bad file is a miss."""
+    started = time.perf_counter()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return False, 0.0, 0
+    except OSError as error:
+        log.warning("compile cache %s unreadable (%s); compiling from scratch", path, error)
+        return False, 0.0, 0
+    try:
+        info = torch.compiler.load_cache_artifacts(data)
+    except Exception as error:  # a file from another torch build: compile afresh rather than fail start-up
+        log.warning("compile cache %s not loadable (%s: %s); compiling from scratch", path, type(error).__name__, error)
+        return False, time.perf_counter() - started, len(data)
+    return info is not None, time.perf_counter() - started, len(data)
+
+
+def save_compile_cache(path: Path) -> tuple[float, int]:
+    """Write this process's cache artifacts to ``path`` atomically (temporary file + rename): (seconds, bytes)."""
+    started = time.perf_counter()
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is None:
+        return time.perf_counter() - started, 0
+    data = artifacts[0]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except OSError as error:  # a read-only or full volume costs the next start a compile, not this one its jobs
+        log.warning("compile cache not saved to %s: %s", path, error)
+        return time.perf_counter() - started, 0
+    return time.perf_counter() - started, len(data)
+
+
+def _config_digest(config: Any) -> str:
+    items = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
