@@ -37,6 +37,20 @@ def dev_model_dir(dev_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
+def dev_refiner_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dev refiner, converted: it shares the dev base's VAE and second text encoder, as SDXL 1.0's pair does."""
+    from model_build.convert import convert
+    from model_build.dev_model import write_dev_checkpoint
+
+    checkpoint = write_dev_checkpoint(
+        tmp_path_factory.mktemp("checkpoint") / "sdxl-dev-refiner.safetensors", refiner=True
+    )
+    output = tmp_path_factory.mktemp("models") / "sdxl-dev-refiner"
+    convert(checkpoint, output)
+    return output
+
+
+@pytest.fixture(scope="session")
 def worker_api_server(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The worker's local RunPod API server (``--rp_serve_api``) on a free loopback port; yields its base URL.
 

@@ -228,3 +228,74 @@ def test_test_input_json_is_valid_for_the_official_schema_too() -> None:
     """The repository's own sample job uses only fields the official worker also knows (plus our extras)."""
     job = json.loads((ROOT / "test_input.json").read_text())
     assert set(job["input"]) <= set(OFFICIAL_TEST_INPUT) | {"loras", "clip_skip", "output_format", "quality"}
+
+
+# -- with a refiner loaded --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def refined(dev_model_dir: Path, dev_refiner_dir: Path) -> Worker:
+    worker = Worker(load_settings({}))
+    worker.start(dev_model_dir, refiner_dir=dev_refiner_dir)
+    assert worker.startup_error is None, worker.startup_error
+    return worker
+
+
+def test_official_payload_runs_the_ensemble_of_experts_with_a_refiner(refined: Worker) -> None:
+    out = refined.handle({"id": "official", "input": OFFICIAL_TEST_INPUT})
+    assert "error" not in out, out
+    refiner = out["metadata"]["refiner"]
+    assert refiner["used"] is True and refiner["high_noise_frac"] == 0.8 and refiner["refiner_inference_steps"] == 4
+    assert refiner["model"]["shares_with_base"] == ["text_encoder_2", "vae"]  # no second copy of either in memory
+    assert "refiner_s" in out["metadata"]["timings"]
+    assert refined.handle({"id": "again", "input": OFFICIAL_TEST_INPUT})["images"] == out["images"]
+    base_only = refined.handle({"id": "base", "input": {**OFFICIAL_TEST_INPUT, "refiner": False}})
+    assert base_only["metadata"]["refiner"] == {"used": False, "reason": "the request set refiner: false"}
+    assert base_only["images"] != out["images"]
+    engine = refined.engine
+    assert engine.refiner.vae is engine.pipe.vae and engine.refiner.text_encoder_2 is engine.pipe.text_encoder_2
+
+
+def test_refiner_without_high_noise_frac_refines_at_strength_as_the_official_worker(refined: Worker) -> None:
+    payload = {**OFFICIAL_TEST_INPUT, "high_noise_frac": None, "strength": 0.5}
+    out = refined.handle({"id": "strength", "input": payload})
+    assert "error" not in out, out
+    assert out["metadata"]["refiner"]["strength"] == 0.5 and out["metadata"]["refiner"]["high_noise_frac"] is None
+    weaker = refined.handle({"id": "weaker", "input": {**payload, "strength": 0.25}})
+    assert weaker["images"] != out["images"]
+
+
+def test_long_weighted_prompts_reach_the_refiner_chunked(refined: Worker) -> None:
+    long_prompt = ", ".join(f"(tower {i}:1.2)" for i in range(60))  # ~300 tokens: 4+ chunks on both models
+    out = refined.handle({"id": "long", "input": {**OFFICIAL_TEST_INPUT, "prompt": long_prompt}})
+    assert "error" not in out, out
+    assert out["metadata"]["prompt"]["num_chunks"] >= 4 and out["metadata"]["refiner"]["used"] is True
+
+
+def test_img2img_through_the_refiner_when_asked(refined: Worker) -> None:
+    uri = base64.b64encode(png_bytes((256, 256))).decode()
+    payload = {"prompt": "x", "image_url": uri, "seed": 2, "refiner_inference_steps": 4, "strength": 0.5}
+    on_base = refined.handle({"id": "i2i-base", "input": payload})
+    on_refiner = refined.handle({"id": "i2i-refiner", "input": {**payload, "refiner": True}})
+    assert on_base["metadata"]["img2img"]["model"] == "base"
+    assert on_refiner["metadata"]["img2img"]["model"] == "refiner" and on_refiner["metadata"]["refiner"]["used"]
+    assert on_base["images"] != on_refiner["images"]
+
+
+def test_a_refiner_with_its_own_encoder_gets_its_own_chunked_conditioning(dev_model_dir: Path, tmp_path: Path) -> None:
+    from model_build.convert import convert
+    from model_build.dev_model import write_dev_checkpoint
+
+    # Another seed: the refiner's VAE and bigG encoder differ from the base's, so nothing can be shared.
+    checkpoint = write_dev_checkpoint(tmp_path / "other-refiner.safetensors", seed=1, refiner=True)
+    convert(checkpoint, tmp_path / "other-refiner")
+    worker = Worker(load_settings({}))
+    worker.start(dev_model_dir, refiner_dir=tmp_path / "other-refiner")
+    assert worker.startup_error is None, worker.startup_error
+    engine = worker.engine
+    assert engine.refiner.text_encoder_2 is not engine.pipe.text_encoder_2 and engine.refiner_prompt_encoder
+    payload = {**OFFICIAL_TEST_INPUT, "prompt": "(a castle:1.3) BREAK on a hill"}
+    out = worker.handle({"id": "own", "input": payload})
+    assert "error" not in out, out
+    assert out["metadata"]["refiner"]["model"]["shares_with_base"] == []
+    assert worker.handle({"id": "own-again", "input": payload})["images"] == out["images"]
