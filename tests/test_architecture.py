@@ -1,0 +1,47 @@
+"""The layout's promises: the production packages import each other one way, and the core needs no torch.
+
+``python -m tests.import_graph`` prints the same graph for a reader.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.import_graph import LAYERS, PACKAGES, find_cycles, module_graph
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_production_imports_have_no_cycle() -> None:
+    graph = module_graph(ROOT)
+    assert graph, "no modules found"
+    assert find_cycles(graph) == []
+
+
+def test_packages_import_only_downwards() -> None:
+    """core <- model_build <- worker <- batch; bench may use anything, nothing production imports tests or bench."""
+    graph = module_graph(ROOT)
+    rank = {package: index for index, package in enumerate(LAYERS)}
+    upward = sorted(
+        (module, target)
+        for module, targets in graph.items()
+        for target in targets
+        if rank[target.split(".")[0]] > rank[module.split(".")[0]]
+    )
+    assert upward == []
+    assert not any(target.split(".")[0] in ("tests", "bench") for targets in graph.values() for target in targets)
+    assert set(PACKAGES) == set(LAYERS)
+
+
+def test_the_core_imports_without_torch_diffusers_or_pydantic() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules.update(dict.fromkeys(['torch', 'diffusers', 'transformers', 'pydantic', 'PIL'], None))\n"
+        "import core.errors, core.settings, core.results, core.safetensors_files, core.hub_names\n"
+        "import worker.lora_sources\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
