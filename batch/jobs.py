@@ -115,11 +115,14 @@ def hash_id(line_object: dict[str, Any]) -> str:
 
 
 def derive_seed(item_id: str) -> int:
-    """A 63-bit seed from the id, for lines without a seed: random-looking, yet the same on every run and shard."""
-    from worker.schema import MAX_SEED
+    """A seed from the id, for lines without a seed: random-looking, yet the same on every run and shard.
+
+    Below 2^32 like the worker's random seeds, so JavaScript tools reading the sidecars keep it exact.
+    """
+    from worker.schema import MAX_RANDOM_SEED
 
     digest = hashlib.sha256(b"sdxl-batch seed\0" + item_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") & MAX_SEED
+    return int.from_bytes(digest[:8], "big") % (MAX_RANDOM_SEED + 1)
 
 
 def parse_line(raw: RawLine, is_last: bool) -> Job | InvalidLine | None:
