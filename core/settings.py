@@ -249,3 +249,7 @@ def settings_table() -> str:
         default = spec.metadata["default"]
         rows.append(f"| `{spec.metadata['env']}` | {f'`{default}`' if default else '—'} | {spec.metadata['doc']} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())
