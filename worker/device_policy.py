@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.errors import ConfigurationError
+from core.settings import OFFLOAD_MODES
+
 GIB = 1 << 30
-OFFLOAD_MODES = ("auto", "none", "model", "sequential")
 # Working memory for a 1024x1024 SDXL step at batch 2 (CFG) plus the VAE decode, measured roughly.
 ACTIVATION_HEADROOM = 6 * GIB
 
@@ -32,10 +34,10 @@ def plan_device(
     """Choose where the pipeline runs from the request (OFFLOAD) and the memory figures."""
     requested = (requested or "auto").strip().lower()
     if requested not in OFFLOAD_MODES:
-        raise ValueError(f"OFFLOAD={requested!r} is not one of {', '.join(OFFLOAD_MODES)}")
+        raise ConfigurationError(f"OFFLOAD={requested!r} is not one of {', '.join(OFFLOAD_MODES)}")
     if not cuda_available:
         if requested not in ("auto", "none"):
-            raise ValueError(f"OFFLOAD={requested} needs a CUDA GPU and none is available; use OFFLOAD=auto")
+            raise ConfigurationError(f"OFFLOAD={requested} needs a CUDA GPU and none is available; use OFFLOAD=auto")
         return DevicePlan("cpu", "none", "no CUDA GPU: running on the CPU")
     total = sum(component_bytes.values())
     largest = max(component_bytes.values(), default=0)

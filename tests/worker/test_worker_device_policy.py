@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from core.errors import ConfigurationError
 from worker.device_policy import ACTIVATION_HEADROOM, GIB, plan_device
 
 SDXL_FP16 = {
@@ -39,7 +40,7 @@ def test_override_wins_and_is_explained() -> None:
 
 
 def test_bad_override_and_gpu_modes_without_gpu_are_errors() -> None:
-    with pytest.raises(ValueError, match="OFFLOAD"):
+    with pytest.raises(ConfigurationError, match="OFFLOAD"):
         plan_device("sometimes", True, 80 * GIB, SDXL_FP16)
-    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+    with pytest.raises(ConfigurationError, match="needs a CUDA GPU"):
         plan_device("model", False, None, SDXL_FP16)
