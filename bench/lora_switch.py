@@ -70,7 +70,7 @@ def build_pipeline(config: str, device: str, dtype: torch.dtype) -> Any:
 
 def make_loras(pipe: Any, folder: Path, rank: int, realistic: bool, device: str) -> dict[str, dict[str, Any]]:
     """Four random LoRAs: a, b, c in diffusers format, d in Kohya format (the same layers)."""
-    from worker.lora_synth import (
+    from tests.support.lora_synth import (
         TEXT_ATTENTION_TARGETS,
         TEXT_KOHYA_TARGETS,
         UNET_ATTENTION_TARGETS,

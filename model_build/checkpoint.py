@@ -23,6 +23,15 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from core.safetensors_files import (
+    SNIFF_BYTES,
+    SafetensorsDamage,
+    SafetensorsHeader,
+    TensorEntry,
+    foreign_format,
+    pickle_suffix,
+)
+from core.safetensors_files import read_header as read_safetensors_header
 from model_build.architectures import (
     CONFIG_FAMILY,
     FAMILIES,
@@ -40,9 +49,6 @@ from model_build.layout import (
     component_prefixes,
     to_original_layout,
 )
-
-PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
-MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 
 # Tensors that real SDXL checkpoints carry besides the weights, known to be harmless to drop.
 # They are listed in the manifest as ignored. Anything else unknown is an error.
@@ -101,21 +107,6 @@ FAMILY_ADVICE = {
 
 
 @dataclass(frozen=True)
-class TensorEntry:
-    dtype: str  # safetensors' name: F16, BF16, F32, I64, ...
-    shape: tuple[int, ...]
-    begin: int = 0  # byte offsets into the data section
-    end: int = 0
-
-
-@dataclass(frozen=True)
-class SafetensorsHeader:
-    tensors: dict[str, TensorEntry]
-    metadata: dict[str, str]
-    data_start: int = 0  # file offset of the data section (8 + header length)
-
-
-@dataclass(frozen=True)
 class CheckpointInfo:
     path: Path
     config_name: str
@@ -129,99 +120,69 @@ class CheckpointInfo:
     dtypes: tuple[str, ...] = ()  # the checkpoint's tensor dtypes, e.g. ("F16",)
 
 
-# --- 1. format: decided from the name and the first bytes, before any parser sees the file ---
+# --- 1. format: decided from the name and the safetensors header, before any other parser sees the file ---
+
+_FORMAT_ADVICE = {
+    "a GGUF file (quantised weights)": "only .safetensors checkpoints convert",
+    "a Git LFS pointer, not the file itself": "run `git lfs pull` or download the file",
+    "an HTML page (a download that returned an error or a login page)": (
+        "check the URL (and your access to it) and fetch it again"
+    ),
+}
 
 
 def check_file_format(path: Path, role: str = "checkpoint") -> None:
-    """Refuse anything that is not plausibly a safetensors file, above all pickles (never unpickled)."""
+    """Refuse anything that is not plausibly a safetensors file, above all pickles (never unpickled).
+
+    A pickle suffix is refused by name alone. Otherwise the file's own safetensors header decides
+    (:func:`core.safetensors_files.foreign_format`); only a file that does not start like one is
+    named by the magic bytes of another format. :func:`read_header` checks the header in full.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{role} {path} does not exist")
     if path.is_dir():
         raise CheckpointError(f"{role} {path} is a folder; pass the single-file .safetensors checkpoint")
+    if not path.is_file():
+        raise CheckpointError(f"{role} {path} is not a regular file (a pipe, socket or device); pass a .safetensors")
     with open(path, "rb") as handle:
-        head = handle.read(64)
-    suffix = path.suffix.lower()
-    pickle_kind = None
-    if head.startswith(b"PK\x03\x04"):
-        pickle_kind = "a PyTorch zip archive of pickles"
-    elif head[:1] == b"\x80":
-        pickle_kind = "a raw pickle"
-    elif suffix in PICKLE_SUFFIXES:
-        pickle_kind = f"a {suffix} file"
+        head = handle.read(SNIFF_BYTES)
+    suffix = pickle_suffix(path.name)
+    other = foreign_format(head, path.stat().st_size)
+    pickle_kind = other[0] if other and other[1] else (f"a {suffix} file" if suffix else None)
     if pickle_kind:
         raise CheckpointError(
             f"{path.name} is {pickle_kind}, a pickle checkpoint: loading a pickle can run arbitrary code, so it is "
             "never opened here. Use the model's .safetensors release, or convert the file to safetensors yourself "
             "in a sandbox you trust."
         )
-    if head.startswith(b"GGUF"):
-        raise CheckpointError(f"{path.name} is a GGUF file (quantised weights); only .safetensors checkpoints convert")
-    if head.startswith(b"version https://git-lfs"):
-        raise CheckpointError(
-            f"{path.name} is a Git LFS pointer, not the checkpoint itself: run `git lfs pull` or download the file"
-        )
-    if head.lstrip().lower().startswith((b"<!doctype", b"<html")):
-        raise CheckpointError(
-            f"{path.name} is an HTML page, not a checkpoint: the download returned an error or a login page. "
-            "Check the URL (and your access to it) and fetch it again."
-        )
+    if other:
+        description = other[0]
+        raise CheckpointError(f"{path.name} is {description}, not a checkpoint; {_FORMAT_ADVICE[description]}")
 
 
 # --- 2. the safetensors header, parsed by hand so that damage is named precisely ---
+
+_DAMAGE_ADVICE = {
+    "truncated": "The download or copy was cut short; fetch it again (a --sha256 pin catches this).",
+    "corrupt": "Fetch it again.",
+    "not_safetensors": "Only .safetensors checkpoints convert; fetch it again if it should be one.",
+}
 
 
 def read_header(path: Path) -> SafetensorsHeader:
     """Parse and validate the header; raise :class:`CheckpointError` for a truncated or corrupt file."""
     path = Path(path)
-    size = path.stat().st_size
-    not_safetensors = f"{path.name} is not a safetensors file"
-    if size < 8:
-        raise CheckpointError(f"{not_safetensors} ({size} bytes): empty or cut short; fetch it again")
-    with open(path, "rb") as handle:
-        header_length = int.from_bytes(handle.read(8), "little")
-        if header_length == 0 or header_length > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{not_safetensors} (its first 8 bytes give a header of {header_length} bytes)")
-        if 8 + header_length > size:
-            raise CheckpointError(
-                f"{path.name} is truncated: its header alone needs {8 + header_length} bytes, the file has {size}. "
-                "The download or copy was cut short; fetch it again (a --sha256 pin catches this)."
-            )
-        raw = handle.read(header_length)
     try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
-        tensors: dict[str, TensorEntry] = {}
-        data_end = 0
-        for key, entry in header.items():
-            begin, end = entry["data_offsets"]
-            shape = tuple(int(d) for d in entry["shape"])
-            tensors[key] = TensorEntry(str(entry["dtype"]), shape, int(begin), int(end))
-            if not 0 <= int(begin) <= int(end):
-                raise ValueError(f"tensor {key} has data offsets {begin}..{end}")
-            data_end = max(data_end, int(end))
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path.name} has a corrupt safetensors header ({error}); fetch it again") from error
-    available = size - 8 - header_length
-    if available < data_end:
-        raise CheckpointError(
-            f"{path.name} is truncated: its header describes {data_end:,} bytes of tensor data, the file holds "
-            f"{available:,} ({100 * available / max(data_end, 1):.0f}%). The download or copy was cut short; fetch it "
-            "again (a --sha256 pin catches this)."
-        )
-    if available > data_end:
-        raise CheckpointError(
-            f"{path.name} is corrupt: {available - data_end:,} bytes follow the last tensor, which safetensors does "
-            "not allow (something was appended to the file). Fetch it again."
-        )
+        header = read_safetensors_header(path)
+    except SafetensorsDamage as damage:
+        raise CheckpointError(f"{path.name} {damage}. {_DAMAGE_ADVICE[damage.kind]}") from None
     try:  # the library must agree before anything is read through it
         with safe_open(str(path), framework="pt") as handle:
             handle.keys()
     except SafetensorError as error:
         raise CheckpointError(f"{path.name} is not a valid safetensors file ({error}); fetch it again") from error
-    return SafetensorsHeader(tensors, {str(k): str(v) for k, v in metadata.items()}, 8 + header_length)
+    return header
 
 
 _TORCH_DTYPES = {
@@ -509,6 +470,7 @@ def inspect_checkpoint(path: Path, vae_replaced: bool = False) -> CheckpointInfo
     refuse_family(path, family, shapes)
     config_name = choose_config(path, shapes, vae_replaced, family)
     component_keys, ignored, replaced = account_for_tensors(path, shapes, config_name, vae_replaced)
+    refuse_non_float_weights(path.name, header.tensors, (key for keys in component_keys.values() for key in keys))
     try:
         is_dev_model = bool(json.loads(header.metadata.get(DEV_METADATA_KEY, "null")))
     except ValueError:
@@ -524,6 +486,23 @@ def inspect_checkpoint(path: Path, vae_replaced: bool = False) -> CheckpointInfo
         replaced=replaced,
         dtypes=tuple(sorted({entry.dtype for entry in header.tensors.values()})),
     )
+
+
+def refuse_non_float_weights(name: str, tensors: Mapping[str, TensorEntry], keys: Iterable[str]) -> None:
+    """Every weight that is converted must be floating point (F16/BF16/F32/F64 or fp8).
+
+    An integer tensor (an int8-quantised export, a broken cast) would be copied into the fp16
+    parameters as its raw integer values without a word. The integer buffers real checkpoints
+    carry (CLIP's position_ids) are in IGNORED_KEYS and never reach this check.
+    """
+    integer = sorted(key for key in keys if not tensors[key].is_float)
+    if integer:
+        dtypes = ", ".join(sorted({tensors[key].dtype for key in integer}))
+        raise CheckpointError(
+            f"{name} holds {len(integer)} weight tensors that are not floating point ({dtypes}: "
+            f"{shown_names(integer)}); an integer or quantised checkpoint cannot be converted faithfully. "
+            "Use the model's fp16, bf16 or fp32 release."
+        )
 
 
 # --- reading tensor data: one tensor at a time, refusing NaN, Inf and overflow on the cast ---
@@ -604,6 +583,7 @@ def load_vae_file(path: Path, config_name: str) -> VaeFile:
     ignored = tuple(sorted(key for key in keys if key.startswith(("loss.", "model_ema."))))  # training leftovers
     keys -= set(ignored)
     where = f"--vae {path.name}"
+    refuse_non_float_weights(f"--vae {path.name}", header.tensors, keys)
     with TensorReader(path, header) as reader:
         raw = {key: reader.get(key) for key in sorted(keys)}
     for key, tensor in raw.items():

@@ -24,20 +24,25 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import gc
 import logging
+import math
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
+from core.errors import ConfigurationError
 from model_build.checkpoint import (
     CheckpointInfo,
     TensorReader,
@@ -46,6 +51,7 @@ from model_build.checkpoint import (
     check_file_format,
     inspect_checkpoint,
     load_vae_file,
+    read_header,
     read_tensors,
 )
 from model_build.errors import ConversionError
@@ -188,6 +194,61 @@ def _release_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _check_output_location(output: Path) -> None:
+    """Refuse an output that cannot be written before any work: under a file, or in a read-only folder.
+
+    Root may write into a folder without write permission, so only what the kernel would refuse
+    (access(2), which also reports a read-only file system) is refused here.
+    """
+    existing = output.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigurationError(
+            f"--output {output} is under {existing}, which is a file, not a folder; choose another --output"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        why = "is on a read-only file system" if read_only else "is not writable by this user"
+        raise ConfigurationError(f"--output {output}: {existing} {why}; choose a writable --output")
+
+
+def _write_errno(error: BaseException, folder: Path) -> int | None:
+    """The errno of a failed write into ``folder`` (None for other failures, e.g. reading the checkpoint)."""
+    if isinstance(error, OSError):
+        written = os.fspath(error.filename2 or error.filename or folder)
+        return error.errno if Path(os.path.abspath(written)).is_relative_to(os.path.abspath(folder)) else None
+    # safetensors' writer (Rust) raises SafetensorError("... I/O error: ... (os error 28)"): the number is only there.
+    match = re.search(r"\(os error (\d+)\)", str(error)) if isinstance(error, SafetensorError) else None
+    return int(match[1]) if match else None
+
+
+def _weights_bytes(info: CheckpointInfo, dtype: str) -> int:
+    """About what the converted folder takes on disk: every converted tensor in ``dtype``."""
+    header = read_header(info.path)
+    size = DTYPES[dtype].itemsize
+    return sum(math.prod(header.tensors[key].shape) * size for keys in info.component_keys.values() for key in keys)
+
+
+def _output_problem(error: BaseException, output: Path, needed: Callable[[], int]) -> ConfigurationError | None:
+    """A failed write into the output's folder as a configuration error (full disk, read-only), or None."""
+    number = _write_errno(error, output.parent)
+    if number in _NO_SPACE:
+        return ConfigurationError(
+            f"--output {output}: cannot write the converted model: {os.strerror(number)}. It needs about "
+            f"{needed() / 2**20:,.0f} MiB; free some space there or choose another --output"
+        )
+    if number in _NOT_WRITABLE:
+        return ConfigurationError(
+            f"--output {output}: cannot write there ({os.strerror(number)}); choose a writable --output"
+        )
+    return None
 
 
 def _lock_path(output: Path) -> Path:
@@ -433,22 +494,29 @@ def convert(
     if not force and _folder_state(output, source, vae_identity, dtype)[0] == "current":
         _remove_leftovers_if_idle(output)
         return up_to_date(0.0)
+    _check_output_location(output)
     log.info("checking %s", checkpoint)
     info = inspect_checkpoint(checkpoint, vae_replaced=vae_path is not None)
     vae_file = load_vae_file(vae_path, info.config_name) if vae_path is not None else None
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with _conversion_lock(output, lock_timeout) as waited:
-        state, why = _folder_state(output, source, vae_identity, dtype)
-        if state == "current" and not force:
-            return up_to_date(waited)  # another process converted it while this one waited
-        if state == "foreign":
-            raise ConversionError(f"{output} {why}; move it away or choose another --output")
-        if state in ("outdated", "damaged") and not (force or replace_outdated):
-            raise ConversionError(f"{output} {why}; pass --force to replace it")
-        if state != "missing":
-            log.info("replacing %s: it %s", output, why or "is replaced (--force)")
-        _remove_leftovers(output)
-        _build(info, vae_file, source, vae_identity, output, dtype)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with _conversion_lock(output, lock_timeout) as waited:
+            state, why = _folder_state(output, source, vae_identity, dtype)
+            if state == "current" and not force:
+                return up_to_date(waited)  # another process converted it while this one waited
+            if state == "foreign":
+                raise ConversionError(f"{output} {why}; move it away or choose another --output")
+            if state in ("outdated", "damaged") and not (force or replace_outdated):
+                raise ConversionError(f"{output} {why}; pass --force to replace it")
+            if state != "missing":
+                log.info("replacing %s: it %s", output, why or "is replaced (--force)")
+            _remove_leftovers(output)
+            _build(info, vae_file, source, vae_identity, output, dtype)
+    except (OSError, SafetensorError) as error:
+        problem = _output_problem(error, output, lambda: _weights_bytes(info, dtype))
+        if problem is None:
+            raise
+        raise problem from error
     seconds = time.perf_counter() - started
     message = f"converted {source.name} -> {output} ({dtype}, {info.config_name}) in {seconds:.1f} s"
     return ConversionResult(output, True, seconds, message, source.sha256, waited)

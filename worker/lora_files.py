@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +19,17 @@ from typing import Any
 
 import torch
 
+from core.errors import first_line
+from core.safetensors_files import SNIFF_BYTES, SafetensorsDamage, foreign_format, parse_header
 from worker.lora_sources import LoraError
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-DIFFUSERS_PREFIXES = tuple(f"{component}." for component in COMPONENTS)
+# The pipeline parts a LoRA may adapt (model_build.architectures.COMPONENTS are the four model parts).
+LORA_TARGETS = ("unet", "text_encoder", "text_encoder_2")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_")
+# SD 1.x/2.x LoRAs name their one text encoder lora_te_; diffusers would apply it to SDXL's first text encoder.
+SINGLE_TEXT_ENCODER_PREFIX = "lora_te_"
+DIFFUSERS_PREFIXES = tuple(f"{component}." for component in LORA_TARGETS)
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights keeps the LoraConfig
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 _MAX_EXAMPLES = 3
 # Key fragments of adapter types the SDXL LoRA loaders cannot apply faithfully.
 _UNSUPPORTED_FRAGMENTS = {
@@ -65,27 +68,38 @@ class PreparedLora:
 
     @property
     def components(self) -> list[str]:
-        return [component for component in COMPONENTS if self.layers.get(component)]
+        return [component for component in LORA_TARGETS if self.layers.get(component)]
 
 
 def read_lora_file(path: Path, label: str) -> LoraFile:
-    """One read of the file: sha256 of its bytes and the tensors, parsed by safetensors (never unpickled)."""
+    """One read of the file: sha256 of its bytes and the tensors, parsed by safetensors (never unpickled).
+
+    The safetensors header decides what the file is (:mod:`core.safetensors_files`); only a file
+    that does not start like one is named by another format's magic bytes.
+    """
     data = path.read_bytes()
-    if data[:2] == b"PK" or data[:1] == b"\x80":
-        raise LoraError(
-            f"LoRA {label!r} is a PyTorch pickle (zip) file with a .safetensors name; pickle files are never opened. "
-            "Convert it to real safetensors"
-        )
-    header = _safetensors_header(data, label)
+    other = foreign_format(data[:SNIFF_BYTES], len(data))
+    if other is not None:
+        description, is_pickle = other
+        if is_pickle:
+            raise LoraError(
+                f"LoRA {label!r} is {description} with a .safetensors name; pickle files can run code when loaded and "
+                "are never opened. Convert it to real safetensors"
+            )
+        raise LoraError(f"LoRA {label!r} is {description}, not a .safetensors LoRA")
+    try:
+        header = parse_header(data, len(data))
+    except SafetensorsDamage as damage:
+        raise LoraError(f"LoRA {label!r} is not a valid .safetensors file: the file {damage}") from None
     try:
         from safetensors.torch import load
 
         tensors = load(data)
     except Exception as error:
-        raise LoraError(f"LoRA {label!r} is not a valid .safetensors file: {error}") from None
+        raise LoraError(f"LoRA {label!r} is not a valid .safetensors file: {first_line(error)}") from None
     if not tensors:
         raise LoraError(f"LoRA {label!r} contains no tensors")
-    raw = (header.get("__metadata__") or {}).get(LORA_ADAPTER_METADATA_KEY)
+    raw = header.metadata.get(LORA_ADAPTER_METADATA_KEY)
     try:
         metadata = json.loads(raw) if raw else None
     except json.JSONDecodeError:
@@ -98,23 +112,16 @@ def read_lora_file(path: Path, label: str) -> LoraFile:
     )
 
 
-def _safetensors_header(data: bytes, label: str) -> dict[str, Any]:
-    if len(data) < 8:
-        raise LoraError(f"LoRA {label!r} is not a valid .safetensors file: only {len(data)} bytes")
-    (length,) = struct.unpack("<Q", data[:8])
-    if length > min(_MAX_HEADER_BYTES, len(data) - 8):
-        raise LoraError(f"LoRA {label!r} is not a valid .safetensors file: its header length is out of range")
-    try:
-        header = json.loads(data[8 : 8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise LoraError(f"LoRA {label!r} is not a valid .safetensors file: its header is not JSON") from None
-    if not isinstance(header, dict):
-        raise LoraError(f"LoRA {label!r} is not a valid .safetensors file: its header is not a JSON object")
-    return header
-
-
 def detect_format(keys: list[str], label: str) -> str:
     """ "kohya" (lora_unet_/lora_te1_/lora_te2_ names) or "diffusers" (unet./text_encoder./text_encoder_2.)."""
+    single_encoder = [key for key in keys if key.startswith(SINGLE_TEXT_ENCODER_PREFIX)]
+    if single_encoder:
+        examples = ", ".join(single_encoder[:_MAX_EXAMPLES])
+        raise LoraError(
+            f"LoRA {label!r} was made for another model: {len(single_encoder)} of its keys use the text-encoder "
+            f"prefix {SINGLE_TEXT_ENCODER_PREFIX} of SD 1.x/2.x LoRAs (e.g. {examples}); SDXL LoRAs name their two "
+            "text encoders lora_te1_ and lora_te2_. Use a LoRA trained for SDXL"
+        )
     if all(key.startswith(KOHYA_PREFIXES) for key in keys):
         return "kohya"
     if all(key.startswith(DIFFUSERS_PREFIXES) for key in keys):
@@ -158,8 +165,8 @@ def prepare_lora(pipe: Any, lora_file: LoraFile, label: str) -> PreparedLora:
         # diffusers' own conversion (Kohya sgm block names -> diffusers modules, alphas); it pops from the dict.
         state_dict, network_alphas = type(pipe).lora_state_dict(dict(lora_file.tensors), unet_config=pipe.unet.config)
     except (ValueError, KeyError, IndexError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LoraError(f"LoRA {label!r} could not be read as an SDXL LoRA: {first_line[:300]}") from None
+        reason = first_line(error, limit=300) or type(error).__name__
+        raise LoraError(f"LoRA {label!r} could not be read as an SDXL LoRA: {reason}") from None
     not_lora = [key for key in state_dict if "lora" not in key]
     if not_lora:
         raise LoraError(
@@ -169,7 +176,7 @@ def prepare_lora(pipe: Any, lora_file: LoraFile, label: str) -> PreparedLora:
     # Checked in peft form ("<module path>.lora_A.weight"); handed to the loaders in the form each converts reliably.
     prepared = PreparedLora(format=lora_format, state_dict={}, network_alphas=network_alphas or None)
     problems: list[str] = []
-    for component in COMPONENTS:
+    for component in LORA_TARGETS:
         prefix = f"{component}."
         part = {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
         if not part:
@@ -309,7 +316,7 @@ def _family_hint(pipe: Any, state_dict: Mapping[str, torch.Tensor]) -> str:
 def _cast_to_components(pipe: Any, state_dict: dict[str, torch.Tensor]) -> None:
     """Give each tensor its component's dtype and device, so the adapter runs in the model's precision."""
     targets = {}
-    for component in COMPONENTS:
+    for component in LORA_TARGETS:
         model = getattr(pipe, component, None)
         if model is not None:
             parameter = next(model.parameters())

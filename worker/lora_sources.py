@@ -6,45 +6,39 @@ A request names a LoRA as ``styles/ink`` (``.safetensors`` optional) under one o
 and only when ``ALLOW_LORA_DOWNLOAD=1``.
 
 Nothing here reads a LoRA's contents: resolving costs a few ``stat`` calls, so a cached LoRA is
-used again without touching the disk. Every refusal is a :class:`LoraError` whose message names
-the request field and says what to do (the handler returns it as the job's ``error``).
+used again without touching the disk. Every refusal is a :class:`LoraError` (a
+:class:`core.errors.LoraFailed`) whose message names the request field and says what to do.
+This module imports neither torch nor the engine.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-# worker.engine imports this package's LoRA code lazily (inside Engine._lora_manager), so importing
-# the engine here at module level cannot form a cycle; LoraError must be an EngineError so the
-# handler and the batch runner report it as the job's error instead of an internal failure.
-from worker.engine import EngineError
+from core.errors import LoraFailed, first_line
+from core.hub_names import HubFileName, HubNameError, is_hub_name, parse_hub_name
+from core.safetensors_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, pickle_suffix
+from core.settings import VOLUME, Settings
 
-DEFAULT_LORA_DIR = "/runpod-volume/loras"
-BAKED_LORA_DIR = "/loras"
-SAFETENSORS_SUFFIX = ".safetensors"
-# Pickle-based formats can run arbitrary code when loaded; they are never opened.
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 MAX_LISTED_NAMES = 20
 MAX_SCANNED_FILES = 10_000  # listing available names is for error messages; never let it crawl a huge volume
-HF_PREFIX = "hf://"
-_HF_NAME = re.compile(
-    r"^(?P<owner>[A-Za-z0-9][\w.-]*)/(?P<repo>[A-Za-z0-9][\w.-]*)/(?P<file>[^@]+)@(?P<revision>[^@]*)$"
-)
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+# Linux limits (NAME_MAX, PATH_MAX less the terminating NUL): a longer name fails in the kernel with ENAMETOOLONG.
+MAX_NAME_PART_BYTES = 255
+MAX_PATH_BYTES = 4095
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-class LoraError(EngineError):
+class LoraError(LoraFailed):
     """A LoRA the job asked for cannot be used; the message names it and says what to change."""
 
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """Where LoRAs come from and how many stay loaded; :meth:`from_env` reads the worker's environment."""
+    """Where LoRAs come from and how many stay loaded; :meth:`from_settings` takes them from the worker's settings."""
 
     roots: tuple[Path, ...]
     allow_download: bool = False
@@ -53,38 +47,20 @@ class LoraSettings:
     cache_mb: float = 2048.0  # their parameter memory, in MiB
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> LoraSettings:
-        env = os.environ if environ is None else environ
-        roots = [Path(part) for part in env.get("LORA_DIR", DEFAULT_LORA_DIR).split(os.pathsep) if part]
-        if Path(BAKED_LORA_DIR) not in roots:
-            roots.append(Path(BAKED_LORA_DIR))
+    def from_settings(cls, settings: Settings) -> LoraSettings:
         return cls(
-            roots=tuple(roots),
-            allow_download=env.get("ALLOW_LORA_DOWNLOAD", "0").strip().lower() in ("1", "true", "yes"),
-            download_dir=Path(env["LORA_DOWNLOAD_DIR"]) if env.get("LORA_DOWNLOAD_DIR") else default_download_dir(),
-            cache_size=_positive_number(env, "LORA_CACHE_SIZE", 8, int),
-            cache_mb=_positive_number(env, "LORA_CACHE_MB", 2048.0, float),
+            roots=settings.lora_roots,
+            allow_download=settings.allow_lora_download,
+            download_dir=settings.lora_download_dir or default_download_dir(),
+            cache_size=settings.lora_cache_size,
+            cache_mb=settings.lora_cache_mb,
         )
-
-
-def _positive_number(env: Mapping[str, str], key: str, default: float, kind: type) -> float:
-    raw = env.get(key)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ValueError(f"{key}={raw!r} is not a number") from None
-    if value < 0:
-        raise ValueError(f"{key}={raw!r} must be >= 0")
-    return value
 
 
 def default_download_dir() -> Path:
     """On RunPod the network volume survives the worker, so downloads are kept there."""
-    volume = Path("/runpod-volume")
-    if volume.is_dir():
-        return volume / ".cache" / "hf-loras"
+    if VOLUME.is_dir():
+        return VOLUME / ".cache" / "hf-loras"
     return Path.home() / ".cache" / "sdxl-worker" / "hf-loras"
 
 
@@ -106,39 +82,60 @@ class LoraSource:
         return cls(name=name, label=label, origin=origin, path=path, identity=identity)
 
 
-@dataclass(frozen=True)
-class HfLoraName:
-    repo_id: str
-    filename: str
-    revision: str
-
-    def __str__(self) -> str:
-        return f"{HF_PREFIX}{self.repo_id}/{self.filename}@{self.revision}"
+HfLoraName = HubFileName  # a pinned Hub file (core.hub_names)
 
 
-def parse_hf_name(name: str, field: str = "name") -> HfLoraName:
+def parse_hf_name(name: str, field: str = "name") -> HubFileName:
     """``hf://owner/repo/path/file.safetensors@<40-hex commit>`` -> its parts, or a LoraError saying what is wrong."""
-    form = "hf://owner/repo/path/file.safetensors@<40-hex commit sha>"
-    match = _HF_NAME.match(name.removeprefix(HF_PREFIX))
-    if match is None:
-        raise LoraError(f"{field}: {name!r} is not a valid Hub LoRA address; use {form}")
-    filename, revision = match["file"], match["revision"]
-    if not _COMMIT.match(revision):
+    try:
+        hub_name = parse_hub_name(name)
+    except HubNameError as error:
+        raise LoraError(f"{field}: {name!r} {error}") from None
+    if not hub_name.filename.endswith(SAFETENSORS_SUFFIX):
         raise LoraError(
-            f"{field}: {name!r} must pin a full 40-character commit sha after '@' (got {revision!r}), so the file "
-            f"cannot change under the cache; use {form}"
+            f"{field}: {name!r} must name a {SAFETENSORS_SUFFIX} file; use hf://owner/repo/path/file.safetensors@"
+            "<40-hex commit>"
         )
-    parts = filename.split("/")
-    if any(part in ("", ".", "..") for part in parts) or "\\" in filename:
-        raise LoraError(f"{field}: {name!r} has an invalid file path inside the repository; use {form}")
-    _refuse_pickle(filename, field, name)
-    if not filename.endswith(SAFETENSORS_SUFFIX):
-        raise LoraError(f"{field}: {name!r} must name a {SAFETENSORS_SUFFIX} file; use {form}")
-    return HfLoraName(repo_id=f"{match['owner']}/{match['repo']}", filename=filename, revision=revision)
+    _check_name_lengths(hub_name.filename, field, name)
+    return hub_name
+
+
+def _check_name_lengths(relative: str, field: str, name: str, roots: tuple[Path, ...] = ()) -> None:
+    """Refuse a name the file system would refuse (ENAMETOOLONG), before any system call sees it."""
+    shown = name if len(name) <= 60 else f"{name[:40]}…"
+    for part in relative.split("/"):
+        size = len(os.fsencode(part))
+        if size > MAX_NAME_PART_BYTES:
+            raise LoraError(
+                f"{field}: {shown!r} is too long: one part of its file name is {size} bytes (with the "
+                f"{SAFETENSORS_SUFFIX} suffix); file names are at most {MAX_NAME_PART_BYTES} bytes per folder or "
+                "file name. Rename the file"
+            )
+    longest = max((len(os.fsencode(root)) for root in roots), default=0)
+    total = longest + 1 + len(os.fsencode(relative))
+    if roots and total > MAX_PATH_BYTES:
+        raise LoraError(
+            f"{field}: {shown!r} is too long: under the LoRA folder its path is {total} bytes, more than the "
+            f"{MAX_PATH_BYTES} bytes a path may have. Use a shorter name"
+        )
+
+
+def _file_kind(path: Path) -> str:
+    """What a path that is not a regular file is, in words (for "'x' is a named pipe under /loras")."""
+    mode = path.stat().st_mode
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
 
 
 def _refuse_pickle(path_text: str, field: str, name: str) -> None:
-    if path_text.lower().endswith(PICKLE_SUFFIXES):
+    if pickle_suffix(path_text):
         raise LoraError(
             f"{field}: {name!r} is a pickle file ({', '.join(PICKLE_SUFFIXES)}), which can run code when loaded and "
             f"is never opened; convert it to {SAFETENSORS_SUFFIX} and use that"
@@ -152,7 +149,7 @@ class LoraResolver:
         self.settings = settings
 
     def resolve(self, name: str, field: str = "name") -> LoraSource:
-        if name.startswith(HF_PREFIX):
+        if is_hub_name(name):
             return self._resolve_hf(name, field)
         if _URL_SCHEME.match(name):
             raise LoraError(
@@ -176,6 +173,7 @@ class LoraResolver:
             raise LoraError(f"{field}: {name!r} contains '..'; LoRAs are only read from inside {self._roots_text()}")
         _refuse_pickle(name, field, name)
         relative = name if name.endswith(SAFETENSORS_SUFFIX) else name + SAFETENSORS_SUFFIX
+        _check_name_lengths(relative, field, name, self.settings.roots)
 
         for root in self.settings.roots:
             if not root.is_dir():
@@ -193,7 +191,9 @@ class LoraResolver:
             if not real.exists():
                 continue  # a dangling link inside the root is as good as missing
             if not real.is_file():
-                raise LoraError(f"{field}: {name!r} is a folder under {root}, not a {SAFETENSORS_SUFFIX} file")
+                raise LoraError(
+                    f"{field}: {name!r} is {_file_kind(real)} under {root}, not a {SAFETENSORS_SUFFIX} file"
+                )
             label = name.removesuffix(SAFETENSORS_SUFFIX)
             return LoraSource.of(name=name, label=label, origin="local", path=real)
         raise LoraError(self._missing_message(name, field, relative))
@@ -270,6 +270,6 @@ class LoraResolver:
                 cache_dir=download_dir,
             )
         except Exception as error:  # network, auth, missing repo/file: all are the caller's to fix or retry
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = first_line(error) or type(error).__name__
             raise LoraError(f"{field}: could not download {hub_name}: {reason}") from None
         return Path(path).resolve()

@@ -25,7 +25,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from worker.lora_files import COMPONENTS, PreparedLora, prepare_lora, read_lora_file
+from core.errors import first_line
+from core.settings import load_settings
+from worker.lora_files import LORA_TARGETS, PreparedLora, prepare_lora, read_lora_file
 from worker.lora_sources import LoraError, LoraResolver, LoraSettings, LoraSource
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,8 @@ class LoraManager:
         settings: LoraSettings | None = None,
     ) -> None:
         self.pipe = pipe
-        self.settings = settings or LoraSettings.from_env()
+        # The engine passes its settings; built from the environment only for a manager made on its own.
+        self.settings = settings or LoraSettings.from_settings(load_settings())
         self.resolver = LoraResolver(self.settings)
         self.on_text_encoder_change = on_text_encoder_change
         self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # adapter name -> adapter, oldest first
@@ -76,8 +79,9 @@ class LoraManager:
     def activate(self, loras: Sequence[Any]) -> list[dict[str, Any]]:
         """Make exactly ``loras`` (objects with ``name`` and ``scale``) active; describe what was applied.
 
-        Raises :class:`LoraError` (an EngineError) for anything the caller must fix; the pipeline is
-        then left with no LoRA active.
+        Raises :class:`LoraError` (a :class:`core.errors.LoraFailed`) for anything the caller must fix;
+        the pipeline is then left with no LoRA active. ``activate([])`` runs no LoRA (adapters stay
+        loaded for later jobs).
         """
         sources = [self.resolver.resolve(lora.name, field=f"loras[{index}].name") for index, lora in enumerate(loras)]
         seen: dict[str, int] = {}
@@ -105,10 +109,6 @@ class LoraManager:
         self._set_active({adapter.adapter_name: lora.scale for lora, _, adapter, _ in applied if lora.scale != 0.0})
         self._evict_to_bounds(keep)
         return [self._describe(lora, source, adapter, hit) for lora, source, adapter, hit in applied]
-
-    def deactivate(self) -> None:
-        """No LoRA active (adapters stay loaded for later jobs)."""
-        self._set_active({})
 
     def clear(self) -> None:
         """Remove every adapter from the pipeline."""
@@ -207,8 +207,8 @@ class LoraManager:
             self._remove_adapter(adapter_name)
             if offload is not None and _offload_mode(pipe) is None:
                 _restore_offload(pipe, offload)
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise LoraError(f"LoRA {label!r} could not be loaded: {type(error).__name__}: {reason[:300]}") from None
+            reason = first_line(error, limit=300)
+            raise LoraError(f"LoRA {label!r} could not be loaded: {type(error).__name__}: {reason}") from None
 
     def _make_room(self, incoming_bytes: int, keep: set[str]) -> None:
         """Evict least recently used adapters (never one this job uses) until the new one fits the bounds."""
@@ -240,7 +240,7 @@ class LoraManager:
 
         self._attach_all()
         self._layer_cache.clear()
-        for component in COMPONENTS:
+        for component in LORA_TARGETS:
             model = getattr(self.pipe, component, None)
             if model is None or adapter_name not in (getattr(model, "peft_config", None) or {}):
                 continue
@@ -258,7 +258,7 @@ class LoraManager:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         total = 0
-        for component in COMPONENTS:
+        for component in LORA_TARGETS:
             model = getattr(self.pipe, component, None)
             if model is None:
                 continue
@@ -278,7 +278,7 @@ class LoraManager:
     def _apply_active(self, weights: dict[str, float]) -> None:
         """Per component: run exactly the adapters in ``weights`` it has, or disable its LoRA layers entirely."""
         text_encoder_state = []
-        for component in COMPONENTS:
+        for component in LORA_TARGETS:
             model = getattr(self.pipe, component, None)
             present = getattr(model, "peft_config", None) or {}
             if model is None or component not in self._wrapped:
@@ -298,8 +298,8 @@ class LoraManager:
         records = self._tuner_layers(component, model)
         if self._fast_activation:
             # What peft's set_adapter/set_scale/enable_adapters leave behind, without their per-adapter
-            # requires_grad bookkeeping and whole-model walks: with ~1000 LoRA layers in a full SDXL those cost
-            # ~0.5 s per switch, this ~10 ms. Inference never needs gradients.
+            # requires_grad bookkeeping and whole-model walks, which dominate a switch with ~1000 LoRA layers in a
+            # full SDXL (bench/lora_switch.py times the cached switch). Inference never needs gradients.
             for record in records:
                 layer = record.wrapper
                 for name, scale in zip(names, scales, strict=True):
@@ -309,7 +309,7 @@ class LoraManager:
             probe = records[0].wrapper if records else None
             if probe is None or (probe.active_adapters == names and probe.disable_adapters == (not names)):
                 # A layer with none of the job's adapters gets its original module back: even disabled, a peft
-                # wrapper costs Python time per call (+40% denoising time on an H200 with 4 LoRAs cached).
+                # wrapper costs Python time per call (bench/lora_switch.py --diagnose-idle measures it).
                 for record in records:
                     record.attach(any(name in record.wrapper.lora_A for name in names))
                 return

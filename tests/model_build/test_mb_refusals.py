@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import resource
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from core.errors import first_line
+from model_build.__main__ import EXIT_CONFIGURATION, main
 from model_build.checkpoint import inspect_checkpoint
 from model_build.convert import ConversionError, convert
 from model_build.errors import CheckpointError
@@ -207,3 +212,110 @@ def test_known_harmless_extras_are_ignored_and_listed(dev_tensors, write_checkpo
 def test_dtype_is_checked_first(dev_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match=r"--dtype 'fp8' is not one of fp16, bf16, fp32"):
         convert(dev_checkpoint, tmp_path / "out", dtype="fp8")
+
+
+def test_a_safetensors_file_whose_first_byte_is_0x80_is_a_checkpoint(dev_tensors, write_checkpoint, capsys) -> None:
+    # The first byte is the low byte of the header length (headers are padded to 8 bytes): 0x80 in about one
+    # safetensors file in 32. It is a pickle's first byte too, but the header decides, not that byte. `inspect`
+    # runs every check a conversion runs before it reads tensor data (the only place the first byte mattered).
+    for pad in range(300):
+        path = write_checkpoint(dev_tensors, metadata={"padding": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no padding gives a header length whose low byte is 0x80")
+    assert main(["inspect", str(path)]) == 0
+    assert capsys.readouterr().out.startswith(f"{path.name}: SDXL base checkpoint, config dev_tiny")
+
+
+def test_integer_weights_are_refused_by_name(dev_tensors, write_checkpoint, tmp_path) -> None:
+    quantised = {key: (tensor * 100).to(torch.int8) for key, tensor in dev_tensors.items()}
+    with pytest.raises(CheckpointError, match=rf"holds {len(dev_tensors)} weight tensors that are not floating point"):
+        convert(write_checkpoint(quantised), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    one = "model.diffusion_model.out.2.weight"
+    tensors = {**dev_tensors, one: dev_tensors[one].to(torch.int32)}
+    tensors["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    # position_ids is an integer buffer real checkpoints carry: ignored, not refused; the int32 weight is named.
+    with pytest.raises(CheckpointError, match=rf"holds 1 weight tensors that are not floating point \(I32: {one}\)"):
+        inspect_checkpoint(write_checkpoint(tensors))
+
+
+# --- where the output goes: one line, exit code 2 (configuration), never a traceback, nothing left behind ---
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """Mounts a small tmpfs (root only); skips the test where mounting is not allowed."""
+    mounted: list[Path] = []
+
+    def mount(size: str, read_only: bool = False) -> Path:
+        target = tmp_path / f"tmpfs{len(mounted)}"
+        target.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        try:
+            result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True)
+        except FileNotFoundError:
+            pytest.skip("no mount command here")
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {first_line(result.stderr.decode(errors='replace'))}")
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in mounted:
+        subprocess.run(["umount", str(target)], check=False)
+
+
+def convert_cli(checkpoint: Path, output: Path, capsys) -> tuple[int, str]:
+    code = main(["-q", "convert", str(checkpoint), "--output", str(output)])
+    return code, capsys.readouterr().err
+
+
+def assert_one_clear_line(err: str, *expected: str) -> None:
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: configuration: --output "), line
+    for text in expected:
+        assert text in line, line
+
+
+def test_output_under_a_file_is_a_configuration_error(dev_checkpoint, tmp_path, capsys) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    code, err = convert_cli(dev_checkpoint, tmp_path / "a-file" / "models" / "out", capsys)
+    assert code == EXIT_CONFIGURATION
+    assert_one_clear_line(err, f"is under {tmp_path / 'a-file'}, which is a file, not a folder")
+
+
+def test_read_only_output_folder_is_a_configuration_error(dev_checkpoint, tmp_path, tmpfs, capsys) -> None:
+    if os.geteuid() == 0:  # root writes through permission bits: only a read-only file system stops it
+        folder, why = tmpfs("1m", read_only=True), "is on a read-only file system"
+    else:
+        folder, why = tmp_path / "locked", "is not writable by this user"
+        folder.mkdir()
+        folder.chmod(0o555)
+    code, err = convert_cli(dev_checkpoint, folder / "out", capsys)
+    assert code == EXIT_CONFIGURATION
+    assert_one_clear_line(err, f"{folder} {why}; choose a writable --output")
+
+
+def test_full_disk_is_a_configuration_error(dev_checkpoint, tmpfs, capsys) -> None:
+    # A 12 MiB tmpfs holds the configs and the first components; the UNet's safetensors write fails (ENOSPC).
+    folder = tmpfs("12m")
+    code, err = convert_cli(dev_checkpoint, folder / "out", capsys)
+    assert code == EXIT_CONFIGURATION
+    assert_one_clear_line(err, "cannot write the converted model: No space left on device. It needs about")
+    assert sorted(path.name for path in folder.iterdir()) == ["out.lock"]  # no output, no temporary folder
+
+
+def test_file_size_limit_is_a_configuration_error(dev_checkpoint, tmp_path, capsys) -> None:
+    # Without root (no tmpfs), RLIMIT_FSIZE makes writes past 1 MiB fail with EFBIG, as a full quota does.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+    try:
+        code, err = convert_cli(dev_checkpoint, tmp_path / "models" / "out", capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert code == EXIT_CONFIGURATION
+    assert_one_clear_line(err, "cannot write the converted model: File too large. It needs about")
+    assert sorted(path.name for path in (tmp_path / "models").iterdir()) == ["out.lock"]

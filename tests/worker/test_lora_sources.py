@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.engine import EngineError
+from core.errors import ConfigurationError, InvalidRequest, LoraFailed, error_kind_of
+from core.settings import BAKED_LORAS, VOLUME, load_settings
 from worker.lora_sources import (
-    BAKED_LORA_DIR,
-    DEFAULT_LORA_DIR,
+    MAX_NAME_PART_BYTES,
+    MAX_PATH_BYTES,
     LoraError,
     LoraResolver,
     LoraSettings,
+    default_download_dir,
     parse_hf_name,
 )
 
@@ -79,15 +83,46 @@ def test_identity_changes_when_the_file_is_rewritten(roots) -> None:
         ("old.bin", "pickle file"),
         ("old", "only .*/old.ckpt exists, a pickle file"),
         ("https://example.com/x.safetensors", "only file names under the LoRA folders"),
-        ("styles", "is a folder"),
+        ("styles", "is a folder under"),
+        ("pipe", r"is a named pipe \(FIFO\) under"),
     ],
 )
 def test_refusals_name_the_field_and_say_why(roots, name: str, expected: str) -> None:
     volume, baked = roots
     touch(volume / "styles.safetensors" / "inner")  # a folder with a LoRA's name
+    os.mkfifo(volume / "pipe.safetensors")  # reading it would block the worker forever
     with pytest.raises(LoraError, match=rf"loras\[2\].name: .*{expected}") as raised:
         resolver(volume, baked).resolve(name, field="loras[2].name")
-    assert isinstance(raised.value, EngineError)  # so the handler returns it as the job's error
+    # A LoRA error is the job's error, not an internal one: the handler and the batch runner report it as it is.
+    assert isinstance(raised.value, LoraFailed) and isinstance(raised.value, InvalidRequest)
+    assert not raised.value.retriable and error_kind_of(str(raised.value)) is LoraFailed
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("x" * 244, None),  # 244 + len(".safetensors") = 256 bytes
+        ("é" * 122, None),  # 244 bytes in UTF-8: the limit is in bytes, not characters
+        ("styles/" + "y" * 245, None),
+        (f"{'d' * 200}/" * 20 + "ink", "path"),
+    ],
+)
+def test_names_longer_than_the_file_system_allows_are_refused_before_any_lookup(roots, name, expected) -> None:
+    volume, _ = roots
+    limit = rf"is too long: under the LoRA folder its path is \d+ bytes, more than the {MAX_PATH_BYTES} bytes"
+    if expected is None:
+        limit = rf"is too long: one part of its file name is 25\d bytes .* at most {MAX_NAME_PART_BYTES} bytes per"
+    with pytest.raises(LoraError, match=rf"^lora: loras\[0\].name: '.{{40}}…' {limit}"):
+        resolver(volume).resolve(name, field="loras[0].name")
+
+
+def test_a_name_just_under_the_limit_is_looked_up(roots) -> None:
+    volume, _ = roots
+    longest = "z" * (MAX_NAME_PART_BYTES - len(".safetensors"))
+    with pytest.raises(LoraError, match=r"no LoRA named"):  # a plain lookup, not a length refusal
+        resolver(volume).resolve(longest)
+    touch(volume / f"{longest}.safetensors")
+    assert resolver(volume).resolve(longest).path.name == f"{longest}.safetensors"
 
 
 def test_links_out_of_the_folder_are_refused_links_inside_work(roots, tmp_path: Path) -> None:
@@ -112,7 +147,7 @@ def test_missing_name_lists_available_names_capped(roots) -> None:
     volume, baked = roots
     with pytest.raises(LoraError) as raised:
         resolver(volume, baked).resolve("nope", field="loras[0].name")
-    message = str(raised.value)
+    message = raised.value.message
     assert message.startswith("loras[0].name: no LoRA named 'nope'")
     assert "available: baked-only, ink, styles/deep/v1.2, styles/watercolor" in message
     assert "secret" not in message and "old" not in message  # hidden folders and pickles are not offered
@@ -148,24 +183,33 @@ def test_whatever_the_name_a_resolved_file_is_inside_a_root(tmp_path_factory, pa
     assert source.path.is_relative_to(volume.resolve()) and source.path.suffix == ".safetensors"
 
 
-def test_settings_from_environment(tmp_path: Path) -> None:
-    default = LoraSettings.from_env({})
-    assert default.roots == (Path(DEFAULT_LORA_DIR), Path(BAKED_LORA_DIR))
-    assert not default.allow_download and default.cache_size == 8
-    custom = LoraSettings.from_env(
-        {
-            "LORA_DIR": f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}",
-            "ALLOW_LORA_DOWNLOAD": "1",
-            "LORA_DOWNLOAD_DIR": str(tmp_path / "dl"),
-            "LORA_CACHE_SIZE": "3",
-            "LORA_CACHE_MB": "512",
-        }
+def test_settings_come_from_the_workers_settings(tmp_path: Path) -> None:
+    default = LoraSettings.from_settings(load_settings({}))
+    assert default.roots == (VOLUME / "loras", BAKED_LORAS)
+    assert not default.allow_download and default.cache_size == 8 and default.cache_mb == 2048.0
+    assert default.download_dir == default_download_dir()
+    custom = LoraSettings.from_settings(
+        load_settings(
+            {
+                "LORA_DIR": f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}",
+                "ALLOW_LORA_DOWNLOAD": "1",
+                "LORA_DOWNLOAD_DIR": str(tmp_path / "dl"),
+                "LORA_CACHE_SIZE": "3",
+                "LORA_CACHE_MB": "512",
+            }
+        )
     )
-    assert custom.roots == (tmp_path / "a", tmp_path / "b", Path(BAKED_LORA_DIR))
+    assert custom.roots == (tmp_path / "a", tmp_path / "b", BAKED_LORAS)
     assert custom.allow_download and custom.download_dir == tmp_path / "dl"
     assert (custom.cache_size, custom.cache_mb) == (3, 512.0)
-    with pytest.raises(ValueError, match=r"LORA_CACHE_SIZE='many' is not a number"):
-        LoraSettings.from_env({"LORA_CACHE_SIZE": "many"})
+    with pytest.raises(ConfigurationError, match=r"LORA_CACHE_SIZE='many' is invalid"):
+        load_settings({"LORA_CACHE_SIZE": "many"})
+
+
+def test_resolving_names_needs_neither_torch_nor_the_engine() -> None:
+    code = "import sys, worker.lora_sources; print(sorted(m for m in ('torch', 'worker.engine') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 # -- hf:// ------------------------------------------------------------------------------------------------------------
@@ -184,13 +228,16 @@ def test_hub_names_parse() -> None:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("hf://someone/repo/ink.safetensors", "not a valid Hub LoRA address"),
-        ("hf://someone/repo/ink.safetensors@main", "must pin a full 40-character commit sha"),
-        (f"hf://someone/repo/ink.safetensors@{COMMIT[:12]}", "must pin a full 40-character commit sha"),
-        (f"hf://someone/ink.safetensors@{COMMIT}", "not a valid Hub LoRA address"),
+        ("hf://someone/repo/ink.safetensors", "names no revision; pin the exact file with a commit hash"),
+        ("hf://someone/repo/ink.safetensors@main", "revision 'main' is not a 40-hex commit hash"),
+        (f"hf://someone/repo/ink.safetensors@{COMMIT[:12]}", "is not a 40-hex commit hash"),
+        (f"hf://someone/ink.safetensors@{COMMIT}", "does not name a repository and a file"),
+        (f"hf://-someone/repo/ink.safetensors@{COMMIT}", "invalid repository name"),
         (f"hf://someone/repo/../x.safetensors@{COMMIT}", "invalid file path"),
+        (f"hf://someone/repo/a\\b.safetensors@{COMMIT}", "invalid file path"),
         (f"hf://someone/repo/model.ckpt@{COMMIT}", "pickle file"),
         (f"hf://someone/repo/weights.onnx@{COMMIT}", "must name a .safetensors file"),
+        (f"hf://someone/repo/{'n' * 300}.safetensors@{COMMIT}", "one part of its file name is 312 bytes"),
     ],
 )
 def test_bad_hub_names_are_refused(name: str, expected: str) -> None:

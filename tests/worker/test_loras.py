@@ -17,14 +17,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from core.errors import LoraFailed
 from core.settings import load_settings
-from worker import loras as loras_module
-from worker.engine import Engine, EngineError
-from worker.handler import Worker
-from worker.images import read_parameters
-from worker.lora_synth import (
+from tests.support.lora_synth import (
     TEXT_ENCODERS,
     TEXT_KOHYA_TARGETS,
     UNET_KOHYA_TARGETS,
@@ -32,6 +30,10 @@ from worker.lora_synth import (
     save_diffusers_lora,
     save_kohya_lora,
 )
+from worker import loras as loras_module
+from worker.engine import Engine
+from worker.handler import Worker
+from worker.images import read_parameters
 from worker.loras import LoraManager, LoraSettings
 from worker.schema import GenerationRequest
 
@@ -68,15 +70,26 @@ def kohya_pair(name: str, fan_in: int, fan_out: int, rank: int = 4, conv: bool =
 
 
 def sd15_kohya_lora() -> dict[str, torch.Tensor]:
-    """What Kohya writes for SD 1.5: diffusers-style block names, 768-wide cross-attention and CLIP-L."""
+    """What Kohya writes for an SD 1.5 UNet: diffusers-style block names and 768-wide cross-attention."""
     block = "lora_unet_down_blocks_0_attentions_0"
     return {
         **kohya_pair(f"{block}_proj_in", 320, 320, conv=True),
         **kohya_pair(f"{block}_transformer_blocks_0_attn1_to_q", 320, 320),
         **kohya_pair(f"{block}_transformer_blocks_0_attn2_to_k", 768, 320),
         **kohya_pair("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v", 768, 1280),
-        **kohya_pair("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 768, 768),
     }
+
+
+def save_with_first_byte_0x80(source: Path, target: Path) -> None:
+    """``source`` saved again with metadata padded until the header length's low byte, the file's first, is 0x80."""
+    tensors = load_file(str(source))
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    for pad in range(300):
+        save_file(tensors, str(target), metadata={**metadata, "padding": "x" * pad})
+        if target.read_bytes()[:1] == b"\x80":
+            return
+    raise AssertionError("no padding gives a header length whose low byte is 0x80")
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +105,12 @@ def lora_dir(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
     torch.manual_seed(0)
     save_file(sd15_kohya_lora(), root / "sd15.safetensors")
+    # SD 1.x names its one text encoder lora_te_; the shapes fit the dev model's first text encoder, so only the
+    # prefix tells that it was made for another model (diffusers would apply it to SDXL's CLIP-L).
+    width = pipe.text_encoder.config.hidden_size
+    sd15_text = kohya_pair("lora_te_text_model_encoder_layers_0_self_attn_q_proj", width, width)
+    save_file(sd15_text, root / "sd15-te.safetensors")
+    save_with_first_byte_0x80(root / "style.safetensors", root / "style-0x80.safetensors")
     flux_key = "transformer.single_transformer_blocks.0.attn.to_q"
     save_file(
         {f"{flux_key}.lora_A.weight": torch.randn(4, 64), f"{flux_key}.lora_B.weight": torch.randn(64, 4)},
@@ -174,6 +193,13 @@ def test_kohya_file_gives_the_same_image_as_the_diffusers_file(worker) -> None:
     assert result.images[0].tobytes() == reference(worker, ("style", 0.8))
 
 
+def test_a_safetensors_file_whose_first_byte_is_0x80_is_a_lora_not_a_pickle(worker, lora_dir: Path) -> None:
+    # The first byte is the low byte of the header length: 0x80 in about one safetensors file in 32.
+    assert (lora_dir / "style-0x80.safetensors").read_bytes()[:1] == b"\x80"
+    result = generate(worker, ("style-0x80", 0.8))
+    assert result.images[0].tobytes() == reference(worker, ("style", 0.8))
+
+
 def test_text_encoder_lora_acts_through_the_prompt(worker) -> None:
     result = generate(worker, ("words", 1.0))
     assert result.metadata.stable["loras"][0]["components"] == list(TEXT_ENCODERS)
@@ -193,22 +219,24 @@ REFUSALS = [
     ("sd15", r"LoRA 'sd15' does not fit this model: .*do not exist.*wrong shape.*made for SD 1\.x"),
     ("flux", r"LoRA 'flux' is not an SDXL LoRA .*transformer model"),
     ("dora", r"LoRA 'dora' is DoRA"),
-    ("disguised", r"LoRA 'disguised' is a PyTorch pickle"),
+    ("sd15-te", r"LoRA 'sd15-te' was made for another model: 3 of its keys use the text-encoder prefix lora_te_"),
+    ("disguised", r"LoRA 'disguised' is a PyTorch zip archive of pickles with a \.safetensors name"),
     ("truncated", r"LoRA 'truncated' is not a valid \.safetensors file"),
     ("legacy.ckpt", r"loras\[1\]\.name: 'legacy\.ckpt' is a pickle file"),
     ("legacy", r"loras\[1\]\.name: 'legacy': only .*legacy\.ckpt exists, a pickle file"),
     ("../style", r"loras\[1\]\.name: '\.\./style' contains '\.\.'"),
     ("/etc/hostname", r"loras\[1\]\.name: '/etc/hostname' is an absolute path"),
     ("escape", r"loras\[1\]\.name: 'escape' is a link that points outside"),
+    ("x" * 300, r"loras\[1\]\.name: 'x{40}…' is too long: one part of its file name is 312 bytes"),
     ("nope", r"loras\[1\]\.name: no LoRA named 'nope' in .*; available: .*detail, .*kohya/style, .*style, .*words"),
     (f"hf://someone/repo/x.safetensors@{COMMIT}", r"downloading LoRAs is off on this worker"),
 ]
 
 
-@pytest.mark.parametrize(("name", "message"), REFUSALS, ids=[name for name, _ in REFUSALS])
+@pytest.mark.parametrize(("name", "message"), REFUSALS, ids=[name[:20] for name, _ in REFUSALS])
 def test_refusals_are_clear_errors_and_change_nothing(worker, name: str, message: str) -> None:
     loaded_before = worker.engine.loras.loaded()
-    with pytest.raises(EngineError, match=message):
+    with pytest.raises(LoraFailed, match=message):
         generate(worker, ("style", 0.8), (name, 1.0))
     assert sorted(entry["name"] for entry in worker.engine.loras.loaded()) == sorted(e["name"] for e in loaded_before)
     for component in ("unet", *TEXT_ENCODERS):  # nothing half-loaded: no adapter beyond the cached ones
@@ -217,7 +245,7 @@ def test_refusals_are_clear_errors_and_change_nothing(worker, name: str, message
 
 
 def test_after_a_refusal_the_next_jobs_are_unaffected_and_scale_zero_is_no_lora(worker) -> None:
-    with pytest.raises(EngineError, match="does not fit"):
+    with pytest.raises(LoraFailed, match="does not fit"):
         generate(worker, ("style", 0.8), ("sd15", 1.0))
     zero = generate(worker, ("style", 0.0))
     assert zero.images[0].tobytes() == worker.fresh
@@ -304,7 +332,7 @@ def test_unrequested_adapters_contribute_nothing(bare, managers, lora_dir: Path)
     assert torch.equal(latents(bare.pipe), style_alone) and not torch.equal(style_alone, bare.fresh)
     manager.activate(request(("words", 1.0)))  # text encoders only: the UNet runs its original modules
     assert peft_layers(bare.pipe.unet) == 0 and peft_layers(bare.pipe.text_encoder) > 0
-    manager.deactivate()
+    manager.activate([])
     assert torch.equal(latents(bare.pipe), bare.fresh)
     # Not just equal numbers: the very modules of a fresh pipeline (no peft wrapper left to cost time).
     assert all(peft_layers(getattr(bare.pipe, name)) == 0 for name in ("unet", *TEXT_ENCODERS))
@@ -355,7 +383,7 @@ def test_a_changed_file_is_loaded_again(bare, managers, tmp_path: Path) -> None:
 
 
 def test_the_same_file_under_two_names_is_refused(managers, lora_dir: Path) -> None:
-    with pytest.raises(EngineError, match=r"loras\[1\]\.name: 'style\.safetensors' is the same file as loras\[0\]"):
+    with pytest.raises(LoraFailed, match=r"loras\[1\]\.name: 'style\.safetensors' is the same file as loras\[0\]"):
         managers(lora_dir).activate(request(("style", 1.0), ("style.safetensors", 0.5)))
 
 
@@ -386,7 +414,7 @@ def test_a_loader_failure_midway_leaves_no_half_loaded_adapter(bare, managers, l
     manager = managers(lora_dir)
     manager.activate(request(("detail", 1.0)))
     monkeypatch.setattr(bare.pipe, "load_lora_into_text_encoder", fail)
-    with pytest.raises(EngineError, match="LoRA 'style' could not be loaded: RuntimeError: simulated loader failure"):
+    with pytest.raises(LoraFailed, match="LoRA 'style' could not be loaded: RuntimeError: simulated loader failure"):
         manager.activate(request(("style", 1.0)))
     assert [entry["name"] for entry in manager.loaded()] == ["detail"]
     assert list(bare.pipe.unet.peft_config) == [manager.loaded()[0]["adapter"]]

@@ -1,4 +1,4 @@
-"""Random LoRAs for a given SDXL pipeline, written as real LoRA files: for tests and benchmarks only.
+"""Random LoRAs for a given SDXL pipeline, written as real LoRA files (tests and benchmarks import it).
 
 :func:`random_lora` draws low-rank weights for a pipeline's attention projections (optionally its
 feed-forward and projection layers, as real Kohya LoRAs have). :func:`save_diffusers_lora` writes
