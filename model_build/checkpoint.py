@@ -3,8 +3,10 @@
 The order matters. The format is judged from the file name and its first bytes, so a pickle is
 never handed to anything that could unpickle it. The safetensors header is then parsed by hand, so
 a truncated download is named as such instead of "incomplete metadata". The tensor names say which
-model family the file is and the shapes say which shipped config it matches. Last, every tensor of
-the four SDXL components is accounted for by name and shape before diffusers sees any of them:
+model family the file is (an SDXL base, an SDXL refiner, or something this converter refuses) and
+the shapes say which shipped config of that family it matches. Last, every tensor of the family's
+components (four in a base, three in a refiner) is accounted for by name and shape before diffusers
+sees any of them:
 diffusers would turn a missing tensor into "Cannot copy out of meta tensor" and an extra or
 misnamed one into a silent random initialisation.
 
