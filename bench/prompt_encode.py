@@ -1,4 +1,4 @@
-"""Prompt-encoding benchmark for :class:`worker.prompts.PromptEncoder` (a benchmark, not a test).
+"""Prompt-encoding benchmark for :class:`worker.prompting.encoding.PromptEncoder` (a benchmark, not a test).
 
 Prints one JSON object per line. Two scales:
 
@@ -50,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a script from anywhere: python bench/prompt_encode.py
 
-from worker.prompts import DEFAULT_WEIGHTING, WEIGHTING_MODES, PromptEncoder  # noqa: E402
+from worker.prompting.encoding import PromptEncoder  # noqa: E402
+from worker.prompting.weighting import DEFAULT_WEIGHTING, WEIGHTING_MODES  # noqa: E402
 
 WEIGHTS = (0.5, 0.8, 1.2, 1.5, 2.0)
 
@@ -176,7 +177,7 @@ def weighted_prompt(rng: random.Random, words: list[str], num_words: int) -> tup
 
 
 def time_dev(pipe: Any, words: list[str], repeats: int) -> None:
-    encoder = PromptEncoder(pipe, cache_size=0)
+    encoder = PromptEncoder(pipe, cache_bytes=0)
     short, long = prompt_of(pipe, words, 75), prompt_of(pipe, words, 300, offset=100)
     negative_short, negative_long = prompt_of(pipe, words, 75, offset=500), prompt_of(pipe, words, 300, offset=600)
     results = {}
@@ -214,7 +215,7 @@ def time_full_size(pipe: Any, words: list[str], device: str, repeats: int, warmu
     negative = prompt_of(pipe, words, 300, offset=400)
     short = prompt_of(pipe, words, 75)
     for weighting in WEIGHTING_MODES:
-        encoder = PromptEncoder(pipe, cache_size=0, weighting=weighting)
+        encoder = PromptEncoder(pipe, cache_bytes=0, weighting=weighting)
         cases = {
             "300_tokens_unweighted": lambda encoder=encoder: encoder.encode(long),
             "300_tokens_weighted": lambda encoder=encoder: encoder.encode(long_weighted),
@@ -232,7 +233,7 @@ def time_full_size(pipe: Any, words: list[str], device: str, repeats: int, warmu
                 target_ms=15.0 if name == "300_tokens_weighted" else None,
                 **timing,
             )
-    encoder = PromptEncoder(pipe, cache_size=0)
+    encoder = PromptEncoder(pipe, cache_bytes=0)
     emit(
         bench="prompt_encode_full_size",
         device=device,
@@ -270,7 +271,7 @@ def time_full_size(pipe: Any, words: list[str], device: str, repeats: int, warmu
 
 def check_equivalence(pipe: Any, words: list[str], device: str, label: str) -> None:
     """Short unweighted prompts: PromptEncoder against diffusers' encode_prompt, bit for bit, on this device."""
-    encoder = PromptEncoder(pipe, cache_size=0)
+    encoder = PromptEncoder(pipe, cache_bytes=0)
     rng = random.Random(2)
     cases, identical = 0, 0
     for clip_skip in (None, 0, 1):
@@ -296,7 +297,7 @@ def check_equivalence(pipe: Any, words: list[str], device: str, label: str) -> N
 def measure_weighting(pipe: Any, words: list[str], num_prompts: int, label: str) -> None:
     """What each weighting mode does to the embedding, against the same tokens unweighted; see the module docstring."""
     rng = random.Random(0)
-    encoders = {mode: PromptEncoder(pipe, cache_size=0, weighting=mode) for mode in WEIGHTING_MODES}
+    encoders = {mode: PromptEncoder(pipe, cache_bytes=0, weighting=mode) for mode in WEIGHTING_MODES}
     plain_encoder = encoders[WEIGHTING_MODES[0]]
     widths = [pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size]
     stats: dict[str, dict[str, list[float]]] = {

@@ -31,7 +31,7 @@ from model_build.dev_model import DEV_MODEL_NOTICE
 from model_build.manifest import manifest_hash, verify
 from worker.device_policy import DevicePlan, plan_device
 from worker.input_images import load_input_image
-from worker.prompts import EncodedPrompts, PromptEncoder
+from worker.prompting.encoding import EncodedPrompts, PromptEncoder
 from worker.schedulers import build_scheduler
 from worker.schema import MAX_SEED, MIN_SIDE, SIDE_MULTIPLE, GenerationRequest, draw_seed
 

@@ -13,15 +13,11 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from worker.prompts import (
-    COMMA_BACKTRACK,
-    DEFAULT_WEIGHTING,
-    WEIGHTING_MODES,
-    EncodedPrompts,
-    PromptEncoder,
-    apply_token_weights,
-    chunk_weighted_tokens,
-)
+from core.errors import InvalidRequest
+from tests.support.prompt_reference import a1111_chunks
+from worker.prompting.chunks import COMMA_BACKTRACK, MAX_CHUNKS_PER_PROMPT, chunk_weighted_tokens
+from worker.prompting.encoding import EncodedPrompts, PromptEncoder
+from worker.prompting.weighting import DEFAULT_WEIGHTING, WEIGHTING_MODES, apply_token_weights
 
 BOS, EOS, PAD, COMMA = 49406, 49407, 0, 267
 WIDTH_1 = 32  # the dev model's text_encoder width; text_encoder_2 is 64 wide
@@ -53,7 +49,7 @@ def pipe(dev_model_dir: Path):
 
 @pytest.fixture(scope="module")
 def encoder(pipe) -> PromptEncoder:
-    return PromptEncoder(pipe, cache_size=0)
+    return PromptEncoder(pipe, cache_bytes=0)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +213,8 @@ def test_chunker_keeps_every_token_in_order(stream: list[int | None], weight: fl
         assert row == [BOS, *content, EOS] + [PAD] * (75 - len(content))
         assert row_weights[0] == row_weights[len(content) + 1 :][0] == 1.0
         assert row_weights[1 : len(content) + 1] == [weight if token % 2 else 1.0 for token in content]
-    assert len(contents) == 1 or all(contents), "no empty chunk unless the prompt is empty"
+    if None not in stream:
+        assert len(contents) == 1 or all(contents), "without BREAK, no empty chunk unless the prompt is empty"
 
     # Where chunks end: at a BREAK, at 75 tokens, or after a comma among the last 20 tokens (the backtrack).
     break_positions, position = set(), 0
@@ -235,37 +232,6 @@ def test_chunker_keeps_every_token_in_order(stream: list[int | None], weight: fl
     assert {p for p in break_positions if 0 < p < len(tokens)} <= boundaries
 
 
-def a1111_chunks(stream: list[int | None], weight_of, chunk_length: int = 75, backtrack: int = COMMA_BACKTRACK):
-    """A1111's token-by-token ``tokenize_line`` (sd_hijack_clip.py), BREAK on an empty chunk adding nothing."""
-    chunks, tokens, weights, last_comma = [], [], [], -1
-
-    def next_chunk() -> None:
-        nonlocal tokens, weights, last_comma
-        chunks.append((tokens, weights))
-        tokens, weights, last_comma = [], [], -1
-
-    for token in stream:
-        if token is None:
-            if tokens:
-                next_chunk()
-            continue
-        if token == COMMA:
-            last_comma = len(tokens)
-        elif backtrack and len(tokens) == chunk_length and last_comma != -1 and len(tokens) - last_comma <= backtrack:
-            split = last_comma + 1
-            moved = tokens[split:], weights[split:]
-            tokens, weights = tokens[:split], weights[:split]
-            next_chunk()
-            tokens, weights = moved
-        if len(tokens) == chunk_length:
-            next_chunk()
-        tokens.append(token)
-        weights.append(weight_of(token))
-    if tokens or not chunks:
-        next_chunk()
-    return chunks
-
-
 @given(
     st.lists(st.one_of(st.integers(1, 9), st.just(COMMA), st.none()), max_size=600),
     st.sampled_from([0, 5, COMMA_BACKTRACK]),
@@ -276,7 +242,7 @@ def test_chunker_matches_a1111_token_by_token(stream: list[int | None], backtrac
 
     runs = [None if token is None else ([token], weight_of(token)) for token in stream]
     result = plain_chunks(runs, comma_backtrack=backtrack)
-    expected = a1111_chunks(stream, weight_of, backtrack=backtrack)
+    expected = a1111_chunks(runs, COMMA, backtrack=backtrack)
     assert chunk_contents(result.input_ids) == [tokens for tokens, _ in expected]
     assert [row[1 : len(tokens) + 1] for row, (tokens, _) in zip(result.weights, expected, strict=True)] == [
         weights for _, weights in expected
@@ -295,7 +261,11 @@ def test_comma_backtrack_moves_the_tail_to_the_next_chunk() -> None:
 
 def test_break_and_empty_prompts() -> None:
     assert chunk_contents(plain_chunks([]).input_ids) == [[]]
-    assert chunk_contents(plain_chunks([None, ([1, 2], 1.0), None, None, ([3], 1.0), None]).input_ids) == [[1, 2], [3]]
+    # As A1111: a leading or doubled BREAK closes an empty chunk (a padding chunk); a trailing one adds nothing.
+    runs = [None, ([1, 2], 1.0), None, None, ([3], 1.0), None]
+    assert chunk_contents(plain_chunks(runs).input_ids) == [[], [1, 2], [], [3]]
+    assert chunk_contents(plain_chunks([None]).input_ids) == [[]]
+    assert chunk_contents(plain_chunks([([1], 1.0), None]).input_ids) == [[1]]
 
 
 def test_long_prompt_keeps_every_token(pipe, encoder, words) -> None:
@@ -355,7 +325,7 @@ def test_comma_backtrack_in_real_prompts(pipe, encoder, words) -> None:
 
 
 def test_multiply_scales_exactly_the_weighted_rows(pipe) -> None:
-    encoder = PromptEncoder(pipe, cache_size=0, weighting="multiply")
+    encoder = PromptEncoder(pipe, cache_bytes=0, weighting="multiply")
     plain = encoder.encode("a cat on a mat", negative_prompt="ugly blurry")
     weighted = encoder.encode("a (cat:1.5) on a mat", negative_prompt="ugly [blurry]")
     cat_row, blurry_row = 2, 2  # BOS, a, cat / BOS, ugly, blurry
@@ -377,7 +347,7 @@ def test_multiply_scales_exactly_the_weighted_rows(pipe) -> None:
 
 
 def test_restore_mean_scales_then_restores_each_encoders_chunk_mean(pipe) -> None:
-    encoder = PromptEncoder(pipe, cache_size=0, weighting="restore_mean")
+    encoder = PromptEncoder(pipe, cache_bytes=0, weighting="restore_mean")
     plain = encoder.encode("a cat on a mat", do_classifier_free_guidance=False).prompt_embeds[0]
     weighted = encoder.encode("a ((cat)) on a mat", do_classifier_free_guidance=False).prompt_embeds[0]
     for features in (slice(0, WIDTH_1), slice(WIDTH_1, None)):
@@ -391,7 +361,7 @@ def test_restore_mean_scales_then_restores_each_encoders_chunk_mean(pipe) -> Non
 
 def test_weights_in_one_chunk_leave_the_others_alone(pipe, words) -> None:
     for weighting in WEIGHTING_MODES:
-        encoder = PromptEncoder(pipe, cache_size=0, weighting=weighting)
+        encoder = PromptEncoder(pipe, cache_bytes=0, weighting=weighting)
         first, second = " ".join(words[4000:4075]), " ".join(words[4075:4100])
         plain = encoder.encode(f"{first} {second}", do_classifier_free_guidance=False).prompt_embeds
         weighted = encoder.encode(f"{first} ({second}:1.4)", do_classifier_free_guidance=False).prompt_embeds
@@ -486,7 +456,8 @@ def test_long_prompt_end_to_end_through_the_pipeline(pipe, encoder, words) -> No
 
 
 def test_cache_hits_copies_and_keys(pipe) -> None:
-    encoder = PromptEncoder(pipe, cache_size=2)
+    entry_bytes = PromptEncoder(pipe, cache_bytes=0).encode("a cat", negative_prompt="blurry").nbytes()
+    encoder = PromptEncoder(pipe, cache_bytes=2 * entry_bytes)
     first = encoder.encode("a cat", negative_prompt="blurry")
     assert first.info["cache_hit"] is False
     second = encoder.encode("a cat", negative_prompt="blurry")
@@ -501,9 +472,9 @@ def test_cache_hits_copies_and_keys(pipe) -> None:
     # Everything that changes the result is in the key.
     assert not encoder.encode("a cat", negative_prompt="blurry", clip_skip=1).info["cache_hit"]
     assert not encoder.encode("a cat", negative_prompt="blurry", do_classifier_free_guidance=False).info["cache_hit"]
-    # Bounded LRU: two entries, the least recently used went.
+    # Bounded in bytes (two full entries here), least recently used first out.
     assert not encoder.encode("a cat", negative_prompt="blurry").info["cache_hit"]
-    assert len(encoder._cache) == 2
+    assert len(encoder._cache) == 2 and encoder.cache_bytes <= 2 * entry_bytes
     encoder.clear_cache()
     assert not encoder.encode("a cat", negative_prompt="blurry").info["cache_hit"]
     assert encoder.encode("a cat", prompt_2="a cat", negative_prompt="blurry").info["cache_hit"]  # same texts
@@ -547,10 +518,17 @@ def test_model_cpu_offload_hooks_are_respected(dev_model_dir: Path) -> None:
 
 
 def test_bad_arguments_get_clear_errors(pipe, encoder) -> None:
-    with pytest.raises(ValueError, match=r"clip_skip: 3 .* 0\.\.2"):
-        encoder.encode("a cat", clip_skip=3)
-    with pytest.raises(ValueError, match="clip_skip"):
+    layers = min(pipe.text_encoder.config.num_hidden_layers, pipe.text_encoder_2.config.num_hidden_layers)
+    assert encoder.max_clip_skip == layers - 2  # the job path's rule: 10 for SDXL's 12-layer CLIP-L
+    deepest = encoder.max_clip_skip
+    encoder.encode("a cat", clip_skip=deepest)
+    with pytest.raises(
+        InvalidRequest, match=rf"clip_skip: {deepest + 1} is deeper than this model allows; use 0\.\.{deepest}"
+    ):
+        encoder.encode("a cat", clip_skip=deepest + 1)
+    with pytest.raises(InvalidRequest, match="clip_skip"):
         encoder.encode("a cat", clip_skip=-1)
+    assert str(InvalidRequest("x")).startswith("invalid input")
     with pytest.raises(TypeError, match="prompt"):
         encoder.encode(None)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="negative_prompt"):
@@ -558,3 +536,62 @@ def test_bad_arguments_get_clear_errors(pipe, encoder) -> None:
     with pytest.raises(ValueError, match="weighting"):
         PromptEncoder(pipe, weighting="bogus")
     assert DEFAULT_WEIGHTING in WEIGHTING_MODES
+
+
+@pytest.mark.parametrize(
+    ("field", "kwargs"),
+    [
+        ("prompt", {}),
+        ("prompt_2", {"prompt_2": "x BREAK " * 100}),
+        ("negative_prompt", {"negative_prompt": "x BREAK " * 100}),
+        ("negative_prompt_2", {"negative_prompt": "ok", "negative_prompt_2": "x BREAK " * 100}),
+    ],
+)
+def test_chunks_per_prompt_are_limited(encoder, field: str, kwargs: dict) -> None:
+    """Issue 13 item 4: BREAK multiplies chunks; the limit names the field, the count and the limit."""
+    prompt = "a cat" if kwargs else "x BREAK " * 100
+    with pytest.raises(InvalidRequest) as error:
+        encoder.encode(prompt, **kwargs)
+    message = str(error.value)
+    assert message.startswith(f"invalid input: {field}: 100 chunks") and str(MAX_CHUNKS_PER_PROMPT) in message
+    # At the limit it works: MAX - 1 BREAKs make MAX chunks.
+    at_limit = encoder.encode("x BREAK " * (MAX_CHUNKS_PER_PROMPT - 1) + "x", do_classifier_free_guidance=False)
+    assert at_limit.num_chunks == MAX_CHUNKS_PER_PROMPT
+
+
+def test_the_attack_prompt_is_refused_fast(encoder) -> None:
+    import time
+
+    prompt = ("x BREAK " * 2500)[:20_000]  # 2,500 chunks: 32 s per job on the dev model before the limit
+    started = time.perf_counter()
+    with pytest.raises(InvalidRequest, match=r"prompt: 2500 chunks"):
+        encoder.encode(prompt)
+    assert time.perf_counter() - started < 2.0
+
+
+def test_overflowing_weights_are_refused_and_extreme_ones_taken_as_written(pipe, encoder) -> None:
+    with pytest.raises(InvalidRequest, match=r"negative_prompt: the weight of 'x' is inf"):
+        encoder.encode("a cat", negative_prompt="(x:" + "9" * 400 + ")")
+    plain = encoder.encode("a cat on a mat", do_classifier_free_guidance=False)
+    for weight in (0.0, -1.0, 200.0):  # A1111 takes them as written; so does the encoder (no clamping to 0.01..100)
+        weighted = encoder.encode(f"a (cat:{weight:g}) on a mat", do_classifier_free_guidance=False)
+        torch.testing.assert_close(
+            weighted.prompt_embeds[0, 2], plain.prompt_embeds[0, 2] * weight, rtol=1e-5, atol=1e-5
+        )
+
+
+def test_cache_is_bounded_in_bytes(pipe) -> None:
+    short = PromptEncoder(pipe, cache_bytes=0).encode("a cat", negative_prompt="blurry").nbytes()
+    long_prompt = "x BREAK " * 20 + "x"  # 21 chunks: 21 times the bytes of a short prompt
+    encoder = PromptEncoder(pipe, cache_bytes=10 * short)
+    for index in range(8):
+        encoder.encode(f"a cat number {index}", negative_prompt="blurry")
+    assert len(encoder._cache) == 8 and encoder.cache_bytes == 8 * short
+    encoder.encode(long_prompt, negative_prompt="blurry")  # larger than the whole budget: not kept, nothing evicted
+    assert len(encoder._cache) == 8 and not encoder.encode(long_prompt, negative_prompt="blurry").info["cache_hit"]
+    medium = "x BREAK " * 4 + "x"  # 5 chunks: evicts the three least recently used short entries
+    encoder.encode(medium, negative_prompt="blurry")
+    assert encoder.cache_bytes <= 10 * short and len(encoder._cache) == 6
+    assert encoder.encode(medium, negative_prompt="blurry").info["cache_hit"]
+    assert not encoder.encode("a cat number 0", negative_prompt="blurry").info["cache_hit"]
+    assert encoder.encode("a cat number 7", negative_prompt="blurry").info["cache_hit"]
