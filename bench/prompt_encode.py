@@ -9,6 +9,11 @@ Prints one JSON object per line. Two scales:
   Times a 300-token encode per weighting mode (warm-up, ``torch.cuda.synchronize``, median of 50); the target on an
   H100/H200 is at most 15 ms. ``--device cpu`` runs the same code with few repetitions, as a sanity check only.
 
+Both scales also time an A1111 prompt-editing encode against the same prompt without editing (``prompt_editing_*``)
+and report the bytes one cache entry holds at 1, 16 and 64 chunks (``prompt_cache_entry_*``: what the byte budget of
+``worker/prompting/cache.py`` buys). The full-size scale also times the encode without CUDA graphs
+(``300_tokens_weighted_without_cuda_graphs``, what ``PROMPT_ENCODER_CUDA_GRAPHS=0`` runs).
+
 Both scales also print the weighting measurement behind ``DEFAULT_WEIGHTING``. Random weights make image quality
 unmeasurable, so it measures what each mode does to the embedding the UNet receives, against the same prompt
 unweighted, over strongly weighted prompts (runs weighted 0.5 to 2.0):
@@ -267,6 +272,40 @@ def time_full_size(pipe: Any, words: list[str], device: str, repeats: int, warmu
         case="1000_tokens_weighted_with_300_token_negative",
         **median_ms(lambda: encoder.encode(very_long, negative_prompt=negative), device, repeats, warmup),
     )
+    eager = PromptEncoder(pipe, cache_bytes=0, cuda_graphs=False)
+    emit(
+        bench="prompt_encode_full_size",
+        device=device,
+        case="300_tokens_weighted_without_cuda_graphs",
+        note="the same encode as 300_tokens_weighted with PROMPT_ENCODER_CUDA_GRAPHS=0 (graphs apply on cuda only)",
+        **median_ms(lambda: eager.encode(long_weighted), device, repeats, warmup),
+    )
+    measure_editing_and_cache(pipe, words, device, repeats, warmup, "full_size")
+
+
+def measure_editing_and_cache(pipe: Any, words: list[str], device: str, repeats: int, warmup: int, label: str) -> None:
+    """Prompt editing's encode cost, and what one cache entry holds at 1, 16 and 64 chunks (the cache's byte budget)."""
+    encoder = PromptEncoder(pipe, cache_bytes=0)
+    base = prompt_of(pipe, words, 60)
+    edited = f"{base} [a cat:a dog:0.5] on a [red|blue] mat"
+    distinct_texts = len(encoder.encode(edited, negative_prompt="blurry", steps=25).info["schedule"]["texts"])
+    emit(
+        bench=f"prompt_editing_{label}",
+        device=device,
+        case="edited_prompt_25_steps",
+        distinct_texts=distinct_texts,
+        **median_ms(lambda: encoder.encode(edited, negative_prompt="blurry", steps=25), device, repeats, warmup),
+    )
+    emit(
+        bench=f"prompt_editing_{label}",
+        device=device,
+        case="same_prompt_without_editing",
+        **median_ms(lambda: encoder.encode(base, negative_prompt="blurry", steps=25), device, repeats, warmup),
+    )
+    for chunks in (1, 16, 64):
+        prompt = "x BREAK " * (chunks - 1) + "x"
+        entry = encoder.encode(prompt, negative_prompt="blurry")
+        emit(bench=f"prompt_cache_entry_{label}", device=device, chunks=entry.num_chunks, entry_bytes=entry.nbytes())
 
 
 def check_equivalence(pipe: Any, words: list[str], device: str, label: str) -> None:
@@ -394,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         words = vocabulary_words(pipe)
         emit(bench="setup", scale="dev", device="cpu", torch=torch.__version__, threads=torch.get_num_threads())
         time_dev(pipe, words, args.repeats or 100)
+        measure_editing_and_cache(pipe, words, "cpu", args.repeats or 100, 5, "dev")
         check_equivalence(pipe, words, "cpu", "dev")
         measure_weighting(pipe, words, args.measure_prompts or 20, "dev")
         return

@@ -303,9 +303,14 @@ class PromptEncoder:
             for segment_texts in distinct
         }
         target = max(tokens.num_chunks for tokens in tokenized.values())
+        # A segment that needs no padding is the plain encode of its texts, and shares its cache entry.
         encoded = {
             segment_texts: self._encode_cached(
-                segment_texts, positive_layer, do_classifier_free_guidance, target, tokenized[segment_texts]
+                segment_texts,
+                positive_layer,
+                do_classifier_free_guidance,
+                target if tokenized[segment_texts].num_chunks < target else 0,
+                tokenized[segment_texts],
             )
             for segment_texts in distinct
         }
