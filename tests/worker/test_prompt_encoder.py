@@ -528,6 +528,10 @@ def test_bad_arguments_get_clear_errors(pipe, encoder) -> None:
         encoder.encode("a cat", clip_skip=deepest + 1)
     with pytest.raises(InvalidRequest, match="clip_skip"):
         encoder.encode("a cat", clip_skip=-1)
+    with pytest.raises(InvalidRequest, match="deeper than this model allows"):
+        encoder.check_clip_skip(deepest + 1)  # the engine's early check asks the encoder: one bound
+    encoder.check_clip_skip(None)
+    encoder.check_clip_skip(deepest)
     assert str(InvalidRequest("x")).startswith("invalid input")
     with pytest.raises(TypeError, match="prompt"):
         encoder.encode(None)  # type: ignore[arg-type]
@@ -595,3 +599,13 @@ def test_cache_is_bounded_in_bytes(pipe) -> None:
     assert encoder.encode(medium, negative_prompt="blurry").info["cache_hit"]
     assert not encoder.encode("a cat number 0", negative_prompt="blurry").info["cache_hit"]
     assert encoder.encode("a cat number 7", negative_prompt="blurry").info["cache_hit"]
+
+
+def test_cuda_graphs_are_a_constructor_choice(pipe) -> None:
+    """The worker passes settings.prompt_encoder_cuda_graphs; graphs only ever apply to CUDA inputs."""
+    eager = PromptEncoder(pipe, cache_bytes=0, cuda_graphs=False)
+    default = PromptEncoder(pipe, cache_bytes=0)
+    assert eager._graphs is None and default._graphs is not None
+    assert_identical(
+        as_tuple(eager.encode("a cat", negative_prompt="dog")), as_tuple(default.encode("a cat", negative_prompt="dog"))
+    )

@@ -266,6 +266,10 @@ class PromptEncoder:
         """The deepest ``clip_skip``: the text encoders' layers minus 2 (10 for SDXL), the only place it is bounded."""
         return min(slot.num_layers for slot in self._slots) - 2
 
+    def check_clip_skip(self, clip_skip: int | None) -> None:
+        """Raise ``InvalidRequest`` unless ``clip_skip`` is None or 0..:attr:`max_clip_skip`, as ``encode`` does."""
+        self._hidden_state_index(clip_skip)
+
     @property
     def cache_bytes(self) -> int:
         """Bytes of tensors the cache holds now."""

@@ -20,6 +20,11 @@ list as ``get_learned_conditioning_prompt_schedules([text], steps)[0]`` in AUTOM
 0 to 3 and ``a b`` from step 4, exactly as A1111 does; past the last segment (schedulers that take more model
 evaluations than steps, such as Heun) the last segment holds.
 
+One known divergence: where A1111's grammar is ambiguous, an editing group directly followed by two or more of
+``[]():`` (``[a:b:2]::``), A1111's parser (lark's Earley resolution) reads the group as plain text; here it is always
+editing. Otherwise this parser agreed with A1111's grammar on 27,000 random prompts made of syntax pieces (the
+differential test in ``tests/worker/test_prompt_schedule.py`` runs it when ``lark`` is installed).
+
 Two differences from A1111, both where A1111 fails: an empty alternative (``[a||b]``) reads as empty text instead of
 raising, and a ``when`` too large for a float (``1e400``) means ``steps``. Brackets nested deeper than
 :data:`MAX_NESTING` levels make the whole prompt plain text (A1111 overflows the Python stack on such prompts).
