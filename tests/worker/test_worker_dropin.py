@@ -201,14 +201,17 @@ def test_decompression_bombs_are_refused_before_decoding() -> None:
 
 @pytest.mark.parametrize("output_format", ["jpeg", "webp"])
 def test_prompts_past_the_exif_limit_still_give_an_image(worker: Worker, output_format: str) -> None:
-    emoji = "\N{GRINNING FACE}" * 16_400  # accepted by the schema (20,000 characters), 65 kB as UTF-16
-    payload = {**SMALL, "num_inference_steps": 1, "prompt": emoji, "output_format": output_format}
+    # Prompt and negative of 19,800 characters each: 79 kB as UTF-16, 1,800 tokens (24 chunks) each. (16,400 emoji
+    # are 219 chunks, over worker.prompting.chunks.MAX_CHUNKS_PER_PROMPT: refused before generating.)
+    text = "lighthouse " * 1_800
+    payload = {**SMALL, "num_inference_steps": 1, "prompt": text, "negative_prompt": text}
+    payload["output_format"] = output_format
     out = worker.handle({"id": "exif", "input": payload})
     assert "error" not in out, out["error"]
     data = base64.b64decode(out["images"][0].split(",", 1)[1])
     embedded = read_parameters(data)
     assert "truncated" in embedded and len(embedded.encode("utf-16-be")) <= MAX_EXIF_PARAMETER_BYTES
-    assert embedded.startswith(emoji[:1000])
+    assert embedded.startswith(text[:1000])
 
 
 def test_a_bucket_without_keys_is_an_error_not_a_local_folder(worker: Worker, tmp_path: Path, monkeypatch) -> None:
