@@ -249,12 +249,7 @@ class Engine:
 
     def check_request(self, request: GenerationRequest) -> None:
         """Model-dependent limits the schema cannot know."""
-        layers = min(self.pipe.text_encoder.config.num_hidden_layers, self.pipe.text_encoder_2.config.num_hidden_layers)
-        if request.clip_skip is not None and request.clip_skip > layers - 2:
-            raise InvalidRequest(
-                f"clip_skip: {request.clip_skip} is deeper than this model allows; use 0..{layers - 2} "
-                "(0 or absent is SDXL's usual penultimate layer)"
-            )
+        self.prompt_encoder.check_clip_skip(request.clip_skip)  # before any LoRA or GPU work
         refine = self.uses_refiner(request)
         if request.is_img2img or (refine and request.high_noise_frac is None):
             field = "refiner_inference_steps" if refine else "num_inference_steps"
