@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import resource
@@ -13,7 +14,7 @@ import torch
 
 from core.errors import first_line
 from model_build.__main__ import EXIT_CONFIGURATION, main
-from model_build.checkpoint import inspect_checkpoint
+from model_build.checkpoint import inspect_checkpoint, read_header
 from model_build.convert import ConversionError, convert
 from model_build.errors import CheckpointError
 from model_build.layout import COMPONENT_PREFIXES
@@ -103,6 +104,36 @@ def test_appended_bytes_and_a_corrupt_header_are_named(dev_checkpoint: Path, tmp
     with pytest.raises(CheckpointError, match="corrupt safetensors header"):
         convert(path, tmp_path / "out")
     assert header_length > 20
+
+
+def _with_header(data: bytes, edit) -> bytes:
+    """A safetensors file with its JSON header edited by ``edit`` and re-padded; the tensor bytes stay as they were."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data[8 + length :]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda h: h["b"].update(data_offsets=[8, 16]), r"tensor b starts at byte 8: it overlaps the previous tensor"),
+        (lambda h: h["b"].update(data_offsets=[20, 28]), r"tensor b starts at byte 20: it leaves a gap before it"),
+        (lambda h: h["a"].update(shape=[3, 2]), r"tensor a \(F32 \[3, 2\]\) needs 24 bytes but its offsets span 16"),
+        (lambda h: h["a"].update(dtype="F7"), r"tensor a has the unknown dtype 'F7'"),
+        (lambda h: h["a"].update(shape=[-2, 2]), r"tensor a has the shape \[-2, 2\]"),
+        (lambda h: h.update(__metadata__=[1]), r"__metadata__ is not a JSON object"),
+    ],
+)
+def test_inconsistent_headers_are_named_before_any_tensor_is_read(tmp_path: Path, edit, message: str) -> None:
+    from safetensors.torch import save
+
+    path = tmp_path / "damaged.safetensors"
+    path.write_bytes(_with_header(save({"a": torch.ones(2, 2), "b": torch.ones(2)}), edit))
+    with pytest.raises(CheckpointError, match=rf"damaged\.safetensors has a corrupt safetensors header \({message}"):
+        read_header(path)
 
 
 def _tiny(*keys: str) -> dict[str, torch.Tensor]:
