@@ -41,17 +41,14 @@ class FetchedFile:
     sha256: str | None = None  # known when a pin was checked (saves hashing a 7 GB file twice)
 
 
-HubFile = HubFileName  # a pinned Hub file (core.hub_names), under the name this package has used
-
-
 def default_cache_dir(settings: Settings | None = None) -> Path:
     """Where URL downloads go without --cache-dir: MODEL_BUILD_CACHE, else ~/.cache/model_build."""
     configured = (settings or load_settings()).model_build_cache
     return configured or Path.home() / ".cache" / "model_build"
 
 
-def parse_hf_uri(uri: str) -> HubFile:
-    """``hf://owner/repo/path/to/file.safetensors@<40-hex commit>`` -> :class:`HubFile`, or a FetchError."""
+def parse_hf_uri(uri: str) -> HubFileName:
+    """``hf://owner/repo/path/to/file.safetensors@<40-hex commit>`` -> :class:`HubFileName`, or a FetchError."""
     try:
         return parse_hub_name(uri)
     except HubNameError as error:
@@ -75,7 +72,7 @@ def _refuse_pickle_name(name: str, shown: str) -> None:
         )
 
 
-def fetch_hub_file(hub_file: HubFile, cache_dir: Path | None = None) -> Path:
+def fetch_hub_file(hub_file: HubFileName, cache_dir: Path | None = None) -> Path:
     """Download (or find in the cache) exactly one Hub file at a pinned revision."""
     from huggingface_hub import errors as hub_errors
     from huggingface_hub import hf_hub_download

@@ -82,9 +82,6 @@ class LoraSource:
         return cls(name=name, label=label, origin=origin, path=path, identity=identity)
 
 
-HfLoraName = HubFileName  # a pinned Hub file (core.hub_names)
-
-
 def parse_hf_name(name: str, field: str = "name") -> HubFileName:
     """``hf://owner/repo/path/file.safetensors@<40-hex commit>`` -> its parts, or a LoraError saying what is wrong."""
     try:
@@ -257,7 +254,7 @@ class LoraResolver:
         path = self._download(hub_name, field)
         return LoraSource.of(name=name, label=str(hub_name), origin="hf", path=path)
 
-    def _download(self, hub_name: HfLoraName, field: str) -> Path:
+    def _download(self, hub_name: HubFileName, field: str) -> Path:
         from huggingface_hub import hf_hub_download
 
         download_dir = self.settings.download_dir or default_download_dir()

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from core.hub_names import HubFileName
 from model_build.__main__ import main
 from model_build.errors import FetchError
-from model_build.source import HubFile, display_url, fetch, parse_hf_uri
+from model_build.source import display_url, fetch, parse_hf_uri
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -167,7 +168,7 @@ def test_cli_inspects_a_downloaded_checkpoint(server: _Server, dev_checkpoint: P
 
 def test_hf_uri_is_parsed() -> None:
     parsed = parse_hf_uri(f"hf://stabilityai/stable-diffusion-xl-base-1.0/sd_xl_base_1.0.safetensors@{REVISION}")
-    assert parsed == HubFile("stabilityai/stable-diffusion-xl-base-1.0", "sd_xl_base_1.0.safetensors", REVISION)
+    assert parsed == HubFileName("stabilityai/stable-diffusion-xl-base-1.0", "sd_xl_base_1.0.safetensors", REVISION)
     nested = parse_hf_uri(f"hf://owner/repo/unet/sub/model.safetensors@{REVISION.upper()}")
     assert (nested.filename, nested.revision) == ("unet/sub/model.safetensors", REVISION)
     assert nested.uri == f"hf://owner/repo/unet/sub/model.safetensors@{REVISION}"
