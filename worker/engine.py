@@ -127,8 +127,9 @@ class Engine:
         if refiner_dir is not None:
             self.refiner, self.refiner_info = self._load_refiner(Path(refiner_dir), StableDiffusionXLImg2ImgPipeline)
         self.plan = self._place(offload or self.settings.offload, cuda)
-        # img2img on the base model: the same modules under the img2img pipeline's loop.
-        self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(self.pipe)
+        # img2img on the base model: the same modules under the img2img pipeline's loop. Not from_pipe(): without a
+        # dtype it casts every shared module to float32 (an fp32 UNet on the GPU ran 3.5x slower, H200 2026-11-30).
+        self.img2img = StableDiffusionXLImg2ImgPipeline(**self.pipe.components)
         self.img2img.set_progress_bar_config(disable=True)
         self._offload_owner: Any = self.pipe
         self.scheduler_config = dict(self.pipe.scheduler.config)
