@@ -201,11 +201,13 @@ _NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 def _check_output_location(output: Path) -> None:
-    """Refuse an output that cannot be written before any work: under a file, or in a read-only folder.
+    """Refuse an output that cannot be written before any work: a file, under a file, or in a read-only folder.
 
     Root may write into a folder without write permission, so only what the kernel would refuse
     (access(2), which also reports a read-only file system) is refused here.
     """
+    if output.exists() and not output.is_dir():
+        raise ConfigurationError(f"--output {output} is a file, not a folder; choose another --output")
     existing = output.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -311,11 +311,15 @@ def assert_one_clear_line(err: str, *expected: str) -> None:
         assert text in line, line
 
 
-def test_output_under_a_file_is_a_configuration_error(dev_checkpoint, tmp_path, capsys) -> None:
+def test_output_under_a_file_or_at_a_file_is_a_configuration_error(dev_checkpoint, tmp_path, capsys) -> None:
     (tmp_path / "a-file").write_text("not a folder")
     code, err = convert_cli(dev_checkpoint, tmp_path / "a-file" / "models" / "out", capsys)
     assert code == EXIT_CONFIGURATION
     assert_one_clear_line(err, f"is under {tmp_path / 'a-file'}, which is a file, not a folder")
+    code, err = convert_cli(dev_checkpoint, tmp_path / "a-file", capsys)
+    assert code == EXIT_CONFIGURATION
+    assert_one_clear_line(err, f"--output {tmp_path / 'a-file'} is a file, not a folder; choose another --output")
+    assert (tmp_path / "a-file").read_text() == "not a folder"
 
 
 def test_read_only_output_folder_is_a_configuration_error(dev_checkpoint, tmp_path, tmpfs, capsys) -> None:
