@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import InvalidRequest
 from worker.prompting.encoding import EncodedPrompts, PromptEncoder
 from worker.prompting.stepping import conditioning_callback
 
@@ -221,3 +222,21 @@ def test_without_editing_the_callback_is_the_callers_own(encoder) -> None:
 
     assert conditioning_callback([plain], [1], True, then=progress) == (progress, ["latents"])
     assert conditioning_callback([plain], [1], True) == (None, ["latents"])
+
+
+def test_alternations_cannot_multiply_the_encoding_work(encoder) -> None:
+    """Each distinct text of a schedule is encoded: their chunks together are bounded (like BREAK's per prompt)."""
+    from worker.prompting.chunks import MAX_CHUNKS_PER_SCHEDULE
+
+    words = " ".join(["cat"] * 60)
+    # Alternations of 2, 3, 5 and 7 options repeat only every 210 steps: 150 distinct texts of 4 chunks each.
+    prompt = " ".join("[" + "|".join(f"{words} {letter}" for letter in "abcdefg"[:n]) + "]" for n in (2, 3, 5, 7))
+    with pytest.raises(
+        InvalidRequest,
+        match=rf"prompt: prompt editing makes \d+ distinct texts of \d+ chunks in all, over the limit of "
+        rf"{MAX_CHUNKS_PER_SCHEDULE}",
+    ):
+        encoder.encode(prompt, steps=150)
+    # Without steps (no editing) it is one text holding every option: 14 chunks, fine; with 10 steps, 10 texts, fine.
+    assert encoder.encode(prompt, do_classifier_free_guidance=False).num_chunks == 14
+    assert len(encoder.encode(prompt, steps=10, do_classifier_free_guidance=False).info["schedule"]["texts"]) == 10

@@ -8,7 +8,8 @@ builds for a short prompt. No token is ever dropped.
 - ``BREAK`` closes the current chunk, even an empty one: a leading or doubled ``BREAK`` gives an empty (padding)
   chunk, as in A1111. A trailing ``BREAK`` adds nothing; an empty prompt is one empty chunk.
 
-:data:`MAX_CHUNKS_PER_PROMPT` bounds the chunks of one prompt field (checked by the encoder, which names the field).
+:data:`MAX_CHUNKS_PER_PROMPT` bounds the chunks of one prompt field, :data:`MAX_CHUNKS_PER_SCHEDULE` those of all the
+distinct texts an edited prompt makes (both checked by the encoder, which names the field).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ COMMA_BACKTRACK: Final = 20  # A1111's default "comma_padding_backtrack"
 # per character. Every chunk is one more row per text encoder and 77 more keys in every cross-attention layer at every
 # denoising step.
 MAX_CHUNKS_PER_PROMPT: Final = 64
+
+# Prompt editing encodes each distinct text of the schedule: alternations can make one per step (up to 150), each up to
+# MAX_CHUNKS_PER_PROMPT long. The chunks of all distinct texts together are bounded to four prompts' worth, which any
+# ordinary edit (a few [from:to:when] and [a|b] groups over a prompt of normal length) stays far below.
+MAX_CHUNKS_PER_SCHEDULE: Final = 4 * MAX_CHUNKS_PER_PROMPT
 
 
 @dataclass

@@ -45,7 +45,8 @@ Negative prompt (only with ``do_classifier_free_guidance``), as in diffusers
 
 Limits (each an ``InvalidRequest`` naming the field)
     ``clip_skip`` from 0 to :attr:`PromptEncoder.max_clip_skip` (the text encoders' layers minus 2: 10 for SDXL);
-    at most :data:`.chunks.MAX_CHUNKS_PER_PROMPT` chunks per text; every weight finite.
+    at most :data:`.chunks.MAX_CHUNKS_PER_PROMPT` chunks per text and :data:`.chunks.MAX_CHUNKS_PER_SCHEDULE` for all
+    the distinct texts of an edited prompt; every weight finite.
 
 Equivalence with diffusers
     For texts of at most 75 tokens without attention syntax every tensor equals ``pipe.encode_prompt(...)``
@@ -79,7 +80,13 @@ import torch
 
 from core.errors import InvalidRequest
 from worker.prompting.cache import DEFAULT_CACHE_BYTES, ByteBoundedCache
-from worker.prompting.chunks import MAX_CHUNKS_PER_PROMPT, TokenChunks, chunk_weighted_tokens, tokenization_groups
+from worker.prompting.chunks import (
+    MAX_CHUNKS_PER_PROMPT,
+    MAX_CHUNKS_PER_SCHEDULE,
+    TokenChunks,
+    chunk_weighted_tokens,
+    tokenization_groups,
+)
 from worker.prompting.graphs import EncoderGraphs
 from worker.prompting.schedule import has_editing_syntax, prompt_schedule, text_at_step
 from worker.prompting.syntax import BREAK, parse_prompt_attention, weighted_runs
@@ -89,6 +96,7 @@ ENCODER_NAMES: Final = ("text_encoder", "text_encoder_2")
 FIELD_NAMES: Final = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
 _MAX_METADATA_TEXT: Final = 120  # characters of a weighted run shown in metadata
 _MAX_METADATA_RUNS: Final = 32  # distinct weighted runs shown in metadata
+_MAX_SCHEDULE_TEXT: Final = 1000  # characters of each prompt-editing text shown in metadata
 
 
 @dataclass
@@ -307,6 +315,14 @@ class PromptEncoder:
             for segment_texts in distinct
         }
         target = max(tokens.num_chunks for tokens in tokenized.values())
+        total = sum(tokens.num_chunks for tokens in tokenized.values())
+        if total > MAX_CHUNKS_PER_SCHEDULE:
+            edited = [name for name, text in zip(FIELD_NAMES, vars(texts).values(), strict=True) if text is not None]
+            edited = [name for name in edited if has_editing_syntax(getattr(texts, name))]
+            raise InvalidRequest(
+                f"{' and '.join(edited)}: prompt editing makes {len(distinct)} distinct texts of {total} chunks in "
+                f"all, over the limit of {MAX_CHUNKS_PER_SCHEDULE}; use fewer alternations ([a|b]) or shorter texts"
+            )
         # A segment that needs no padding is the plain encode of its texts, and shares its cache entry.
         encoded = {
             segment_texts: self._encode_cached(
@@ -753,9 +769,17 @@ def _describe_schedule(schedule: list[tuple[int, _Texts]], distinct: list[_Texts
     for last_step, texts in schedule:
         segments.append({"steps": [first_step, last_step], "texts": distinct.index(texts)})
         first_step = last_step + 1
+
+    def shown(text: str) -> str:
+        return text if len(text) <= _MAX_SCHEDULE_TEXT else text[: _MAX_SCHEDULE_TEXT - 1] + "…"
+
     return {
         "texts": [
-            {name: value for name, value in zip(FIELD_NAMES, vars(texts).values(), strict=True) if value is not None}
+            {
+                name: shown(value)
+                for name, value in zip(FIELD_NAMES, vars(texts).values(), strict=True)
+                if value is not None
+            }
             for texts in distinct
         ],
         "segments": segments,
