@@ -42,7 +42,6 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from core.errors import ConfigurationError
 from model_build.checkpoint import (
     CheckpointInfo,
     TensorReader,
@@ -54,7 +53,7 @@ from model_build.checkpoint import (
     read_header,
     read_tensors,
 )
-from model_build.errors import ConversionError
+from model_build.errors import ConversionError, OutputNotWritable
 from model_build.manifest import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -207,18 +206,18 @@ def _check_output_location(output: Path) -> None:
     (access(2), which also reports a read-only file system) is refused here.
     """
     if output.exists() and not output.is_dir():
-        raise ConfigurationError(f"--output {output} is a file, not a folder; choose another --output")
+        raise OutputNotWritable(f"--output {output} is a file, not a folder; choose another --output")
     existing = output.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise ConfigurationError(
+        raise OutputNotWritable(
             f"--output {output} is under {existing}, which is a file, not a folder; choose another --output"
         )
     if not os.access(existing, os.W_OK | os.X_OK):
         read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
         why = "is on a read-only file system" if read_only else "is not writable by this user"
-        raise ConfigurationError(f"--output {output}: {existing} {why}; choose a writable --output")
+        raise OutputNotWritable(f"--output {output}: {existing} {why}; choose a writable --output")
 
 
 def _write_errno(error: BaseException, folder: Path) -> int | None:
@@ -238,16 +237,16 @@ def _weights_bytes(info: CheckpointInfo, dtype: str) -> int:
     return sum(math.prod(header.tensors[key].shape) * size for keys in info.component_keys.values() for key in keys)
 
 
-def _output_problem(error: BaseException, output: Path, needed: Callable[[], int]) -> ConfigurationError | None:
+def _output_problem(error: BaseException, output: Path, needed: Callable[[], int]) -> OutputNotWritable | None:
     """A failed write into the output's folder as a configuration error (full disk, read-only), or None."""
     number = _write_errno(error, output.parent)
     if number in _NO_SPACE:
-        return ConfigurationError(
+        return OutputNotWritable(
             f"--output {output}: cannot write the converted model: {os.strerror(number)}. It needs about "
             f"{needed() / 2**20:,.0f} MiB; free some space there or choose another --output"
         )
     if number in _NOT_WRITABLE:
-        return ConfigurationError(
+        return OutputNotWritable(
             f"--output {output}: cannot write there ({os.strerror(number)}); choose a writable --output"
         )
     return None
@@ -518,6 +517,9 @@ def convert(
         problem = _output_problem(error, output, lambda: _weights_bytes(info, dtype))
         if problem is None:
             raise
+        if not isinstance(error, OSError):  # callers look for the OSError (its errno) in the chain
+            number = _write_errno(error, output.parent)
+            raise problem from OSError(number, os.strerror(number or 0), str(output))
         raise problem from error
     seconds = time.perf_counter() - started
     message = f"converted {source.name} -> {output} ({dtype}, {info.config_name}) in {seconds:.1f} s"

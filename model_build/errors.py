@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from core.errors import WorkerError
+from core.errors import ConfigurationError, WorkerError
 
 SHOWN = 5  # how many names an error message lists before "… (N more)"
 
@@ -44,3 +44,13 @@ class CheckpointError(ConversionError):
 
 class CompletenessError(ConversionError):
     """The converted pipeline does not hold exactly the checkpoint's tensors."""
+
+
+class OutputNotWritable(ConversionError, ConfigurationError):
+    """The output cannot be written: a file, under a file, read-only, or the disk is full.
+
+    A configuration error (code ``configuration``; the command line exits with 2), and still a
+    ConversionError for callers that catch those. When a write failed, the OSError is in the chain.
+    """
+
+    code = ConfigurationError.code

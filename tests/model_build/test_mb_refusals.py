@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.errors import first_line
+from core.errors import ConfigurationError, first_line
 from model_build.__main__ import EXIT_CONFIGURATION, main
 from model_build.checkpoint import inspect_checkpoint, read_header
 from model_build.convert import ConversionError, convert
@@ -343,14 +344,17 @@ def test_full_disk_is_a_configuration_error(dev_checkpoint, tmpfs, capsys) -> No
     assert sorted(path.name for path in folder.iterdir()) == ["out.lock"]  # no output, no temporary folder
 
 
-def test_file_size_limit_is_a_configuration_error(dev_checkpoint, tmp_path, capsys) -> None:
+def test_file_size_limit_is_a_configuration_error(dev_checkpoint, tmp_path) -> None:
     # Without root (no tmpfs), RLIMIT_FSIZE makes writes past 1 MiB fail with EFBIG, as a full quota does.
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
     try:
-        code, err = convert_cli(dev_checkpoint, tmp_path / "models" / "out", capsys)
+        with pytest.raises(ConfigurationError) as caught:
+            convert(dev_checkpoint, tmp_path / "models" / "out")
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert code == EXIT_CONFIGURATION
-    assert_one_clear_line(err, "cannot write the converted model: File too large. It needs about")
+    assert str(caught.value).startswith("configuration: --output ")
+    assert "cannot write the converted model: File too large. It needs about" in str(caught.value)
+    # Still a ConversionError for callers that catch those, with the OSError (its errno) in the chain.
+    assert isinstance(caught.value, ConversionError) and caught.value.__cause__.errno == errno.EFBIG
     assert sorted(path.name for path in (tmp_path / "models").iterdir()) == ["out.lock"]
