@@ -314,7 +314,13 @@ def start_worker(args: argparse.Namespace, model_dir: Path) -> tuple[Any, dict[s
         phases["engine_start_s"] += time.perf_counter() - started
     report = accelerator.report
     phases["of_which_warm_up_s"] = report.seconds if report else 0.0
-    return worker, {"phases": phases, "applied": accelerator.applied, "warm_up": report.to_dict() if report else None}
+    dtypes = {name: str(getattr(engine.pipe, name).dtype) for name in ("unet", "text_encoder_2", "vae")}
+    return worker, {
+        "phases": phases,
+        "applied": accelerator.applied,
+        "dtypes": dtypes,
+        "warm_up": report.to_dict() if report else None,
+    }
 
 
 def job(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from core.settings import Settings, load_settings
 from model_build.architectures import COMPONENTS
 from model_build.dev_model import DEV_MODEL_NOTICE
 from model_build.manifest import manifest_hash, verify
+from worker.acceleration import accelerate
 from worker.device_policy import DevicePlan, plan_device
 from worker.input_images import load_input_image
 from worker.prompting.encoding import EncodedPrompts, PromptEncoder
@@ -127,6 +128,7 @@ class Engine:
         if refiner_dir is not None:
             self.refiner, self.refiner_info = self._load_refiner(Path(refiner_dir), StableDiffusionXLImg2ImgPipeline)
         self.plan = self._place(offload or self.settings.offload, cuda)
+        self.accelerator = accelerate(self.pipe, self.settings)  # COMPILE etc.: compiles now, never in a job
         # img2img on the base model: the same modules under the img2img pipeline's loop. Not from_pipe(): without a
         # dtype it casts every shared module to float32 (an fp32 UNet on the GPU ran 3.5x slower, H200 2026-11-30).
         self.img2img = StableDiffusionXLImg2ImgPipeline(**self.pipe.components)

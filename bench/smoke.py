@@ -1,0 +1,186 @@
+"""Smoke test of the worker on a GPU: full-size SDXL (random weights), the jobs a deployment must survive.
+
+    python bench/smoke.py --full-size          # on a CUDA machine (nox -s smoke)
+    python bench/smoke.py                      # dry run on the CPU with the dev-size model
+
+Through :class:`worker.handler.Worker`, with the speed-up settings of the environment (``COMPILE=unet``
+etc.), one JSON line per check, exit status 1 if any failed:
+
+- ``square``: a 1024x1024 job (the official worker's defaults otherwise) returns one PNG;
+- ``long_prompt``: a weighted prompt of several hundred tokens with BREAK returns an image;
+- ``lora``: a random LoRA file in LORA_DIR changes the image, and the next job without it equals the
+  first job without it byte for byte (nothing leaks between jobs);
+- ``out_of_memory``: with this process capped to a little more GPU memory than the weights take
+  (``torch.cuda.set_per_process_memory_fraction``), a job fails with an error that sets ``refresh_worker``,
+  and with the cap lifted the next job succeeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+FAILURES: list[str] = []
+
+
+def report(check: str, ok: bool, **details: Any) -> None:
+    if not ok:
+        FAILURES.append(check)
+    print(json.dumps({"smoke": check, "ok": ok, **details}), flush=True)
+
+
+def long_prompt() -> str:
+    words = [
+        "lighthouse",
+        "cliff",
+        "dawn",
+        "storm",
+        "waves",
+        "seagulls",
+        "granite",
+        "moss",
+        "lantern",
+        "fog",
+        "harbour",
+        "boats",
+        "nets",
+        "rope",
+    ]
+    parts = []
+    for k in range(60):
+        word = words[k % len(words)]
+        parts.append(f"({word}:1.{k % 5})" if k % 3 == 0 else f"{word} in the distance")
+        if k == 30:
+            parts.append("BREAK")
+    return ", ".join(parts)
+
+
+def run_job(worker: Any, name: str, **fields: Any) -> tuple[dict[str, Any], float]:
+    started = time.perf_counter()
+    output = worker.handle({"id": f"smoke-{name}", "input": fields})
+    return output, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--full-size", action="store_true", help="full-size SDXL on CUDA (default: dev-size, CPU)")
+    parser.add_argument("--model-dir", help="a converted folder to use instead of building a random one")
+    parser.add_argument("--steps", type=int, help="steps per job (default 25 full-size, 4 dev)")
+    args = parser.parse_args()
+    device = "cuda" if args.full_size else "cpu"
+    if args.full_size and not torch.cuda.is_available():
+        raise SystemExit("--full-size needs a CUDA GPU; without one, run the dry run (no --full-size)")
+    size = 1024 if args.full_size else 256
+    steps = args.steps or (25 if args.full_size else 4)
+    dtype = torch.float16 if args.full_size else torch.float32
+
+    from bench.fullsize import build_random_pipeline, save_as_model_dir
+    from core.settings import load_settings
+    from tests.support.lora_synth import random_lora, save_diffusers_lora
+    from worker.handler import Worker
+
+    work = Path(tempfile.mkdtemp(prefix="smoke-"))
+    started = time.perf_counter()
+    pipe = build_random_pipeline("sdxl_base" if args.full_size else "dev_tiny", device, dtype)
+    lora_dir = work / "loras"
+    lora_dir.mkdir()
+    save_diffusers_lora(random_lora(pipe, rank=16, device=device), lora_dir / "smoke-lora.safetensors")
+    model_dir = Path(args.model_dir) if args.model_dir else save_as_model_dir(pipe, work / "sdxl-random")
+    del pipe
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    report("setup", True, seconds=round(time.perf_counter() - started, 1), model_dir=str(model_dir))
+
+    os.environ["LORA_DIR"] = str(lora_dir)  # the engine's LoRA manager reads its settings from the environment
+    settings = load_settings(None, offload="none")
+    started = time.perf_counter()
+    worker = Worker(settings)
+    worker.start(model_dir)
+    accelerator = getattr(worker.engine, "accelerator", None)
+    if worker.engine is not None and accelerator is None:  # an engine that does not apply them itself
+        from worker.acceleration import accelerate
+
+        accelerator = accelerate(worker.engine.pipe, settings)
+    dtypes = {name: str(getattr(worker.engine.pipe, name).dtype) for name in ("unet", "vae")} if worker.engine else {}
+    report(
+        "start",
+        worker.engine is not None,
+        seconds=round(time.perf_counter() - started, 1),
+        error=str(worker.startup_error) if worker.engine is None else None,
+        speedups=accelerator.describe() if accelerator is not None else None,
+        warm_up=accelerator.report.to_dict() if accelerator is not None and accelerator.report else None,
+        dtypes=dtypes,
+    )
+    if worker.engine is None:
+        sys.exit(1)
+
+    base = {"prompt": "a lighthouse on a cliff at dawn", "width": size, "height": size, "num_inference_steps": steps}
+    first, seconds = run_job(worker, "square", **base, seed=7)
+    report(
+        "square",
+        "error" not in first and len(first.get("images", [])) == 1,
+        seconds=round(seconds, 2),
+        error=first.get("error"),
+        timings=first.get("metadata", {}).get("timings"),
+    )
+
+    output, seconds = run_job(worker, "long", **{**base, "prompt": long_prompt()}, seed=8)
+    report(
+        "long_prompt",
+        "error" not in output,
+        seconds=round(seconds, 2),
+        error=output.get("error"),
+        prompt=output.get("metadata", {}).get("prompt"),
+    )
+
+    with_lora, seconds = run_job(worker, "lora", **base, seed=7, loras=[{"name": "smoke-lora", "scale": 0.8}])
+    again, _ = run_job(worker, "after-lora", **base, seed=7)
+    lora_ok = "error" not in with_lora and "error" not in again and "error" not in first
+    report(
+        "lora",
+        lora_ok and with_lora["images"][0] != first["images"][0] and again["images"][0] == first["images"][0],
+        seconds=round(seconds, 2),
+        error=with_lora.get("error") or again.get("error"),
+        lora_changes_image=lora_ok and with_lora["images"][0] != first["images"][0],
+        no_lora_after_equals_before=lora_ok and again["images"][0] == first["images"][0],
+    )
+
+    if device != "cuda":
+        report("out_of_memory", True, skipped="no CUDA device: the memory cap needs one")
+    else:
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_allocated() + 2**28) / total))
+        try:
+            failed, seconds = run_job(worker, "oom", **base, seed=9, num_images=4)
+        except Exception:  # the contract is an error output, never an exception: record it as a failure
+            failed, seconds = {"exception": traceback.format_exc(limit=3)}, 0.0
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+        after, after_seconds = run_job(worker, "after-oom", **base, seed=7)
+        report(
+            "out_of_memory",
+            bool(failed.get("refresh_worker")) and "error" not in after and after["images"][0] == first["images"][0],
+            error=failed.get("error") or failed.get("exception"),
+            refresh_worker=failed.get("refresh_worker"),
+            next_job_ok="error" not in after,
+            next_job_equals_first=after.get("images", [None])[0] == first["images"][0],
+            next_job_s=round(after_seconds, 2),
+        )
+    report("summary", not FAILURES, failed=FAILURES)
+    sys.exit(1 if FAILURES else 0)
+
+
+if __name__ == "__main__":
+    main()
