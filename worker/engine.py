@@ -135,7 +135,7 @@ class Engine:
         self.img2img.set_progress_bar_config(disable=True)
         self._offload_owner: Any = self.pipe
         self.scheduler_config = dict(self.pipe.scheduler.config)
-        self.prompt_encoder = PromptEncoder(self.pipe)
+        self.prompt_encoder = PromptEncoder(self.pipe, cuda_graphs=self.settings.prompt_encoder_cuda_graphs)
         self.refiner_prompt_encoder = self._refiner_prompt_encoder(StableDiffusionXLPipeline)
         self.loras = self._lora_manager()
         self.load_seconds = time.perf_counter() - started
@@ -189,7 +189,7 @@ class Engine:
         components = {**self.pipe.components, "text_encoder_2": self.refiner.text_encoder_2}
         if getattr(self.refiner, "tokenizer_2", None) is not None:
             components["tokenizer_2"] = self.refiner.tokenizer_2
-        return PromptEncoder(pipeline_class(**components))
+        return PromptEncoder(pipeline_class(**components), cuda_graphs=self.settings.prompt_encoder_cuda_graphs)
 
     def _component_bytes(self) -> dict[str, int]:
         modules: dict[str, Any] = {name: getattr(self.pipe, name) for name in COMPONENTS}
@@ -229,9 +229,14 @@ class Engine:
         return pipe
 
     def _lora_manager(self) -> Any:
+        from worker.lora_sources import LoraSettings
         from worker.loras import LoraManager
 
-        return LoraManager(self.pipe, on_text_encoder_change=self.prompt_encoder.clear_cache)
+        return LoraManager(
+            self.pipe,
+            on_text_encoder_change=self.prompt_encoder.clear_cache,
+            settings=LoraSettings.from_settings(self.settings),
+        )
 
     @property
     def execution_device(self) -> torch.device:

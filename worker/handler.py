@@ -29,10 +29,11 @@ def _startup_error(error: BaseException) -> WorkerError:
     from model_build.errors import ConversionError
     from model_build.manifest import ModelFolderError
 
-    if isinstance(error, WorkerError):
-        return error
+    # Checked first: a converter error is a WorkerError of its own kind, but to a job it means "no model".
     if isinstance(error, ModelFolderError | ConversionError | FileNotFoundError):
         return ModelMissing(first_line(error))
+    if isinstance(error, WorkerError):
+        return error
     return ModelLoadFailed(f"{type(error).__name__}: {first_line(error)}")
 
 
