@@ -40,7 +40,8 @@ def temporary_path(tmp_dir: Path, final_name: str) -> Path:
     return tmp_dir / f".{HOST_TAG}.{os.getpid()}.{secrets.token_hex(4)}.{final_name}{TMP_SUFFIX}"
 
 
-def _write_fully(path: Path, data: bytes, durable: bool) -> None:
+def write_fully(path: Path, data: bytes, *, durable: bool) -> None:
+    """Create ``path`` (it must not exist) with ``data``; ``durable``: fsync it before returning."""
     with open(path, "xb") as handle:
         handle.write(data)
         handle.flush()
@@ -58,7 +59,7 @@ def write_atomic(
     """
     tmp = temporary_path(tmp_dir, path.name)
     try:
-        _write_fully(tmp, data, durable)
+        write_fully(tmp, data, durable=durable)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -76,7 +77,7 @@ def create_exclusive(path: Path, data: bytes, tmp_dir: Path, *, durable: bool = 
     """
     tmp = temporary_path(tmp_dir, path.name)
     try:
-        _write_fully(tmp, data, durable)
+        write_fully(tmp, data, durable=durable)
         try:
             os.link(tmp, path)
             created = True

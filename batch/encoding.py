@@ -8,7 +8,8 @@ pipeline's kernels, so a writer *thread* encoding PNGs would starve the GPU inst
 with it. Encoding therefore runs in helper processes (``python -m batch.encoding``: plain pipes, no
 multiprocessing, so nothing re-imports the caller's main script and nothing inherits the CUDA
 context), which get the raw pixels and return the file bytes of :func:`worker.images.encode_image`,
-the worker's own encoder. The parent's threads only wait on pipes, which releases the GIL.
+the worker's own encoder, as an :class:`core.results.EncodedImage`. The parent's threads only wait
+on pipes, which releases the GIL.
 """
 
 from __future__ import annotations
@@ -25,10 +26,15 @@ from typing import Any, BinaryIO
 
 from PIL import Image
 
+from core.results import EncodedImage
 from worker.images import encode_image
 
 _REQUEST = struct.Struct("!II")  # header length, pixel bytes length
 _ANSWER = struct.Struct("!BQ")  # 0 = ok / 1 = error, payload length
+
+
+class EncodingFailed(Exception):
+    """One image could not be encoded (the encoder's own message); the item fails, the run goes on."""
 
 
 def default_workers() -> int:
@@ -65,10 +71,14 @@ class _EncoderProcess:
             status, size = _ANSWER.unpack(_read_exactly(stdout, _ANSWER.size))
             payload = _read_exactly(stdout, size)
         except (BrokenPipeError, EOFError) as error:
-            raise RuntimeError(f"the image encoder process died (exit code {self.process.poll()})") from error
+            raise EncodingFailed(f"the image encoder process died (exit code {self.process.poll()})") from error
         if status != 0:
-            raise RuntimeError(f"image encoding failed: {payload.decode('utf-8', 'replace')}")
+            raise EncodingFailed(f"image encoding failed: {payload.decode('utf-8', 'replace')}")
         return payload
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
 
     def close(self) -> None:
         if self.process.stdin is not None:
@@ -90,10 +100,15 @@ class ImageEncoder:
         self._all: list[_EncoderProcess] = []
         self._lock = threading.Lock()
 
-    def submit(self, image: Image.Image, output_format: str, quality: int, text: str) -> Future[bytes]:
+    def submit(
+        self, image: Image.Image, output_format: str, quality: int, seed: int, text: str
+    ) -> Future[EncodedImage]:
         if self.workers <= 0:
-            future: Future[bytes] = Future()
-            future.set_result(encode_image(image, output_format, quality, text))
+            future: Future[EncodedImage] = Future()
+            try:
+                future.set_result(encode_image(image, output_format, quality, seed, text))
+            except Exception as error:  # delivered where the result is awaited, as from an encoder process
+                future.set_exception(EncodingFailed(f"image encoding failed: {type(error).__name__}: {error}"))
             return future
         with self._lock:
             if self._threads is None:
@@ -102,14 +117,20 @@ class ImageEncoder:
                     process = _EncoderProcess()
                     self._all.append(process)
                     self._idle.put(process)
-        spec = (image.mode, image.size, output_format, quality, text)
+        spec = (image.mode, image.size, output_format, quality, seed, text)
         return self._threads.submit(self._encode, spec, image.tobytes())
 
-    def _encode(self, spec: tuple[Any, ...], pixels: bytes) -> bytes:
+    def _encode(self, spec: tuple[Any, ...], pixels: bytes) -> EncodedImage:
         process = self._idle.get()
         try:
-            return process.encode(spec, pixels)
+            return EncodedImage(process.encode(spec, pixels), format=spec[2], seed=spec[4])
         finally:
+            if not process.alive:  # killed (e.g. by the OOM killer): the next image gets a fresh one
+                process.close()
+                with self._lock:
+                    self._all.remove(process)
+                    process = _EncoderProcess()
+                    self._all.append(process)
             self._idle.put(process)
 
     def close(self) -> None:
@@ -129,11 +150,12 @@ def serve(requests: BinaryIO, answers: BinaryIO) -> None:
         if len(head) < _REQUEST.size:
             return
         header_size, pixel_size = _REQUEST.unpack(head)
-        mode, size, output_format, quality, text = pickle.loads(_read_exactly(requests, header_size))
+        mode, size, output_format, quality, seed, text = pickle.loads(_read_exactly(requests, header_size))
         pixels = _read_exactly(requests, pixel_size)
         try:
-            payload, status = encode_image(Image.frombytes(mode, size, pixels), output_format, quality, text), 0
-        except Exception as error:  # reported to the parent, which fails the run with it
+            image = Image.frombytes(mode, size, pixels)
+            payload, status = encode_image(image, output_format, quality, seed, text).data, 0
+        except Exception as error:  # reported to the parent, which fails this item with it
             payload, status = f"{type(error).__name__}: {error}".encode(), 1
         answers.write(_ANSWER.pack(status, len(payload)) + payload)
         answers.flush()

@@ -10,34 +10,44 @@
     <out>/_batch/shards/metadata-<I>-of-<N>.jsonl   per-shard imagefolder metadata, appended as items finish
     <out>/_batch/shards/summary-<I>-of-<N>.json     the last run's summary for that shard
     <out>/_batch/claims/, tmp/, quarantine/         claims, temporary files, damaged sidecars set aside
+    <out>/_batch/locks/commit-<nn>.lock            commit locks (an item's commit holds one of 64)
 
-Images are written first, the sidecar last, each atomically (see :mod:`batch.atomic`), so a
-sidecar never names a missing or partial image. The sidecar is created exclusively: when two
-processes finish the same item, one commit wins and only the winner appends its metadata rows.
+An item is committed under its commit lock: its images are written to temporary files first, then,
+only if no done sidecar exists yet, renamed into place and the sidecar created last (exclusively),
+so a sidecar never names a missing or partial image, and the files of a committed item never change:
+when two processes finish the same item (a claim taken over after a pipeline call longer than the
+claim TTL, two pods of one index), the second finds the first's sidecar under the lock and discards
+its own files. Only the winner appends its metadata rows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
-from batch.atomic import create_exclusive, fsync_dir, write_atomic
-from batch.jobs import ID_PATTERN, InvalidLine, Job, Shard
+from batch.atomic import create_exclusive, fsync_dir, temporary_path, write_atomic, write_fully
+from batch.jobs import ID_PATTERN, InvalidKind, InvalidLine, Job, Shard
+from core.errors import WorkerError
+from core.results import EXTENSIONS, GenerationMetadata
 
 log = logging.getLogger(__name__)
 
 SIDECAR_FORMAT = "sdxl-batch-item/1"
 ERROR_FORMAT = "sdxl-batch-error/1"
-EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 INTERNAL = "_batch"
+COMMIT_LOCK_STRIPES = 64  # a few lock files for any number of items; two items rarely wait on one another
+INVALID_KINDS = frozenset(typing.get_args(InvalidKind))
 # Columns of every imagefolder row, always all present (datasets wants one schema for all rows).
 ROW_COLUMNS = (
     "file_name",
@@ -70,8 +80,12 @@ def image_name(item_id: str, index: int, output_format: str) -> str:
     return f"images/{item_id}-{index}.{EXTENSIONS[output_format]}"
 
 
-def image_rows(sidecar: dict[str, Any]) -> list[dict[str, Any]]:
-    """The imagefolder rows (one per image) of a done item; deterministic, no timings."""
+def image_rows(sidecar: dict[str, Any], line: int | None = None) -> list[dict[str, Any]]:
+    """The imagefolder rows (one per image) of a done item; deterministic, no timings.
+
+    ``line``: the item's line in the current input (lines move when the file is edited; the
+    sidecar keeps the line it was made from).
+    """
     request = sidecar["request"]
     model = sidecar.get("metadata", {}).get("model", {})
     loras = ", ".join(f"{lora['name']}:{lora['scale']:g}" for lora in request.get("loras", []))
@@ -81,7 +95,7 @@ def image_rows(sidecar: dict[str, Any]) -> list[dict[str, Any]]:
             "file_name": image["file_name"],
             "id": sidecar["id"],
             "image_index": index,
-            "line": sidecar["line"],
+            "line": sidecar["line"] if line is None else line,
             "seed": image["seed"],
             "loras": loras,
             "model": model.get("name"),
@@ -116,8 +130,20 @@ def read_jsonl_tolerant(path: Path) -> tuple[list[dict[str, Any]], bool]:
 
 @dataclass
 class CommitResult:
-    committed: bool  # False: another process committed this item first (its files are the same)
+    committed: bool  # False: another process committed this item first (its files were kept, ours discarded)
     sidecar: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ItemState:
+    """An item of the current input as the output folder has it."""
+
+    sidecar: dict[str, Any] | None  # the done sidecar, made from this very request
+    changed: bool = False  # a done sidecar exists under this id, but made from another request (the line was edited)
+
+    @property
+    def done(self) -> bool:
+        return self.sidecar is not None and not self.changed
 
 
 class OutputDir:
@@ -132,10 +158,16 @@ class OutputDir:
         self.tmp = self.internal / "tmp"
         self.shards = self.internal / "shards"
         self.quarantine = self.internal / "quarantine"
+        self.locks = self.internal / "locks"
         self.run_config = self.internal / "run.json"
 
+    def written_folders(self) -> tuple[Path, ...]:
+        """Every folder a run creates files in."""
+        folders = (self.images, self.errors, self.claims, self.tmp, self.shards, self.quarantine, self.locks)
+        return (self.root, self.internal, *folders)
+
     def create(self) -> OutputDir:
-        for folder in (self.images, self.errors, self.claims, self.tmp, self.shards, self.quarantine):
+        for folder in self.written_folders():
             folder.mkdir(parents=True, exist_ok=True)
         return self
 
@@ -192,8 +224,18 @@ class OutputDir:
         if problem is None:
             return sidecar
         if repair:
-            self._quarantine(path, problem)
+            with self._commit_lock(item_id):
+                # Judged again under the lock: another process may have committed a good sidecar meanwhile.
+                if self.read_done(item_id, repair=False) is None:
+                    self._quarantine(path, problem)
         return None
+
+    def item_state(self, job: Job, repair: bool = True) -> ItemState:
+        """Whether ``job`` is done, judged against the current line (an edited line under a used id is not)."""
+        sidecar = self.read_done(job.id, repair=repair)
+        if sidecar is None:
+            return ItemState(None)
+        return ItemState(sidecar, changed=sidecar.get("request") != job.request.model_dump(mode="json"))
 
     def _quarantine(self, path: Path, problem: str) -> None:
         target = self.quarantine / f"{path.name}.{int(time.time())}.{os.getpid()}"
@@ -203,19 +245,43 @@ class OutputDir:
             return  # another process set it aside already
         log.warning("%s is damaged (%s); moved to %s and the item will be made again", path.name, problem, target)
 
+    @contextlib.contextmanager
+    def _commit_lock(self, item_id: str) -> Iterator[None]:
+        stripe = int(hashlib.sha256(item_id.encode("utf-8")).hexdigest()[:8], 16) % COMMIT_LOCK_STRIPES
+        self.locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.locks / f"commit-{stripe:02d}.lock")):
+            yield
+
     # -- commit -------------------------------------------------------------------------------------
 
     def commit(self, item_id: str, images: list[tuple[str, bytes]], sidecar: dict[str, Any]) -> CommitResult:
-        """Write the images, then the sidecar (exclusively). ``images``: (file_name, bytes) pairs."""
-        for file_name, data in images:
-            write_atomic(self.root / file_name, data, self.tmp, durable=True, sync_folder=False)
-        if images:
-            fsync_dir(self.images)  # the images' names are durable before the sidecar that lists them appears
-        created = create_exclusive(self.sidecar_path(item_id), json_bytes(sidecar), self.tmp)
-        if created:
-            return CommitResult(True, sidecar)
-        existing = self.read_done(item_id, repair=False)
-        return CommitResult(False, existing if existing is not None else sidecar)
+        """Commit an item: its images, then its sidecar, unless it is done already. ``images``: (file_name, bytes).
+
+        The slow part (writing and fsyncing the image bytes) happens before the lock; under it, the
+        check for a done sidecar and the renames, so a done item's files are never replaced.
+        """
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for file_name, data in images:
+                final = self.root / file_name
+                staged.append((temporary_path(self.tmp, final.name), final))
+                write_fully(staged[-1][0], data, durable=True)
+            with self._commit_lock(item_id):
+                existing = self.read_done(item_id, repair=False)
+                if existing is not None:
+                    return CommitResult(False, existing)
+                if self.sidecar_path(item_id).exists():
+                    self._quarantine(self.sidecar_path(item_id), "a sidecar whose images are missing or damaged")
+                for tmp, final in staged:
+                    os.replace(tmp, final)  # only files of an item not done: leftovers of an attempt that died
+                if staged:
+                    fsync_dir(self.images)  # the images' names are durable before the sidecar that lists them
+                if create_exclusive(self.sidecar_path(item_id), json_bytes(sidecar), self.tmp):
+                    return CommitResult(True, sidecar)
+                raise RuntimeError(f"{self.sidecar_path(item_id)} appeared while its commit lock was held")
+        finally:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
 
     # -- errors -------------------------------------------------------------------------------------
 
@@ -233,6 +299,26 @@ class OutputDir:
                 "input": str(source),
             }
         )
+
+    def error_lines(self) -> list[int]:
+        """The line numbers that have an error file."""
+        lines = []
+        for path in self.errors.glob("line-*.json"):
+            number = path.stem.removeprefix("line-")
+            if number.isdigit():
+                lines.append(int(number))
+        return sorted(lines)
+
+    def current_failure(self, job: Job) -> dict[str, Any] | None:
+        """The error record of ``job``'s line when it is about this very item (same id) failing to generate.
+
+        An error file left by an earlier version of the line (another id, or an invalid-line kind of a
+        line that is valid now) says nothing about the current item.
+        """
+        record = self.read_error(job.line)
+        if record is None or record.get("id") != job.id or record.get("kind") in INVALID_KINDS:
+            return None
+        return record
 
     def clear_error(self, line: int) -> None:
         path = self.error_path(line)
@@ -305,23 +391,24 @@ class ShardMetadata:
         self.path = outputs.shard_metadata_path(shard)
         self.lock = FileLock(str(self.path) + ".lock")
 
-    def reconcile(self, done: Iterable[dict[str, Any]]) -> int:
-        """Add the rows of ``done`` items the file lacks, drop torn lines, duplicates and rows of items no longer
-        done (a quarantined sidecar); returns how many rows were added.
+    def reconcile(self, done: Mapping[str, dict[str, Any]], lines: Mapping[str, int]) -> int:
+        """Make the file describe the shard's current input: add the rows of ``done`` items it lacks, drop torn
+        lines, duplicates, rows of items no longer done (a quarantined sidecar) and rows of ids that are no longer
+        in the input (``lines``: id -> current line number); returns how many rows were added.
 
         Rows of items finished by another process after ``done`` was read are kept: an item is judged by its
         sidecar at the moment of the check, under the file's lock, so a concurrent runner's appends survive.
         """
         wanted: dict[str, dict[str, Any]] = {}
-        for sidecar in done:
-            for row in image_rows(sidecar):
+        for item_id, sidecar in done.items():
+            for row in image_rows(sidecar, lines[item_id]):
                 wanted[row["file_name"]] = row
         with self.lock:
             rows, damaged = read_jsonl_tolerant(self.path)
             kept, seen, verdicts = [], set(), {}
             for row in rows:
                 name, item_id = row.get("file_name"), row.get("id")
-                if name in seen or not isinstance(item_id, str):
+                if name in seen or not isinstance(item_id, str) or item_id not in lines:
                     continue
                 if name not in wanted and item_id not in verdicts:
                     verdicts[item_id] = self.outputs.read_done(item_id, repair=False) is not None
@@ -329,7 +416,7 @@ class ShardMetadata:
                     kept.append(wanted.get(name, row))
                     seen.add(name)
             added = [row for name, row in wanted.items() if name not in seen]
-            if damaged or added or len(kept) != len(rows):
+            if damaged or added or kept != rows:
                 data = b"".join(json_bytes(row, indent=None) for row in kept + added)
                 write_atomic(self.path, data, self.outputs.tmp)
         return len(added)
@@ -346,23 +433,28 @@ class ShardMetadata:
             os.fsync(handle.fileno())
 
 
-def job_error_record(job: Job, kind: str, message: str, retriable: bool) -> dict[str, Any]:
-    return {"line": job.line, "id": job.id, "kind": kind, "error": message, "retriable": retriable}
-
-
-# Metadata keys that differ from run to run (timings, cache state): kept in the sidecar's ``generation``
-# section, so ``request``, ``images`` and ``metadata`` are identical whichever process or run made the item.
-VOLATILE_METADATA_KEYS = ("timings", "returned_as")
+def job_error_record(job: Job, error: WorkerError, mode: str) -> dict[str, Any]:
+    """The error file of a line that failed to generate. ``kind``: ``retriable_error``, else who refused it."""
+    kind = "retriable_error" if error.retriable else ("remote_error" if mode == "remote" else "engine_error")
+    return {
+        "line": job.line,
+        "id": job.id,
+        "kind": kind,
+        "code": error.code,
+        "error": str(error),
+        "retriable": error.retriable,
+    }
 
 
 def build_sidecar(
-    job: Job, images: list[dict[str, Any]], metadata: dict[str, Any], generation: dict[str, Any]
+    job: Job, images: list[dict[str, Any]], metadata: GenerationMetadata, generation: dict[str, Any]
 ) -> dict[str, Any]:
-    """The sidecar of a done item. ``images``: one {file_name, seed, sha256, size} per image, in order."""
-    stable = dict(metadata)
-    volatile = {key: stable.pop(key) for key in VOLATILE_METADATA_KEYS if key in stable}
-    if isinstance(stable.get("prompt"), dict) and "cache_hit" in stable["prompt"]:
-        stable["prompt"] = {key: value for key, value in stable["prompt"].items() if key != "cache_hit"}
+    """The sidecar of a done item. ``images``: one {file_name, seed, sha256, size} per image, in order.
+
+    ``metadata`` keeps only the stable part (what follows from the request and the model), so it is
+    identical whichever process, machine or run made the item; timings and the volatile part (device,
+    cache hits) go to ``generation`` with the other facts of this particular run.
+    """
     return {
         "format": SIDECAR_FORMAT,
         "id": job.id,
@@ -372,6 +464,6 @@ def build_sidecar(
         "seed": job.request.seed,
         "seed_source": job.seed_source,
         "images": images,
-        "metadata": stable,
-        "generation": {**generation, **volatile},
+        "metadata": metadata.stable,
+        "generation": {**generation, **metadata.volatile, "timings": metadata.timings.to_dict()},
     }

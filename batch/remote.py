@@ -3,11 +3,13 @@
 A large job can fan out over an endpoint's workers while this process keeps the bookkeeping:
 the same ids, seeds (resolved here, so the remote worker draws no random seed), claims, sidecars
 and metadata as a local run. Requests run with bounded concurrency; transport failures, 429/5xx
-answers and the worker's retriable errors (out of GPU memory, CUDA errors, internal errors, no
+answers and the worker's retriable errors (those whose kind, read from the message's stable prefix by
+:func:`core.errors.error_kind_of`, is retriable: out of GPU memory, CUDA errors, internal errors, no
 model) are retried with exponential backoff and jitter. A ``/runsync`` answer that is still
 ``IN_QUEUE``/``IN_PROGRESS`` (RunPod's sync wait ran out) is followed by polling ``/status/<id>``.
 
-Set ``RUNPOD_API_KEY`` for RunPod's hosted API; the worker's local test server needs none.
+Set ``RUNPOD_API_KEY`` for RunPod's hosted API (the CLI reads it once and passes it in
+:class:`batch.options.EndpointOptions`); the worker's local test server needs none.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import binascii
 import http.client
 import json
 import logging
-import os
 import random
 import threading
 import time
@@ -29,40 +30,65 @@ from typing import Any
 
 from batch.exit_codes import EXIT_RETRIABLE, EXIT_USAGE
 from batch.jobs import Job
+from batch.options import EndpointOptions
 from batch.session import ShardSession
+from core.errors import InternalError, WorkerError, error_kind_of, first_line
+from core.results import EncodedImage, GenerationMetadata
 
 log = logging.getLogger(__name__)
 
 RETRIABLE_HTTP = {408, 409, 425, 429, 500, 502, 503, 504}
 FATAL_HTTP = {401, 403, 404, 405}
-# Error texts of worker/handler.py that another attempt (or another worker) may not repeat.
-RETRIABLE_ERROR_PREFIXES = (
-    "out of GPU memory",
-    "CUDA error",
-    "internal error",
-    "worker has no model",
-    "worker failed to load",
-)
 RUNNING_STATUSES = {"IN_QUEUE", "IN_PROGRESS"}
 RETRIABLE_STATUSES = {"TIMED_OUT", "CANCELLED"}
 MAX_FAILED_ITEMS_IN_A_ROW = 5
 
 
-class RemoteError(Exception):
-    """One remote attempt failed. ``retriable``: another attempt may succeed; ``fatal``: no request can."""
+class EndpointUnavailable(WorkerError):
+    """The endpoint could not be reached or gave no usable answer (transport, 429/5xx, a malformed output)."""
 
-    def __init__(self, message: str, retriable: bool, fatal: bool = False, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retriable = retriable
+    code = "endpoint unavailable"
+    retriable = True
+
+
+class EndpointRefused(WorkerError):
+    """The endpoint's worker refused the request with an error this code base does not know (another worker)."""
+
+    code = "endpoint error"
+
+
+class RemoteError(Exception):
+    """One remote attempt failed with ``error`` (its kind says whether another attempt may succeed).
+
+    ``fatal``: no request can succeed (a wrong URL or API key); ``retry_after``: the server's Retry-After.
+    """
+
+    def __init__(self, error: WorkerError, fatal: bool = False, retry_after: float | None = None) -> None:
+        super().__init__(str(error))
+        self.error = error
         self.fatal = fatal
         self.retry_after = retry_after
 
+    @property
+    def retriable(self) -> bool:
+        return self.error.retriable
 
-def is_retriable_worker_error(error: Any) -> bool:
+
+def worker_error(error: Any) -> WorkerError:
+    """A worker's ``error`` output as its kind; the text is kept whole (it already starts with the kind's code)."""
     text = error if isinstance(error, str) else json.dumps(error)
-    if text.lstrip().startswith("{"):
-        return True  # the RunPod SDK's report of an uncaught exception (error_type, error_traceback, ...)
-    return text.startswith(RETRIABLE_ERROR_PREFIXES)
+    kind = error_kind_of(error)
+    if kind is None:
+        return EndpointRefused(text[:2000])
+    if kind is InternalError and not isinstance(error, str):
+        # The RunPod SDK's report of an uncaught exception: its message, not the JSON with a traceback.
+        message = error.get("error_message") if isinstance(error, dict) else None
+        return InternalError(first_line(message or text, 2000))
+    return kind(text[:2000])
+
+
+def unavailable(message: str, retry_after: float | None = None) -> RemoteError:
+    return RemoteError(EndpointUnavailable(message), retry_after=retry_after)
 
 
 def endpoint_base(url: str) -> str:
@@ -81,7 +107,7 @@ class EndpointClient:
     def __init__(
         self,
         url: str,
-        api_key: str | None = None,
+        api_key: str | None,
         timeout_s: float = 600.0,
         retries: int = 5,
         backoff_s: float = 1.0,
@@ -90,7 +116,7 @@ class EndpointClient:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.base = endpoint_base(url)
-        self.api_key = api_key if api_key is not None else os.environ.get("RUNPOD_API_KEY")
+        self.api_key = api_key
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
@@ -110,8 +136,9 @@ class EndpointClient:
                 return output, {"endpoint": self.base, "remote_job_id": job_id, "attempts": attempt}
             except RemoteError as error:
                 if not error.retriable or attempt > self.retries:
-                    if error.retriable:
-                        error.args = (f"{error} (gave up after {attempt} attempts)",)
+                    if error.retriable and attempt > 1:
+                        given_up = type(error.error)(f"{error.error.message} (gave up after {attempt} attempts)")
+                        raise RemoteError(given_up) from None
                     raise
                 delay = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
                 if error.retry_after is not None:
@@ -127,18 +154,16 @@ class EndpointClient:
             if status == "COMPLETED":
                 output = answer.get("output")
                 if not isinstance(output, dict) or not output.get("images"):
-                    raise RemoteError(f"job {job_id} COMPLETED without images: {str(output)[:200]}", retriable=True)
+                    raise unavailable(f"job {job_id} COMPLETED without images: {str(output)[:200]}")
                 return output, job_id
             if status == "FAILED" or answer.get("error"):
-                error = answer.get("error", "FAILED without an error message")
-                text = error if isinstance(error, str) else json.dumps(error)
-                raise RemoteError(text[:2000], retriable=is_retriable_worker_error(error))
+                raise RemoteError(worker_error(answer.get("error", "FAILED without an error message")))
             if status in RETRIABLE_STATUSES:
-                raise RemoteError(f"job {job_id} ended {status}", retriable=True)
+                raise unavailable(f"job {job_id} ended {status}")
             if status not in RUNNING_STATUSES or not job_id:
-                raise RemoteError(f"unexpected answer from {self.base}: {str(answer)[:300]}", retriable=True)
+                raise unavailable(f"unexpected answer from {self.base}: {str(answer)[:300]}")
             if time.monotonic() > deadline:
-                raise RemoteError(f"job {job_id} still {status} after {self.timeout_s:.0f} s", retriable=True)
+                raise unavailable(f"job {job_id} still {status} after {self.timeout_s:.0f} s")
             self.sleep(self.poll_s)
             answer = self._status(job_id)
 
@@ -166,17 +191,20 @@ class EndpointClient:
             retry_after = error.headers.get("Retry-After") if error.headers else None
             after = float(retry_after) if retry_after and retry_after.isdigit() else None
             if error.code in FATAL_HTTP and not (error.code == 405 and path.startswith("/status/")):
-                raise RemoteError(message + " (check --endpoint and RUNPOD_API_KEY)", False, fatal=True) from None
-            raise RemoteError(message, error.code in RETRIABLE_HTTP or error.code >= 500, retry_after=after) from None
+                refused = EndpointRefused(message + " (check --endpoint and RUNPOD_API_KEY)")
+                raise RemoteError(refused, fatal=True) from None
+            if error.code in RETRIABLE_HTTP or error.code >= 500:
+                raise unavailable(message, retry_after=after) from None
+            raise RemoteError(EndpointRefused(message)) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
             reason = getattr(error, "reason", error)
-            raise RemoteError(f"{self.base}{path} unreachable: {reason}", retriable=True) from None
+            raise unavailable(f"{self.base}{path} unreachable: {reason}") from None
         try:
             answer = json.loads(raw)
         except ValueError:
-            raise RemoteError(f"{self.base}{path} answered non-JSON: {raw[:200]!r}", retriable=True) from None
+            raise unavailable(f"{self.base}{path} answered non-JSON: {raw[:200]!r}") from None
         if not isinstance(answer, dict):
-            raise RemoteError(f"{self.base}{path} answered {type(answer).__name__}, not an object", retriable=True)
+            raise unavailable(f"{self.base}{path} answered {type(answer).__name__}, not an object")
         return answer
 
 
@@ -186,14 +214,26 @@ def decode_image(reference: str, timeout_s: float) -> bytes:
         try:
             return base64.b64decode(reference.split(",", 1)[1], validate=True)
         except (IndexError, binascii.Error) as error:
-            raise RemoteError(f"malformed data URI in the output: {error}", retriable=True) from None
+            raise unavailable(f"malformed data URI in the output: {error}") from None
     if reference.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(reference, timeout=timeout_s) as response:
                 return response.read()
         except (urllib.error.URLError, OSError) as error:
-            raise RemoteError(f"could not download {reference[:100]}: {error}", retriable=True) from None
-    raise RemoteError(f"output image is neither a data URI nor a URL: {reference[:60]!r}", retriable=True)
+            raise unavailable(f"could not download {reference[:100]}: {error}") from None
+    raise unavailable(f"output image is neither a data URI nor a URL: {reference[:60]!r}")
+
+
+def run_remote(session: ShardSession, options: EndpointOptions) -> None:
+    """Run the session's jobs on the endpoint ``options`` names."""
+    client = EndpointClient(
+        options.url,
+        options.api_key,
+        timeout_s=options.request_timeout_s,
+        retries=options.retries,
+        backoff_s=options.backoff_s,
+    )
+    RemoteRunner(session, client, options.concurrency).run()
 
 
 class RemoteRunner:
@@ -238,9 +278,7 @@ class RemoteRunner:
                 self.session.claims.release(job.id)
                 self.session.abort(EXIT_USAGE, f"the endpoint refuses requests: {error}")
                 return
-            self.session.fail_item(
-                job, "retriable_error" if error.retriable else "remote_error", str(error), error.retriable
-            )
+            self.session.fail_item(job, error.error)
             with self._lock:
                 self._failures_in_a_row = self._failures_in_a_row + 1 if error.retriable else 0
                 if self._failures_in_a_row >= MAX_FAILED_ITEMS_IN_A_ROW:
@@ -249,17 +287,20 @@ class RemoteRunner:
             return
         with self._lock:
             self._failures_in_a_row = 0
-        metadata = dict(output.get("metadata") or {})
-        metadata.setdefault("output_format", job.request.output_format)
+        metadata = GenerationMetadata.from_output_dict(output.get("metadata") or {})
         info["request_s"] = round(time.perf_counter() - started, 4)
         self.session.finish_item(job, images, metadata, info)
 
-    def _images(self, job: Job, output: dict[str, Any]) -> list[tuple[bytes, int]]:
+    def _images(self, job: Job, output: dict[str, Any]) -> list[EncodedImage]:
         references = output["images"]
         seeds = (output.get("metadata") or {}).get("seeds") or []
         expected = job.request.num_images
         if len(references) != expected or len(seeds) != expected:
-            raise RemoteError(f"asked for {expected} image(s), got {len(references)} with seeds {seeds}", True)
+            raise unavailable(f"asked for {expected} image(s), got {len(references)} with seeds {seeds}")
         if seeds[0] != job.request.seed:
-            raise RemoteError(f"the endpoint used seed {seeds[0]} instead of {job.request.seed}", retriable=False)
-        return [(decode_image(ref, self.client.timeout_s), seed) for ref, seed in zip(references, seeds, strict=True)]
+            raise RemoteError(EndpointRefused(f"the endpoint used seed {seeds[0]} instead of {job.request.seed}"))
+        output_format = job.request.output_format
+        return [
+            EncodedImage(decode_image(reference, self.client.timeout_s), output_format, seed)
+            for reference, seed in zip(references, seeds, strict=True)
+        ]

@@ -6,12 +6,18 @@ encoder processes: see :mod:`batch.encoding` for why not in a thread) and commit
 GPU runs the next call. The queue between them holds two calls, so memory stays bounded when
 writing is slower than generating.
 
-Failures. ``EngineError`` means the engine cannot run a request as asked (clip_skip too deep, a
-LoRA it cannot find, a NaN image): the line gets an error sidecar and the run goes on; in a
-shared call the guilty request is found by running the call's jobs one by one. Any other exception
-(out of memory, a CUDA error) is retriable: the items of that call are recorded as such, never as
-done; a CUDA error other than OOM, or three failing calls in a row, stops the run (exit code 1)
-because the device is probably unusable.
+Failures are judged by their kind (:func:`core.errors.from_exception`), never by their text:
+
+- out of memory: the items of that call are recorded as retriable failures (never as done) and the
+  run goes on; three such calls in a row stop it (exit code 1): the device is probably unusable;
+- a CUDA error other than out-of-memory leaves the CUDA context unusable: the call's items are
+  recorded and the run stops at once (exit code 1; a retry gets a fresh process, maybe a fresh node);
+- anything else is the item's own failure (clip_skip too deep, a LoRA it cannot use, a NaN image,
+  an image that cannot be encoded, a bug hit by one request): the line gets an error file and the run
+  goes on. In a shared call the guilty request is found by running the call's jobs one by one.
+
+Writing the outputs failing (a full or broken disk) stops the run (exit code 1): no later item could
+be written either.
 """
 
 from __future__ import annotations
@@ -24,13 +30,18 @@ import traceback
 from collections.abc import Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from batch.encoding import ImageEncoder
+from batch.exit_codes import EXIT_RETRIABLE
 from batch.jobs import Job
+from batch.options import LocalEngineOptions
 from batch.planner import Call, Planner, Unit, split_job
 from batch.session import ShardSession
-from worker.engine import Engine, EngineError, GenerationResult, group_key
+from core.errors import ConfigurationError, CudaFailed, InvalidRequest, OutOfMemory, WorkerError, from_exception
+from core.results import EncodedImage, GenerationMetadata
+from worker.engine import Engine, GenerationResult, group_key
 from worker.images import a1111_parameters
 
 log = logging.getLogger(__name__)
@@ -43,19 +54,36 @@ class RunAborted(Exception):
     """The device or the output folder looks unusable; stop and let the retry (a new pod, a new process) continue."""
 
 
-def is_fatal_device_error(error: BaseException) -> bool:
-    """A CUDA error other than out-of-memory leaves the context unusable: no further call can succeed."""
-    import torch
+def run_local(session: ShardSession, options: LocalEngineOptions) -> None:
+    """Run the session's jobs on ``options.engine``, or on the model it names, loaded here."""
+    engine = options.engine if options.engine is not None else load_engine(options.model_dir, options.offload)
+    model = {"name": engine.model_name, "manifest_hash": engine.model_hash}
+    session.settings["model"] = model
+    conflict = session.outputs.pin_model(model, options.allow_model_change)
+    if conflict:
+        raise ConfigurationError(conflict)
+    try:
+        LocalRunner(session, engine, options.batch_size, options.deterministic, options.encode_workers).run()
+    except RunAborted as error:
+        session.abort(EXIT_RETRIABLE, str(error))
 
-    if isinstance(error, torch.cuda.OutOfMemoryError | MemoryError):
-        return False
-    return isinstance(error, RuntimeError) and ("CUDA error" in str(error) or "cuDNN" in str(error))
+
+def load_engine(model_dir: Path | None, offload: str) -> Engine:
+    """The engine on ``model_dir``, else on the worker's folder (``MODEL_DIR``, or the volume/baked default)."""
+    from model_build.manifest import ModelFolderError
+    from worker.model_location import prepare_model_dir
+
+    try:
+        folder = model_dir if model_dir is not None else prepare_model_dir()
+        return Engine(folder, offload=offload)
+    except (ModelFolderError, ValueError, OSError) as error:
+        raise ConfigurationError(f"no model: {error} (pass --model DIR or set MODEL_DIR)") from None
 
 
 @dataclass
 class _PendingItem:
-    images: dict[int, tuple[bytes, int]]
-    metadata: dict[str, Any]
+    images: dict[int, EncodedImage]
+    metadata: GenerationMetadata  # of the item's first call (the stable part is the same in each)
     generation: dict[str, Any]
 
 
@@ -112,13 +140,18 @@ class ImageWriter:
                 if unit.job.id in self._dropped:
                     continue
             futures = {
-                index: (self._encode(unit.job, image, seed, result.metadata), seed)
+                index: self._encode(unit.job, image, seed, result.metadata)
                 for index, image, seed in zip(unit.image_indices, result.images, result.seeds, strict=True)
             }
             submitted.append((unit, result, futures))
         for unit, result, futures in submitted:
             job = unit.job
-            encoded = {index: (future.result(), seed) for index, (future, seed) in futures.items()}
+            try:
+                encoded = {index: future.result() for index, future in futures.items()}
+            except Exception as error:  # this item's images cannot be encoded: its failure, not the run's
+                self.drop(job.id)
+                self.session.fail_item(job, from_exception(error))
+                continue
             with self._lock:
                 if job.id in self._dropped:
                     continue
@@ -128,16 +161,16 @@ class ImageWriter:
                 if complete:
                     del self._pending[job.id]
             if complete:
-                metadata = dict(item.metadata)
-                metadata["seeds"] = [item.images[k][1] for k in range(job.request.num_images)]
-                metadata["output_format"] = job.request.output_format
                 images = [item.images[k] for k in range(job.request.num_images)]
+                # A request split over several calls: its metadata lists all of its images' seeds.
+                metadata = item.metadata.with_stable(seeds=[image.seed for image in images])
                 self.session.finish_item(job, images, metadata, item.generation)
 
-    def _encode(self, job: Job, image: Any, seed: int, metadata: dict[str, Any]) -> Future[bytes]:
-        request = job.request
-        parameters = a1111_parameters(request, seed, self.engine.model_name, self.engine.model_hash, metadata["loras"])
-        return self.encoder.submit(image, request.output_format, request.quality, parameters)
+    def _encode(self, job: Job, image: Any, seed: int, metadata: GenerationMetadata) -> Future[EncodedImage]:
+        request, engine = job.request, self.engine
+        loras = metadata.stable["loras"]
+        parameters = a1111_parameters(request, seed, engine.model_name, engine.model_hash, loras)
+        return self.encoder.submit(image, request.output_format, request.quality, seed, parameters)
 
 
 class LocalRunner:
@@ -184,8 +217,11 @@ class LocalRunner:
         try:
             self.engine.check_request(job.request)
             keys = [None if job.per_call_noise else self._key(unit) for unit in units]
-        except EngineError as error:
-            self.session.fail_item(job, "engine_error", str(error), retriable=False)
+        except Exception as error:  # the prompt encoding runs here: a CUDA error can surface too
+            failure = from_exception(error)
+            self._fail_job(job, failure)
+            if isinstance(failure, CudaFailed):
+                raise RunAborted(f"the device looks unusable ({failure})") from error
             return
         for unit, key in zip(units, keys, strict=True):
             for call in self.planner.add(unit, key):
@@ -206,11 +242,8 @@ class LocalRunner:
             call = self.planner.make_call(units)  # same padded shape as any other call
         try:
             results = self.engine.generate_group(call.requests)
-        except EngineError as error:
-            self._isolate(call, error)
-            return
         except Exception as error:
-            self._call_failed(call, error)
+            self._call_failed(call, from_exception(error), error)
             return
         self.failed_calls_in_a_row = 0
         padded = sum(request.num_images for request in call.padding)
@@ -218,33 +251,40 @@ class LocalRunner:
         generation = {"batch": {"images_in_call": call.num_images, "padding_images": padded}}
         self.writer.submit(call, results[: len(call.units)], generation)
 
-    def _isolate(self, call: Call, error: EngineError) -> None:
-        """A shared call was refused: run each job's units alone (same padded shape) to find the guilty ones."""
+    def _call_failed(self, call: Call, failure: WorkerError, error: Exception) -> None:
         jobs = {unit.job.id: unit.job for unit in call.units}
-        if len(jobs) == 1:
-            self._fail_job(next(iter(jobs.values())), "engine_error", str(error), retriable=False)
+        if isinstance(failure, OutOfMemory | CudaFailed):
+            log.error("a pipeline call of %d image(s) failed: %s", call.num_images, failure)
+            if isinstance(failure, OutOfMemory):
+                failure = OutOfMemory(f"{failure.message}; lower --batch-size")
+            for job in jobs.values():
+                self._fail_job(job, failure)
+            self.failed_calls_in_a_row += 1
+            if isinstance(failure, CudaFailed):
+                raise RunAborted(f"the device looks unusable ({failure})") from error
+            if self.failed_calls_in_a_row >= MAX_FAILED_CALLS_IN_A_ROW:
+                raise RunAborted(f"{self.failed_calls_in_a_row} calls in a row ran out of memory ({failure})")
+            self._release_cached_memory()
             return
+        if len(jobs) == 1:
+            if not isinstance(failure, InvalidRequest):  # a refusal is routine; anything else deserves its traceback
+                log.error("line %d failed:\n%s", call.units[0].job.line, traceback.format_exc())
+            self._fail_job(next(iter(jobs.values())), failure)
+            return
+        # A shared call failed for a reason of its own items: run each job's units alone (same padded shape)
+        # to find the guilty ones.
         for job_id in jobs:
             self._execute(self.planner.make_call([unit for unit in call.units if unit.job.id == job_id]))
 
-    def _call_failed(self, call: Call, error: Exception) -> None:
-        message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        log.error("a pipeline call of %d image(s) failed:\n%s", call.num_images, traceback.format_exc())
-        hint = "; lower --batch-size" if "memory" in message.lower() else ""
-        for job in {unit.job.id: unit.job for unit in call.units}.values():
-            self._fail_job(job, "retriable_error", message + hint, retriable=True)
-        self.failed_calls_in_a_row += 1
-        if is_fatal_device_error(error) or self.failed_calls_in_a_row >= MAX_FAILED_CALLS_IN_A_ROW:
-            raise RunAborted(message) from error
-        try:
+    @staticmethod
+    def _release_cached_memory() -> None:
+        with contextlib.suppress(Exception):
             import torch
 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        except Exception:
-            pass
 
-    def _fail_job(self, job: Job, kind: str, message: str, retriable: bool) -> None:
+    def _fail_job(self, job: Job, failure: WorkerError) -> None:
         self.planner.drop_job(job.id)
         self.writer.drop(job.id)
-        self.session.fail_item(job, kind, message, retriable)
+        self.session.fail_item(job, failure)

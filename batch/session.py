@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
-import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,10 +23,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from batch.atomic import HOST, clean_temporary_files, write_atomic
-from batch.claims import DEFAULT_TTL_S, ClaimBook
+from batch.atomic import HOST, clean_temporary_files, temporary_path, write_atomic, write_fully
+from batch.claims import ClaimBook
 from batch.exit_codes import EXIT_INVALID_LINES, EXIT_OK, EXIT_RETRIABLE, EXIT_STOPPED
-from batch.jobs import InvalidKind, InvalidLine, Job, Shard, load_shard
+from batch.jobs import InvalidLine, Job, load_shard
+from batch.options import RunOptions
 from batch.outputs import (
     OutputDir,
     ShardMetadata,
@@ -36,23 +37,12 @@ from batch.outputs import (
     job_error_record,
     json_bytes,
 )
+from core.errors import ConfigurationError, WorkerError
+from core.results import EncodedImage, GenerationMetadata
 
 log = logging.getLogger(__name__)
 
-POLL_S = 1.0
 PROGRESS_LOG_S = 60.0
-INVALID_KINDS = set(typing.get_args(InvalidKind))
-
-
-@dataclass
-class SessionOptions:
-    source: Path
-    out: Path
-    shard: Shard
-    claim_ttl_s: float = DEFAULT_TTL_S
-    progress: bool = True
-    poll_s: float = POLL_S
-    max_seconds: float | None = None  # stop gracefully after this long (exit 143, resumable)
 
 
 @dataclass
@@ -61,6 +51,7 @@ class Counters:
     made: int = 0
     images: int = 0
     done_by_other: int = 0  # finished by another process while this one ran (claims, or a lost commit race)
+    commits_lost: int = 0  # made here too, but another process committed the item first (its files were kept)
     failed_engine: int = 0  # non-retriable: the engine or endpoint refused the request
     failed_retriable: int = 0
     pipeline_calls: int = 0
@@ -68,27 +59,71 @@ class Counters:
     failed_ids: set[str] = field(default_factory=set)
 
 
+def prepare_output_folder(out: Path, min_free_mb: float) -> OutputDir:
+    """The output folder, created and proven writable with room to spare; else a ConfigurationError naming it.
+
+    Checked before any work, so a folder that cannot take a single image (read-only, a file, a full
+    disk) fails the run as a configuration error that no retry can fix, not as a crash that
+    Kubernetes retries.
+    """
+    outputs = OutputDir(out)
+    if outputs.root.exists() and not outputs.root.is_dir():
+        raise ConfigurationError(f"--out {out}: is a file, not a folder; give a folder (it is created if missing)")
+    try:
+        outputs.create()
+        # Every folder a run writes into, the top one (sidecars) included: a folder made read-only by itself
+        # (chmod, an immutable attribute) leaves the ones below it writable.
+        for folder in outputs.written_folders():
+            probe = temporary_path(folder, "write-probe")
+            write_fully(probe, b"probe", durable=False)
+            probe.unlink()
+    except OSError as error:
+        raise ConfigurationError(
+            f"--out {out}: cannot write there ({error.strerror or error}: {error.filename or out}); "
+            "give a writable folder"
+        ) from None
+    free_mb = shutil.disk_usage(outputs.root).free / 2**20
+    if free_mb < min_free_mb:
+        raise ConfigurationError(
+            f"--out {out}: only {free_mb:.0f} MiB free, the run needs at least {min_free_mb:g} MiB "
+            "(--min-free-mb); free some space or use another volume"
+        )
+    return outputs
+
+
 class ShardSession:
-    def __init__(self, options: SessionOptions, mode: str, settings: dict[str, Any] | None = None) -> None:
+    """One process's pass over one shard. Use it as a context manager: ``with ShardSession(...) as session``.
+
+    Entering starts the claims' heartbeat; leaving releases every claim and writes the summary
+    (``session.summary``, with ``exit_code``), whatever happened in between.
+    """
+
+    def __init__(self, options: RunOptions, mode: str, settings: dict[str, Any] | None = None) -> None:
         self.options = options
         self.mode = mode
-        self.settings = settings or {}
+        self.settings = dict(settings or {})
         self.shard = options.shard
         self.created = self.started = time.perf_counter()
         self.stopping = threading.Event()
         self.abort_code: int | None = None
         self.abort_reason: str | None = None
         self.counters = Counters()
+        self.summary: dict[str, Any] | None = None
         self._lock = threading.Lock()
 
-        self.outputs = OutputDir(options.out).create()
+        self.outputs = prepare_output_folder(options.out, options.min_free_mb)
         clean_temporary_files(self.outputs.tmp)
         self.outputs.record_layout(options.source, self.shard)
-        self.input = load_shard(options.source, self.shard)
-        done, self.jobs = {}, []
+        try:
+            self.input = load_shard(options.source, self.shard)
+        except OSError as error:
+            reason = error.strerror or error
+            raise ConfigurationError(f"input file {options.source}: cannot read it ({reason})") from None
+        done: dict[str, dict[str, Any]] = {}
+        self.jobs: list[Job] = []
         for job in self.input.jobs:
-            sidecar = self.outputs.read_done(job.id)
-            if sidecar is not None and sidecar.get("request") != job.request.model_dump(mode="json"):
+            state = self.outputs.item_state(job)
+            if state.changed:
                 # An explicit id reused for another request: keeping the old images would be wrong, silently
                 # replacing them would break "a done item never changes". The user decides.
                 self.input.invalid.append(
@@ -102,23 +137,45 @@ class ShardSession:
                 )
                 continue
             self.jobs.append(job)
-            if sidecar is not None:
-                done[job.id] = sidecar
-                self.outputs.clear_error(job.line)
-            elif (self.outputs.read_error(job.line) or {}).get("kind") in INVALID_KINDS:
-                self.outputs.clear_error(job.line)  # the line was fixed since: it is remaining, not failed
+            if state.sidecar is not None:
+                done[job.id] = state.sidecar
+        self._clear_stale_errors(set(done))
         for invalid in self.input.invalid:
             self.outputs.write_invalid_line(invalid, options.source)
         self.counters.already_done = len(done)
         self._done_ids = set(done)
         self.metadata = ShardMetadata(self.outputs, self.shard)
-        self.metadata.reconcile(done.values())
+        self.metadata.reconcile(done, {job.id: job.line for job in self.jobs})
         self.claims = ClaimBook(self.outputs.claims, self.outputs.tmp, options.claim_ttl_s)
-        self.claims.__enter__()
         self._deferred: list[Job] = []
         self.progress: tqdm | None = None  # started by the first pass, after the runner's set-up (model load)
         self._timer: threading.Timer | None = None
         self._last_log = time.perf_counter()
+
+    def __enter__(self) -> ShardSession:
+        self.claims.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.claims.__exit__(*exc)
+        self.summary = self._write_summary()
+
+    def _clear_stale_errors(self, done: set[str]) -> None:
+        """Remove this shard's error files that no longer describe a line of the input.
+
+        Kept: a failure of the very item on that line now (same id, not done: it is tried again and
+        its file replaced or removed then). Invalid lines are written again below. Everything else
+        (a line since fixed, made, edited into another request, or removed by a shorter file) goes,
+        so ``errors/`` and ``status`` describe the current input.
+        """
+        jobs = {job.line: job for job in self.jobs}
+        invalid = {line.line for line in self.input.invalid}
+        for line in self.outputs.error_lines():
+            if not self.shard.owns(line) or line in invalid:
+                continue
+            job = jobs.get(line)
+            if job is None or job.id in done or self.outputs.current_failure(job) is None:
+                self.outputs.clear_error(line)
 
     # -- handing out jobs -----------------------------------------------------------------------
 
@@ -214,16 +271,15 @@ class ShardSession:
     # -- results ----------------------------------------------------------------------------------
 
     def finish_item(
-        self, job: Job, images: list[tuple[bytes, int]], metadata: dict[str, Any], generation: dict[str, Any]
+        self, job: Job, images: list[EncodedImage], metadata: GenerationMetadata, generation: dict[str, Any]
     ) -> bool:
-        """Commit a job's encoded images (bytes, seed) and its sidecar; True if this process's commit won."""
-        output_format = job.request.output_format
+        """Commit a job's encoded images and its sidecar; True if this process's commit won."""
         records, files = [], []
-        for index, (data, seed) in enumerate(images):
-            name = image_name(job.id, index, output_format)
-            files.append((name, data))
-            records.append({"file_name": name, "seed": seed, "sha256": hashlib.sha256(data).hexdigest()})
-            records[-1]["size"] = len(data)
+        for index, image in enumerate(images):
+            name = image_name(job.id, index, image.format)
+            files.append((name, image.data))
+            digest = hashlib.sha256(image.data).hexdigest()
+            records.append({"file_name": name, "seed": image.seed, "sha256": digest, "size": len(image.data)})
         generation = {
             "mode": self.mode,
             "host": HOST,
@@ -234,7 +290,7 @@ class ShardSession:
         sidecar = build_sidecar(job, records, metadata, generation)
         result = self.outputs.commit(job.id, files, sidecar)
         if result.committed:
-            self.metadata.append(image_rows(sidecar))
+            self.metadata.append(image_rows(sidecar, job.line))
         self.outputs.clear_error(job.line)
         self.claims.release(job.id)
         self.claims.note_progress()
@@ -245,21 +301,26 @@ class ShardSession:
                 self.counters.images += len(images)
             else:
                 self.counters.done_by_other += 1
+                self.counters.commits_lost += 1
         self._advance()
         return result.committed
 
-    def fail_item(self, job: Job, kind: str, message: str, retriable: bool) -> None:
-        """Record why ``job`` failed (``errors/line-<n>.json``); it stays not-done and is tried again next run."""
+    def fail_item(self, job: Job, error: WorkerError) -> None:
+        """Record why ``job`` failed (``errors/line-<n>.json``); it stays not-done and is tried again next run.
+
+        The error's kind decides whether it counts as retriable (exit code 1 once the shard is through)
+        or as refused (exit code 3).
+        """
         with self._lock:
             if job.id in self.counters.failed_ids:
                 return
             self.counters.failed_ids.add(job.id)
-            if retriable:
+            if error.retriable:
                 self.counters.failed_retriable += 1
             else:
                 self.counters.failed_engine += 1
-        log.warning("line %d (%s) failed: %s", job.line, job.id, message)
-        self.outputs.write_error(job_error_record(job, kind, message, retriable))
+        log.warning("line %d (%s) failed: %s", job.line, job.id, error)
+        self.outputs.write_error(job_error_record(job, error, self.mode))
         self.claims.release(job.id)
         self.claims.note_progress()
         self._advance()
@@ -279,13 +340,12 @@ class ShardSession:
 
     # -- the end ----------------------------------------------------------------------------------
 
-    def close(self) -> dict[str, Any]:
-        """Release claims, write the summary; returns it (with ``exit_code``)."""
+    def _write_summary(self) -> dict[str, Any]:
+        """Stop the clock and the progress bar, write the summary; returns it (with ``exit_code``)."""
         if self._timer is not None:
             self._timer.cancel()
         if self.progress is not None:
             self.progress.close()
-        self.claims.__exit__(None, None, None)
         now = time.perf_counter()
         seconds = now - self.started
         counters = self.counters
@@ -313,6 +373,7 @@ class ShardSession:
             "pipeline_calls": counters.pipeline_calls,
             "padded_images": counters.padded_images,
             "claims_taken_over": self.claims.taken_over,
+            "commits_lost": counters.commits_lost,
             "seconds": round(seconds, 3),  # from the first job on (set-up such as the model load excluded)
             "setup_seconds": round(self.started - self.created, 3) if self.progress is not None else None,
             "items_per_s": round(counters.made / seconds, 4) if seconds > 0 else None,

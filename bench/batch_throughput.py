@@ -65,12 +65,11 @@ def write_lines(path: Path, count: int, size: int, steps: int, guidance: float, 
 
 def run_shard(source: Path, out: Path, engine: Any, batch_size: int, max_seconds: float | None = None) -> dict:
     """One in-process ``batch run`` of ``source`` into ``out`` on the loaded ``engine``; returns its summary."""
-    from batch.cli import execute_run
-    from batch.jobs import Shard
-    from batch.session import SessionOptions
+    from batch.execute import run_shard
+    from batch.options import LocalEngineOptions, RunOptions
 
-    options = SessionOptions(source, out, Shard(0, 1), progress=False, max_seconds=max_seconds)
-    return execute_run(options, engine=engine, batch_size=batch_size)
+    options = RunOptions(source, out, progress=False, max_seconds=max_seconds)
+    return run_shard(options, LocalEngineOptions(batch_size=batch_size, engine=engine))
 
 
 def dev_model(workdir: Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -112,6 +113,31 @@ def jsonl_rows(path: Path) -> list[dict[str, Any]]:
 def leftovers(out: Path) -> list[str]:
     """Temporary files and claims a finished run must not leave behind."""
     return sorted(p.name for folder in ("tmp", "claims") for p in (out / "_batch" / folder).iterdir())
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """``folder`` refuses new entries while inside: permission bits, or for root (which writes through them) the
+    immutable attribute."""
+    import pytest
+
+    if os.geteuid() != 0:
+        mode = folder.stat().st_mode
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(mode)
+        return
+    if shutil.which("chattr") is None:
+        pytest.skip("running as root without chattr: no way to make a folder read-only for this process")
+    made = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"running as root, and this filesystem has no immutable attribute: {made.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
 
 
 @contextlib.contextmanager

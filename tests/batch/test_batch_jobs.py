@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batch.cli import UsageError, resolve_shard
+from batch.cli import resolve_shard
 from batch.jobs import (
     Job,
     Shard,
@@ -19,6 +19,7 @@ from batch.jobs import (
     parse_shard,
     shard_of,
 )
+from core.errors import ConfigurationError
 
 VALID = {"prompt": "a lighthouse at dusk", "height": 256, "width": 256}
 
@@ -105,9 +106,9 @@ def test_shard_parsing_and_job_completion_index() -> None:
     assert resolve_shard(None, 4, {"JOB_COMPLETION_INDEX": "3"}) == Shard(3, 4)
     assert resolve_shard("1/2", None, {"JOB_COMPLETION_INDEX": "3"}) == Shard(1, 2)
     assert resolve_shard(None, None, {}) == Shard(0, 1)
-    with pytest.raises(UsageError, match="JOB_COMPLETION_INDEX"):
+    with pytest.raises(ConfigurationError, match="JOB_COMPLETION_INDEX"):
         resolve_shard(None, 4, {})
-    with pytest.raises(UsageError):
+    with pytest.raises(ConfigurationError):
         resolve_shard(None, 4, {"JOB_COMPLETION_INDEX": "4"})
 
 

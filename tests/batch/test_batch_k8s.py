@@ -10,11 +10,13 @@ from pathlib import Path
 
 import yaml
 
+from batch import exit_codes
 from batch.cli import add_run_parser
 from batch.exit_codes import EXIT_INVALID_LINES, EXIT_USAGE
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "batch" / "k8s" / "indexed-job.yaml"
+README = ROOT / "batch" / "README.md"
 
 
 def test_manifest_passes_kubernetes_validate() -> None:
@@ -51,3 +53,19 @@ def test_manifest_matches_the_runner() -> None:
     add_run_parser(parser.add_subparsers(dest="command"))
     parsed = parser.parse_args(argv)
     assert parsed.num_shards == int(env["NUM_SHARDS"]) and parsed.batch_size >= 1
+
+
+def test_readme_exit_codes_match_the_runner_and_the_manifest() -> None:
+    """The README's exit-code table lists every code the runner uses, with the manifest's action for each."""
+    rows = {}
+    for line in README.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].isdigit():
+            rows[int(cells[0])] = cells
+    codes = {value for name, value in vars(exit_codes).items() if name.startswith("EXIT_")}
+    assert set(rows) == codes
+    job = yaml.safe_load(MANIFEST.read_text())
+    for rule in job["spec"]["podFailurePolicy"]["rules"]:
+        for code in rule.get("onExitCodes", {}).get("values", []):
+            assert rule["action"] in rows[code][2], (code, rows[code])
+    assert "read-only" in rows[EXIT_USAGE][1] and "--claim-ttl 0" in rows[EXIT_USAGE][1]

@@ -14,8 +14,10 @@ from batch.claims import ClaimBook
 from batch.jobs import Shard, load_shard
 from batch.outputs import OutputDir, ShardMetadata, build_sidecar, image_rows, read_jsonl_tolerant
 from batch.planner import Planner, split_job
+from core.results import GenerationMetadata, Timings
 
 ROOT = Path(__file__).resolve().parents[2]
+EMPTY = GenerationMetadata({})
 
 
 def jobs_from(tmp_path: Path, lines: list[dict]) -> list:
@@ -111,8 +113,11 @@ def test_done_means_complete_sidecar_and_images(tmp_path: Path) -> None:
     outputs = OutputDir(tmp_path / "out").create()
     (job,) = jobs_from(tmp_path, [{"prompt": "a boat", "height": 256, "width": 256, "num_images": 2, "seed": 4}])
     images = [{"file_name": f"images/{job.id}-{k}.png", "seed": 4 + k, "sha256": "x", "size": 5} for k in range(2)]
-    sidecar = build_sidecar(job, images, {"prompt": {"cache_hit": True, "num_chunks": 1}, "timings": {"a": 1}}, {})
-    assert "cache_hit" not in sidecar["metadata"]["prompt"] and sidecar["generation"]["timings"] == {"a": 1}
+    metadata = GenerationMetadata({"prompt": {"num_chunks": 1}}, Timings(denoising_s=1.0), {"cache": {"prompt": True}})
+    sidecar = build_sidecar(job, images, metadata, {})
+    # Only the stable part is the item's metadata; timings and cache hits describe this run.
+    assert sidecar["metadata"] == {"prompt": {"num_chunks": 1}}
+    assert sidecar["generation"]["timings"]["denoising_s"] == 1.0 and sidecar["generation"]["cache"]["prompt"]
     result = outputs.commit(job.id, [(image["file_name"], b"12345") for image in images], sidecar)
     assert result.committed and outputs.read_done(job.id) == sidecar
     assert not outputs.commit(job.id, [], sidecar).committed  # a second commit of the same item loses
@@ -131,16 +136,18 @@ def test_shard_metadata_is_rebuilt_from_sidecars_after_a_crash(tmp_path: Path) -
     outputs = OutputDir(tmp_path / "out").create()
     jobs = jobs_from(tmp_path, [{"prompt": f"p{n}", "height": 256, "width": 256, "seed": n} for n in range(3)])
     sidecars = [
-        build_sidecar(job, [{"file_name": f"images/{job.id}-0.png", "seed": job.request.seed}], {}, {}) for job in jobs
+        build_sidecar(job, [{"file_name": f"images/{job.id}-0.png", "seed": job.request.seed}], EMPTY, {})
+        for job in jobs
     ]
     metadata = ShardMetadata(outputs, Shard(0, 1))
+    lines = {job.id: job.line for job in jobs}
     metadata.append(image_rows(sidecars[0]))
     # A writer died mid-append (torn last line), and sidecar 1 was committed without its row.
     with open(metadata.path, "ab") as handle:
         handle.write(json.dumps(image_rows(sidecars[2])[0]).encode()[:30])
     rows, damaged = read_jsonl_tolerant(metadata.path)
     assert damaged and [row["id"] for row in rows] == [jobs[0].id]
-    assert metadata.reconcile(sidecars[:2]) == 1
+    assert metadata.reconcile({job.id: sidecar for job, sidecar in zip(jobs[:2], sidecars, strict=False)}, lines) == 1
     rows, damaged = read_jsonl_tolerant(metadata.path)
     assert not damaged and [row["id"] for row in rows] == [jobs[0].id, jobs[1].id]
     # Appending after a torn line keeps the new row whole.
@@ -156,7 +163,7 @@ def test_shard_metadata_is_rebuilt_from_sidecars_after_a_crash(tmp_path: Path) -
     image = sidecars[2]["images"][0]
     image["size"] = 3
     outputs.commit(jobs[2].id, [(image["file_name"], b"png")], sidecars[2])
-    assert metadata.reconcile(sidecars[:1]) == 0
+    assert metadata.reconcile({jobs[0].id: sidecars[0]}, lines) == 0
     assert [row["id"] for row in read_jsonl_tolerant(metadata.path)[0]] == [jobs[0].id, jobs[2].id]
 
 

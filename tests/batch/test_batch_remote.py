@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 from batch_testing import SMALL, image_files, one_torch_thread, read_json, sidecars, stable, write_jsonl
 
-from batch.cli import execute_run
+from batch.execute import run_shard
 from batch.exit_codes import EXIT_INVALID_LINES, EXIT_USAGE
-from batch.jobs import Shard
-from batch.session import SessionOptions
+from batch.options import EndpointOptions, LocalEngineOptions, RunOptions
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +33,9 @@ def test_remote_mode_makes_the_same_outputs_as_a_local_run(worker_api_server: st
     source = write_jsonl(tmp_path / "jobs.jsonl", lines)
     remote_out, local_out = tmp_path / "remote", tmp_path / "local"
 
-    summary = execute_run(
-        SessionOptions(source, remote_out, Shard(0, 1), progress=False),
-        endpoint=worker_api_server,
-        concurrency=3,
-        retries=12,
-        backoff_s=0.5,
+    summary = run_shard(
+        RunOptions(source, remote_out, progress=False),
+        EndpointOptions(worker_api_server, concurrency=3, retries=12, backoff_s=0.5),
     )
     assert summary["exit_code"] == EXIT_INVALID_LINES, summary
     assert summary["made"] == 5 and summary["invalid_lines"] == 1 and summary["failed"] == 1
@@ -51,7 +47,7 @@ def test_remote_mode_makes_the_same_outputs_as_a_local_run(worker_api_server: st
     assert max(item["generation"]["attempts"] for item in remote.values()) > 1  # the server was not up at first
 
     with one_torch_thread():  # the server runs with one thread too
-        local_summary = execute_run(SessionOptions(source, local_out, Shard(0, 1), progress=False), engine=engine)
+        local_summary = run_shard(RunOptions(source, local_out, progress=False), LocalEngineOptions(engine=engine))
     assert local_summary["made"] == 5
     local = sidecars(local_out)
     assert set(local) == set(remote)
@@ -71,11 +67,10 @@ def test_remote_mode_makes_the_same_outputs_as_a_local_run(worker_api_server: st
 
 def test_remote_mode_stops_at_once_when_the_endpoint_refuses(worker_api_server: str, tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "jobs.jsonl", [{"prompt": f"p{n}", **SMALL} for n in range(3)])
-    summary = execute_run(
-        SessionOptions(source, tmp_path / "out", Shard(0, 1), progress=False),
-        endpoint=worker_api_server + "/v2/no-such-endpoint",  # 404 on /runsync: a wrong URL, not a busy server
-        retries=12,
-        backoff_s=0.5,
+    summary = run_shard(
+        RunOptions(source, tmp_path / "out", progress=False),
+        # 404 on /runsync: a wrong URL, not a busy server
+        EndpointOptions(worker_api_server + "/v2/no-such-endpoint", retries=12, backoff_s=0.5),
     )
     assert summary["exit_code"] == EXIT_USAGE and summary["made"] == 0
     assert not list((tmp_path / "out").glob("*.json"))

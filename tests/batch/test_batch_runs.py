@@ -29,10 +29,10 @@ from batch_testing import (
     write_jsonl,
 )
 
-from batch.cli import execute_run, main
+from batch.cli import main
+from batch.execute import run_shard
 from batch.exit_codes import EXIT_INVALID_LINES, EXIT_OK, EXIT_STOPPED
-from batch.jobs import Shard
-from batch.session import SessionOptions
+from batch.options import LocalEngineOptions, RunOptions
 from worker.images import read_parameters
 
 BATCH_SIZE = 4
@@ -230,10 +230,11 @@ def test_bad_lines_get_error_sidecars_and_the_run_goes_on(reference: Reference, 
     complete_last = {"prompt": "the last line", "height": 256, "width": 256, "num_inference_steps": 1, "seed": 3}
     torn = write_jsonl(tmp_path / "jobs.jsonl", [*lines[:11], json.dumps(complete_last).encode()[:30]])
     out = tmp_path / "out"
-    options = SessionOptions(torn, out, Shard(0, 1), progress=False)
+    options = RunOptions(torn, out, progress=False)
+    local = LocalEngineOptions(batch_size=BATCH_SIZE, engine=engine)
 
     with one_torch_thread():  # in process, on the engine loaded here; the thread count of the reference run
-        summary = execute_run(options, engine=engine, batch_size=BATCH_SIZE)
+        summary = run_shard(options, local)
     assert summary["exit_code"] == EXIT_INVALID_LINES
     assert summary["made"] == 3 and summary["invalid_lines"] == 8 and summary["failed"] == 1
     errors = {path.name: read_json(path) for path in (out / "errors").iterdir()}
@@ -258,7 +259,7 @@ def test_bad_lines_get_error_sidecars_and_the_run_goes_on(reference: Reference, 
     # The writer finishes the last line: a rerun makes it, forgets its error, and redoes nothing else.
     torn.write_bytes(torn.read_bytes()[:-30] + (json.dumps(complete_last) + "\n").encode())
     with one_torch_thread():
-        summary = execute_run(options, engine=engine, batch_size=BATCH_SIZE)
+        summary = run_shard(options, local)
     assert summary["exit_code"] == EXIT_INVALID_LINES  # the other invalid lines are still there
     assert summary["made"] == 1 and summary["already_done"] == 3
     assert not (out / "errors" / "line-00000012.json").exists()
@@ -268,12 +269,12 @@ def test_bad_lines_get_error_sidecars_and_the_run_goes_on(reference: Reference, 
 def test_a_changed_line_under_a_used_id_is_refused_not_overwritten(engine, tmp_path: Path) -> None:
     line = {"id": "cover", "prompt": "a harbour", "height": 256, "width": 256, "num_inference_steps": 1, "seed": 2}
     source = write_jsonl(tmp_path / "jobs.jsonl", [line])
-    options = SessionOptions(source, tmp_path / "out", Shard(0, 1), progress=False)
+    options = RunOptions(source, tmp_path / "out", progress=False)
     with one_torch_thread():
-        assert execute_run(options, engine=engine)["exit_code"] == EXIT_OK
+        assert run_shard(options, LocalEngineOptions(engine=engine))["exit_code"] == EXIT_OK
     before = (tmp_path / "out" / "cover.json").read_bytes()
     write_jsonl(source, [{**line, "prompt": "a harbour at night"}])
-    summary = execute_run(options, engine=engine)
+    summary = run_shard(options, LocalEngineOptions(engine=engine))
     assert summary["exit_code"] == EXIT_INVALID_LINES and summary["made"] == 0
     error = read_json(tmp_path / "out" / "errors" / "line-00000001.json")
     assert error["kind"] == "changed_line" and "new id" in error["error"]

@@ -1,0 +1,116 @@
+"""One line's failure is that line's: it gets an error file and the shard goes on. And after the JSONL is edited
+between runs, errors/, ``status`` and ``merge`` describe the file as it is now. In process, on the real engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from batch_testing import SMALL, jsonl_rows, one_torch_thread, read_json, sidecars, write_jsonl
+
+import batch.encoding
+from batch.cli import main
+from batch.execute import run_shard
+from batch.exit_codes import EXIT_INVALID_LINES, EXIT_OK, EXIT_RETRIABLE
+from batch.options import LocalEngineOptions, RunOptions
+from batch.report import merge, run_status
+
+
+@pytest.fixture(scope="module")
+def engine(dev_model_dir: Path):
+    from worker.engine import Engine
+
+    return Engine(dev_model_dir)
+
+
+def test_an_image_that_cannot_be_encoded_fails_its_line_not_the_shard(
+    engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = [{"id": f"item-{n}", "prompt": f"a quay, view {n}", **SMALL, "seed": n} for n in range(5)]
+    lines[1]["output_format"] = "jpeg"
+    lines[1]["prompt"] = "the line whose image cannot be encoded"
+    source = write_jsonl(tmp_path / "jobs.jsonl", lines)
+    options = RunOptions(source, tmp_path / "out", progress=False)
+    # encode_workers=0 encodes in this process, where the fault is injected: Pillow's own error for EXIF over
+    # 64 KiB, raised for the one image whose embedded parameters name that line (issue 13: it stopped the shard).
+    local = LocalEngineOptions(batch_size=2, encode_workers=0, engine=engine)
+    real_encode = batch.encoding.encode_image
+
+    def encode_image(image, output_format, quality, seed, parameters=None):
+        if parameters and "cannot be encoded" in parameters:
+            raise ValueError("EXIF data is too long")
+        return real_encode(image, output_format, quality, seed, parameters)
+
+    monkeypatch.setattr(batch.encoding, "encode_image", encode_image)
+    with one_torch_thread():
+        summary = run_shard(options, local)
+    # Every other line was made, after the failing one too; the failure is retriable (exit 1: a retry makes only it).
+    assert summary["made"] == 4 and summary["failed_retriable"] == 1 and summary["remaining"] == 0, summary
+    assert summary["exit_code"] == EXIT_RETRIABLE and summary["stopped"] is None
+    assert set(sidecars(tmp_path / "out")) == {"item-0", "item-2", "item-3", "item-4"}
+    error = read_json(tmp_path / "out" / "errors" / "line-00000002.json")
+    assert error["id"] == "item-1" and error["code"] == "internal error" and error["retriable"] is True
+    assert "EXIF data is too long" in error["error"] and "Traceback" not in error["error"]
+
+    monkeypatch.setattr(batch.encoding, "encode_image", real_encode)
+    with one_torch_thread():
+        summary = run_shard(options, local)
+    assert summary["exit_code"] == EXIT_OK and summary["made"] == 1 and summary["already_done"] == 4
+    assert not (tmp_path / "out" / "errors" / "line-00000002.json").exists()
+
+
+def test_status_and_merge_describe_the_edited_input(engine, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 13: a 9-line file shrunk to 6 lines (one changed under its id) left a stale error file, ``status``
+    said done 6 / failed 0 while the run exited 3, and ``merge`` emitted 9 items with repeated line numbers."""
+    lines: list = [{"id": f"item-{n}", "prompt": f"a mill, view {n}", **SMALL, "seed": n} for n in range(9)]
+    lines[7] = {"id": "bad", "prompt": "too small", "height": 100}  # line 8: invalid
+    source = write_jsonl(tmp_path / "jobs.jsonl", lines)
+    out = tmp_path / "out"
+    options = RunOptions(source, out, progress=False)
+    local = LocalEngineOptions(batch_size=4, engine=engine)
+    with one_torch_thread():
+        first = run_shard(options, local)
+    assert first["exit_code"] == EXIT_INVALID_LINES and first["made"] == 8
+    assert (out / "errors" / "line-00000008.json").exists()
+
+    # Edited: lines 8 and 9 removed, line 1 removed (the rest move up one), item-3 changed under its used id.
+    edited = [lines[n] for n in (1, 2, 3, 4, 5, 6)]
+    edited[2] = {**lines[3], "prompt": "a mill at night"}
+    write_jsonl(source, edited)
+    with one_torch_thread():
+        second = run_shard(options, local)
+    assert second["exit_code"] == EXIT_INVALID_LINES and second["made"] == 0 and second["invalid_lines"] == 1
+    # The only error file is the changed line's, at its current number; line 8 no longer exists.
+    assert sorted(path.name for path in (out / "errors").iterdir()) == ["line-00000003.json"]
+    assert read_json(out / "errors" / "line-00000003.json")["kind"] == "changed_line"
+
+    status = run_status(out)
+    assert status["total"] == {"shard": "total", "lines": 6, "done": 5, "failed": 1, "running": 0, "remaining": 0}
+    assert main(["status", str(out)]) == EXIT_OK
+    assert "total" in capsys.readouterr().out
+
+    result = merge(out)
+    rows = jsonl_rows(out / "metadata.jsonl")
+    assert result["items"] == 5 and result["not_in_input"] == 3  # item-0 and item-8 removed, item-3 changed
+    assert [(row["line"], row["id"]) for row in rows] == [
+        (1, "item-1"),
+        (2, "item-2"),
+        (4, "item-4"),
+        (5, "item-5"),
+        (6, "item-6"),
+    ]
+    # The shard's own metadata file says the same (current lines, no removed items).
+    shard_rows = jsonl_rows(out / "_batch" / "shards" / "metadata-00000-of-00001.jsonl")
+    assert sorted((row["line"], row["id"]) for row in shard_rows) == [(row["line"], row["id"]) for row in rows]
+
+    # Fixing the changed line (a new id) makes it; then every current line is done.
+    edited[2] = {**edited[2], "id": "item-3-night"}
+    write_jsonl(source, edited)
+    with one_torch_thread():
+        third = run_shard(options, local)
+    assert third["exit_code"] == EXIT_OK and third["made"] == 1
+    assert not list((out / "errors").iterdir())
+    assert run_status(out)["total"]["done"] == 6
+    assert [row["line"] for row in jsonl_rows(Path(merge(out)["metadata"]))] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((out / "_batch" / "run.json").read_text())["input"] == str(source.resolve())
