@@ -33,14 +33,19 @@ FROM ${BASE_IMAGE} AS runtime
 # Build-time conversion. CHECKPOINT: a file in the build context (relative path), hf://owner/repo/file@<commit>, or an
 # https URL (then CHECKPOINT_SHA256 too); empty: no model in the image (network volume). Declared first, where a step
 # is cheap; their values only matter to the conversion step's cache.
+# REFINER_CHECKPOINT likewise bakes an SDXL refiner into /models/$REFINER_NAME (both set, or neither).
 ARG CHECKPOINT=""
 ARG CHECKPOINT_SHA256=""
 ARG MODEL_NAME=sdxl
+ARG REFINER_CHECKPOINT=""
+ARG REFINER_CHECKPOINT_SHA256=""
+ARG REFINER_NAME=""
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
-    MODEL_NAME=${MODEL_NAME}
+    MODEL_NAME=${MODEL_NAME} \
+    REFINER_NAME=${REFINER_NAME}
 WORKDIR /app
 COPY --from=builder /opt/venv /opt/venv
 # The converter first and alone, so a change to the worker's code does not convert the model again.
@@ -49,6 +54,10 @@ COPY --from=builder /stage/convert /app
 # inside this one step and never lands in a layer, an ENV or the history.
 RUN --mount=type=secret,id=hf_token,required=false \
     --mount=type=bind,source=.,target=/src \
-    sh /src/docker/convert_checkpoint.sh "${CHECKPOINT}" "${CHECKPOINT_SHA256}" "/models/${MODEL_NAME}" /src
+    sh /src/docker/convert_checkpoint.sh "${CHECKPOINT}" "${CHECKPOINT_SHA256}" "/models/${MODEL_NAME}" /src \
+    && if [ -n "${REFINER_CHECKPOINT}" ] && [ -z "${REFINER_NAME}" ]; then \
+         echo "REFINER_CHECKPOINT needs REFINER_NAME (the folder under /models the worker loads)" >&2; exit 1; fi \
+    && sh /src/docker/convert_checkpoint.sh "${REFINER_CHECKPOINT}" "${REFINER_CHECKPOINT_SHA256}" \
+         "/models/${REFINER_NAME:-sdxl-refiner}" /src REFINER_CHECKPOINT
 COPY --from=builder /stage/app /app
 CMD ["python", "-u", "-m", "worker"]

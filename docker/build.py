@@ -1,6 +1,7 @@
 """Build the worker's image with docker, podman or buildah, whichever is installed (``nox -s build``).
 
     python docker/build.py [--tag T] [--checkpoint SRC] [--sha256 HEX] [--cuda cu128] [--model-name NAME]
+                           [--refiner SRC] [--refiner-sha256 HEX] [--refiner-name NAME]
                            [--base IMAGE] [--hf-token-file FILE] [--tool docker|podman|buildah] [--dry-run]
 
 SRC is a file in the repository (it must lie inside the build context, e.g. checkpoints/NAME.safetensors),
@@ -63,14 +64,15 @@ def checkpoint_argument(source: str | None, context: Path) -> str:
         return source
     path = Path(source).expanduser().resolve()
     if not path.is_file():
-        raise BuildError(f"--checkpoint {source}: no such file")
+        raise BuildError(f"{source}: no such file")
     try:
-        return path.relative_to(context).as_posix()
+        relative = path.relative_to(context / "checkpoints").as_posix()
     except ValueError:
         raise BuildError(
-            f"--checkpoint {source} lies outside the build context {context}; the build can only read files inside "
-            f"it: copy it to {context / 'checkpoints'}/ and pass that path"
+            f"{source} is not in {context / 'checkpoints'}/, the one folder of the build context that .dockerignore "
+            "lets local checkpoints through: copy (or hard-link) it there and pass that path"
         ) from None
+    return f"checkpoints/{relative}"
 
 
 def build_command(
@@ -104,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="bake this checkpoint in: a file in the repo, hf://...@rev, or https URL")
     parser.add_argument("--sha256", help="expected sha256 of --checkpoint (required for a URL)")
     parser.add_argument("--model-name", default="sdxl", help="folder name under /models (default sdxl)")
+    parser.add_argument("--refiner", help="bake an SDXL refiner in too (same forms as --checkpoint)")
+    parser.add_argument("--refiner-sha256", help="expected sha256 of --refiner (required for a URL)")
+    parser.add_argument("--refiner-name", default="sdxl-refiner", help="its folder under /models (sdxl-refiner)")
     parser.add_argument("--cuda", default="cu128", help="PyTorch CUDA build: cu126, cu128, cu130 (default cu128)")
     parser.add_argument("--base", help="base image (default: the Dockerfile's python:3.11 slim bookworm)")
     parser.add_argument("--hf-token-file", type=Path, help="file holding a Hub token (default: $HF_TOKEN, if set)")
@@ -115,14 +120,23 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.checkpoint and args.checkpoint.startswith(("https://", "http://")) and not args.sha256:
-            raise BuildError(f"--checkpoint {args.checkpoint} is a URL: pass --sha256 too (sha256sum prints it)")
+        for source, pin, flag in (
+            (args.checkpoint, args.sha256, "--sha256"),
+            (args.refiner, args.refiner_sha256, "--refiner-sha256"),
+        ):
+            if source and source.startswith(("https://", "http://")) and not pin:
+                raise BuildError(f"{source} is a URL: pass {flag} too (sha256sum prints it)")
         build_args = {"CUDA": args.cuda, "MODEL_NAME": args.model_name}
         checkpoint = checkpoint_argument(args.checkpoint, ROOT)
         if checkpoint:
             build_args["CHECKPOINT"] = checkpoint
         if args.sha256:
             build_args["CHECKPOINT_SHA256"] = args.sha256
+        if args.refiner:
+            build_args["REFINER_CHECKPOINT"] = checkpoint_argument(args.refiner, ROOT)
+            build_args["REFINER_NAME"] = args.refiner_name
+        if args.refiner_sha256:
+            build_args["REFINER_CHECKPOINT_SHA256"] = args.refiner_sha256
         if args.base:
             build_args["BASE_IMAGE"] = args.base
         if args.hf_token_file is not None and not args.hf_token_file.is_file():

@@ -1,10 +1,11 @@
 #!/bin/sh
 # Convert the checkpoint named at build time into the image (run by the Dockerfile's runtime stage).
 #
-#   convert_checkpoint.sh CHECKPOINT CHECKPOINT_SHA256 OUTPUT CONTEXT
+#   convert_checkpoint.sh CHECKPOINT CHECKPOINT_SHA256 OUTPUT CONTEXT [ARGUMENT]
 #
 # Nothing to do when CHECKPOINT is empty (a network-volume image). A relative CHECKPOINT is a file in the
-# build CONTEXT. A Hub token is read from the build secret hf_token, exported only to the converter's
+# build CONTEXT. ARGUMENT names the build argument in messages (CHECKPOINT, or REFINER_CHECKPOINT: the
+# converter tells a base from a refiner by its tensors). A Hub token is read from the build secret hf_token, exported only to the converter's
 # process, and never written anywhere. The download cache is deleted in the same step, so the layer holds
 # the converted folder only.
 set -eu
@@ -12,9 +13,10 @@ checkpoint=$1
 sha256=$2
 output=$3
 context=$4
+argument=${5:-CHECKPOINT}
 
 if [ -z "$checkpoint" ]; then
-  echo "no CHECKPOINT build argument: the image carries no model (network-volume mode, or MODEL_DIR at run time)"
+  echo "no $argument build argument: nothing converted into $output"
   exit 0
 fi
 case "$checkpoint" in
