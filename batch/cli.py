@@ -125,6 +125,7 @@ def run_kind(args: argparse.Namespace, settings: Settings) -> RunKind:
         deterministic=args.deterministic,
         encode_workers=args.encode_workers,
         allow_model_change=args.allow_model_change,
+        settings=settings,
     )
 
 

@@ -18,6 +18,7 @@ from batch.jobs import Shard
 from core.errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from core.settings import Settings
     from worker.engine import Engine
 
 POLL_S = 1.0
@@ -64,6 +65,8 @@ class LocalEngineOptions:
     encode_workers: int | None = None
     allow_model_change: bool = False
     engine: Engine | None = field(default=None, compare=False, repr=False)
+    # Where the model is (MODEL_DIR, ...) and the engine's settings (LoRA folders, ...); None: the environment's.
+    settings: Settings | None = field(default=None, compare=False, repr=False)
 
     mode = "local"
 

@@ -30,7 +30,6 @@ import traceback
 from collections.abc import Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from batch.encoding import ImageEncoder
@@ -41,6 +40,7 @@ from batch.planner import Call, Planner, Unit, split_job
 from batch.session import ShardSession
 from core.errors import ConfigurationError, CudaFailed, InvalidRequest, OutOfMemory, WorkerError, from_exception
 from core.results import EncodedImage, GenerationMetadata
+from core.settings import load_settings
 from worker.engine import Engine, GenerationResult, group_key
 from worker.images import a1111_parameters
 
@@ -56,28 +56,43 @@ class RunAborted(Exception):
 
 def run_local(session: ShardSession, options: LocalEngineOptions) -> None:
     """Run the session's jobs on ``options.engine``, or on the model it names, loaded here."""
-    engine = options.engine if options.engine is not None else load_engine(options.model_dir, options.offload)
-    model = {"name": engine.model_name, "manifest_hash": engine.model_hash}
-    session.settings["model"] = model
-    conflict = session.outputs.pin_model(model, options.allow_model_change)
-    if conflict:
-        raise ConfigurationError(conflict)
     try:
+        engine = options.engine if options.engine is not None else load_engine(options)
+        model = {"name": engine.model_name, "manifest_hash": engine.model_hash}
+        session.settings["model"] = model
+        conflict = session.outputs.pin_model(model, options.allow_model_change)
+        if conflict:
+            raise ConfigurationError(conflict)
         LocalRunner(session, engine, options.batch_size, options.deterministic, options.encode_workers).run()
     except RunAborted as error:
         session.abort(EXIT_RETRIABLE, str(error))
 
 
-def load_engine(model_dir: Path | None, offload: str) -> Engine:
-    """The engine on ``model_dir``, else on the worker's folder (``MODEL_DIR``, or the volume/baked default)."""
+def load_engine(options: LocalEngineOptions) -> Engine:
+    """The engine on ``options.model_dir``, else on the worker's folder (``MODEL_DIR``, or the volume/baked default).
+
+    A folder that is missing or not a converted model is a configuration error (exit code 2); a
+    failure another attempt may not repeat (a checkpoint download that failed, an error while
+    loading) stops the run as retriable (exit code 1).
+    """
     from model_build.manifest import ModelFolderError
     from worker.model_location import prepare_model_dir
 
+    settings = options.settings if options.settings is not None else load_settings()
     try:
-        folder = model_dir if model_dir is not None else prepare_model_dir()
-        return Engine(folder, offload=offload)
+        folder = options.model_dir if options.model_dir is not None else prepare_model_dir(settings)
+        return Engine(folder, offload=options.offload, settings=settings)
+    except ConfigurationError:
+        raise
     except (ModelFolderError, ValueError, OSError) as error:
         raise ConfigurationError(f"no model: {error} (pass --model DIR or set MODEL_DIR)") from None
+    except Exception as error:
+        failure = from_exception(error)
+        if not isinstance(error, WorkerError):
+            log.error("loading the model failed:\n%s", traceback.format_exc())
+        if not failure.retriable:
+            raise ConfigurationError(f"no model: {failure}") from None
+        raise RunAborted(f"the model could not be loaded: {failure}") from error
 
 
 @dataclass

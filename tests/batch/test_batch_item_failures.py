@@ -114,3 +114,59 @@ def test_status_and_merge_describe_the_edited_input(engine, tmp_path: Path, caps
     assert run_status(out)["total"]["done"] == 6
     assert [row["line"] for row in jsonl_rows(Path(merge(out)["metadata"]))] == [1, 2, 3, 4, 5, 6]
     assert json.loads((out / "_batch" / "run.json").read_text())["input"] == str(source.resolve())
+
+
+def test_a_failing_call_is_judged_by_its_kind(engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Faults injected into the engine's call, by request: a bug hit by one request fails that line only (its batch
+    mate is found innocent by running alone); out of memory fails the call's lines as retriable and the shard goes
+    on; a CUDA error other than out-of-memory stops the shard (the context is unusable), leaving the rest for a
+    retry."""
+    import torch
+
+    faults = {
+        "poison": ValueError("a bug only this request hits"),
+        "too big": torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        "broken device": RuntimeError("CUDA error: an illegal memory access was encountered"),
+    }
+    real_generate_group = engine.generate_group
+    calls = []
+
+    def generate_group(requests, *args, **kwargs):
+        calls.append([request.prompt for request in requests])
+        for request in requests:
+            for word, fault in faults.items():
+                if word in request.prompt:
+                    raise fault
+        return real_generate_group(requests, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "generate_group", generate_group)
+
+    # Two lines per call: the poisoned line shares its call with a barn; run alone, the barn is made.
+    lines = [{"id": f"mate-{n}", "prompt": prompt, **SMALL, "seed": n} for n, prompt in enumerate(["a barn", "poison"])]
+    source = write_jsonl(tmp_path / "pair.jsonl", lines)
+    with one_torch_thread():
+        summary = run_shard(
+            RunOptions(source, tmp_path / "pair", progress=False), LocalEngineOptions(batch_size=2, engine=engine)
+        )
+    # Shared, then each alone (padded to the same shape).
+    assert calls == [["a barn", "poison"], ["a barn", "a barn"], ["poison", "poison"]]
+    assert set(sidecars(tmp_path / "pair")) == {"mate-0"} and summary["failed_retriable"] == 1
+    assert read_json(tmp_path / "pair" / "errors" / "line-00000002.json")["code"] == "internal error"
+
+    prompts = ["a barn", "poison", "a silo", "too big", "a field", "broken device", "a fence", "a gate"]
+    lines = [{"id": f"item-{n}", "prompt": prompt, **SMALL, "seed": n} for n, prompt in enumerate(prompts)]
+    source = write_jsonl(tmp_path / "jobs.jsonl", lines)
+    with one_torch_thread():
+        summary = run_shard(RunOptions(source, tmp_path / "out", progress=False), LocalEngineOptions(engine=engine))
+
+    errors = {path.name: read_json(path) for path in (tmp_path / "out" / "errors").iterdir()}
+    assert {name: (error["code"], error["retriable"]) for name, error in errors.items()} == {
+        "line-00000002.json": ("internal error", True),
+        "line-00000004.json": ("out of GPU memory", True),
+        "line-00000006.json": ("CUDA error", True),
+    }
+    assert "lower --batch-size" in errors["line-00000004.json"]["error"]
+    # Made: the lines before the CUDA error; stopped there.
+    assert set(sidecars(tmp_path / "out")) == {"item-0", "item-2", "item-4"}
+    assert summary["exit_code"] == EXIT_RETRIABLE and "device looks unusable" in summary["stopped"]
+    assert summary["remaining"] == 2 and summary["failed_retriable"] == 3

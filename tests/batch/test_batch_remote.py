@@ -74,3 +74,29 @@ def test_remote_mode_stops_at_once_when_the_endpoint_refuses(worker_api_server: 
     )
     assert summary["exit_code"] == EXIT_USAGE and summary["made"] == 0
     assert not list((tmp_path / "out").glob("*.json"))
+
+
+def test_a_workers_error_is_classified_by_its_kind_not_by_a_list_of_texts() -> None:
+    """The worker's ``error`` string is read by core.errors.error_kind_of; the kind says whether to retry."""
+    from batch.remote import EndpointRefused, worker_error
+    from core.errors import CudaFailed, InternalError, InvalidRequest, LoraFailed, ModelMissing, OutOfMemory
+
+    cases = {
+        "invalid input: clip_skip 5 is deeper than this model allows (at most 1)": (InvalidRequest, False),
+        "lora: no LoRA named 'x' in /runpod-volume/loras": (LoraFailed, False),
+        "out of GPU memory: CUDA out of memory; try a smaller size or num_images": (OutOfMemory, True),
+        "CUDA error: an illegal memory access was encountered": (CudaFailed, True),
+        "worker has no model: /runpod-volume/models/sdxl is missing": (ModelMissing, True),
+        "internal error: ValueError: boom": (InternalError, True),
+    }
+    for text, (kind, retriable) in cases.items():
+        error = worker_error(text)
+        assert type(error) is kind and error.retriable is retriable and str(error) == text, text
+    # Not one of ours (another worker image): final, and said to come from the endpoint.
+    error = worker_error("something another worker says")
+    assert isinstance(error, EndpointRefused) and not error.retriable
+    assert str(error) == "endpoint error: something another worker says"
+    # The RunPod SDK's report of an uncaught exception: retriable, and its message without the traceback.
+    sdk = {"error_type": "<class 'KeyError'>", "error_message": "'x'", "error_traceback": "Traceback (most recent..."}
+    error = worker_error(sdk)
+    assert isinstance(error, InternalError) and error.retriable and "Traceback" not in str(error)
