@@ -205,8 +205,9 @@ def run_stock(args: argparse.Namespace, model_dir: Path, device: str, dtype: tor
     with torch.no_grad():
         times = timed(lambda: stock.encode_prompt(PROMPT, negative_prompt=NEGATIVE, device=device), 10)
     emit(bench="text_encode", engine="stock", **summary(times))
-    variants_unet(args, stock, device, dtype)
-    variants_vae(args, stock, reference["latents"], device)
+    if not args.skip_variants:
+        variants_unet(args, stock, device, dtype)
+        variants_vae(args, stock, reference["latents"], device)
     return reference  # stock's modules go with this frame; main() empties the CUDA cache
 
 
@@ -536,6 +537,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", help="also write the JSON lines (and the compile cache, gzipped) here")
     parser.add_argument("--deadline", type=float, default=570, help="seconds; later sections are skipped")
     parser.add_argument("--skip-stock", action="store_true")
+    parser.add_argument("--skip-variants", action="store_true", help="no per-step UNet and VAE variant lines")
     parser.add_argument("--child-cold-start", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     full = args.full_size
