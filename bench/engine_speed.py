@@ -374,6 +374,7 @@ def run_engine(args: argparse.Namespace, model_dir: Path, reference: dict[str, A
         batch=1,
         **summary(times),
         timings=last["metadata"]["timings"],
+        denoise_ms_per_step=round(1000 * last["metadata"]["timings"]["denoising_s"] / args.steps, 1),
         peak_gpu_gib=peak_gib(),
     )
     uris = {output["images"][0] for output in outputs}
@@ -410,9 +411,11 @@ def run_engine(args: argparse.Namespace, model_dir: Path, reference: dict[str, A
     inputs = unet_inputs(pipe.unet, args.size, 1, device, pipe.unet.dtype)
     if not args.no_channels_last:
         inputs["sample"] = inputs["sample"].contiguous(memory_format=torch.channels_last)
+    # A direct call with these inputs can miss the compiled graph's guards (strides, timestep) and run eagerly:
+    # end_to_end's denoise_ms_per_step is the compiled figure.
     emit(
         bench="unet_step",
-        engine="this",
+        engine="this (direct call)",
         size=args.size,
         cfg_batch=2,
         ms=unet_step_ms(pipe.unet, inputs, args.unet_repeats),
