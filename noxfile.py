@@ -113,9 +113,13 @@ def build(session: nox.Session) -> None:
 def image_test(session: nox.Session) -> None:
     """Root + buildah: build the image offline on a debootstrap base, run a baked and a network-volume job in it."""
     install_runtime(session)
+    refiner = DEV_CHECKPOINT.with_name("sdxl-dev-refiner.safetensors")
     if not DEV_CHECKPOINT.exists():
         session.run("python", "-m", "model_build", "dev-checkpoint", str(DEV_CHECKPOINT))
-    session.run("python", "docker/image_test.py", "--checkpoint", str(DEV_CHECKPOINT), *session.posargs)
+    if not refiner.exists():
+        session.run("python", "-m", "model_build", "dev-checkpoint", str(refiner), "--refiner")
+    checkpoints = ["--checkpoint", str(DEV_CHECKPOINT), "--refiner", str(refiner)]
+    session.run("python", "docker/image_test.py", *checkpoints, *session.posargs)
 
 
 @nox.session(default=False)

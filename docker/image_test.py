@@ -128,7 +128,7 @@ def make_wheelhouse(wheelhouse: Path, python: str, log: Path) -> None:
         )
 
 
-def make_context(work: Path, wheelhouse: Path, checkpoint: Path) -> Path:
+def make_context(work: Path, wheelhouse: Path, checkpoints: Sequence[Path]) -> Path:
     """The build context: the image's files from this checkout, the wheelhouse and the checkpoint (hard links)."""
     context = work / "context"
     shutil.rmtree(context, ignore_errors=True)
@@ -141,7 +141,8 @@ def make_context(work: Path, wheelhouse: Path, checkpoint: Path) -> Path:
             shutil.copy2(source, context / item)
     shutil.copytree(wheelhouse, context / "wheelhouse", copy_function=os.link)
     (context / "checkpoints").mkdir()
-    os.link(checkpoint, context / "checkpoints" / checkpoint.name)
+    for checkpoint in checkpoints:
+        os.link(checkpoint, context / "checkpoints" / checkpoint.name)
     return context
 
 
@@ -207,6 +208,7 @@ def read_job_result(stdout: str) -> dict:
         "seed": output["seed"],
         "model": metadata.get("model"),
         "device": metadata.get("device"),
+        "refiner": metadata.get("refiner"),
         "timings": metadata.get("timings"),
     }
 
@@ -221,7 +223,9 @@ def folder_sizes(buildah: Buildah, image: str, folders: Sequence[str]) -> dict[s
     subprocess.run(buildah.command("rm", name), capture_output=True)
     buildah.run("from", "--name", name, image)
     try:
-        out = buildah.run("run", "--isolation", "chroot", name, "--", "du", "-sbx", *folders, capture=True)
+        # One du per folder: a single du counts a folder inside an earlier argument only once.
+        script = 'for folder in "$@"; do du -sbx "$folder"; done'
+        out = buildah.run("run", "--isolation", "chroot", name, "--", "sh", "-c", script, "du", *folders, capture=True)
     finally:
         subprocess.run(buildah.command("rm", name), capture_output=True)
     return {path: int(size) for size, path in (line.split("\t") for line in out.strip().splitlines())}
@@ -249,6 +253,7 @@ def token_leaks(buildah: Buildah, image: str, token: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nox -s image_test --", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="the dev checkpoint (.safetensors)")
+    parser.add_argument("--refiner", type=Path, help="a dev refiner: baked in too, must refine the job")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "image_test")
     parser.add_argument("--python", default=sys.executable, help="a Python whose pip downloads the wheelhouse")
     parser.add_argument("--keep", action="store_true", help="keep buildah's storage (images) afterwards")
@@ -282,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         make_wheelhouse(work / "wheelhouse", args.python, log)
         summary["wheelhouse_s"] = round(time.perf_counter() - started, 1)
         checkpoint = args.checkpoint.resolve()
-        context = make_context(work, work / "wheelhouse", checkpoint)
+        refiner = args.refiner.resolve() if args.refiner else None
+        context = make_context(work, work / "wheelhouse", [checkpoint, *([refiner] if refiner else [])])
         token = f"hf_imagetest{secrets.token_hex(12)}"  # a fake token: it must not end up anywhere in the image
         token_file = work / "hf_token"
         token_file.touch(mode=0o600)
@@ -293,6 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 **common,
                 "CHECKPOINT": f"checkpoints/{checkpoint.name}",
                 "CHECKPOINT_SHA256": sha256_of(checkpoint),
+                **(
+                    {"REFINER_CHECKPOINT": f"checkpoints/{refiner.name}", "REFINER_NAME": "sdxl-refiner"}
+                    if refiner
+                    else {}
+                ),
             },
             VOLUME_IMAGE: common,
         }
@@ -308,11 +319,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             sizes = folder_sizes(buildah, image, folders)
             summary["builds"][image] = {"build_s": seconds, "image_size": image_size(buildah, image), "du_bytes": sizes}
             say(f"built {image} in {seconds} s: {summary['builds'][image]['image_size']}, du {sizes}")
-        summary["history"] = buildah.run("inspect", "--format", "{{json .History}}", BAKED_IMAGE, capture=True)
-        summary["history"] = json.loads(summary["history"])
+        inspected = json.loads(buildah.run("inspect", "--type", "image", BAKED_IMAGE, capture=True))
+        summary["history"] = [entry.get("created_by", "") for entry in inspected["OCIv1"].get("history", [])]
+        summary["config_env"] = inspected["OCIv1"]["config"].get("Env", [])
 
         say("job in the baked image")
         jobs = {"baked": run_job(buildah, BAKED_IMAGE, "image-test-baked", {}, None)}
+        if refiner and not (jobs["baked"]["refiner"] or {}).get("used"):
+            raise ImageTestError(f"the baked refiner did not refine the job: {jobs['baked']['refiner']}")
         volume = work / "volume"
         shutil.rmtree(volume, ignore_errors=True)
         (volume / "checkpoints").mkdir(parents=True)
