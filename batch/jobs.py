@@ -21,7 +21,7 @@ from worker.schedulers import PER_CALL_NOISE_SCHEDULERS
 if TYPE_CHECKING:
     from worker.schema import GenerationRequest
 
-# worker.schema is imported where lines are parsed, not here: `merge` and the output-folder code need no pydantic.
+# worker.schema (pydantic) is imported where lines are parsed, not here: the output-folder code needs none of it.
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ID_RULE = "1-128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
