@@ -14,11 +14,12 @@ from batch_testing import SMALL, finish, leftovers, read_json, sidecars, spawn, 
 from batch.exit_codes import EXIT_OK
 
 ITEMS = 6
-# Each call runs several denoising steps (about a second or more on the dev model with one thread on a busy CPU),
-# while a claim goes stale 0.3 s after its owner's last progress: every item one runner is generating looks
-# abandoned to the other.
-STEPS = 4
-CLAIM_TTL_S = 0.3
+# A claim is refreshed for one TTL after its owner's last progress and is stale one TTL after that, 0.4 s after it
+# was taken; each call here runs 12 denoising steps (2-3 s on the dev model with one thread, both runners on 2
+# cores: 0.2 s per step plus 0.4 s of VAE decode, measured), so every item one runner is generating looks abandoned
+# to the other.
+STEPS = 12
+CLAIM_TTL_S = 0.2
 
 
 def file_facts(path: Path) -> tuple[int, int, str]:
