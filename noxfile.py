@@ -124,11 +124,25 @@ def image_test(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
-    """CPU benchmarks on the dev model (JSON lines); GPU ones: see bench/results/README.md."""
+    """Engine vs stock diffusers, JSON lines: dev-size on the CPU; `-- --full-size --compile unet` on a GPU."""
     install_runtime(session)
+    session.run("python", "bench/engine_speed.py", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+    if "--full-size" in session.posargs:
+        return  # the GPU figures; the CPU overhead benchmarks below are for the dev model
     if not (DEV_MODEL / "manifest.json").exists():
         make_dev_model(session)
-    session.run("python", "bench/handler_overhead.py", "--model", str(DEV_MODEL), *session.posargs)
+    session.run("python", "bench/handler_overhead.py", "--model", str(DEV_MODEL))
     session.run("python", "bench/prompt_encode.py", "--model", str(DEV_MODEL))
     session.run("python", "bench/batch_throughput.py", "--model", str(DEV_MODEL))
     session.run("python", "bench/lora_switch.py")
+
+
+@nox.session(python=False, default=False)
+def smoke(session: nox.Session) -> None:
+    """The worker on full-size random SDXL on this machine's GPU: 1024², long prompt, LoRA, out of GPU memory.
+
+    Runs in the current interpreter (the image's, or any with requirements.txt and CUDA torch); COMPILE=unet etc.
+    apply as in the worker. `nox -s smoke -- --steps 10` passes options; without a GPU it refuses (dry run:
+    python bench/smoke.py).
+    """
+    session.run("python", "bench/smoke.py", "--full-size", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
