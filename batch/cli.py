@@ -184,8 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("out", type=Path)
     merge.add_argument("--input", type=Path, help="the JSONL file (default: the one the run recorded)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        level = args.log_level.upper()
+        if not isinstance(logging.getLevelName(level), int):
+            raise ConfigurationError(
+                f"--log-level / LOG_LEVEL {args.log_level!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL"
+            )
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return {"run": _run, "status": _status, "merge": _merge}[args.command](args, settings)
     except ConfigurationError as error:
         print(f"error: {error.message}", file=sys.stderr)

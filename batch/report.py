@@ -36,7 +36,11 @@ def _input_of(outputs: OutputDir, source: Path | None) -> Path:
         raise ConfigurationError(f"{outputs.root} is not a batch output folder")
     layout = outputs.read_layout() or {}
     source = Path(source) if source is not None else Path(layout["input"]) if "input" in layout else None
-    if source is None or not source.is_file():
+    if source is None:
+        raise ConfigurationError(
+            f"{outputs.run_config} is missing (no run wrote to {outputs.root} yet?); pass --input JOBS.jsonl"
+        )
+    if not source.is_file():
         raise ConfigurationError(
             f"input file {source} not found; pass --input (the run recorded {layout.get('input', 'nothing')})"
         )

@@ -35,6 +35,10 @@ def test_usage_errors_exit_2(
         main(["run", str(jobs)])  # argparse: --out is required
     assert exit_info.value.code == EXIT_USAGE
     assert main(["status", str(tmp_path / "nowhere")]) == EXIT_USAGE
+    assert main(["status", str(tmp_path)]) == EXIT_USAGE  # a folder no run wrote to
+    assert "run.json is missing" in capsys.readouterr().err
+    assert main(["--log-level", "chatty", "status", str(tmp_path)]) == EXIT_USAGE
+    assert "LOG_LEVEL 'chatty'" in capsys.readouterr().err
 
     # No model: a clear message, the error-free lines stay remaining, nothing is marked failed.
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "no-model"))
