@@ -1,0 +1,108 @@
+"""worker.acceleration on the CPU: option checks, settings mapping, exact timestep handling, the cache file's edges.
+
+Compilation itself is measured on the GPU (bench/engine_speed.py); here only what must hold without one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.fullsize import build_random_pipeline
+from core.settings import load_settings
+from worker.acceleration import (
+    SpeedupOptions,
+    _FloatTimestepUNet,
+    apply_speedups,
+    compile_cache_file,
+    compile_cache_key,
+    load_compile_cache,
+    options_from_settings,
+)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_random_pipeline("dev_tiny", "cpu", torch.float32)
+
+
+def test_bad_options_name_the_value_and_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"compile='yes'.*off, unet, regional"):
+        SpeedupOptions(compile="yes")
+    with pytest.raises(ValueError, match=r"vae_dtype='int8'"):
+        SpeedupOptions(vae_dtype="int8")
+    with pytest.raises(ValueError, match=r"compile_mode='fast'"):
+        SpeedupOptions(compile_mode="fast")
+
+
+def test_settings_map_to_options(tmp_path: Path) -> None:
+    settings = load_settings(
+        {
+            "COMPILE": "regional",
+            "COMPILE_MODE": "max-autotune-no-cudagraphs",
+            "COMPILE_CACHE_DIR": str(tmp_path),
+            "WARMUP_SIZES": "1024x1024,832x1216",
+            "WARMUP_BATCH_SIZES": "1,4",
+            "VAE_DTYPE": "bf16",
+            "CHANNELS_LAST": "0",
+        }
+    )
+    options = options_from_settings(settings)
+    assert options.compile == "regional" and options.compile_mode == "max-autotune-no-cudagraphs"
+    assert options.cache_dir == tmp_path and options.vae_dtype == "bf16" and not options.channels_last
+    assert options.warmup_sizes == ((1024, 1024), (832, 1216)) and options.warmup_batch_sizes == (1, 4)
+    defaults = options_from_settings(load_settings({}))
+    assert defaults.compile == "off" and defaults.vae_dtype is None and not defaults.compiles
+
+
+def test_defaults_on_the_cpu_change_nothing(pipe) -> None:
+    before = {name: tensor.clone() for name, tensor in pipe.unet.state_dict().items()}
+    accelerator = apply_speedups(pipe, SpeedupOptions())
+    report = accelerator.warm_up()
+    assert accelerator.applied == [] and accelerator.frozen
+    assert report.shapes == [] and report.cache_file is None
+    assert pipe.unet.conv_in.weight.is_contiguous()  # channels_last is for CUDA only
+    assert all(torch.equal(before[name], tensor) for name, tensor in pipe.unet.state_dict().items())
+
+
+def test_float32_timesteps_are_exact_for_integer_schedules(pipe) -> None:
+    """DDIM/DPM++ pass int64 timesteps, Euler float32: the compiled UNet sees float32, with the same result."""
+    unet = pipe.unet
+    generator = torch.Generator().manual_seed(0)
+    config = unet.config
+    text_embeds = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    sample = torch.randn(2, config.in_channels, 32, 32, generator=generator)
+    kwargs = {
+        "encoder_hidden_states": torch.randn(2, 77, config.cross_attention_dim, generator=generator),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(2, text_embeds, generator=generator),
+            "time_ids": torch.tensor([[256.0, 256, 0, 0, 256, 256]] * 2),
+        },
+        "return_dict": False,
+    }
+    wrapped = _FloatTimestepUNet(unet.forward)  # the eager forward in place of the compiled one
+    with torch.no_grad():
+        for timestep in (999, 501, 1):
+            reference = unet(sample, torch.tensor(timestep, dtype=torch.int64), **kwargs)[0]
+            assert torch.equal(wrapped(sample, torch.tensor(timestep, dtype=torch.int64), **kwargs)[0], reference)
+            assert torch.equal(wrapped(sample, timestep, **kwargs)[0], reference)
+
+
+def test_cache_key_follows_options_and_dtype(pipe, tmp_path: Path) -> None:
+    unet_compile = SpeedupOptions(compile="unet", cache_dir=tmp_path)
+    regional = SpeedupOptions(compile="regional", cache_dir=tmp_path)
+    assert compile_cache_key(pipe, unet_compile) != compile_cache_key(pipe, regional)
+    # where the cache lives is not part of what the compiled code depends on
+    assert compile_cache_key(pipe, unet_compile) == compile_cache_key(pipe, SpeedupOptions(compile="unet"))
+    assert compile_cache_file(pipe, SpeedupOptions(compile="unet")) is None
+    assert compile_cache_file(pipe, unet_compile).parent == tmp_path
+
+
+def test_missing_or_foreign_cache_files_are_a_miss_not_an_error(tmp_path: Path) -> None:
+    assert load_compile_cache(tmp_path / "absent.bin") == (False, 0.0, 0)
+    foreign = tmp_path / "foreign.bin"
+    foreign.write_bytes(b"not torch cache artifacts")
+    hit, _, size = load_compile_cache(foreign)
+    assert not hit and size == len(b"not torch cache artifacts")
