@@ -16,6 +16,8 @@ import socket
 import time
 from pathlib import Path
 
+import psutil
+
 HOST = socket.gethostname()
 HOST_TAG = re.sub(r"[^A-Za-z0-9_-]", "_", HOST)  # no dots: temporary names are split on them
 TMP_SUFFIX = ".tmp"
@@ -96,13 +98,24 @@ def create_exclusive(path: Path, data: bytes, tmp_dir: Path, *, durable: bool = 
     return created
 
 
+def process_alive(pid: int, started: float | None) -> bool:
+    """Whether ``pid`` runs on this host (and, given ``started``, is still the same process, not a reused pid)."""
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False  # killed, not yet reaped by its parent: it will never finish anything
+        return started is None or abs(process.create_time() - started) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
 def _owner_is_gone(name: str) -> bool:
     """For ``.HOST.PID.xxxx.name.tmp``: True when HOST is this machine and PID no longer runs."""
     parts = name.split(".")
     if len(parts) < 4 or parts[1] != HOST_TAG or not parts[2].isdigit():
         return False
-    from batch.claims import process_alive  # one liveness rule for claims and temporary files
-
     return not process_alive(int(parts[2]), None)
 
 

@@ -25,25 +25,12 @@ from typing import Any
 
 import psutil
 
-from batch.atomic import HOST, HOST_TAG, create_exclusive
+from batch.atomic import HOST, HOST_TAG, create_exclusive, process_alive
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL_S = 300.0
 CLAIM_SUFFIX = ".claim"
-
-
-def process_alive(pid: int, started: float | None) -> bool:
-    """Whether ``pid`` runs on this host (and, given ``started``, is still the same process, not a reused pid)."""
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return False  # killed, not yet reaped by its parent: it will never finish anything
-        return started is None or abs(process.create_time() - started) < 1.0
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True
 
 
 @dataclass(frozen=True)
