@@ -39,9 +39,6 @@ from worker.schema import MAX_SEED, MIN_SIDE, SIDE_MULTIPLE, GenerationRequest, 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
-# Transitional names while worker.lora_sources and batch move to core.errors (removed before this round lands).
-EngineError = InvalidRequest
-ImageQualityError = ImageQualityFailed
 REFINER_COMPONENTS = ("unet", "text_encoder_2", "vae")
 
 
