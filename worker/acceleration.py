@@ -94,6 +94,7 @@ class WarmUpReport:
     cache_bytes: int = 0
     shapes: list[dict[str, int]] = field(default_factory=list)
     graphs_compiled: int = 0
+    error: str | None = None  # compilation failed: the worker serves eagerly instead of not at all
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,8 +126,9 @@ class Accelerator:
         self.report: WarmUpReport | None = None
 
     def describe(self) -> dict[str, Any]:
-        """For metadata and logs: what runs, and whether compilation is frozen."""
-        return {"applied": list(self.applied), "frozen": self.frozen}
+        """For metadata and logs: what runs, whether compilation is frozen, and why it was dropped if it was."""
+        error = self.report.error if self.report is not None else None
+        return {"applied": list(self.applied), "frozen": self.frozen, "compile_error": error}
 
     def warm_up(self, steps: int = 3) -> WarmUpReport:
         """Run each warm-up shape once (compiling, or loading the compiled code from the cache), then freeze.
@@ -140,17 +142,27 @@ class Accelerator:
             report.cache_file = str(cache_file)
             report.cache_hit, report.cache_load_s, report.cache_bytes = load_compile_cache(cache_file)
         graphs_before = _unique_graphs()
-        if self.options.compiles:
-            device = self.pipe.unet.device
-            for width, height in self.options.warmup_sizes:
-                for batch in self.options.warmup_batch_sizes:
-                    _run_dummy_generation(self.pipe, width, height, batch, steps, device)
-                    report.shapes.append({"width": width, "height": height, "batch": batch})
+        try:
+            if self.options.compiles:
+                device = self.pipe.unet.device
+                for width, height in self.options.warmup_sizes:
+                    for batch in self.options.warmup_batch_sizes:
+                        _run_dummy_generation(self.pipe, width, height, batch, steps, device)
+                        report.shapes.append({"width": width, "height": height, "batch": batch})
+        except Exception as error:  # a compiler or out-of-memory failure must not cost the worker its model
+            report.error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            log.error("compilation failed, serving without it (COMPILE=off skips it): %s", report.error)
+            torch.compiler.set_stance("force_eager")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         report.graphs_compiled = _unique_graphs() - graphs_before
-        if cache_file is not None and not report.cache_hit:
+        if cache_file is not None and not report.cache_hit and report.error is None:
             report.cache_save_s, saved_bytes = save_compile_cache(cache_file)
             report.cache_bytes = saved_bytes or report.cache_bytes
-        self.freeze()
+        if report.error is None:
+            self.freeze()
+        else:
+            self.frozen = True
         report.seconds = time.perf_counter() - started
         self.report = report
         log.info("warm-up: %s", json.dumps(report.to_dict()))

@@ -106,3 +106,26 @@ def test_missing_or_foreign_cache_files_are_a_miss_not_an_error(tmp_path: Path) 
     foreign.write_bytes(b"not torch cache artifacts")
     hit, _, size = load_compile_cache(foreign)
     assert not hit and size == len(b"not torch cache artifacts")
+
+
+def test_a_failed_warm_up_leaves_an_eager_worker_not_a_dead_one(tmp_path: Path) -> None:
+    """Compilation that fails at start-up (here: a warm-up shape the pipeline refuses) is reported, then ignored."""
+    pipe = build_random_pipeline("dev_tiny", "cpu", torch.float32)
+    accelerator = apply_speedups(pipe, SpeedupOptions(compile="unet", warmup_sizes=((100, 100),), cache_dir=tmp_path))
+    try:
+        report = accelerator.warm_up(steps=1)
+        assert report.error is not None and "100" in report.error
+        assert accelerator.describe()["compile_error"] == report.error
+        assert list(tmp_path.iterdir()) == []  # nothing half-compiled is saved for the next start
+        with torch.no_grad():
+            latents = pipe(
+                prompt="a cat",
+                width=256,
+                height=256,
+                num_inference_steps=2,
+                generator=torch.Generator().manual_seed(0),
+                output_type="latent",
+            ).images
+        assert torch.isfinite(latents).all()
+    finally:
+        torch.compiler.set_stance("default")  # the stance is process-wide; later tests expect the default
