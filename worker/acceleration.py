@@ -142,6 +142,8 @@ class Accelerator:
             report.cache_file = str(cache_file)
             report.cache_hit, report.cache_load_s, report.cache_bytes = load_compile_cache(cache_file)
         graphs_before = _unique_graphs()
+        if self.options.compiles:  # the stance is process-wide: an earlier engine's freeze must not stop this compile
+            torch.compiler.set_stance("default")
         try:
             if self.options.compiles:
                 device = self.pipe.unet.device
