@@ -207,9 +207,10 @@ def apply_speedups(pipe: Any, options: SpeedupOptions) -> Accelerator:
     """Apply ``options`` to ``pipe`` (whole pipeline on one CUDA device, or CPU for tests) in place."""
     applied: list[str] = []
     offloaded = any(getattr(getattr(pipe, name, None), "_hf_hook", None) is not None for name in ("unet", "vae"))
-    if offloaded and (options.compiles or options.channels_last):
+    if offloaded:
         # accelerate's offload hooks replace forward and move weights per call: neither layout nor compile holds.
-        log.warning("speed-ups skipped: the pipeline uses CPU offload")
+        if options.compiles:
+            log.warning("COMPILE is ignored: the pipeline uses CPU offload (OFFLOAD=none on a GPU that holds it)")
         return Accelerator(pipe, options, applied)
     if options.vae_dtype is not None:
         pipe.vae.to(VAE_DTYPES[options.vae_dtype])
