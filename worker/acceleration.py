@@ -40,7 +40,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -211,7 +211,7 @@ def apply_speedups(pipe: Any, options: SpeedupOptions) -> Accelerator:
         # accelerate's offload hooks replace forward and move weights per call: neither layout nor compile holds.
         if options.compiles:
             log.warning("COMPILE is ignored: the pipeline uses CPU offload (OFFLOAD=none on a GPU that holds it)")
-        return Accelerator(pipe, options, applied)
+        return Accelerator(pipe, replace(options, compile="off", compile_vae=False), applied)
     if options.vae_dtype is not None:
         pipe.vae.to(VAE_DTYPES[options.vae_dtype])
         applied.append(f"vae_{options.vae_dtype}")
