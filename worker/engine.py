@@ -545,7 +545,12 @@ class Engine:
         if self.is_dev_model:
             stable["warning"] = DEV_MODEL_NOTICE
         volatile: dict[str, Any] = {
-            "device": {"device": self.plan.device, "offload": self.plan.offload, "dtype": str(self.dtype)},
+            "device": {
+                "device": self.plan.device,
+                "offload": self.plan.offload,
+                "dtype": str(self.dtype),
+                "speedups": self.accelerator.describe(),
+            },
             "cache": {"prompt": cache_hit, "loras": lora_volatile},
         }
         return GenerationMetadata(stable=stable, timings=timings, volatile=volatile)
