@@ -33,6 +33,7 @@ from worker.acceleration import accelerate
 from worker.device_policy import DevicePlan, plan_device
 from worker.input_images import load_input_image
 from worker.prompting.encoding import EncodedPrompts, PromptEncoder
+from worker.prompting.stepping import pipeline_callback_kwargs
 from worker.schedulers import build_scheduler
 from worker.schema import MAX_SEED, MIN_SIDE, SIDE_MULTIPLE, GenerationRequest, draw_seed
 
@@ -276,6 +277,7 @@ class Engine:
             negative_prompt_2=request.negative_prompt_2,
             clip_skip=request.clip_skip,
             do_classifier_free_guidance=request.guidance_scale > 1.0,
+            steps=request.num_inference_steps,  # A1111 prompt editing ([a:b:when], [a|b]) counts these steps
         )
 
     def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
@@ -337,11 +339,20 @@ class Engine:
 
     # -- the pipeline calls ----------------------------------------------------------------------
 
+    @staticmethod
+    def _callbacks(embeds: _Embeddings, progress_callback: Any) -> dict[str, Any]:
+        """The base's step callback, which also switches edited prompts' conditioning at their steps."""
+        images = [request.num_images for request in embeds.requests]
+        return pipeline_callback_kwargs(embeds.encoded, images, embeds.cfg, then=progress_callback)
+
     def _refiner_embeddings(self, requests: Sequence[GenerationRequest], embeds: _Embeddings) -> _Embeddings:
         if self.refiner_prompt_encoder is None:
-            return embeds  # the refiner shares the base's bigG encoder: its part of the same embeddings
-        encoded = [self.encode(request, self.refiner_prompt_encoder) for request in requests]
-        return _Embeddings(encoded, requests, embeds.cfg)
+            encoded = embeds.encoded  # the refiner shares the base's bigG encoder: its part of the same embeddings
+        else:
+            encoded = [self.encode(request, self.refiner_prompt_encoder) for request in requests]
+        # Prompt editing switches the conditioning during the base's steps; the refiner's read each prompt's final text.
+        final = [e.at_step(request.num_inference_steps) for e, request in zip(encoded, requests, strict=True)]
+        return _Embeddings(final, requests, embeds.cfg)
 
     def _scheduler(self, request: GenerationRequest, seeds: list[int]) -> Any:
         return build_scheduler(request.scheduler, self.scheduler_config, noise_seed=seeds[0])
@@ -386,7 +397,7 @@ class Engine:
             guidance_scale=request.guidance_scale,
             generator=self._generators(seeds),
             output_type="latent",
-            callback_on_step_end=self._step_callback(progress, 0, self._total_steps(request, refine)),
+            **self._callbacks(embeds, self._step_callback(progress, 0, self._total_steps(request, refine))),
         ).images
 
     def _refine(
@@ -444,7 +455,7 @@ class Engine:
             guidance_scale=request.guidance_scale,
             generator=self._generators(seeds),
             output_type="latent",
-            callback_on_step_end=self._step_callback(progress, 0, max(1, int(steps * request.strength))),
+            **self._callbacks(embeds, self._step_callback(progress, 0, max(1, int(steps * request.strength)))),
         ).images
         info = {
             "mode": "img2img",

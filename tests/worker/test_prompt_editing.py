@@ -240,3 +240,46 @@ def test_alternations_cannot_multiply_the_encoding_work(encoder) -> None:
     # Without steps (no editing) it is one text holding every option: 14 chunks, fine; with 10 steps, 10 texts, fine.
     assert encoder.encode(prompt, do_classifier_free_guidance=False).num_chunks == 14
     assert len(encoder.encode(prompt, steps=10, do_classifier_free_guidance=False).info["schedule"]["texts"]) == 10
+
+
+def test_an_editing_job_through_the_engine(dev_model_dir: Path) -> None:
+    """A job with prompt editing: step k's conditioning is the segment's plain text's, the images are reproducible,
+    the metadata reports the schedule, and a job without editing is unchanged by the callback."""
+    from worker.engine import Engine
+    from worker.schema import parse_request
+
+    engine = Engine(dev_model_dir)
+    job = {
+        "prompt": "a [red:blue:2] cube on a [table|chair]",
+        "negative_prompt": "blurry",
+        "num_inference_steps": STEPS,
+        "width": 256,
+        "height": 256,
+        "num_images": 2,
+        "seed": 11,
+        "guidance_scale": 5.0,
+        "scheduler": "Euler",
+    }
+    recorder = UnetInputs()
+    handle = engine.pipe.unet.register_forward_pre_hook(recorder, with_kwargs=True)
+    try:
+        result = engine.generate(parse_request(job))
+    finally:
+        handle.remove()
+    texts = ["a red cube on a table", "a red cube on a table", "a red cube on a chair", "a blue cube on a table"]
+    for step, text in enumerate(texts):
+        plain = engine.prompt_encoder.encode(text, negative_prompt="blurry")
+        expected = torch.cat([plain.negative_prompt_embeds] * 2 + [plain.prompt_embeds] * 2)
+        assert torch.equal(recorder.embeds[step], expected.to(recorder.embeds[step].dtype)), step
+        pooled = torch.cat([plain.negative_pooled_prompt_embeds] * 2 + [plain.pooled_prompt_embeds] * 2)
+        assert torch.equal(recorder.pooled[step], pooled.to(recorder.pooled[step].dtype)), step
+    schedule = result.metadata.to_dict()["prompt"]["schedule"]
+    # A1111's schedule: [red:blue:2] ends at step 2, the alternation at every step; the last segment (step 4) is
+    # read only by schedulers that take more model evaluations than steps.
+    assert [segment["steps"] for segment in schedule["segments"]] == [[0, 1], [2, 2], [3, 3], [4, 4]]
+    assert schedule["texts"][schedule["segments"][2]["texts"]] == {
+        "prompt": "a blue cube on a table",
+        "negative_prompt": "blurry",
+    }
+    again = engine.generate(parse_request(job))
+    assert [image.tobytes() for image in again.images] == [image.tobytes() for image in result.images]

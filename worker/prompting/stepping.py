@@ -64,3 +64,14 @@ def conditioning_callback(
         }
 
     return callback, list(EDITING_TENSOR_INPUTS)
+
+
+def pipeline_callback_kwargs(
+    encoded: Sequence[EncodedPrompts],
+    images_per_prompt: Sequence[int],
+    guidance: bool,
+    then: StepCallback | None = None,
+) -> dict[str, Any]:
+    """:func:`conditioning_callback` as the two keyword arguments of a diffusers SDXL pipeline call."""
+    callback, tensor_inputs = conditioning_callback(encoded, images_per_prompt, guidance, then)
+    return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": tensor_inputs}
