@@ -4,10 +4,10 @@ A claim is a small file ``_batch/claims/<id>.claim`` created exclusively (hard l
 temporary file) by the process about to generate the item, refreshed by a heartbeat thread, and
 removed once the item's sidecar is committed. A claim is stale, and may be taken over, when its
 heartbeat is older than the TTL (the heartbeat stops when the process has finished nothing for a
-TTL, so a hung process loses its claims too), or at once when its owner ran on this host and is gone (a crash
-or SIGKILL followed by a resume on the same machine). Claims only avoid duplicate work: should two
-processes ever generate the same item anyway, the exclusive sidecar commit still keeps exactly
-one, and both wrote identical bytes.
+TTL, so a hung process loses its claims too; the local runner reports every denoising step, so a slow call
+keeps them), or at once when its owner ran on this host and is gone (a crash or SIGKILL followed by a
+resume on the same machine). Claims only avoid duplicate work: should two processes ever generate the
+same item anyway, the locked commit keeps the first one's files and the second discards its own.
 """
 
 from __future__ import annotations

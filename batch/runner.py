@@ -256,7 +256,8 @@ class LocalRunner:
         if len(units) != len(call.units):
             call = self.planner.make_call(units)  # same padded shape as any other call
         try:
-            results = self.engine.generate_group(call.requests)
+            # Each denoising step keeps this process's claims alive: a slow call is not a hung process.
+            results = self.engine.generate_group(call.requests, progress=self._note_step)
         except Exception as error:
             self._call_failed(call, from_exception(error), error)
             return
@@ -265,6 +266,9 @@ class LocalRunner:
         self.session.count_call(call.num_images, padded)
         generation = {"batch": {"images_in_call": call.num_images, "padding_images": padded}}
         self.writer.submit(call, results[: len(call.units)], generation)
+
+    def _note_step(self, step: int, total: int) -> None:
+        self.session.claims.note_progress()
 
     def _call_failed(self, call: Call, failure: WorkerError, error: Exception) -> None:
         jobs = {unit.job.id: unit.job for unit in call.units}

@@ -14,12 +14,13 @@ from batch_testing import SMALL, finish, leftovers, read_json, sidecars, spawn, 
 from batch.exit_codes import EXIT_OK
 
 ITEMS = 6
-# A claim is refreshed for one TTL after its owner's last progress and is stale one TTL after that, 0.4 s after it
-# was taken; each call here runs 12 denoising steps (2-3 s on the dev model with one thread, both runners on 2
-# cores: 0.2 s per step plus 0.4 s of VAE decode, measured), so every item one runner is generating looks abandoned
-# to the other.
-STEPS = 12
-CLAIM_TTL_S = 0.2
+# A claim is refreshed while its owner made progress (a denoising step) within the last TTL and is stale one TTL
+# after its last refresh. A step of a 512x512 image takes longer than twice 0.05 s (0.1-0.5 s on the dev model with
+# one thread, measured), so in the middle of every step the item one runner is generating looks abandoned to the
+# other.
+SIZE = {"height": 512, "width": 512, "guidance_scale": 1.0}
+STEPS = 4
+CLAIM_TTL_S = 0.05
 
 
 def file_facts(path: Path) -> tuple[int, int, str]:
@@ -30,7 +31,7 @@ def file_facts(path: Path) -> tuple[int, int, str]:
 
 def test_a_committed_item_never_changes_when_two_runners_make_it(dev_model_dir: Path, tmp_path: Path) -> None:
     lines = [
-        {"id": f"item-{n}", "prompt": f"a dock crane, view {n}", **SMALL, "num_inference_steps": STEPS, "seed": n}
+        {"id": f"item-{n}", "prompt": f"a dock crane, view {n}", **SIZE, "num_inference_steps": STEPS, "seed": n}
         for n in range(ITEMS)
     ]
     source = write_jsonl(tmp_path / "jobs.jsonl", lines)
@@ -70,3 +71,25 @@ def test_a_committed_item_never_changes_when_two_runners_make_it(dev_model_dir: 
         f"item-{n}-0.png" for n in range(ITEMS)
     )  # the losers' files were discarded, not left as orphans
     assert leftovers(out) == []
+
+
+def test_a_slow_call_keeps_its_claims(dev_model_dir: Path, tmp_path: Path) -> None:
+    """Each denoising step counts as progress: a call longer than the TTL (12 steps of 256x256, 2-3 s here) keeps
+    its claims, so the other runner waits instead of making the same item. Without the per-step report the claims
+    went stale 2 TTL (2 s) after they were taken and were taken over (the old behaviour)."""
+    lines = [
+        {"id": f"item-{n}", "prompt": f"a slipway, view {n}", **SMALL, "num_inference_steps": 12, "seed": n}
+        for n in range(4)
+    ]
+    source = write_jsonl(tmp_path / "jobs.jsonl", lines)
+    out = tmp_path / "out"
+    args = ("run", source, "--out", out, "--batch-size", 1, "--model", dev_model_dir, "--no-progress")
+    results = [finish(runner) for runner in [spawn(*args, "--claim-ttl", 1.0) for _ in range(2)]]
+    for code, _, stderr in results:
+        assert code == EXIT_OK, stderr[-3000:]
+    summaries = [summary for _, summary, _ in results]
+    assert [summary["claims_taken_over"] for summary in summaries] == [0, 0], summaries
+    assert [summary["commits_lost"] for summary in summaries] == [0, 0], summaries
+    assert sum(summary["made"] for summary in summaries) == 4
+    calls = [item["generation"]["timings"] for item in sidecars(out).values()]
+    assert max(timing["denoising_s"] for timing in calls) > 1.0  # the calls really outlasted the TTL
