@@ -15,9 +15,9 @@
 An item is committed under its commit lock: its images are written to temporary files first, then,
 only if no done sidecar exists yet, renamed into place and the sidecar created last (exclusively),
 so a sidecar never names a missing or partial image, and the files of a committed item never change:
-when two processes finish the same item (a claim taken over after a pipeline call longer than the
-claim TTL, two pods of one index), the second finds the first's sidecar under the lock and discards
-its own files. Only the winner appends its metadata rows.
+when two processes finish the same item (a claim taken over from a process that stalled for longer
+than the claim TTL, two pods of one index), the second finds the first's sidecar under the lock and
+discards its own files. Only the winner appends its metadata rows.
 """
 
 from __future__ import annotations
