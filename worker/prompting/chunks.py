@@ -23,10 +23,10 @@ COMMA_BACKTRACK: Final = 20  # A1111's default "comma_padding_backtrack"
 
 # 64 chunks = 4,800 tokens. 20,000 characters (the schema's limit on a prompt field) of a typical comma-separated SD
 # prompt are 3,939 CLIP tokens, 53 chunks (measured with the shipped CLIP tokenizer), so such prompts fit at any length
-# the schema accepts. What exceeds it is text that multiplies chunks: 2,500 "x BREAK " make 2,500 chunks (32 s per job
-# instead of 0.25 s on the dev model, and about 1.6 GB per cache entry at full size), as do symbols of several tokens
-# per character. Every chunk is one more row per text encoder and 77 more keys in every cross-attention layer at every
-# denoising step.
+# the schema accepts. What exceeds it is text that multiplies chunks: 2,500 "x BREAK " make 2,500 chunks (issue 13),
+# and text of a token per character, such as 16,400 emoji, makes 219. Every chunk is one more row per text encoder,
+# 77 more keys in every cross-attention layer at every denoising step, and 77 x 2048 more values per side in a cache
+# entry (bench/prompt_encode.py reports an entry's bytes at 1, 16 and 64 chunks).
 MAX_CHUNKS_PER_PROMPT: Final = 64
 
 # Prompt editing encodes each distinct text of the schedule: alternations can make one per step (up to 150), each up to
