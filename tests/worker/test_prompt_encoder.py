@@ -609,3 +609,36 @@ def test_cuda_graphs_are_a_constructor_choice(pipe) -> None:
     assert_identical(
         as_tuple(eager.encode("a cat", negative_prompt="dog")), as_tuple(default.encode("a cat", negative_prompt="dog"))
     )
+
+
+@settings(max_examples=80)
+@given(data=st.data())
+def test_token_rows_and_weights_match_a1111(pipe, encoder, words, data) -> None:
+    """Parse, tokenize per run and chunk as A1111 does (tests/support/prompt_reference.py), against the encoder."""
+    from tests.support.prompt_reference import a1111_parse_prompt_attention, has_bracketed_break
+
+    pieces = st.sampled_from(
+        ["(", ")", "[", "]", ":1.3)", ":0)", ":-1)", " BREAK ", ", ", " ", "\\", "\\(", "sun", "set"]
+    )
+    parts = data.draw(st.lists(pieces | st.sampled_from(words[2000:2100]), max_size=60), "parts")
+    prompt = "".join(parts)
+    try:
+        reference = a1111_parse_prompt_attention(prompt)
+    except ValueError:
+        return  # A1111 raises on a malformed number; literal text here (deliberate difference 2)
+    assume(not has_bracketed_break(reference))  # deliberate difference 1
+    runs = [
+        None if (text, weight) == ("BREAK", -1) else (pipe.tokenizer(text, add_special_tokens=False).input_ids, weight)
+        for text, weight in reference
+    ]
+    expected = a1111_chunks(runs, COMMA)
+    ours = encoder.tokenize(prompt, 0)
+    assert chunk_contents(ours.input_ids) == [tokens for tokens, _ in expected]
+    assert [row[1 : len(tokens) + 1] for row, (tokens, _) in zip(ours.weights, expected, strict=True)] == [
+        weights for _, weights in expected
+    ]
+
+
+def test_sunset_is_one_word_as_in_a1111(pipe, encoder) -> None:
+    rows = chunk_contents(encoder.tokenize("((sun[(set)]))", 0).input_ids)
+    assert rows == [pipe.tokenizer("sunset", add_special_tokens=False).input_ids]
