@@ -166,7 +166,7 @@ def run_job(buildah: Buildah, image: str, name: str, env: dict[str, str], volume
         raise ImageTestError(f"the job in {image} failed (exit {done.returncode}):\n{tail}")
     wanted = ("loaded ", "converted ", "is converted from", "no network volume", "waiting")
     lines = (done.stdout + done.stderr).splitlines()
-    log_lines = [line.strip()[:300] for line in lines if any(word in line for word in wanted)]
+    log_lines = [line.strip()[:300] for line in lines if ".py " in line and any(word in line for word in wanted)]
     return {"wall_s": round(seconds, 1), **read_job_result(done.stdout), "log": log_lines}
 
 
