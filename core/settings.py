@@ -193,6 +193,9 @@ class Settings:
         _choice("", "fp16", "bf16", "fp32"),
         "VAE dtype (default: fp32 when its config asks, else fp16)",
     )
+    prompt_cache_mb: float = _setting(
+        "PROMPT_CACHE_MB", "256", _positive_float, "memory for recent prompts' embeddings (LRU, on the GPU), MiB"
+    )
     log_level: str = _setting("LOG_LEVEL", "INFO", _text, "Python logging level of the worker")
     # -- batch and converter
     runpod_api_key: str | None = _setting(

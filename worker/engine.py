@@ -133,7 +133,7 @@ class Engine:
         self.img2img.set_progress_bar_config(disable=True)
         self._offload_owner: Any = self.pipe
         self.scheduler_config = dict(self.pipe.scheduler.config)
-        self.prompt_encoder = PromptEncoder(self.pipe, cuda_graphs=self.settings.prompt_encoder_cuda_graphs)
+        self.prompt_encoder = self._prompt_encoder(self.pipe)
         self.refiner_prompt_encoder = self._refiner_prompt_encoder(StableDiffusionXLPipeline)
         self.loras = self._lora_manager()
         self.load_seconds = time.perf_counter() - started
@@ -187,7 +187,14 @@ class Engine:
         components = {**self.pipe.components, "text_encoder_2": self.refiner.text_encoder_2}
         if getattr(self.refiner, "tokenizer_2", None) is not None:
             components["tokenizer_2"] = self.refiner.tokenizer_2
-        return PromptEncoder(pipeline_class(**components), cuda_graphs=self.settings.prompt_encoder_cuda_graphs)
+        return self._prompt_encoder(pipeline_class(**components))
+
+    def _prompt_encoder(self, pipe: Any) -> PromptEncoder:
+        return PromptEncoder(
+            pipe,
+            cuda_graphs=self.settings.prompt_encoder_cuda_graphs,
+            cache_bytes=int(self.settings.prompt_cache_mb * 1024 * 1024),
+        )
 
     def _component_bytes(self) -> dict[str, int]:
         modules: dict[str, Any] = {name: getattr(self.pipe, name) for name in COMPONENTS}

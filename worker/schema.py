@@ -82,7 +82,8 @@ class GenerationRequest(BaseModel):
     num_inference_steps: Annotated[int, Field(ge=1, le=150)] = 25
     guidance_scale: Annotated[float, Field(ge=0.0, le=30.0, allow_inf_nan=False)] = 7.5
     num_images: Annotated[int, Field(ge=1, le=8)] = 1
-    clip_skip: Annotated[int | None, Field(ge=0, le=10)] = None
+    # The upper bound depends on the model's text encoders: the prompt encoder checks it (the one place).
+    clip_skip: Annotated[int | None, Field(ge=0)] = None
     loras: Annotated[list[LoraRequest], Field(max_length=MAX_LORAS)] = []
     # The official worker's refiner and img2img fields, with its defaults.
     refiner: bool | None = None  # None: use the refiner when one is loaded (the official worker always does)
