@@ -14,6 +14,7 @@ import runpod
 from core.errors import ConfigurationError
 from core.settings import load_settings
 from worker.handler import Worker
+from worker.model_location import apply_volume_caches
 
 
 def main() -> None:
@@ -23,6 +24,7 @@ def main() -> None:
         print(error, file=sys.stderr)
         sys.exit(2)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    apply_volume_caches()  # compile (and later Hub) caches on the network volume when one is mounted
     worker = Worker(settings)
     worker.start()
     runpod.serverless.start({"handler": worker.handle})
