@@ -249,3 +249,33 @@ def test_a_full_volume_leaves_no_folder_and_says_how_much_room_is_needed(server:
     )
     assert "SECRET" not in message
     assert not (volume / "models" / "sdxl-dev").exists()
+
+
+def test_a_second_worker_waits_for_the_first_and_then_finds_the_model_converted(
+    server: _Server, volume: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from filelock import FileLock
+
+    monkeypatch.setattr(model_location, "LOCK_LOG_EVERY_S", 0.2)
+    env = settings(CHECKPOINT=checkpoint_url(server), CHECKPOINT_SHA256=sha256(server.data))
+    model_dir = volume / "models" / "sdxl-dev"
+    model_dir.parent.mkdir(parents=True)
+    first = FileLock(str(volume / "models" / "sdxl-dev.prepare.lock"))  # the first worker, mid-download
+    first.acquire()
+    results: list[Path | BaseException] = []
+
+    def second_worker() -> None:
+        try:
+            results.append(prepare_model_dir(env, volume))
+        except BaseException as error:  # reported by the assertion below
+            results.append(error)
+
+    with caplog.at_level("INFO", logger="worker.model_location"):
+        thread = threading.Thread(target=second_worker)
+        thread.start()
+        thread.join(timeout=1.0)
+        assert thread.is_alive() and not model_dir.exists() and server.ranges == []  # waiting, not downloading
+        first.release()
+        thread.join(timeout=240)
+    assert results == [model_dir] and verify(model_dir)["source"]["sha256"] == sha256(server.data)
+    assert "another worker is downloading or converting" in caplog.text
