@@ -22,7 +22,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.handler import STATE, handler, start_engine
+from core.settings import load_settings
+from worker.handler import Worker
 from worker.images import encode_image
 from worker.schedulers import build_scheduler
 
@@ -35,10 +36,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
 
-    start_engine(args.model)
-    if STATE.startup_error:
-        raise SystemExit(STATE.startup_error)
-    engine = STATE.engine
+    worker = Worker(load_settings({}))
+    worker.start(args.model)
+    if worker.startup_error:
+        raise SystemExit(str(worker.startup_error))
+    engine = worker.engine
     job = {
         "prompt": "a lighthouse on a cliff at dawn, oil painting",
         "negative_prompt": "blurry",
@@ -66,7 +68,7 @@ def main() -> None:
     def through_handler() -> tuple[float, float]:
         engine.prompt_encoder.clear_cache()  # no help from the embedding cache: a fair comparison
         started = time.perf_counter()
-        out = handler({"id": "bench", "input": job})
+        out = worker.handle({"id": "bench", "input": job})
         total = time.perf_counter() - started
         return total, out["metadata"]["timings"]["image_encoding_s"]
 
@@ -101,7 +103,7 @@ def main() -> None:
             times, size = [], 0
             for _ in range(5):
                 started = time.perf_counter()
-                size = len(encode_image(image, output_format, 95, "parameters"))
+                size = len(encode_image(image, output_format, 95, 0, "parameters").data)
                 times.append(time.perf_counter() - started)
             print(
                 json.dumps(
