@@ -17,30 +17,17 @@ from PIL import Image
 
 from core.errors import InvalidRequest
 from core.settings import load_settings
+from tests.support import official_worker
+from tests.support.official_worker import shrunk_for_the_cpu
 from worker.handler import Worker
 from worker.images import MAX_EXIF_PARAMETER_BYTES, read_parameters
 from worker.input_images import fetch_image_bytes, load_input_image
 
 ROOT = Path(__file__).resolve().parents[2]
-# The official samples (runpod-workers/worker-sdxl test_input.json and .runpod/tests.json), shrunk for the CPU:
-# 256² instead of 1024², 2 base steps instead of 25, 4 refiner steps instead of 50. Every other field as sent there.
-OFFICIAL_TEST_INPUT = {
-    "prompt": "A majestic steampunk dragon soaring through a cloudy sky, intricate clockwork details, golden hour "
-    "lighting, highly detailed",
-    "negative_prompt": "blurry, low quality, deformed, ugly, text, watermark, signature",
-    "height": 256,
-    "width": 256,
-    "num_inference_steps": 2,
-    "refiner_inference_steps": 4,
-    "guidance_scale": 7.5,
-    "strength": 0.3,
-    "high_noise_frac": 0.8,
-    "seed": 42,
-    "scheduler": "K_EULER",
-    "num_images": 1,
-    "image_url": None,
-}
-OFFICIAL_HUB_TEST = {**OFFICIAL_TEST_INPUT, "seed": 1337, "negative_prompt": "blurry, very low quality, deformed,"}
+# The official samples, shrunk for the CPU: 256² instead of 1024², 2 base steps instead of 25, 4 refiner steps
+# instead of 50. Every other field as sent there.
+OFFICIAL_TEST_INPUT = shrunk_for_the_cpu(official_worker.OFFICIAL_TEST_INPUT)
+OFFICIAL_HUB_TEST = shrunk_for_the_cpu(official_worker.OFFICIAL_HUB_TEST)
 SMALL = {"prompt": "a lighthouse at dawn", "height": 256, "width": 256, "num_inference_steps": 3, "seed": 11}
 
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support.official_worker import OFFICIAL_HUB_TEST, OFFICIAL_TEST_INPUT
 from worker.schedulers import SCHEDULERS, build_scheduler, canonical_scheduler_name
 from worker.schema import MAX_RANDOM_SEED, MAX_SEED, GenerationRequest, RequestError, draw_seed, parse_request
 
@@ -92,26 +93,8 @@ def test_unknown_key_in_a_lora_entry_names_the_lora_fields() -> None:
     assert "loras.0.weight: unknown field (a LoRA entry takes: name, scale)" in str(error.value)
 
 
-# The official worker's own sample payloads (runpod-workers/worker-sdxl: test_input.json, .runpod/tests.json).
-OFFICIAL_TEST_INPUT = {
-    "prompt": "A majestic steampunk dragon soaring through a cloudy sky, intricate clockwork details, golden hour "
-    "lighting, highly detailed",
-    "negative_prompt": "blurry, low quality, deformed, ugly, text, watermark, signature",
-    "height": 1024,
-    "width": 1024,
-    "num_inference_steps": 25,
-    "refiner_inference_steps": 50,
-    "guidance_scale": 7.5,
-    "strength": 0.3,
-    "high_noise_frac": 0.8,
-    "seed": 42,
-    "scheduler": "K_EULER",
-    "num_images": 1,
-    "image_url": None,
-}
-
-
 def test_the_official_sample_payload_is_accepted_with_its_meaning() -> None:
+    assert parse_request(OFFICIAL_HUB_TEST).seed == 1337
     request = parse_request(OFFICIAL_TEST_INPUT)
     assert (request.refiner_inference_steps, request.high_noise_frac, request.strength) == (50, 0.8, 0.3)
     assert request.image_url is None and not request.is_img2img and request.scheduler == "Euler"
