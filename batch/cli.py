@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error.message}", file=sys.stderr)
         return EXIT_USAGE
     parser = argparse.ArgumentParser(prog="python -m batch", description="Resumable, sharded JSONL generation.")
-    parser.add_argument("--log-level", default=settings.log_level, help="default: LOG_LEVEL, else INFO")
+    parser.add_argument("--log-level", default=settings.log_level or "WARNING", help="default: LOG_LEVEL, else WARNING")
     commands = parser.add_subparsers(dest="command", required=True)
     add_run_parser(commands, settings)
     status = commands.add_parser("status", help="done / failed / remaining per shard, for the current input")

@@ -196,7 +196,9 @@ class Settings:
     prompt_cache_mb: float = _setting(
         "PROMPT_CACHE_MB", "256", _positive_float, "memory for recent prompts' embeddings (LRU, on the GPU), MiB"
     )
-    log_level: str = _setting("LOG_LEVEL", "INFO", _text, "Python logging level of the worker")
+    log_level: str | None = _setting(
+        "LOG_LEVEL", "", _optional_text, "Python logging level (default: INFO in the worker, WARNING in the batch CLI)"
+    )
     # -- batch and converter
     runpod_api_key: str | None = _setting(
         "RUNPOD_API_KEY", "", _optional_text, "API key for `batch run --endpoint` against RunPod's hosted API"

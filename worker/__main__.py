@@ -23,7 +23,7 @@ def main() -> None:
     except ConfigurationError as error:
         print(error, file=sys.stderr)
         sys.exit(2)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=settings.log_level or "INFO", format="%(asctime)s %(levelname)s %(message)s")
     apply_volume_caches()  # compile (and later Hub) caches on the network volume when one is mounted
     worker = Worker(settings)
     worker.start()
