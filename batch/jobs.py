@@ -127,7 +127,8 @@ def derive_seed(item_id: str) -> int:
 
 def parse_line(raw: RawLine, is_last: bool) -> Job | InvalidLine | None:
     """One line -> a Job, an InvalidLine with a message naming the problem, or None for a blank line."""
-    from worker.schema import RequestError, parse_request
+    from core.errors import InvalidRequest
+    from worker.schema import parse_request
 
     if not raw.text.strip():
         return None
@@ -155,7 +156,7 @@ def parse_line(raw: RawLine, is_last: bool) -> Job | InvalidLine | None:
         item_id = hash_id(payload)
     try:
         request = parse_request(payload)
-    except RequestError as error:
+    except InvalidRequest as error:
         return InvalidLine(raw.number, "invalid_request", str(error), item_id, "id" in value)
     if request.seed is None:
         seed, source = derive_seed(item_id), "derived from id"

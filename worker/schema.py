@@ -146,10 +146,6 @@ class GenerationRequest(BaseModel):
         return bool({"width", "height"} & self.model_fields_set)
 
 
-# Kept under its old name: the batch runner and tests catch request errors as RequestError.
-RequestError = InvalidRequest
-
-
 def _allowed_range(model: type[BaseModel], location: tuple) -> str:
     """'allowed LOW..HIGH' for a bounded number field, from the schema itself."""
     if not location or location[-1] not in model.model_fields:

@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from core.errors import InvalidRequest
 from tests.support.official_worker import OFFICIAL_HUB_TEST, OFFICIAL_TEST_INPUT
 from worker.schedulers import SCHEDULERS, build_scheduler, canonical_scheduler_name
-from worker.schema import MAX_RANDOM_SEED, MAX_SEED, GenerationRequest, RequestError, draw_seed, parse_request
+from worker.schema import MAX_RANDOM_SEED, MAX_SEED, GenerationRequest, draw_seed, parse_request
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
@@ -39,7 +40,7 @@ def test_defaults_match_the_official_worker() -> None:
 def test_arbitrary_json_is_accepted_or_refused_with_a_message(payload: object) -> None:
     try:
         request = parse_request(payload)
-    except RequestError as error:
+    except InvalidRequest as error:
         message = str(error)
         assert message and "Traceback" not in message
     else:
@@ -58,7 +59,7 @@ def test_numbers_are_accepted_only_in_range(field: str, value: object) -> None:
     if in_range:
         assert getattr(parse_request(payload), field) == value
     else:
-        with pytest.raises(RequestError) as error:
+        with pytest.raises(InvalidRequest) as error:
             parse_request(payload)
         assert field in str(error.value)
 
@@ -69,18 +70,18 @@ def test_guidance_scale_bounds(value: float) -> None:
     if 0.0 <= value <= 30.0:
         assert parse_request(payload).guidance_scale == value
     else:
-        with pytest.raises(RequestError, match="guidance_scale"):
+        with pytest.raises(InvalidRequest, match="guidance_scale"):
             parse_request(payload)
 
 
 def test_messages_name_field_value_and_range() -> None:
-    with pytest.raises(RequestError) as error:
+    with pytest.raises(InvalidRequest) as error:
         parse_request({"prompt": "x", "num_inference_steps": 1000})
     assert "num_inference_steps" in str(error.value) and "1000" in str(error.value) and "1..150" in str(error.value)
 
 
 def test_unknown_keys_are_errors_that_list_the_allowed_ones() -> None:
-    with pytest.raises(RequestError) as error:
+    with pytest.raises(InvalidRequest) as error:
         parse_request({"prompt": "x", "refiner_inference_steps": 50, "colour": "red"})
     message = str(error.value)
     assert message.startswith("invalid input: colour: unknown field (a request takes: prompt, ")
@@ -88,7 +89,7 @@ def test_unknown_keys_are_errors_that_list_the_allowed_ones() -> None:
 
 
 def test_unknown_key_in_a_lora_entry_names_the_lora_fields() -> None:
-    with pytest.raises(RequestError) as error:
+    with pytest.raises(InvalidRequest) as error:
         parse_request({"prompt": "x", "loras": [{"name": "a", "weight": 1}]})
     assert "loras.0.weight: unknown field (a LoRA entry takes: name, scale)" in str(error.value)
 
@@ -119,13 +120,13 @@ def test_official_defaults_and_every_official_scheduler_name() -> None:
     [("strength", 0), ("strength", 1.5), ("high_noise_frac", 1.0), ("refiner_inference_steps", 0), ("refiner", "yes")],
 )
 def test_refiner_and_img2img_fields_are_bounded(field: str, value: object) -> None:
-    with pytest.raises(RequestError, match=field):
+    with pytest.raises(InvalidRequest, match=field):
         parse_request({"prompt": "x", field: value})
 
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://host/x.png", "s3://bucket/key.png"])
 def test_image_url_never_names_a_local_file_or_another_scheme(url: str) -> None:
-    with pytest.raises(RequestError, match="image_url"):
+    with pytest.raises(InvalidRequest, match="image_url"):
         parse_request({"prompt": "x", "image_url": url})
 
 
@@ -142,7 +143,7 @@ def test_random_seeds_are_safe_in_javascript() -> None:
 def test_pixel_budget_comes_from_the_settings() -> None:
     payload = {"prompt": "x", "width": 1024, "height": 1024, "num_images": 2}
     parse_request(payload)
-    with pytest.raises(RequestError, match="budget of 1048576"):
+    with pytest.raises(InvalidRequest, match="budget of 1048576"):
         parse_request(payload, max_job_pixels=1024 * 1024)
 
 
@@ -159,14 +160,14 @@ def test_fuzzed_near_valid_inputs_are_accepted_or_name_a_field(fields: dict) -> 
     payload = {"prompt": "x", "num_inference_steps": 1, "width": 256, "height": 256, **fields}
     try:
         request = parse_request(payload)
-    except RequestError as error:
+    except InvalidRequest as error:
         assert any(name in str(error) for name in fields), (fields, str(error))
     else:
         assert (request.width, request.height) == (payload["width"], payload["height"])
 
 
 def test_pixel_budget_names_the_fields() -> None:
-    with pytest.raises(RequestError, match="num_images"):
+    with pytest.raises(InvalidRequest, match="num_images"):
         parse_request({"prompt": "x", "width": 2048, "height": 2048, "num_images": 8})
 
 
@@ -180,7 +181,7 @@ def test_loras_are_bounded() -> None:
         [{"name": f"l{i}"} for i in range(9)],
         [{"name": "a"}, {"name": "a"}],
     ):
-        with pytest.raises(RequestError, match="loras"):
+        with pytest.raises(InvalidRequest, match="loras"):
             parse_request({"prompt": "x", "loras": bad})
 
 
