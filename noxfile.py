@@ -88,9 +88,11 @@ def serve(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite (CPU, offline, dev model)."""
+    """Run the test suite (CPU, offline, dev model), one pytest worker per core: nox -s tests -- [-n 0] [-k ...]."""
     install_dev(session)
-    session.run("pytest", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+    # Whole test files per worker (--dist loadfile): module fixtures (a loaded engine, a converted model) load once.
+    workers = ["-n", "auto", "--dist", "loadfile"] if not {"-n", "-p"} & set(session.posargs) else []
+    session.run("pytest", *workers, *session.posargs, env={"HF_HUB_OFFLINE": "1"})
 
 
 @nox.session

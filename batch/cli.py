@@ -59,6 +59,7 @@ def add_run_parser(commands: argparse._SubParsersAction, settings: Settings | No
     where.add_argument("--num-shards", type=int, help="N, with the index from JOB_COMPLETION_INDEX")
     run.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (4-8 on a large GPU)")
     run.add_argument("--model", type=Path, help="converted model folder (default: MODEL_DIR, as the worker)")
+    run.add_argument("--refiner", type=Path, help="converted SDXL refiner folder (default: REFINER_DIR, as the worker)")
     offload = settings.offload if settings is not None else "auto"
     run.add_argument("--offload", default=offload, help="auto|none|model|sequential (default: OFFLOAD, else auto)")
     run.add_argument(
@@ -108,8 +109,10 @@ def run_options(args: argparse.Namespace, environ: Mapping[str, str]) -> RunOpti
 
 
 def run_kind(args: argparse.Namespace, settings: Settings) -> RunKind:
-    if args.endpoint and args.model:
-        raise ConfigurationError("--endpoint and --model exclude each other: the endpoint's worker has its own model")
+    if args.endpoint and (args.model or args.refiner):
+        raise ConfigurationError(
+            "--endpoint and --model/--refiner exclude each other: the endpoint's worker has its own model"
+        )
     if args.endpoint:
         return EndpointOptions(
             url=args.endpoint,
@@ -120,6 +123,7 @@ def run_kind(args: argparse.Namespace, settings: Settings) -> RunKind:
         )
     return LocalEngineOptions(
         model_dir=args.model,
+        refiner_dir=args.refiner,
         offload=args.offload,
         batch_size=args.batch_size,
         deterministic=args.deterministic,

@@ -59,6 +59,7 @@ class LocalEngineOptions:
     """Run the lines on a model loaded here. ``engine``: one already loaded (tests, benchmarks) instead of loading."""
 
     model_dir: Path | None = None  # None: MODEL_DIR, or the worker's volume/baked default
+    refiner_dir: Path | None = None  # None: REFINER_DIR / REFINER_NAME, as the worker; without one, no refiner
     offload: str = "auto"
     batch_size: int = 1
     deterministic: bool = True

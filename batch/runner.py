@@ -76,12 +76,13 @@ def load_engine(options: LocalEngineOptions) -> Engine:
     loading) stops the run as retriable (exit code 1).
     """
     from model_build.manifest import ModelFolderError
-    from worker.model_location import prepare_model_dir
+    from worker.model_location import prepare_model_dir, resolve_refiner_dir
 
     settings = options.settings if options.settings is not None else load_settings()
     try:
         folder = options.model_dir if options.model_dir is not None else prepare_model_dir(settings)
-        return Engine(folder, offload=options.offload, settings=settings)
+        refiner = options.refiner_dir if options.refiner_dir is not None else resolve_refiner_dir(settings)
+        return Engine(folder, offload=options.offload, settings=settings, refiner_dir=refiner)
     except ConfigurationError:
         raise
     except (ModelFolderError, ValueError, OSError) as error:

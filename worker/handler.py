@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ModelLoadFailed, ModelMissing, WorkerError, first_line, from_exception
-from core.settings import BAKED_MODELS, VOLUME_MODELS, Settings, load_settings
+from core.settings import Settings, load_settings
 from worker.delivery import deliver
 from worker.engine import Engine, GenerationResult
 from worker.images import a1111_parameters, encode_image
@@ -37,16 +37,6 @@ def _startup_error(error: BaseException) -> WorkerError:
     return ModelLoadFailed(f"{type(error).__name__}: {first_line(error)}")
 
 
-def resolve_refiner_dir(settings: Settings) -> Path | None:
-    """The refiner folder: REFINER_DIR, else REFINER_NAME on the volume or baked into the image; None without one."""
-    if settings.refiner_dir is not None:
-        return settings.refiner_dir
-    if not settings.refiner_name:
-        return None
-    volume_dir = VOLUME_MODELS / settings.refiner_name
-    return volume_dir if volume_dir.exists() else BAKED_MODELS / settings.refiner_name
-
-
 class Worker:
     """One worker process: its settings, its engine (or why it has none), and the job handler."""
 
@@ -57,7 +47,7 @@ class Worker:
 
     def start(self, model_dir: Path | str | None = None, refiner_dir: Path | str | None = None) -> None:
         """Load the engine once; on failure remember the error for every job (logged once)."""
-        from worker.model_location import prepare_model_dir
+        from worker.model_location import prepare_model_dir, resolve_refiner_dir
 
         try:
             if model_dir is None:

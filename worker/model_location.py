@@ -371,3 +371,13 @@ def _shown(source: str) -> str:
 def _message(error: BaseException) -> str:
     """The error's own message, without a kind prefix (this module adds its own)."""
     return str(getattr(error, "message", None) or error).rstrip(".")
+
+
+def resolve_refiner_dir(settings: Settings, volume: Path = VOLUME, baked: Path = BAKED_MODELS) -> Path | None:
+    """The refiner folder: REFINER_DIR, else REFINER_NAME on the volume or baked into the image; None without one."""
+    if settings.refiner_dir is not None:
+        return settings.refiner_dir
+    if not settings.refiner_name:
+        return None
+    volume_dir = volume / "models" / settings.refiner_name
+    return volume_dir if volume_dir.exists() else baked / settings.refiner_name

@@ -289,3 +289,25 @@ def test_a_refiner_with_its_own_encoder_gets_its_own_chunked_conditioning(dev_mo
     assert "error" not in out, out
     assert out["metadata"]["refiner"]["model"]["shares_with_base"] == []
     assert worker.handle({"id": "own-again", "input": payload})["images"] == out["images"]
+
+
+def test_batch_lines_take_the_same_refiner_and_img2img_fields(
+    dev_model_dir: Path, dev_refiner_dir: Path, tmp_path: Path
+) -> None:
+    from batch.cli import main as batch_main
+
+    image = base64.b64encode(png_bytes((256, 256))).decode()
+    lines = [
+        {"id": "refined", **OFFICIAL_TEST_INPUT},
+        {"id": "img2img", "prompt": "a fence", "image_url": image, "strength": 0.5, "num_inference_steps": 4},
+    ]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    argv = ["run", str(jobs), "--out", str(out), "--model", str(dev_model_dir), "--refiner", str(dev_refiner_dir)]
+    assert batch_main([*argv, "--no-progress"]) == 0
+    refined = json.loads((out / "refined.json").read_text())["metadata"]
+    assert refined["refiner"]["used"] is True and refined["refiner"]["high_noise_frac"] == 0.8
+    img2img = json.loads((out / "img2img.json").read_text())["metadata"]
+    assert img2img["mode"] == "img2img" and img2img["img2img"]["model"] == "base"
+    assert Image.open(out / "images" / "img2img-0.png").size == (256, 256)
