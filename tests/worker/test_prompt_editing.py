@@ -4,37 +4,25 @@ encoders and the pooled vector, and the pipeline's denoising loop sees exactly t
 from __future__ import annotations
 
 import json
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from core.errors import InvalidRequest
+from tests.support.dev_pipes import load_dev_pipe, one_torch_thread
 from worker.prompting.encoding import EncodedPrompts, PromptEncoder
 from worker.prompting.stepping import conditioning_callback
 
 STEPS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")
 def pipe(dev_model_dir: Path):
-    from diffusers import StableDiffusionXLPipeline
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = StableDiffusionXLPipeline.from_pretrained(dev_model_dir, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_dev_pipe(dev_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ negatives, the cache."""
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from core.errors import InvalidRequest
+from tests.support.dev_pipes import load_dev_pipe
 from tests.support.prompt_reference import a1111_chunks
 from worker.prompting.chunks import COMMA_BACKTRACK, MAX_CHUNKS_PER_PROMPT, chunk_weighted_tokens
 from worker.prompting.encoding import EncodedPrompts, PromptEncoder
@@ -30,16 +30,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def load_dev_pipe(dev_model_dir: Path):
-    from diffusers import StableDiffusionXLPipeline
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = StableDiffusionXLPipeline.from_pretrained(dev_model_dir, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
