@@ -23,11 +23,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from core.errors import ImageQualityFailed, InternalError, InvalidRequest, ModelLoadFailed
+from core.errors import ConfigurationError, ImageQualityFailed, InternalError, InvalidRequest
 from core.results import GenerationMetadata, Timings
 from core.settings import Settings, load_settings
-from model_build.architectures import COMPONENTS
+from model_build.architectures import COMPONENTS, REFINER_COMPONENTS, family_of_manifest
 from model_build.dev_model import DEV_MODEL_NOTICE
+from model_build.layout import BASE_FAMILY, REFINER_FAMILY
 from model_build.manifest import manifest_hash, verify
 from worker.acceleration import accelerate
 from worker.device_policy import DevicePlan, plan_device
@@ -40,7 +41,6 @@ from worker.schema import MAX_SEED, MIN_SIDE, SIDE_MULTIPLE, GenerationRequest, 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
-REFINER_COMPONENTS = ("unet", "text_encoder_2", "vae")
 
 
 @dataclass
@@ -86,6 +86,19 @@ def group_key(request: GenerationRequest, encoded: EncodedPrompts) -> tuple:
     )
 
 
+def _require_family(manifest: dict[str, Any], folder: Path, family: str, setting: str) -> None:
+    """A folder converted from another family (a refiner as the base, a base as the refiner) is refused by name."""
+    try:
+        found = family_of_manifest(manifest).name
+    except ValueError as error:
+        raise ConfigurationError(f"{setting} {folder}: {error}") from None
+    if found != family:
+        raise ConfigurationError(
+            f"{setting} {folder} holds a converted {found} model, not {family}; point {setting} at a folder converted "
+            f"from an {family} checkpoint (python -m model_build convert CHECKPOINT.safetensors --output DIR)"
+        )
+
+
 def _file_hash(manifest: dict[str, Any], relative: str) -> str | None:
     entry = manifest.get("files", {}).get(relative)
     return entry.get("sha256") if isinstance(entry, dict) else None
@@ -112,6 +125,7 @@ class Engine:
         self.settings = settings if settings is not None else load_settings()
         self.model_dir = Path(model_dir)
         self.manifest = verify(self.model_dir)  # raises ModelFolderError with the command to run
+        _require_family(self.manifest, self.model_dir, BASE_FAMILY, "MODEL_DIR")
         self.model_name = self.model_dir.name
         self.model_hash = manifest_hash(self.model_dir)
         self.is_dev_model = bool(self.manifest.get("dev_model"))
@@ -154,12 +168,7 @@ class Engine:
     def _load_refiner(self, refiner_dir: Path, pipeline_class: Any) -> tuple[Any, dict[str, Any]]:
         """The refiner pipeline, sharing the base's VAE and second text encoder when their files are identical."""
         manifest = verify(refiner_dir)
-        family = manifest.get("family")
-        if family != "sdxl-refiner":
-            raise ModelLoadFailed(
-                f"REFINER_DIR {refiner_dir} holds a {family or 'sdxl-base'} model, not an SDXL refiner; convert a "
-                "refiner checkpoint (python -m model_build convert sd_xl_refiner_1.0.safetensors --output ...)"
-            )
+        _require_family(manifest, refiner_dir, REFINER_FAMILY, "REFINER_DIR")
         shared: dict[str, Any] = {}
         for component in ("vae", "text_encoder_2"):
             weights = f"{component}/{'diffusion_pytorch_model' if component == 'vae' else 'model'}.safetensors"

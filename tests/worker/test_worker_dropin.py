@@ -311,3 +311,14 @@ def test_batch_lines_take_the_same_refiner_and_img2img_fields(
     img2img = json.loads((out / "img2img.json").read_text())["metadata"]
     assert img2img["mode"] == "img2img" and img2img["img2img"]["model"] == "base"
     assert Image.open(out / "images" / "img2img-0.png").size == (256, 256)
+
+
+def test_a_folder_of_the_other_family_is_refused_by_name(dev_model_dir: Path, dev_refiner_dir: Path) -> None:
+    swapped = Worker(load_settings({}))
+    swapped.start(dev_refiner_dir)  # the refiner given as the base model
+    assert str(swapped.startup_error).startswith(f"configuration: MODEL_DIR {dev_refiner_dir} holds a converted ")
+    assert "sdxl-refiner model, not sdxl-base" in swapped.handle({"id": "x", "input": SMALL})["error"]
+    base_as_refiner = Worker(load_settings({}))
+    base_as_refiner.start(dev_model_dir, refiner_dir=dev_model_dir)
+    assert "REFINER_DIR" in str(base_as_refiner.startup_error)
+    assert "sdxl-base model, not sdxl-refiner" in str(base_as_refiner.startup_error)
