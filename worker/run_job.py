@@ -15,9 +15,12 @@ import logging
 import sys
 from pathlib import Path
 
+from core.results import EXTENSIONS as FORMAT_EXTENSIONS
+from core.results import MIME_TYPES
 from worker.handler import Worker
 
-EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+# mime type -> file extension, from the one table in core.results
+EXTENSIONS = {MIME_TYPES[image_format]: extension for image_format, extension in FORMAT_EXTENSIONS.items()}
 
 
 def write_images(output: dict, out_dir: Path, stem: str) -> list[Path]:

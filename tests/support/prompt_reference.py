@@ -67,8 +67,13 @@ def a1111_parse_prompt_attention(text: str) -> list[list]:
 
 
 def has_bracketed_break(reference: list[list]) -> bool:
-    """True when A1111 multiplied a BREAK marker (a BREAK inside brackets), one of the two deliberate differences."""
-    return any(re.search(r"\bBREAK\b", text) and [text, weight] != ["BREAK", -1] for text, weight in reference)
+    """True when A1111 multiplied a BREAK marker (a BREAK inside brackets), one of the two deliberate differences.
+
+    The multiplied marker is no longer ``["BREAK", -1]``; with a weight of 0 it even equals its neighbours' (-0.0 ==
+    0.0) and A1111 merges it into them (``( BREAK asset:0)`` -> ``["BREAKasset", 0]``), so any other run holding the
+    uppercase word counts, word boundary or not.
+    """
+    return any("BREAK" in text and [text, weight] != ["BREAK", -1] for text, weight in reference)
 
 
 def as_production_runs(reference: list[list]) -> list[tuple[str, float]]:

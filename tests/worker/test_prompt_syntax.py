@@ -253,3 +253,9 @@ def test_escaped_text_parses_to_itself(text: str) -> None:
 @given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz ,.!?'-:;\n0123456789", max_size=80))
 def test_text_without_syntax_is_one_plain_run(text: str) -> None:
     assert parse_prompt_attention(text) == [(text, 1.0)]
+
+
+def test_a_zero_weighted_break_merged_by_a1111_still_counts_as_bracketed() -> None:
+    # Found by the encoder's property test: A1111 merges the multiplied marker into its 0-weighted neighbours.
+    reference = a1111_parse_prompt_attention("( BREAK asset:0)")
+    assert ["BREAKasset", 0.0] in reference and has_bracketed_break(reference)
