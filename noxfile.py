@@ -125,6 +125,8 @@ def image_test(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+# On a GPU machine with the packages already installed (the image, or an offline box): `nox --no-venv -R -s bench --
+# --full-size --compile unet ...` runs in the current interpreter and installs nothing (bench/results/README.md).
 def bench(session: nox.Session) -> None:
     """Engine vs stock diffusers, JSON lines: dev-size on the CPU; `-- --full-size --compile unet` on a GPU."""
     install_runtime(session)
@@ -141,7 +143,7 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=False, default=False)
 def smoke(session: nox.Session) -> None:
-    """The worker on full-size random SDXL on this machine's GPU: 1024², long prompt, LoRA, out of GPU memory.
+    """The worker on full-size random SDXL on this machine's GPU: 1024², long prompt, LoRA, refiner, out of memory.
 
     Runs in the current interpreter (the image's, or any with requirements.txt and CUDA torch); COMPILE=unet etc.
     apply as in the worker. `nox -s smoke -- --steps 10` passes options; without a GPU it refuses (dry run:

@@ -17,8 +17,10 @@ per call, PIL's default PNG), this engine is :class:`worker.handler.Worker` with
 - ``quality``: engine against stock for the same seed: cosine of latents, max abs diff and PSNR of the
   final 8-bit image, NaN check; ``determinism``: identical requests give identical bytes.
 - ``other_shape``: a shape that was not warmed up runs (eagerly) without compiling anything.
-- ``cold_start`` (``--cold-start off,cache``): a fresh process from start to its first image, with the
-  engine's compilation off, and with the compile cache this run saved (in an empty local Inductor cache).
+- ``cold_start`` (``--cold-start off,cache,regional``): a fresh process from start to its first image, with the
+  engine's compilation off, with the compile cache this run saved (in an empty local Inductor cache), and with
+  regional compilation from nothing; each with the engine's start-up phases (imports, load, to GPU, compile,
+  warm-up).
 
 Speed does not depend on weight values, so the model is built with random weights (no download) and
 saved as a converted folder the worker loads. Everything prints as it is measured (``--out-dir`` keeps
@@ -484,6 +486,7 @@ def cold_start_child(args: argparse.Namespace) -> None:
         torch_import_s=round(import_started - PROCESS_STARTED, 2),
         other_imports_s=round(imports_s, 2),
         **{k: round(v, 2) for k, v in start["phases"].items()},
+        engine_phases=getattr(worker_.engine, "startup_phases", None),
         cache=start["warm_up"],
         first_job_s=round(first_job_s, 2),
         second_job_s=round(time.perf_counter() - started, 2),
@@ -501,6 +504,10 @@ def cold_starts(args: argparse.Namespace, model_dir: Path) -> None:
         environment = dict(os.environ)
         if case == "off":
             command += ["--compile", "off"]
+        elif case == "regional":  # regional compilation from nothing: no compile cache, an empty local cache
+            command += ["--compile", "regional"]
+            fresh = Path(tempfile.mkdtemp(prefix="inductor-empty-"))
+            environment.update(TORCHINDUCTOR_CACHE_DIR=str(fresh), TRITON_CACHE_DIR=str(fresh / "triton"))
         else:  # "cache": the file this run saved, in an empty local cache (as on a fresh machine)
             command += ["--compile", args.compile, "--compile-mode", args.compile_mode, "--cache-dir", args.cache_dir]
             command += ["--warmup-batch-sizes", *map(str, args.warmup_batch_sizes)]
@@ -550,7 +557,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vae-dtype", choices=("fp16", "bf16", "fp32"))
     parser.add_argument("--warmup-batch-sizes", type=int, nargs="+", default=[1])
     parser.add_argument("--cache-dir", help="the persistent compile cache (saved by this run, used by cold starts)")
-    parser.add_argument("--cold-start", default="", help="comma list of off,cache: fresh-process start-up runs")
+    parser.add_argument(
+        "--cold-start", default="", help="comma list of off,cache,regional: fresh-process start-up runs"
+    )
     parser.add_argument("--work-dir", help="where the random model folder is written (default: a temporary folder)")
     parser.add_argument("--model-dir", help="use this converted folder instead of building one")
     parser.add_argument("--out-dir", help="also write the JSON lines (and the compile cache, gzipped) here")
@@ -567,6 +576,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.other_width = args.other_width or (832 if full else 320)
     args.other_height = args.other_height or (1216 if full else 256)
     args.cold_start = [case for case in args.cold_start.split(",") if case]
+    unknown = set(args.cold_start) - {"off", "cache", "regional"}
+    if unknown:
+        parser.error(f"--cold-start {','.join(sorted(unknown))}: use off, cache or regional")
     if "cache" in args.cold_start and not (args.cache_dir and args.compile != "off"):
         parser.error("--cold-start cache needs --compile unet|regional and --cache-dir")
     return args

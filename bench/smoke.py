@@ -10,6 +10,9 @@ etc.), one JSON line per check, exit status 1 if any failed:
 - ``long_prompt``: a weighted prompt of several hundred tokens with BREAK returns an image;
 - ``lora``: a random LoRA file in LORA_DIR changes the image, and the next job without it equals the
   first job without it byte for byte (nothing leaks between jobs);
+- ``refiner``: with the full-size refiner loaded beside the base (converted by ``model_build`` from its
+  random single-file checkpoint), the official worker's refiner job (``strength``) and the ensemble of experts
+  (``high_noise_frac``) each return an image that the refiner made; ``--no-refiner`` skips it;
 - ``out_of_memory``: with this process capped to a little more GPU memory than the weights take
   (``torch.cuda.set_per_process_memory_fraction``), a job fails with an error that sets ``refresh_worker``,
   and with the cap lifted the next job succeeds.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +33,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 FAILURES: list[str] = []
 
@@ -66,6 +71,19 @@ def long_prompt() -> str:
     return ", ".join(parts)
 
 
+def build_refiner(work: Path, full_size: bool) -> Path:
+    """The random refiner as a user makes one: a single-file checkpoint converted and verified by model_build."""
+    checkpoint = work / "sdxl-refiner.safetensors"
+    size = ["--full-size"] if full_size else []
+    for command in (
+        ["dev-checkpoint", str(checkpoint), "--refiner", *size],
+        ["convert", str(checkpoint), "--output", str(work / "sdxl-refiner")],
+    ):
+        subprocess.run([sys.executable, "-m", "model_build", "-q", *command], check=True, cwd=ROOT)
+    checkpoint.unlink()  # disk: the folder is what the worker loads
+    return work / "sdxl-refiner"
+
+
 def run_job(worker: Any, name: str, **fields: Any) -> tuple[dict[str, Any], float]:
     started = time.perf_counter()
     output = worker.handle({"id": f"smoke-{name}", "input": fields})
@@ -77,6 +95,7 @@ def main() -> None:
     parser.add_argument("--full-size", action="store_true", help="full-size SDXL on CUDA (default: dev-size, CPU)")
     parser.add_argument("--model-dir", help="a converted folder to use instead of building a random one")
     parser.add_argument("--steps", type=int, help="steps per job (default 25 full-size, 4 dev)")
+    parser.add_argument("--no-refiner", action="store_true", help="skip the refiner (saves its conversion)")
     args = parser.parse_args()
     device = "cuda" if args.full_size else "cpu"
     if args.full_size and not torch.cuda.is_available():
@@ -100,13 +119,20 @@ def main() -> None:
     del pipe
     if device == "cuda":
         torch.cuda.empty_cache()
-    report("setup", True, seconds=round(time.perf_counter() - started, 1), model_dir=str(model_dir))
+    refiner_dir = None if args.no_refiner else build_refiner(work, args.full_size)
+    report(
+        "setup",
+        True,
+        seconds=round(time.perf_counter() - started, 1),
+        model_dir=str(model_dir),
+        refiner_dir=str(refiner_dir) if refiner_dir else None,
+    )
 
     os.environ["LORA_DIR"] = str(lora_dir)  # the engine's LoRA manager reads its settings from the environment
     settings = load_settings(None, offload="none")
     started = time.perf_counter()
     worker = Worker(settings)
-    worker.start(model_dir)
+    worker.start(model_dir, refiner_dir)
     accelerator = getattr(worker.engine, "accelerator", None)
     if worker.engine is not None and accelerator is None:  # an engine that does not apply them itself
         from worker.acceleration import accelerate
@@ -126,6 +152,8 @@ def main() -> None:
         sys.exit(1)
 
     base = {"prompt": "a lighthouse on a cliff at dawn", "width": size, "height": size, "num_inference_steps": steps}
+    if refiner_dir is not None:  # the base-only checks stay base-only; the refiner has checks of its own below
+        base["refiner"] = False
     first, seconds = run_job(worker, "square", **base, seed=7)
     report(
         "square",
@@ -155,6 +183,22 @@ def main() -> None:
         lora_changes_image=lora_ok and with_lora["images"][0] != first["images"][0],
         no_lora_after_equals_before=lora_ok and again["images"][0] == first["images"][0],
     )
+
+    if refiner_dir is not None:
+        for check, fields in (
+            ("refiner", {"refiner": True, "refiner_inference_steps": steps, "strength": 0.3}),
+            ("refiner_ensemble", {"refiner": True, "high_noise_frac": 0.8}),
+        ):
+            output, seconds = run_job(worker, check, **{**base, **fields}, seed=7)
+            used = output.get("metadata", {}).get("refiner", {}).get("used")
+            report(
+                check,
+                "error" not in output and len(output.get("images", [])) == 1 and used is True,
+                seconds=round(seconds, 2),
+                error=output.get("error"),
+                refiner=output.get("metadata", {}).get("refiner"),
+                timings=output.get("metadata", {}).get("timings"),
+            )
 
     if device != "cuda":
         report("out_of_memory", True, skipped="no CUDA device: the memory cap needs one")

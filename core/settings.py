@@ -181,6 +181,9 @@ class Settings:
     compile_cache_dir: Path | None = _setting(
         "COMPILE_CACHE_DIR", "", _optional_path, "compiled code kept between starts (default: on the volume if mounted)"
     )
+    warmup: bool = _setting(
+        "WARMUP", "1", _flag, "on a GPU, one short job at start-up so the first paid job runs at full speed"
+    )
     warmup_sizes: tuple[tuple[int, int], ...] = _setting(
         "WARMUP_SIZES", "1024x1024", _sizes, "WIDTHxHEIGHT list compiled at start-up; other sizes run eagerly"
     )

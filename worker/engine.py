@@ -13,6 +13,7 @@ model's scheduler config, its own generators, and exactly the LoRAs it asks for.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -115,6 +116,9 @@ class Engine:
         settings: Settings | None = None,
         refiner_dir: Path | str | None = None,
     ) -> None:
+        # Where start-up time goes (seconds per phase), for the log and `nox -s bench`'s cold-start figures.
+        self.startup_phases: dict[str, float] = {}
+        clock = _PhaseClock(self.startup_phases)
         import diffusers
         import transformers
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
@@ -122,6 +126,7 @@ class Engine:
         # Loading bars would interleave with the worker's and the batch runner's own output.
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
+        clock.lap("import_pipelines_s")
         self.settings = settings if settings is not None else load_settings()
         self.model_dir = Path(model_dir)
         self.manifest = verify(self.model_dir)  # raises ModelFolderError with the command to run
@@ -129,6 +134,7 @@ class Engine:
         self.model_name = self.model_dir.name
         self.model_hash = manifest_hash(self.model_dir)
         self.is_dev_model = bool(self.manifest.get("dev_model"))
+        clock.lap("verify_s")
         cuda = torch.cuda.is_available()
         self.dtype = torch.float16 if cuda else torch.float32
         started = time.perf_counter()
@@ -136,11 +142,15 @@ class Engine:
             self.model_dir, torch_dtype=self.dtype, local_files_only=True, use_safetensors=True
         )
         self.pipe.set_progress_bar_config(disable=True)
+        clock.lap("load_s")
         self.refiner, self.refiner_info = None, None
         if refiner_dir is not None:
             self.refiner, self.refiner_info = self._load_refiner(Path(refiner_dir), StableDiffusionXLImg2ImgPipeline)
+            clock.lap("load_refiner_s")
         self.plan = self._place(offload or self.settings.offload, cuda)
+        clock.lap("to_device_s")
         self.accelerator = accelerate(self.pipe, self.settings)  # COMPILE etc.: compiles now, never in a job
+        clock.lap("compile_s")
         # img2img on the base model: the same modules under the img2img pipeline's loop. Not from_pipe(): without a
         # dtype it casts every shared module to float32 (an fp32 UNet on the GPU ran 3.5x slower, H200 2026-11-30).
         self.img2img = StableDiffusionXLImg2ImgPipeline(**self.pipe.components)
@@ -150,20 +160,46 @@ class Engine:
         self.prompt_encoder = self._prompt_encoder(self.pipe)
         self.refiner_prompt_encoder = self._refiner_prompt_encoder(StableDiffusionXLPipeline)
         self.loras = self._lora_manager()
+        clock.lap("prompt_encoders_s")
+        if cuda and self.settings.warmup and self.plan.offload in ("none", "model"):  # sequential: minutes
+            self.warm_up()
+            clock.lap("warm_up_s")
         self.load_seconds = time.perf_counter() - started
         log.info(
-            "loaded %s (%s, manifest %s)%s in %.1f s; %s",
+            "loaded %s (%s, manifest %s)%s in %.1f s; %s; start-up phases %s",
             self.model_dir,
             self.dtype,
             self.model_hash,
             f" with refiner {self.refiner_info['name']}" if self.refiner_info else "",
             self.load_seconds,
             self.plan.reason,
+            json.dumps(self.startup_phases),
         )
         if self.is_dev_model:
             log.warning(DEV_MODEL_NOTICE)
 
     # -- set-up ------------------------------------------------------------------------------
+
+    def warm_up(self, steps: int = 2) -> float:
+        """Run one short job of the first warm-up size through the whole path, and forget it; returns seconds.
+
+        A first job pays for CUDA kernels loading, cuBLAS/cuDNN handles and heuristics, the allocator's first
+        blocks and the text encoders' CUDA-graph capture (1-2 s on an H200 with full-size SDXL). The worker pays
+        that here, at start-up (WARMUP=1, GPU only), so no paid job does. The job's prompts leave the prompt
+        cache, and nothing else it touches holds state: the next job gives the same bytes as without it.
+        """
+        from worker.schema import parse_request
+
+        started = time.perf_counter()
+        width, height = self.settings.warmup_sizes[0] if self.settings.warmup_sizes else (1024, 1024)
+        fields = {"prompt": "warm-up", "negative_prompt": "warm-up", "width": width, "height": height}
+        # 4 refiner steps: at the default strength 0.3 that is one step (2 would be none, an error).
+        request = parse_request({**fields, "num_inference_steps": steps, "refiner_inference_steps": 4, "seed": 0})
+        self.generate(request)
+        self.prompt_encoder.clear_cache()
+        if self.refiner_prompt_encoder is not None:
+            self.refiner_prompt_encoder.clear_cache()
+        return time.perf_counter() - started
 
     def _load_refiner(self, refiner_dir: Path, pipeline_class: Any) -> tuple[Any, dict[str, Any]]:
         """The refiner pipeline, sharing the base's VAE and second text encoder when their files are identical."""
@@ -586,6 +622,19 @@ class Engine:
         if self.plan.device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter()
+
+
+class _PhaseClock:
+    """Seconds since the previous lap, recorded under each lap's name."""
+
+    def __init__(self, phases: dict[str, float]) -> None:
+        self.phases = phases
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = round(now - self.last, 3)
+        self.last = now
 
 
 class _Embeddings:

@@ -8,12 +8,15 @@ Every failure becomes one :class:`core.errors.WorkerError` kind, returned as a s
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from core.errors import ModelLoadFailed, ModelMissing, WorkerError, first_line, from_exception
+from core.results import EncodedImage
 from core.settings import Settings, load_settings
 from worker.delivery import deliver
 from worker.engine import Engine, GenerationResult
@@ -87,16 +90,18 @@ class Worker:
         assert engine is not None
         started = time.perf_counter()
         loras = result.metadata.stable["loras"]
-        encoded = [
-            encode_image(
-                image,
-                request.output_format,
-                request.quality,
-                seed,
-                a1111_parameters(request, seed, engine.model_name, engine.model_hash, loras),
-            )
-            for image, seed in zip(result.images, result.seeds, strict=True)
-        ]
+
+        def encode(image_and_seed: tuple[Any, int]) -> EncodedImage:
+            image, seed = image_and_seed
+            parameters = a1111_parameters(request, seed, engine.model_name, engine.model_hash, loras)
+            return encode_image(image, request.output_format, request.quality, seed, parameters)
+
+        pairs = list(zip(result.images, result.seeds, strict=True))
+        if len(pairs) > 1:  # Pillow's encoders release the GIL: N images take about one image's time on N cores
+            with ThreadPoolExecutor(max_workers=min(len(pairs), os.cpu_count() or 1)) as pool:
+                encoded = list(pool.map(encode, pairs))
+        else:
+            encoded = [encode(pair) for pair in pairs]
         images, returned_as = deliver(job_id, encoded, request.return_type, self.settings)
         metadata = result.metadata.with_timings(image_encoding_s=time.perf_counter() - started).with_volatile(
             returned_as=returned_as

@@ -203,3 +203,32 @@ def test_local_api_server_runsync(worker_api_server: str) -> None:
     assert first["output"]["images"] == second["output"]["images"]
     bad = post(url, {"input": {"prompt": "x", "num_images": 0}})
     assert "num_images" in json.dumps(bad)
+
+
+def test_images_encoded_in_parallel_equal_each_image_encoded_alone(engine_loaded) -> None:
+    from worker.engine import image_seeds
+    from worker.images import a1111_parameters, encode_image
+    from worker.schema import parse_request
+
+    output = run({**SMALL, "seed": 77, "num_images": 3})
+    request = parse_request({**SMALL, "seed": 77, "num_images": 3})
+    result = engine_loaded.generate(request)
+    assert result.seeds == image_seeds(77, 3)
+    for uri, image, seed in zip(output["images"], result.images, result.seeds, strict=True):
+        parameters = a1111_parameters(request, seed, engine_loaded.model_name, engine_loaded.model_hash, [])
+        alone = encode_image(image, request.output_format, request.quality, seed, parameters)
+        assert decode(uri)[1] == alone.data
+
+
+def test_start_up_warm_up_leaves_no_trace_in_the_next_job(engine_loaded) -> None:
+    # The worker runs it at start-up on a GPU only (WARMUP=1); here it runs on the CPU engine directly.
+    before = run({**SMALL, "seed": 5, "prompt": "a quiet harbour"})
+    assert engine_loaded.warm_up() > 0
+    assert engine_loaded.prompt_encoder.cache_bytes == 0  # its prompts are forgotten
+    after = run({**SMALL, "seed": 5, "prompt": "a quiet harbour"})
+    assert after["images"] == before["images"]
+    assert after["seed"] == before["seed"] == 5
+    phases = engine_loaded.startup_phases
+    assert {"import_pipelines_s", "verify_s", "load_s", "to_device_s", "compile_s", "prompt_encoders_s"} <= set(phases)
+    assert "warm_up_s" not in phases  # not on a CPU
+    assert all(seconds >= 0 for seconds in phases.values())
