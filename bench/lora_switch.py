@@ -13,11 +13,12 @@ Prints one JSON object per line. Run:
 
 Measured through :class:`worker.loras.LoraManager`, the worker's own code path: first load (read +
 sha256, convert + check, peft injection), cached switch between LoRA sets (target <= 0.2 s), UNet
-denoising time with 0/1/3 active adapters and with one LoRA fused into the weights, that a job
-without LoRAs after LoRA jobs gives bit-identical latents; ``--offload``: loading under
+denoising time with 0/1/3 active adapters merged into the UNet's weights (``LORA_FUSE=1``, the worker's
+default) and as peft layers (``LORA_FUSE=0``), that a job without LoRAs after LoRA jobs gives bit-identical
+latents in both modes; ``--offload``: loading under
 ``enable_model_cpu_offload`` keeps the hooks and exactness; ``--compile``: graphs compiled when
 switching LoRAs under torch.compile (regional, as ``compile_repeated_blocks``), with the worker's
-switching and with diffusers' LoRA hotswap (``enable_lora_hotswap`` + ``hotswap=True``), and whether
+merging and with diffusers' LoRA hotswap (``enable_lora_hotswap`` + ``hotswap=True``), and whether
 dynamo hits its recompile limit (after which it silently runs that code eagerly).
 """
 
@@ -30,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -185,7 +187,7 @@ def compile_counts() -> dict[str, int]:
 
 
 def compile_check(args: argparse.Namespace, clock: Clock, pipe: Any, manager: Any, loras: dict, device: str) -> None:
-    """Recompilations caused by switching LoRAs: the worker's set_adapters-style switching vs diffusers' hotswap.
+    """Recompilations caused by switching LoRAs: the worker's merging (LORA_FUSE=1) vs diffusers' hotswap.
 
     Reuses the benchmark's pipeline and manager (a, b, c, d loaded) to save building another full-size one.
     """
@@ -225,13 +227,14 @@ def compile_check(args: argparse.Namespace, clock: Clock, pipe: Any, manager: An
             hotswap=hotswap,
         )
 
-    # 1. The worker's way (adapters stay loaded, activation switches them), UNet compiled regionally.
+    # 1. The worker's way (adapters stay loaded; activation merges the job's into the UNet's weights, restored
+    # exactly afterwards), UNet compiled regionally.
     torch._dynamo.reset()
     embeds = encode(pipe, device)
     manager.activate(request(("a", 1.0)))
     pipe.unet.compile_repeated_blocks(fullgraph=False, dynamic=False)
-    run("set_adapters: first run, a@1.0", pipe, embeds, mode="set_adapters")
-    run("set_adapters: same again", pipe, embeds, mode="set_adapters")
+    run("worker (merged): first run, a@1.0", pipe, embeds, mode="merged")
+    run("worker (merged): same again", pipe, embeds, mode="merged")
     for label, lora_request in (
         ("switch to b@1.0", request(("b", 1.0))),
         ("a@0.5 (scale change)", request(("a", 0.5))),
@@ -242,7 +245,7 @@ def compile_check(args: argparse.Namespace, clock: Clock, pipe: Any, manager: An
         switch_started = clock.now()
         manager.activate(lora_request)
         switch_s = clock.now() - switch_started
-        run(f"set_adapters: {label}", pipe, embeds, mode="set_adapters", switch_s=round(switch_s, 4))
+        run(f"worker (merged): {label}", pipe, embeds, mode="merged", switch_s=round(switch_s, 4))
 
     # 2. diffusers' hotswap: one adapter slot, weights replaced in place, scaling kept as tensors.
     manager.clear()
@@ -401,7 +404,8 @@ def main(argv: list[str] | None = None) -> None:
             adapter_mb=round(adapter.param_bytes / 2**20, 1),
         )
 
-    # Cached switches between LoRA sets: no disk read, only activation.
+    # Cached switches between LoRA sets (no disk read, only activation), and the denoising cost of active LoRAs:
+    # merged into the UNet's weights (LORA_FUSE=1, the default) and as peft layers (LORA_FUSE=0).
     sets = [
         request(("a", 1.0)),
         request(("b", 0.8)),
@@ -409,71 +413,66 @@ def main(argv: list[str] | None = None) -> None:
         request(),
         request(("d", 1.0)),
     ]
-    switch_times = []
-    for index in range(args.switches):
-        lora_request = sets[index % len(sets)]
-        started = clock.now()
-        report = manager.activate(lora_request)
-        switch_times.append(clock.now() - started)
-        assert all(entry.get("cache_hit") for entry in report), report
-    emit(
-        event="cached_switch",
-        count=len(switch_times),
-        median_s=round(statistics.median(switch_times), 4),
-        max_s=round(max(switch_times), 4),
-        target_s=0.2,
-        adapters_loaded=len(manager.loaded()),
-    )
-
-    if denoise_enabled:
+    for mode, fuse in (("merged", True), ("peft_layers", False)):
+        manager.settings = replace(settings, fuse_unet=fuse)
+        manager.activate(request())
+        switch_times = []
+        for index in range(args.switches):
+            lora_request = sets[index % len(sets)]
+            started = clock.now()
+            report = manager.activate(lora_request)
+            switch_times.append(clock.now() - started)
+            assert all(entry.get("cache_hit") for entry in report), report
+        emit(
+            event="cached_switch",
+            mode=mode,
+            count=len(switch_times),
+            median_s=round(statistics.median(switch_times), 4),
+            max_s=round(max(switch_times), 4),
+            target_s=0.2,
+            adapters_loaded=len(manager.loaded()),
+        )
+        if not denoise_enabled:
+            continue
         cases = {
-            "0 active (4 loaded, disabled)": request(),
+            "0 active (4 loaded)": request(),
             "1 active": request(("a", 1.0)),
             "3 active": request(("a", 0.7), ("b", 0.5), ("c", 1.0)),
         }
         for label, lora_request in cases.items():
             manager.activate(lora_request)
-            timings[label], latents = timed_denoise(clock, pipe, embeds, args.steps, args.size, args.repeats)
-            if label.startswith("0 active"):
-                emit(event="bit_identity", no_lora_after_lora_jobs_equals_fresh=bit_equal(latents, fresh_latents))
-
-        if args.diagnose_idle:
-            # Where does the "0 active" time go? Count peft wrappers still reachable, time again, then unload all.
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            manager.activate(request())
-            reachable = sum(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules())
-            again, _ = timed_denoise(clock, pipe, embeds, args.steps, args.size, 3)
-            fresh_order, _ = timed_denoise(clock, pipe, embeds, args.steps, args.size, 3)
-            emit(
-                event="idle_diagnosis",
-                wrappers_reachable_in_unet=reachable,
-                zero_active_again_s=round(again, 3),
-                zero_active_third_s=round(fresh_order, 3),
-                hooks=sorted({type(m._forward_hooks).__name__ for m in pipe.unet.modules() if m._forward_hooks}),
-                forward_pre_hooks=sum(len(m._forward_pre_hooks) for m in pipe.unet.modules()),
-                forward_hooks=sum(len(m._forward_hooks) for m in pipe.unet.modules()),
+            timings[f"{label}, {mode}"], latents = timed_denoise(
+                clock, pipe, embeds, args.steps, args.size, args.repeats
             )
-
-        # Fused: a merged into the base weights (what fuse_lora costs and saves; the worker does not fuse,
-        # since unfusing in fp16 does not restore the base weights bit for bit).
-        manager.activate(request(("a", 1.0)))
-        adapter_a = adapter_of(manager, "a").adapter_name
-        started = clock.now()
-        pipe.fuse_lora(components=["unet"], adapter_names=[adapter_a], lora_scale=1.0)
-        fuse_s = clock.now() - started
-        timings["1 fused"], _ = timed_denoise(clock, pipe, embeds, args.steps, args.size, args.repeats)
-        started = clock.now()
-        pipe.unfuse_lora(components=["unet"])
-        unfuse_s = clock.now() - started
+            if label.startswith("0 active"):
+                emit(
+                    event="bit_identity",
+                    mode=mode,
+                    no_lora_after_lora_jobs_equals_fresh=bit_equal(latents, fresh_latents),
+                )
         manager.activate(request())
-        _, after_unfuse = timed_denoise(clock, pipe, embeds, args.steps, args.size, 1)
+        _, after = timed_denoise(clock, pipe, embeds, args.steps, args.size, 1)
+        emit(event="bit_identity", mode=f"{mode}, after its LoRA jobs", equals_fresh=bit_equal(after, fresh_latents))
+
+    if denoise_enabled and args.diagnose_idle:
+        # Where does the "0 active" time go? Count peft wrappers still reachable, time again.
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        manager.activate(request())
+        reachable = sum(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules())
+        again, _ = timed_denoise(clock, pipe, embeds, args.steps, args.size, 3)
+        fresh_order, _ = timed_denoise(clock, pipe, embeds, args.steps, args.size, 3)
         emit(
-            event="fuse",
-            fuse_s=round(fuse_s, 3),
-            unfuse_s=round(unfuse_s, 3),
-            unfused_equals_fresh=bit_equal(after_unfuse, fresh_latents),
+            event="idle_diagnosis",
+            wrappers_reachable_in_unet=reachable,
+            zero_active_again_s=round(again, 3),
+            zero_active_third_s=round(fresh_order, 3),
+            hooks=sorted({type(m._forward_hooks).__name__ for m in pipe.unet.modules() if m._forward_hooks}),
+            forward_pre_hooks=sum(len(m._forward_pre_hooks) for m in pipe.unet.modules()),
+            forward_hooks=sum(len(m._forward_hooks) for m in pipe.unet.modules()),
         )
+    manager.settings = settings
+    if denoise_enabled:
         base = timings["fresh"]
         emit(
             event="denoise",

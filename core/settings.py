@@ -147,6 +147,9 @@ class Settings:
     )
     lora_cache_size: int = _setting("LORA_CACHE_SIZE", "8", _positive_int, "LoRA adapters kept loaded between jobs")
     lora_cache_mb: float = _setting("LORA_CACHE_MB", "2048", _positive_float, "memory those adapters may take, MiB")
+    lora_fuse: bool = _setting(
+        "LORA_FUSE", "1", _flag, "merge a job's LoRAs into the UNet's weights (no cost per step, compile kept)"
+    )
     # -- outputs
     bucket_endpoint_url: str | None = _setting(
         "BUCKET_ENDPOINT_URL", "", _optional_text, "S3 bucket URL: images are uploaded and URLs returned"

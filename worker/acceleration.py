@@ -6,8 +6,10 @@ warm-up shapes, or loads that compilation from the persistent compile cache, and
 compilation: from then on a call whose shape, dtype or module structure was not warmed up runs eagerly
 (``torch.compiler.set_stance("eager_on_recompile")``) instead of spending minutes recompiling inside
 a job. So a 768x1344 request, a 300-token prompt (longer cross-attention sequence), a job without
-classifier-free guidance or a job with an active LoRA (peft wrappers change the module graph) are
-served correctly by the eager modules, and 1024x1024 jobs get the compiled code.
+classifier-free guidance or a job with LoRAs run as peft layers (``LORA_FUSE=0``, DoRA; peft wrappers
+change the module graph) are served correctly by the eager modules, and 1024x1024 jobs get the compiled
+code, with or without LoRAs merged into the UNet's weights (``LORA_FUSE=1``, the default: same modules, new
+values, which compiled code and CUDA graphs read at run time).
 
 What each option does and why it is safe:
 

@@ -45,6 +45,7 @@ class LoraSettings:
     download_dir: Path | None = None
     cache_size: int = 8  # adapters kept loaded (inactive) for reuse
     cache_mb: float = 2048.0  # their parameter memory, in MiB
+    fuse_unet: bool = True  # merge the job's LoRAs into the UNet's weights (restored exactly after), see worker.loras
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LoraSettings:
@@ -54,6 +55,7 @@ class LoraSettings:
             download_dir=settings.lora_download_dir or default_download_dir(),
             cache_size=settings.lora_cache_size,
             cache_mb=settings.lora_cache_mb,
+            fuse_unet=settings.lora_fuse,
         )
 
 

@@ -7,6 +7,11 @@ cost no disk read. Per job, each adapted layer runs exactly the requested adapte
 scales, and a layer with none of them gets its original module back in place of the peft wrapper:
 a job without LoRAs runs the very modules of a fresh worker, bit-identical and at the same speed.
 
+In the UNet (``LORA_FUSE=1``, the default) the job's adapters are merged into the weights instead, as
+A1111 applies LoRAs, and the original weights are copied back after the job: a LoRA then costs no time
+per denoising step and a compiled UNet keeps its compiled code. The text encoders (run once per job)
+keep peft's layers. DoRA or bias LoRAs, CPU offload and ``LORA_FUSE=0`` use peft's layers in the UNet too.
+
 A LoRA with scale 0 contributes nothing, so it is resolved (a typo is still an error) but never
 loaded. A LoRA that does not fit the model is refused before anything is injected
 (:mod:`worker.lora_files`); should a loader still fail, the half-loaded adapter is removed and
@@ -70,6 +75,7 @@ class LoraManager:
         self._fast_activation = True
         self._wrapped: set[str] = set()  # components peft has put wrappers into (they stay, detached or not)
         self._text_encoder_state: tuple = ()  # what the text encoders run now: ((component, ((name, w), ...)), ...)
+        self._fused: list[tuple[Any, Any]] = []  # (UNet weight, its exact copy from before the job's LoRAs)
         self.hits = 0
         self.loads = 0
         self.evictions = 0
@@ -296,6 +302,11 @@ class LoraManager:
 
     def _activate_component(self, component: str, model: Any, names: list[str], scales: list[float]) -> None:
         records = self._tuner_layers(component, model)
+        if component == "unet":
+            self._unfuse()  # the previous job's merged weights out first, whatever this job does
+            if self._can_fuse(records, names):
+                self._fuse(records, names, scales)
+                return
         if self._fast_activation:
             # What peft's set_adapter/set_scale/enable_adapters leave behind, without their per-adapter
             # requires_grad bookkeeping and whole-model walks, which dominate a switch with ~1000 LoRA layers in a
@@ -318,6 +329,81 @@ class LoraManager:
         for record in records:
             record.attach(True)  # the public API walks the model: it must see every wrapper
         self._activate_component_public(component, model, names, scales)
+
+    # -- fused UNet LoRAs ------------------------------------------------------------------------------------------
+
+    def _can_fuse(self, records: list[_WrappedLayer], names: list[str]) -> bool:
+        """Merging needs weights of its own (no offload hooks, nothing on meta) and plain LoRA layers."""
+        if not self.settings.fuse_unet or _offload_mode(self.pipe) is not None:
+            return False
+        for record in records:
+            layer = record.wrapper
+            for name in names:
+                if name not in layer.lora_A:
+                    continue
+                # DoRA rescales the merged weight by a norm and a bias LoRA adds a bias term: peft runs those.
+                if getattr(layer, "use_dora", {}).get(name) or getattr(layer, "lora_bias", {}).get(name):
+                    return False
+                if layer.get_base_layer().weight.device.type == "meta":
+                    return False
+        return True
+
+    def _fuse(self, records: list[_WrappedLayer], names: list[str], scales: list[float]) -> None:
+        """Merge the job's adapters into the UNet's own weights, keeping an exact copy of each weight changed.
+
+        The UNet then runs its original modules (no peft wrapper: no cost per step, and the module structure a
+        compiled UNet was traced with, so compiled code keeps serving LoRA jobs without recompiling); the weights
+        change in place, which compiled code and CUDA graphs read at run time. :meth:`_unfuse` copies the saved
+        weights back, bit for bit, rather than subtracting the delta (which would not round back exactly).
+        """
+        import torch
+
+        started = time.perf_counter()
+        touched = []
+        for record in records:
+            record.attach(False)
+            lora_a = record.wrapper.lora_A
+            present = [(name, scale) for name, scale in zip(names, scales, strict=True) if name in lora_a]
+            if present:
+                touched.append((record.wrapper, present))
+        if not touched:
+            return
+        weights = [layer.get_base_layer().weight for layer, _ in touched]
+        backup_device = self._backup_device(weights)
+        with torch.no_grad():
+            for (layer, present), weight in zip(touched, weights, strict=True):
+                delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                for name, scale in present:
+                    if layer.lora_A[name].weight.device != weight.device:
+                        layer._move_adapter_to_device_of_base_layer(name)
+                    layer.set_scale(name, scale)
+                    delta += layer.get_delta_weight(name).float()
+                self._fused.append((weight, weight.detach().to(backup_device, copy=True)))
+                weight.copy_((weight.float() + delta).to(weight.dtype))
+        log.debug("merged %d LoRA layers into the UNet in %.3f s", len(touched), time.perf_counter() - started)
+
+    def _unfuse(self) -> None:
+        if not self._fused:
+            return
+        import torch
+
+        with torch.no_grad():
+            for weight, original in self._fused:
+                weight.copy_(original)
+        self._fused.clear()
+
+    @staticmethod
+    def _backup_device(weights: list[Any]) -> Any:
+        """Keep the copies beside the weights (a restore is a device copy) unless the GPU is short of room."""
+        import torch
+
+        device = weights[0].device
+        if device.type != "cuda":
+            return device
+        needed = sum(weight.numel() * weight.element_size() for weight in weights)
+        free = torch.cuda.mem_get_info(device)[0]
+        # 4 GiB stays free for a 1024² job's activations; otherwise the copies go to host memory (slower restore).
+        return device if free > needed + 4 * 2**30 else torch.device("cpu")
 
     @staticmethod
     def _activate_component_public(component: str, model: Any, names: list[str], scales: list[float]) -> None:

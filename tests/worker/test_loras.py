@@ -434,3 +434,83 @@ def test_fast_activation_equals_peft_public_api(bare, managers, lora_dir: Path) 
     for job, result in zip(jobs, expected, strict=True):
         fast.activate(job)
         assert torch.equal(latents(bare.pipe), result)
+
+
+# -- fused UNet LoRAs (LORA_FUSE=1, the default) ----------------------------------------------------------------------
+
+
+def unet_inputs(unet: torch.nn.Module) -> dict:
+    generator = torch.Generator().manual_seed(5)
+    config = unet.config
+    text_embeds = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    return {
+        "sample": torch.randn(2, config.in_channels, 8, 8, generator=generator),
+        "timestep": torch.tensor(500.0),
+        "encoder_hidden_states": torch.randn(2, 77, config.cross_attention_dim, generator=generator),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(2, text_embeds, generator=generator),
+            "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 2),
+        },
+        "return_dict": False,
+    }
+
+
+def test_fused_unet_loras_equal_peft_layers_and_restore_bit_for_bit(bare, managers, lora_dir: Path) -> None:
+    from dataclasses import replace
+
+    manager = managers(lora_dir)
+    weights_before = {name: p.clone() for name, p in bare.pipe.unet.named_parameters()}
+    jobs = [
+        request(("style", 0.7), ("detail", -1.0)),
+        request(("detail", 1.5)),
+        request(("words", 1.0), ("style", 0.3)),
+    ]
+    fused = []
+    for job in jobs:
+        manager.activate(job)
+        assert peft_layers(bare.pipe.unet) == 0  # merged: the UNet runs its own modules, no wrapper per call
+        fused.append(latents(bare.pipe))
+        assert not torch.equal(fused[-1], bare.fresh)
+    manager.activate([])
+    assert torch.equal(latents(bare.pipe), bare.fresh)
+    for name, parameter in bare.pipe.unet.named_parameters():  # copied back, not subtracted: exact
+        assert torch.equal(parameter, weights_before[name]), name
+
+    manager.settings = replace(manager.settings, fuse_unet=False)  # LORA_FUSE=0: peft's layers compute the same
+    for job, merged in zip(jobs, fused, strict=True):
+        manager.activate(job)
+        assert peft_layers(bare.pipe.unet) > 0
+        unmerged = latents(bare.pipe)  # the same function up to float32 rounding in another order
+        assert float((unmerged - merged).norm() / merged.norm()) < 1e-4
+    manager.activate([])
+    assert torch.equal(latents(bare.pipe), bare.fresh)
+
+
+def test_switching_fused_loras_keeps_the_compiled_unet(bare, managers, lora_dir: Path) -> None:
+    # The compiled code must read the merged weights at run time (a switch changes the output) and its guards
+    # must hold (a switch compiles nothing). A counting backend traces as Inductor would, without code generation.
+    from torch._dynamo.testing import CompileCounter
+
+    manager = managers(lora_dir)
+    unet = bare.pipe.unet
+    inputs = unet_inputs(unet)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(unet.forward, backend=counter, fullgraph=True, dynamic=False)
+    outputs = {}
+    with torch.no_grad():
+        for key, job in (
+            ("none", []),
+            ("style", request(("style", 1.0))),
+            ("both", request(("style", 1.0), ("detail", 0.5))),
+            ("again", []),
+        ):
+            manager.activate(job)
+            outputs[key] = compiled(**inputs)[0]
+            if key == "both":
+                eager_both = unet(**inputs)[0]
+    torch._dynamo.reset()
+    assert counter.frame_count == 1  # one compilation for every LoRA combination
+    assert not torch.equal(outputs["style"], outputs["none"]) and not torch.equal(outputs["both"], outputs["style"])
+    torch.testing.assert_close(outputs["both"], eager_both)
+    assert torch.equal(outputs["again"], outputs["none"])
