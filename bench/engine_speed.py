@@ -562,7 +562,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--work-dir", help="where the random model folder is written (default: a temporary folder)")
     parser.add_argument("--model-dir", help="use this converted folder instead of building one")
-    parser.add_argument("--out-dir", help="also write the JSON lines (and the compile cache, gzipped) here")
+    parser.add_argument("--out-dir", help="also write the JSON lines here")
+    parser.add_argument(
+        "--copy-cache", action="store_true", help="also copy the compile cache (gzipped, ~50 MB) into --out-dir"
+    )
     parser.add_argument("--deadline", type=float, default=570, help="seconds; later sections are skipped")
     parser.add_argument("--skip-stock", action="store_true")
     parser.add_argument("--skip-variants", action="store_true", help="no per-step UNet and VAE variant lines")
@@ -605,7 +608,7 @@ def save_cache_copy(args: argparse.Namespace) -> None:
     """Copy the compile cache into --out-dir gzipped, in parts under the device tool's 16 MiB file limit."""
     import gzip
 
-    if not (args.out_dir and args.cache_dir):
+    if not (args.out_dir and args.cache_dir and args.copy_cache):
         return
     for path in sorted(Path(args.cache_dir).glob("*.bin")):
         data = gzip.compress(path.read_bytes(), compresslevel=6)
