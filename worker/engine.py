@@ -162,7 +162,11 @@ class Engine:
         self.loras = self._lora_manager()
         clock.lap("prompt_encoders_s")
         if cuda and self.settings.warmup and self.plan.offload in ("none", "model"):  # sequential: minutes
-            self.warm_up()
+            try:
+                self.warm_up()
+            except Exception as error:  # only a speed-up: a worker that cannot warm up still serves
+                log.warning("start-up warm-up failed, the first job will be slower (WARMUP=0 skips it): %s", error)
+                torch.cuda.empty_cache()
             clock.lap("warm_up_s")
         self.load_seconds = time.perf_counter() - started
         log.info(
@@ -195,10 +199,12 @@ class Engine:
         fields = {"prompt": "warm-up", "negative_prompt": "warm-up", "width": width, "height": height}
         # 4 refiner steps: at the default strength 0.3 that is one step (2 would be none, an error).
         request = parse_request({**fields, "num_inference_steps": steps, "refiner_inference_steps": 4, "seed": 0})
-        self.generate(request)
-        self.prompt_encoder.clear_cache()
-        if self.refiner_prompt_encoder is not None:
-            self.refiner_prompt_encoder.clear_cache()
+        try:
+            self.generate(request)
+        finally:
+            self.prompt_encoder.clear_cache()
+            if self.refiner_prompt_encoder is not None:
+                self.refiner_prompt_encoder.clear_cache()
         return time.perf_counter() - started
 
     def _load_refiner(self, refiner_dir: Path, pipeline_class: Any) -> tuple[Any, dict[str, Any]]:
