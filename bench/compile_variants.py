@@ -19,7 +19,6 @@ Full-size SDXL with random weights (speed does not depend on weight values). JSO
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -34,20 +33,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-_LOG: Any = None
-_DEADLINE = math.inf
-
-
-def emit(**record: Any) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    if _LOG is not None:
-        _LOG.write(line + "\n")
-        _LOG.flush()
-
-
-def time_left() -> float:
-    return _DEADLINE - time.perf_counter()
+from bench import jsonlines  # noqa: E402
+from bench.jsonlines import emit, time_left  # noqa: E402
 
 
 def ms_per_call(function: Any, repeats: int = 20, warmup: int = 3) -> dict[str, float]:
@@ -247,7 +234,6 @@ def measure_vae(vae: Any) -> None:
 
 
 def main() -> None:
-    global _LOG, _DEADLINE
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out-dir")
     parser.add_argument("--deadline", type=float, default=540)
@@ -257,10 +243,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/compile_variants.py needs a CUDA GPU")
-    _DEADLINE = STARTED + args.deadline
-    if args.out_dir:
-        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-        _LOG = open(Path(args.out_dir) / "compile_variants.jsonl", "a")  # noqa: SIM115 (closed at exit)
+    jsonlines.start(Path(args.out_dir) / "compile_variants.jsonl" if args.out_dir else None, STARTED + args.deadline)
     import diffusers
 
     from bench.fullsize import build_random_pipeline, save_as_model_dir

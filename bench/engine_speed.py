@@ -50,24 +50,13 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import jsonlines  # noqa: E402
+from bench.jsonlines import emit, time_left  # noqa: E402
+
 PROMPT = "a lighthouse on a cliff at dawn, oil painting, dramatic sky"
 NEGATIVE = "blurry, low quality"
 SEED = 1
 GUIDANCE = 7.5
-_LOG: Any = None
-_DEADLINE = math.inf
-
-
-def emit(**record: Any) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    if _LOG is not None:
-        _LOG.write(line + "\n")
-        _LOG.flush()
-
-
-def time_left() -> float:
-    return _DEADLINE - time.perf_counter()
 
 
 def sync() -> None:
@@ -621,9 +610,7 @@ def save_cache_copy(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    global _LOG, _DEADLINE
     args = parse_args(argv)
-    _DEADLINE = PROCESS_STARTED + args.deadline
     device = "cuda" if args.full_size else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     if device == "cpu":
@@ -631,9 +618,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.child_cold_start:
         cold_start_child(args)
         return
-    if args.out_dir:
-        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-        _LOG = open(Path(args.out_dir) / "engine_speed.jsonl", "a")  # noqa: SIM115 (closed at exit)
+    copy_to = Path(args.out_dir) / "engine_speed.jsonl" if args.out_dir else None
+    jsonlines.start(copy_to, PROCESS_STARTED + args.deadline)
     import diffusers
     import transformers
 
