@@ -39,13 +39,23 @@ class RandomLora:
         return sum(t.numel() * t.element_size() for part in self.layers.values() for t in part.values())
 
 
-def _targets(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[tuple[str, torch.nn.Linear]]:
+def _targets(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[tuple[str, torch.nn.Module]]:
     found = []
     for name, module in model.named_modules():
-        layer = getattr(module, "base_layer", module)  # a layer that already carries adapters: its base Linear
-        if isinstance(layer, torch.nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes):
+        layer = getattr(module, "base_layer", module)  # a layer that already carries adapters: its base layer
+        adaptable = isinstance(layer, torch.nn.Linear | torch.nn.Conv2d)
+        if adaptable and any(name == s or name.endswith("." + s) for s in suffixes):
             found.append((name, layer))
     return found
+
+
+def _lora_shapes(module: torch.nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """lora_A's and lora_B's shapes and A's fan-in: a Conv2d LoRA (LoCon) is a k x k conv down, a 1 x 1 conv up."""
+    if isinstance(module, torch.nn.Conv2d):
+        kernel = tuple(module.kernel_size)
+        fan_in = module.in_channels * kernel[0] * kernel[1]
+        return (rank, module.in_channels, *kernel), (module.out_channels, rank, 1, 1), fan_in
+    return (rank, module.in_features), (module.out_features, rank), module.in_features
 
 
 def random_lora(
@@ -73,11 +83,11 @@ def random_lora(
         targets = _targets(model, unet_targets if component == "unet" else text_targets)
         part: dict[str, torch.Tensor] = {}
         for name, module in targets:
-            shape_down, shape_up = (rank, module.in_features), (module.out_features, rank)
+            shape_down, shape_up, fan_in = _lora_shapes(module, rank)
             down = torch.randn(shape_down, generator=generator, device=device, dtype=dtype)
             up = torch.randn(shape_up, generator=generator, device=device, dtype=dtype)
             # Make ||B A x|| * scaling about `strength` times a unit-variance input's norm per output channel.
-            part[f"{name}.lora_A.weight"] = down.mul_(module.in_features**-0.5).cpu()
+            part[f"{name}.lora_A.weight"] = down.mul_(fan_in**-0.5).cpu()
             part[f"{name}.lora_B.weight"] = up.mul_(strength / (math.sqrt(rank) * scaling)).cpu()
         lora.layers[component] = part
     return lora

@@ -514,3 +514,29 @@ def test_switching_fused_loras_keeps_the_compiled_unet(bare, managers, lora_dir:
     assert not torch.equal(outputs["style"], outputs["none"]) and not torch.equal(outputs["both"], outputs["style"])
     torch.testing.assert_close(outputs["both"], eager_both)
     assert torch.equal(outputs["again"], outputs["none"])
+
+
+def test_conv_loras_merge_as_peft_runs_them_and_every_weight_comes_back(bare, managers, tmp_path: Path) -> None:
+    # LoCon-style LoRAs adapt the resnets' convolutions: a k x k conv down and a 1 x 1 conv up, merged into 4-D
+    # weights. Last in this module: on the CPU, oneDNN may pick another summation order for some later calls
+    # once convolutions of new shapes have run (same inputs and weights, other last bits), so this test compares
+    # weights exactly and outputs to a tolerance.
+    from dataclasses import replace
+
+    locon = random_lora(bare.pipe, rank=4, seed=9, unet_targets=("conv1", "conv2"), components=("unet",))
+    assert any(tensor.ndim == 4 for tensor in locon.layers["unet"].values())
+    save_diffusers_lora(locon, tmp_path / "locon.safetensors")
+    manager = managers(tmp_path)
+    weights_before = {name: p.clone() for name, p in bare.pipe.unet.named_parameters()}
+    manager.activate(request(("locon", 0.8)))
+    assert peft_layers(bare.pipe.unet) == 0
+    merged = latents(bare.pipe)
+    assert float((merged - bare.fresh).norm() / bare.fresh.norm()) > 1e-3  # it did something
+    manager.activate([])
+    for name, parameter in bare.pipe.unet.named_parameters():
+        assert torch.equal(parameter, weights_before[name]), name
+    manager.settings = replace(manager.settings, fuse_unet=False)
+    manager.activate(request(("locon", 0.8)))
+    assert peft_layers(bare.pipe.unet) > 0
+    unmerged = latents(bare.pipe)
+    assert float((unmerged - merged).norm() / merged.norm()) < 1e-4
