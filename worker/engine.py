@@ -184,7 +184,7 @@ class Engine:
 
     # -- set-up ------------------------------------------------------------------------------
 
-    def warm_up(self, steps: int = 2) -> float:
+    def warm_up(self, steps: int = 2, size: tuple[int, int] | None = None) -> float:
         """Run one short job of the first warm-up size through the whole path, and forget it; returns seconds.
 
         A first job pays for CUDA kernels loading, cuBLAS/cuDNN handles and heuristics, the allocator's first
@@ -195,7 +195,7 @@ class Engine:
         from worker.schema import parse_request
 
         started = time.perf_counter()
-        width, height = self.settings.warmup_sizes[0] if self.settings.warmup_sizes else (1024, 1024)
+        width, height = size or (self.settings.warmup_sizes[0] if self.settings.warmup_sizes else (1024, 1024))
         fields = {"prompt": "warm-up", "negative_prompt": "warm-up", "width": width, "height": height}
         # 4 refiner steps: at the default strength 0.3 that is one step (2 would be none, an error).
         request = parse_request({**fields, "num_inference_steps": steps, "refiner_inference_steps": 4, "seed": 0})

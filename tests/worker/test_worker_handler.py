@@ -223,7 +223,7 @@ def test_images_encoded_in_parallel_equal_each_image_encoded_alone(engine_loaded
 def test_start_up_warm_up_leaves_no_trace_in_the_next_job(engine_loaded) -> None:
     # The worker runs it at start-up on a GPU only (WARMUP=1); here it runs on the CPU engine directly.
     before = run({**SMALL, "seed": 5, "prompt": "a quiet harbour"})
-    assert engine_loaded.warm_up() > 0
+    assert engine_loaded.warm_up(size=(256, 256)) > 0  # the worker's default is the first WARMUP_SIZES entry
     assert engine_loaded.prompt_encoder.cache_bytes == 0  # its prompts are forgotten
     after = run({**SMALL, "seed": 5, "prompt": "a quiet harbour"})
     assert after["images"] == before["images"]
