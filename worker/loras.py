@@ -76,6 +76,7 @@ class LoraManager:
         self._wrapped: set[str] = set()  # components peft has put wrappers into (they stay, detached or not)
         self._text_encoder_state: tuple = ()  # what the text encoders run now: ((component, ((name, w), ...)), ...)
         self._fused: list[tuple[Any, Any]] = []  # (UNet weight, its exact copy from before the job's LoRAs)
+        self._fused_for: tuple = ()  # (layer records, names, scales) the merged weights hold now
         self.hits = 0
         self.loads = 0
         self.evictions = 0
@@ -303,9 +304,13 @@ class LoraManager:
     def _activate_component(self, component: str, model: Any, names: list[str], scales: list[float]) -> None:
         records = self._tuner_layers(component, model)
         if component == "unet":
+            merged_now = self._fused_for and self._fused_for[0] is records and self._fused_for[1:] == (names, scales)
+            if merged_now and self.settings.fuse_unet:
+                return  # the same LoRAs merged into the same layers: the weights already hold this job's values
             self._unfuse()  # the previous job's merged weights out first, whatever this job does
             if self._can_fuse(records, names):
                 self._fuse(records, names, scales)
+                self._fused_for = (records, list(names), list(scales))
                 return
         if self._fast_activation:
             # What peft's set_adapter/set_scale/enable_adapters leave behind, without their per-adapter
@@ -383,6 +388,7 @@ class LoraManager:
         log.debug("merged %d LoRA layers into the UNet in %.3f s", len(touched), time.perf_counter() - started)
 
     def _unfuse(self) -> None:
+        self._fused_for = ()
         if not self._fused:
             return
         import torch

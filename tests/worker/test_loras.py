@@ -486,6 +486,23 @@ def test_fused_unet_loras_equal_peft_layers_and_restore_bit_for_bit(bare, manage
     assert torch.equal(latents(bare.pipe), bare.fresh)
 
 
+def test_a_repeated_lora_set_is_not_merged_again(bare, managers, lora_dir: Path) -> None:
+    manager = managers(lora_dir)
+    job = request(("style", 0.7), ("detail", -1.0))
+    manager.activate(job)
+    first = latents(bare.pipe)
+    copies = [original for _, original in manager._fused]  # held: no id is reused while we compare
+    manager.activate(job)  # the next job with the same LoRAs and scales: the weights already hold them
+    assert all(a is b for (_, a), b in zip(manager._fused, copies, strict=True))
+    assert torch.equal(latents(bare.pipe), first)
+    manager.activate(request(("style", 0.7), ("detail", -0.5)))  # a scale changed: merged afresh
+    assert not any(a is b for (_, a), b in zip(manager._fused, copies, strict=True))
+    manager.activate(job)
+    assert torch.equal(latents(bare.pipe), first)
+    manager.activate([])
+    assert torch.equal(latents(bare.pipe), bare.fresh)
+
+
 def test_switching_fused_loras_keeps_the_compiled_unet(bare, managers, lora_dir: Path) -> None:
     # The compiled code must read the merged weights at run time (a switch changes the output) and its guards
     # must hold (a switch compiles nothing). A counting backend traces as Inductor would, without code generation.
