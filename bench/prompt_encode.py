@@ -319,12 +319,7 @@ def check_equivalence(pipe: Any, words: list[str], device: str, label: str) -> N
                 prompt = " ".join(rng.sample(words, rng.randint(1, 70)))
                 ours = encoder.encode(prompt, prompt_2, negative_prompt, None, clip_skip)
                 theirs = pipe.encode_prompt(prompt, prompt_2, negative_prompt=negative_prompt, clip_skip=clip_skip)
-                mine = (
-                    ours.prompt_embeds,
-                    ours.negative_prompt_embeds,
-                    ours.pooled_prompt_embeds,
-                    ours.negative_pooled_prompt_embeds,
-                )
+                mine = ours.tensors()
                 cases += 1
                 identical += all(
                     a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)

@@ -30,17 +30,8 @@ def encoder(pipe) -> PromptEncoder:
     return PromptEncoder(pipe)
 
 
-def tensors(encoded: EncodedPrompts) -> tuple:
-    return (
-        encoded.prompt_embeds,
-        encoded.pooled_prompt_embeds,
-        encoded.negative_prompt_embeds,
-        encoded.negative_pooled_prompt_embeds,
-    )
-
-
 def assert_same(ours: EncodedPrompts, reference: EncodedPrompts) -> None:
-    for mine, theirs in zip(tensors(ours), tensors(reference), strict=True):
+    for mine, theirs in zip(ours.tensors(), reference.tensors(), strict=True):
         assert (mine is None) == (theirs is None)
         if mine is not None:
             assert torch.equal(mine, theirs)
@@ -69,7 +60,7 @@ def test_each_step_gets_its_segments_plain_encoding(encoder) -> None:
     assert_same(encoded, encoded.at_step(0))  # the result's own tensors are step 0's
     # Both encoders and the pooled vector change, the negative too.
     first, last = encoded.at_step(0), encoded.at_step(3)
-    for before, after in zip(tensors(first), tensors(last), strict=True):
+    for before, after in zip(first.tensors(), last.tensors(), strict=True):
         assert not torch.equal(before, after)
     assert encoded.info["schedule"] == {
         "texts": [

@@ -16,7 +16,7 @@ from core.errors import InvalidRequest
 from tests.support.dev_pipes import load_dev_pipe
 from tests.support.prompt_reference import a1111_chunks
 from worker.prompting.chunks import COMMA_BACKTRACK, MAX_CHUNKS_PER_PROMPT, chunk_weighted_tokens
-from worker.prompting.encoding import EncodedPrompts, PromptEncoder
+from worker.prompting.encoding import PromptEncoder
 from worker.prompting.weighting import DEFAULT_WEIGHTING, WEIGHTING_MODES, apply_token_weights
 
 BOS, EOS, PAD, COMMA = 49406, 49407, 0, 267
@@ -70,15 +70,6 @@ def diffusers_encode(
     )
 
 
-def as_tuple(encoded: EncodedPrompts) -> tuple:
-    return (
-        encoded.prompt_embeds,
-        encoded.negative_prompt_embeds,
-        encoded.pooled_prompt_embeds,
-        encoded.negative_pooled_prompt_embeds,
-    )
-
-
 def assert_identical(ours: tuple, theirs: tuple) -> None:
     names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
     for name, mine, reference in zip(names, ours, theirs, strict=True):
@@ -120,7 +111,7 @@ def test_short_prompts_equal_diffusers_bit_for_bit(pipe, encoder, words, data) -
         theirs = diffusers_encode(pipe, prompt, prompt_2, negative_prompt, negative_prompt_2, clip_skip, cfg)
     finally:
         pipe.register_to_config(force_zeros_for_empty_prompt=True)
-    assert_identical(as_tuple(ours), theirs)
+    assert_identical(ours.tensors(), theirs)
     assert ours.num_chunks == 1
 
 
@@ -129,7 +120,7 @@ def test_boundary_lengths_equal_diffusers(pipe, encoder, words, num_words: int) 
     prompt = " ".join(words[1000 : 1000 + num_words])
     assert count_tokens(pipe, prompt) == num_words
     assert_identical(
-        as_tuple(encoder.encode(prompt, negative_prompt="blurry")), diffusers_encode(pipe, prompt, None, "blurry")
+        encoder.encode(prompt, negative_prompt="blurry").tensors(), diffusers_encode(pipe, prompt, None, "blurry")
     )
 
 
@@ -143,7 +134,7 @@ def test_tokenizer_2s_added_pad_token_is_respected(pipe, encoder) -> None:
     assert chunk_contents(encoder.tokenize(text, 1).input_ids) == [second]
     for prompt in (text, "a great view"):
         assert_identical(
-            as_tuple(encoder.encode(prompt, negative_prompt=prompt)), diffusers_encode(pipe, prompt, None, prompt)
+            encoder.encode(prompt, negative_prompt=prompt).tensors(), diffusers_encode(pipe, prompt, None, prompt)
         )
 
 
@@ -452,7 +443,7 @@ def test_cache_hits_copies_and_keys(pipe) -> None:
     assert first.info["cache_hit"] is False
     second = encoder.encode("a cat", negative_prompt="blurry")
     assert second.info["cache_hit"] is True
-    assert_identical(as_tuple(second), as_tuple(first))
+    assert_identical(second.tensors(), first.tensors())
     assert second.prompt_embeds.data_ptr() != first.prompt_embeds.data_ptr()
     second.prompt_embeds.zero_()  # the caller owns what it gets: the cache is not touched
     second.info["weighted"].append("mutated")
@@ -500,7 +491,7 @@ def test_model_cpu_offload_hooks_are_respected(dev_model_dir: Path) -> None:
     own_pipe.enable_model_cpu_offload(device="cpu")
     after = own_encoder.encode(prompt, negative_prompt="blurry")
     assert not after.info["cache_hit"]  # the placement changed: devices found again, and a new cache key
-    assert_identical(as_tuple(after), as_tuple(before))
+    assert_identical(after.tensors(), before.tensors())
     assert all(hasattr(module, "_hf_hook") for module in (own_pipe.text_encoder, own_pipe.text_encoder_2))
 
 
@@ -597,7 +588,7 @@ def test_cuda_graphs_are_a_constructor_choice(pipe) -> None:
     default = PromptEncoder(pipe, cache_bytes=0)
     assert eager._graphs is None and default._graphs is not None
     assert_identical(
-        as_tuple(eager.encode("a cat", negative_prompt="dog")), as_tuple(default.encode("a cat", negative_prompt="dog"))
+        eager.encode("a cat", negative_prompt="dog").tensors(), default.encode("a cat", negative_prompt="dog").tensors()
     )
 
 

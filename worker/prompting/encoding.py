@@ -146,15 +146,18 @@ class EncodedPrompts:
             tuple(ScheduledSegment(s.last_step, s.conditioning.clone()) for s in self.segments),
         )
 
-    def nbytes(self) -> int:
-        """Bytes held by the tensors (the cache's measure)."""
-        tensors = (
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """The four tensors in the order diffusers' ``encode_prompt`` returns them (positive, negative, pooled ...)."""
+        return (
             self.prompt_embeds,
-            self.pooled_prompt_embeds,
             self.negative_prompt_embeds,
+            self.pooled_prompt_embeds,
             self.negative_pooled_prompt_embeds,
         )
-        own = sum(t.nbytes for t in tensors if t is not None)
+
+    def nbytes(self) -> int:
+        """Bytes held by the tensors (the cache's measure)."""
+        own = sum(t.nbytes for t in self.tensors() if t is not None)
         return own + sum(segment.conditioning.nbytes() for segment in self.segments)
 
 
