@@ -34,6 +34,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import jsonlines  # noqa: E402
+from bench.engine_speed import unet_inputs  # noqa: E402
 from bench.jsonlines import emit, time_left  # noqa: E402
 
 
@@ -84,27 +85,6 @@ def measure_loading(model_dir: Path) -> None:
     emit(bench="load", seconds=results, all_on_gpu_after_device_map=on_gpu)
 
 
-def unet_inputs(unet: Any, dtype: torch.dtype, size: int = 1024) -> dict[str, Any]:
-    generator = torch.Generator("cpu").manual_seed(0)
-    latent, rows = size // 8, 2
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).to(device="cuda", dtype=dtype)
-
-    config = unet.config
-    text_embeds = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    return {
-        "sample": randn(rows, config.in_channels, latent, latent),
-        "timestep": torch.tensor(500.0, device="cuda"),
-        "encoder_hidden_states": randn(rows, 77, config.cross_attention_dim),
-        "added_cond_kwargs": {
-            "text_embeds": randn(rows, text_embeds),
-            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * rows, dtype=dtype, device="cuda"),
-        },
-        "return_dict": False,
-    }
-
-
 def cast_inputs(inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     def cast(value: Any) -> Any:
         if isinstance(value, dict):
@@ -120,7 +100,7 @@ def measure_unet(unet: Any, args: argparse.Namespace) -> None:
     import torch._inductor.config as inductor_config
 
     inductor_config.conv_1x1_as_mm = True  # as worker.acceleration sets it
-    base = unet_inputs(unet, torch.float16)
+    base = {**unet_inputs(unet, 1024, 1, "cuda", torch.float16), "return_dict": False}
     with torch.no_grad():  # the reference: eager fp32 on the same inputs
         unet.to(torch.float32)
         reference = unet(**cast_inputs(base, torch.float32))[0].double()

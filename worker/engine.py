@@ -137,7 +137,6 @@ class Engine:
         clock.lap("verify_s")
         cuda = torch.cuda.is_available()
         self.dtype = torch.float16 if cuda else torch.float32
-        started = time.perf_counter()
         self.pipe = StableDiffusionXLPipeline.from_pretrained(
             self.model_dir, torch_dtype=self.dtype, local_files_only=True, use_safetensors=True
         )
@@ -168,14 +167,13 @@ class Engine:
                 log.warning("start-up warm-up failed, the first job will be slower (WARMUP=0 skips it): %s", error)
                 torch.cuda.empty_cache()
             clock.lap("warm_up_s")
-        self.load_seconds = time.perf_counter() - started
         log.info(
             "loaded %s (%s, manifest %s)%s in %.1f s; %s; start-up phases %s",
             self.model_dir,
             self.dtype,
             self.model_hash,
             f" with refiner {self.refiner_info['name']}" if self.refiner_info else "",
-            self.load_seconds,
+            sum(self.startup_phases.values()),
             self.plan.reason,
             json.dumps(self.startup_phases),
         )
