@@ -8,9 +8,10 @@ scales, and a layer with none of them gets its original module back in place of 
 a job without LoRAs runs the very modules of a fresh worker, bit-identical and at the same speed.
 
 In the UNet (``LORA_FUSE=1``, the default) the job's adapters are merged into the weights instead, as
-A1111 applies LoRAs, and the original weights are copied back after the job: a LoRA then costs no time
-per denoising step and a compiled UNet keeps its compiled code. The text encoders (run once per job)
-keep peft's layers. DoRA or bias LoRAs, CPU offload and ``LORA_FUSE=0`` use peft's layers in the UNet too.
+A1111 applies LoRAs, and the original weights are copied back after the job: a LoRA then adds no work
+per denoising step (merging costs once per change of LoRA set) and a compiled UNet keeps its compiled
+code. The text encoders (run once per job) keep peft's layers. DoRA or bias LoRAs, CPU offload and
+``LORA_FUSE=0`` use peft's layers in the UNet too.
 
 A LoRA with scale 0 contributes nothing, so it is resolved (a typo is still an error) but never
 loaded. A LoRA that does not fit the model is refused before anything is injected
