@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from tests.support.worker_api import serve_worker_api
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 # MKL's results depend on memory alignment unless strict reproducibility is on; exact-equality tests (a no-LoRA job
@@ -57,38 +56,7 @@ def dev_refiner_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def worker_api_server(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The worker's local RunPod API server (``--rp_serve_api``) on a free loopback port; yields its base URL.
 
-    It is started, not waited for: the first client must retry until it listens (the batch runner's remote
-    mode is tested on exactly that). One torch thread, as every byte-for-byte comparison in the tests uses.
+    It is started, not waited for: a first client retries until it listens.
     """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    root = Path(__file__).resolve().parents[1]
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RUNPOD_")}  # no progress posts
-    env.update(
-        MODEL_DIR=str(dev_model_dir),
-        PYTHONPATH=str(root),
-        HF_HUB_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        UVICORN_LOG_LEVEL="warning",
-    )
-    log = open(tmp_path_factory.mktemp("worker-api") / "worker.log", "wb")  # noqa: SIM115 - closed after the process
-    process = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
-        cwd=root,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+    with serve_worker_api(dev_model_dir, tmp_path_factory.mktemp("worker-api") / "worker.log") as url:
+        yield url

@@ -11,6 +11,7 @@ from batch_testing import SMALL, image_files, one_torch_thread, read_json, sidec
 from batch.execute import run_shard
 from batch.exit_codes import EXIT_INVALID_LINES, EXIT_USAGE
 from batch.options import EndpointOptions, LocalEngineOptions, RunOptions
+from tests.support.worker_api import serve_worker_api
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def engine(dev_model_dir: Path):
     return Engine(dev_model_dir)
 
 
-def test_remote_mode_makes_the_same_outputs_as_a_local_run(worker_api_server: str, engine, tmp_path: Path) -> None:
+def test_remote_mode_makes_the_same_outputs_as_a_local_run(dev_model_dir: Path, engine, tmp_path: Path) -> None:
     lines = [
         {"prompt": "remote one", **SMALL},
         {"id": "remote-two", "prompt": "remote two", **SMALL, "seed": 11, "output_format": "jpeg"},
@@ -33,10 +34,13 @@ def test_remote_mode_makes_the_same_outputs_as_a_local_run(worker_api_server: st
     source = write_jsonl(tmp_path / "jobs.jsonl", lines)
     remote_out, local_out = tmp_path / "remote", tmp_path / "local"
 
-    summary = run_shard(
-        RunOptions(source, remote_out, progress=False),
-        EndpointOptions(worker_api_server, concurrency=3, retries=12, backoff_s=0.5),
-    )
+    # A server of its own, started only now (after the engine fixture loaded), so the run surely begins before it
+    # listens; the session's shared server may already be up when this test starts.
+    with serve_worker_api(dev_model_dir, tmp_path / "worker.log") as server:
+        summary = run_shard(
+            RunOptions(source, remote_out, progress=False),
+            EndpointOptions(server, concurrency=3, retries=12, backoff_s=0.5),
+        )
     assert summary["exit_code"] == EXIT_INVALID_LINES, summary
     assert summary["made"] == 5 and summary["invalid_lines"] == 1 and summary["failed"] == 1
     refused = read_json(remote_out / "errors" / "line-00000006.json")
