@@ -15,7 +15,10 @@ shift
 root=$PWD
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+# pip compiles the wheels to bytecode here, as the image's `pip install` does: without .pyc files (and with
+# PYTHONDONTWRITEBYTECODE set) every fresh process compiles diffusers and transformers again, which a cold-start
+# measurement would count as import time.
+python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site \
   "$root"/.whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 # A wrapper script, not a symlink: a venv's python linked from elsewhere loses its venv (no pyvenv.cfg beside
