@@ -184,6 +184,9 @@ class Settings:
     compile_cache_dir: Path | None = _setting(
         "COMPILE_CACHE_DIR", "", _optional_path, "compiled code kept between starts (default: on the volume if mounted)"
     )
+    prefetch_weights: bool = _setting(
+        "PREFETCH_WEIGHTS", "1", _flag, "read the weight files on a thread while torch imports (cold page cache)"
+    )
     warmup: bool = _setting(
         "WARMUP", "1", _flag, "on a GPU, one short job at start-up so the first paid job runs at full speed"
     )

@@ -8,13 +8,48 @@ from __future__ import annotations
 
 import logging
 import sys
-
-import runpod
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.errors import ConfigurationError
-from core.settings import load_settings
-from worker.handler import Worker
-from worker.model_location import apply_volume_caches
+from core.settings import Settings, load_settings
+from worker.model_location import apply_volume_caches, resolve_model_dir, resolve_refiner_dir
+from worker.prefetch import start_prefetch
+
+if TYPE_CHECKING:
+    from worker.handler import Worker
+
+log = logging.getLogger("worker")
+
+
+def model_folders(settings: Settings) -> list[Path | None]:
+    """The folders this start will load, as far as the settings tell without converting anything."""
+    try:
+        return [resolve_model_dir(settings), resolve_refiner_dir(settings)]
+    except ConfigurationError:
+        return []  # the worker's start reports it; there is nothing to prefetch
+
+
+def start_worker(settings: Settings) -> Worker:
+    """Start reading the weights, import the engine meanwhile, load it: the worker, ready or with its error."""
+    prefetch = start_prefetch(model_folders(settings)) if settings.prefetch_weights else None
+    # Imported here, not at the top: torch, diffusers and transformers take seconds to import, which the
+    # prefetch thread spends reading the weights.
+    from worker.handler import Worker
+
+    worker = Worker(settings)
+    worker.start()
+    if prefetch is not None and prefetch.files:
+        report = worker.prefetch = prefetch.stop()
+        log.info(
+            "prefetched %d of %d weight files (%.2f GB) in %.1f s while importing%s",
+            report.files,
+            len(prefetch.files),
+            report.bytes / 1e9,
+            report.seconds,
+            f"; stopped by {report.error}" if report.error else "",
+        )
+    return worker
 
 
 def main() -> None:
@@ -25,8 +60,9 @@ def main() -> None:
         sys.exit(2)
     logging.basicConfig(level=settings.log_level or "INFO", format="%(asctime)s %(levelname)s %(message)s")
     apply_volume_caches()  # compile (and later Hub) caches on the network volume when one is mounted
-    worker = Worker(settings)
-    worker.start()
+    worker = start_worker(settings)
+    import runpod
+
     runpod.serverless.start({"handler": worker.handle})
 
 

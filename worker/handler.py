@@ -21,6 +21,7 @@ from core.settings import Settings, load_settings
 from worker.delivery import deliver
 from worker.engine import Engine, GenerationResult
 from worker.images import a1111_parameters, encode_image
+from worker.prefetch import PrefetchReport
 from worker.schema import parse_request
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Worker:
         self.settings = settings if settings is not None else load_settings()
         self.engine: Engine | None = None
         self.startup_error: WorkerError | None = ModelMissing("the model has not been loaded yet")
+        self.prefetch: PrefetchReport | None = None  # what worker.__main__'s weight prefetch read, if it ran
 
     def start(self, model_dir: Path | str | None = None, refiner_dir: Path | str | None = None) -> None:
         """Load the engine once; on failure remember the error for every job (logged once)."""

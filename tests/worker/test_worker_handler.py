@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -176,6 +177,7 @@ def test_test_input_subprocess_exits_0_on_success_and_1_on_error(dev_model_dir: 
     done = run_test_input(dev_model_dir, tmp_path, {"input": {**SMALL, "num_inference_steps": 1, "seed": 5}})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "completed successfully" in done.stdout + done.stderr
+    assert re.search(r"prefetched (\d+) of \1 weight files", done.stderr), done.stderr[-2000:]
     failed = run_test_input(dev_model_dir, tmp_path, {"input": {"prompt": "x", "width": 100}})
     assert failed.returncode == 1 and "width" in failed.stdout + failed.stderr
 
