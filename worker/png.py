@@ -84,6 +84,16 @@ def encode_png(
     return _SIGNATURE + b"".join(chunks)
 
 
+def _forget_pool_in_child() -> None:
+    # A forked child inherits the executor but not its threads: work queued on it would never run.
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _shared_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -115,3 +117,15 @@ def test_encode_image_writes_rgb_png_through_the_parallel_writer_with_its_parame
     encoded = encode_image(image, "png", 95, seed=5, parameters="prompt\nSteps: 4")
     assert encoded.data == encode_png(image, {"parameters": "prompt\nSteps: 4"}, level=1)
     assert read_parameters(encoded.data) == "prompt\nSteps: 4"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
+def test_a_forked_child_encodes_with_a_pool_of_its_own() -> None:
+    image = _image("RGB", 40, 3 * STRIP_ROWS, seed=9)
+    expected = encode_png(image)  # the parent's pool now has threads, which a fork does not copy
+    child = os.fork()
+    if child == 0:  # pragma: no cover (runs in the child)
+        signal.alarm(30)  # a child stuck on the inherited pool dies (SIGALRM) instead of hanging the test
+        os._exit(0 if encode_png(image) == expected else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
