@@ -29,7 +29,7 @@ import threading
 import traceback
 from collections.abc import Hashable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from batch.encoding import ImageEncoder
@@ -79,6 +79,11 @@ def load_engine(options: LocalEngineOptions) -> Engine:
     from worker.model_location import prepare_model_dir, resolve_refiner_dir
 
     settings = options.settings if options.settings is not None else load_settings()
+    if settings.warmup_batch_sizes != (options.batch_size,):
+        # The run's calls all have --batch-size images (padded so): warm up (and compile) that shape, not the
+        # worker's default of 1, else every call would run eagerly and a batch-1 compile would be wasted.
+        log.info("warming up for this run's --batch-size %d (WARMUP_BATCH_SIZES is for the worker)", options.batch_size)
+        settings = replace(settings, warmup_batch_sizes=(options.batch_size,))
     try:
         folder = options.model_dir if options.model_dir is not None else prepare_model_dir(settings)
         refiner = options.refiner_dir if options.refiner_dir is not None else resolve_refiner_dir(settings)

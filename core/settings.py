@@ -194,7 +194,7 @@ class Settings:
         "WARMUP_SIZES", "1024x1024", _sizes, "WIDTHxHEIGHT list compiled at start-up; other sizes run eagerly"
     )
     warmup_batch_sizes: tuple[int, ...] = _setting(
-        "WARMUP_BATCH_SIZES", "1", _counts, "images per call compiled at start-up (each is its own graph)"
+        "WARMUP_BATCH_SIZES", "1", _counts, "images per call compiled at start-up (one graph each; batch: --batch-size)"
     )
     vae_dtype: str = _setting(
         "VAE_DTYPE",

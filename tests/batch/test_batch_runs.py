@@ -279,3 +279,14 @@ def test_a_changed_line_under_a_used_id_is_refused_not_overwritten(engine, tmp_p
     error = read_json(tmp_path / "out" / "errors" / "line-00000001.json")
     assert error["kind"] == "changed_line" and "new id" in error["error"]
     assert (tmp_path / "out" / "cover.json").read_bytes() == before
+
+
+def test_the_engine_warms_up_the_runs_own_batch_size(dev_model_dir: Path) -> None:
+    """Every call of a run has --batch-size images: the shape to warm up (and compile), not the worker's 1."""
+    from batch.runner import load_engine
+    from core.settings import load_settings
+
+    settings = load_settings({"WARMUP_BATCH_SIZES": "1,2"})
+    engine = load_engine(LocalEngineOptions(model_dir=dev_model_dir, batch_size=3, settings=settings))
+    assert engine.settings.warmup_batch_sizes == (3,)
+    assert engine.accelerator.options.warmup_batch_sizes == (3,)
