@@ -10,7 +10,6 @@ stops the prefetch and loading reports the problem as it would have.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -18,8 +17,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
-
-log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 16 * 2**20
 
@@ -58,9 +55,7 @@ class WeightPrefetch:
     def stop(self, timeout: float = 5.0) -> PrefetchReport:
         """Stop reading (the model is loaded: anything left is read by now) and return what was read."""
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        return self.report
+        return self.join(timeout)
 
     def _run(self) -> None:
         started = time.perf_counter()
