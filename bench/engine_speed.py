@@ -522,13 +522,12 @@ def cold_starts(args: argparse.Namespace, model_dir: Path) -> None:
             # "regional": regional compilation from nothing (an empty local cache), saving its compile cache;
             # "regional-cache": the same start on a fresh machine with that cache file (the image or volume's)
             command += ["--compile", "regional", "--cache-dir", regional_cache]
-            fresh = Path(tempfile.mkdtemp(prefix="inductor-empty-"))
-            environment.update(TORCHINDUCTOR_CACHE_DIR=str(fresh), TRITON_CACHE_DIR=str(fresh / "triton"))
         else:  # "cache": the file this run saved, in an empty local cache (as on a fresh machine)
             command += ["--compile", args.compile, "--compile-mode", args.compile_mode, "--cache-dir", args.cache_dir]
             command += ["--warmup-batch-sizes", *map(str, args.warmup_batch_sizes)]
             if args.compile_vae:
                 command.append("--compile-vae")
+        if case != "off":  # every compiling start begins with an empty local Inductor cache, as on a fresh machine
             fresh = Path(tempfile.mkdtemp(prefix="inductor-empty-"))
             environment.update(TORCHINDUCTOR_CACHE_DIR=str(fresh), TRITON_CACHE_DIR=str(fresh / "triton"))
         for flag, value in (("--vae-dtype", args.vae_dtype),):
