@@ -74,11 +74,12 @@ def test_a_committed_item_never_changes_when_two_runners_make_it(dev_model_dir: 
 
 
 def test_a_slow_call_keeps_its_claims(dev_model_dir: Path, tmp_path: Path) -> None:
-    """Each denoising step counts as progress: a call longer than the TTL (12 steps of 256x256, 2-3 s here) keeps
-    its claims, so the other runner waits instead of making the same item. Without the per-step report the claims
-    went stale 2 TTL (2 s) after they were taken and were taken over (the old behaviour)."""
+    """Each denoising step counts as progress: a call longer than the TTL (24 steps of 256x256, 1.45-1.65 s on 2
+    idle cores) keeps its claims, so the other runner waits instead of making the same item. Without the per-step
+    report the claims went stale 2 TTL (2 s) after they were taken and were taken over (the old behaviour). With
+    12 steps a call took 0.85-3 s: once the PNG encoders beside it got faster, it could end inside the TTL."""
     lines = [
-        {"id": f"item-{n}", "prompt": f"a slipway, view {n}", **SMALL, "num_inference_steps": 12, "seed": n}
+        {"id": f"item-{n}", "prompt": f"a slipway, view {n}", **SMALL, "num_inference_steps": 24, "seed": n}
         for n in range(3)
     ]
     source = write_jsonl(tmp_path / "jobs.jsonl", lines)
