@@ -166,6 +166,19 @@ class Settings:
     max_job_pixels: int = _setting(
         "MAX_JOB_PIXELS", "8388608", _positive_int, "width x height x num_images a job may ask for (8 x 1024²)"
     )
+    # -- user-supplied URLs (image_url today; masks, LoRAs and embeddings by URL next)
+    allow_private_urls: bool = _setting(
+        "ALLOW_PRIVATE_URLS",
+        "0",
+        _flag,
+        "1 lets job URLs reach loopback, private and link-local addresses (private deployments, tests)",
+    )
+    url_timeout_s: float = _setting(
+        "URL_TIMEOUT_S", "30", _positive_float, "one deadline for a job URL's whole transfer (DNS to last byte), s"
+    )
+    upload_timeout_s: float = _setting(
+        "UPLOAD_TIMEOUT_S", "60", _positive_float, "deadline for one image's S3 upload, retries included, s"
+    )
     # -- engine
     prompt_encoder_cuda_graphs: bool = _setting(
         "PROMPT_ENCODER_CUDA_GRAPHS", "1", _flag, "0 runs the text encoders eagerly instead of from CUDA graphs"
