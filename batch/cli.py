@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 
 from batch.claims import DEFAULT_TTL_S
@@ -15,7 +13,7 @@ from batch.exit_codes import EXIT_OK, EXIT_USAGE
 from batch.jobs import Shard, parse_shard
 from batch.options import DEFAULT_MIN_FREE_MB, EndpointOptions, LocalEngineOptions, RunKind, RunOptions
 from core.errors import ConfigurationError
-from core.settings import Settings, load_settings
+from core.settings import BATCH, Settings, load_settings
 
 log = logging.getLogger("batch")
 
@@ -27,19 +25,18 @@ resumes.
 """
 
 
-def resolve_shard(shard: str | None, num_shards: int | None, env: Mapping[str, str]) -> Shard:
+def resolve_shard(shard: str | None, num_shards: int | None, completion_index: int | None) -> Shard:
     """``--shard I/N``, or ``--num-shards N`` with the index from ``JOB_COMPLETION_INDEX`` (Kubernetes Indexed Job)."""
     try:
         if shard is not None:
             return parse_shard(shard)
         if num_shards is not None:
-            index = env.get("JOB_COMPLETION_INDEX")
-            if index is None or not index.strip().isdigit():
+            if completion_index is None:
                 raise ConfigurationError(
                     "--num-shards needs JOB_COMPLETION_INDEX (set by a Kubernetes Indexed Job); "
                     "elsewhere use --shard I/N"
                 )
-            return Shard(int(index), num_shards)
+            return Shard(completion_index, num_shards)
         return Shard(0, 1)
     except ValueError as error:
         raise ConfigurationError(str(error)) from None
@@ -95,11 +92,11 @@ def add_run_parser(commands: argparse._SubParsersAction, settings: Settings | No
     )
 
 
-def run_options(args: argparse.Namespace, environ: Mapping[str, str]) -> RunOptions:
+def run_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
     return RunOptions(
         source=args.input,
         out=args.out,
-        shard=resolve_shard(args.shard, args.num_shards, environ),
+        shard=resolve_shard(args.shard, args.num_shards, settings.job_completion_index),
         claim_ttl_s=args.claim_ttl,
         progress=not args.no_progress,
         max_seconds=args.max_seconds,
@@ -137,7 +134,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     from batch.execute import run_shard
     from batch.session import describe_summary
 
-    summary = run_shard(run_options(args, os.environ), run_kind(args, settings))
+    summary = run_shard(run_options(args, settings), run_kind(args, settings))
     print(describe_summary(summary), file=sys.stderr)
     print(json.dumps(summary, sort_keys=True))  # one machine-readable line (also in _batch/shards/summary-*.json)
     return summary["exit_code"]
@@ -169,7 +166,7 @@ def _merge(args: argparse.Namespace, settings: Settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        settings = load_settings()  # every environment variable, read once
+        settings = load_settings(command=BATCH)  # the batch runner's variables, read once
     except ConfigurationError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return EXIT_USAGE

@@ -40,7 +40,7 @@ from batch.planner import Call, Planner, Unit, split_job
 from batch.session import ShardSession
 from core.errors import ConfigurationError, CudaFailed, InvalidRequest, OutOfMemory, WorkerError, from_exception
 from core.results import EncodedImage, GenerationMetadata
-from core.settings import load_settings
+from core.settings import Settings
 from worker.engine import Engine, GenerationResult, group_key
 from worker.images import a1111_parameters
 
@@ -78,7 +78,7 @@ def load_engine(options: LocalEngineOptions) -> Engine:
     from model_build.manifest import ModelFolderError
     from worker.model_location import prepare_model_dir, resolve_refiner_dir
 
-    settings = options.settings if options.settings is not None else load_settings()
+    settings = options.settings if options.settings is not None else Settings()
     if settings.warmup_batch_sizes != (options.batch_size,):
         # The run's calls all have --batch-size images (padded so): warm up (and compile) that shape, not the
         # worker's default of 1, else every call would run eagerly and a batch-1 compile would be wasted.

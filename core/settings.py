@@ -1,9 +1,13 @@
 """Every environment variable the worker, the batch runner and the converter read: one typed object.
 
-:func:`load_settings` reads the environment once (the worker at start-up, the batch CLI at launch,
-tests with a dict of their own); nothing else in the code base calls ``os.environ.get``. Each field
-declares its variable, default and a one-line meaning, and the README's table of variables is
-checked against :data:`SETTINGS_FIELDS` by a test, so the two cannot drift.
+:func:`load_settings` reads the environment once per process (the worker at start-up, the batch CLI and the
+converter CLI at launch, tests with a dict of their own) and is the only reader of ``os.environ`` for settings;
+library code takes a :class:`Settings` (or the values it needs) as an argument and never reads the environment
+itself. Each field declares its variable, default, bounds, a one-line meaning and the commands that read it
+(``read_by``): ``load_settings(command="convert")`` parses only the converter's variables, so a malformed
+worker-only variable (``COMPILE=bogus``) cannot stop a conversion. A bad value is one line naming the variable,
+the value and what is accepted. The README's table of variables is generated from :data:`SETTINGS_FIELDS` and
+checked by a test, so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigurationError
+from core.sha256_pins import normalize_sha256
 
 VOLUME = Path("/runpod-volume")  # RunPod's network volume, mounted in every worker of an endpoint that has one
 VOLUME_MODELS = VOLUME / "models"
@@ -35,6 +40,10 @@ def _optional_path(raw: str) -> Path | None:
     return Path(raw) if raw else None
 
 
+def _optional_sha256(raw: str) -> str | None:
+    return normalize_sha256(raw) if raw.strip() else None
+
+
 def _flag(raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -44,18 +53,37 @@ def _flag(raw: str) -> bool:
     raise ValueError("expected 1/0, true/false, yes/no or on/off")
 
 
-def _positive_int(raw: str) -> int:
-    value = int(raw)
-    if value < 0:
-        raise ValueError("must be >= 0")
-    return value
+def _whole_number(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        text = raw.strip()
+        if not text.lstrip("+").isdigit() or not low <= int(text) <= high:
+            raise ValueError(f"use a whole number from {low} to {high}")
+        return int(text)
+
+    return parse
 
 
-def _positive_float(raw: str) -> float:
-    value = float(raw)
-    if not value >= 0 or value == float("inf"):
-        raise ValueError("must be a finite number >= 0")
-    return value
+def _number(low: float, high: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:  # NaN fails too
+            raise ValueError(f"use a number from {low:,g} to {high:,g}")
+        return value
+
+    return parse
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(raw: str) -> str | None:
+    value = raw.strip().upper()
+    if value and value not in LOG_LEVELS:
+        raise ValueError(f"use one of {', '.join(LOG_LEVELS)} (any case), or leave it unset")
+    return value or None
 
 
 def _offload(raw: str) -> str:
@@ -75,29 +103,50 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+MIN_WARMUP_SIDE, MAX_WARMUP_SIDE = 64, 4096
+
+
 def _sizes(raw: str) -> tuple[tuple[int, int], ...]:
     sizes = []
     for item in (part.strip().lower() for part in raw.split(",") if part.strip()):
         width, _, height = item.partition("x")
         if not (width.isdigit() and height.isdigit()) or int(width) % 8 or int(height) % 8:
             raise ValueError(f"{item!r}: write WIDTHxHEIGHT in multiples of 8, comma-separated, e.g. 1024x1024")
+        if not all(MIN_WARMUP_SIDE <= int(side) <= MAX_WARMUP_SIDE for side in (width, height)):
+            raise ValueError(f"{item!r}: each side from {MIN_WARMUP_SIDE} to {MAX_WARMUP_SIDE}")
         sizes.append((int(width), int(height)))
     return tuple(sizes)
 
 
 def _counts(raw: str) -> tuple[int, ...]:
     parts = [part.strip() for part in raw.split(",") if part.strip()]
-    if not all(part.isdigit() and int(part) >= 1 for part in parts):
-        raise ValueError("write whole numbers >= 1, comma-separated, e.g. 1,4")
+    if not all(part.isdigit() and 1 <= int(part) <= 64 for part in parts):
+        raise ValueError("write whole numbers from 1 to 64, comma-separated, e.g. 1,4")
     return tuple(int(part) for part in parts)
+
+
+def _optional_index(raw: str) -> int | None:
+    text = raw.strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise ValueError("a whole number >= 0 (Kubernetes sets it for an Indexed Job)")
+    return int(text)
 
 
 def _paths(raw: str) -> tuple[Path, ...]:
     return tuple(Path(part) for part in raw.split(os.pathsep) if part)
 
 
-def _setting(env: str, default: str, parse: Callable[[str], Any], doc: str) -> Any:
-    return field(default=parse(default), metadata={"env": env, "default": default, "parse": parse, "doc": doc})
+# The commands that read settings. ENGINE: the worker and the batch runner, which both run the engine.
+WORKER, BATCH, CONVERT = "worker", "batch", "convert"
+COMMANDS = (WORKER, BATCH, CONVERT)
+ENGINE = (WORKER, BATCH)
+
+
+def _setting(env: str, default: str, parse: Callable[[str], Any], doc: str, read_by: tuple[str, ...] = ENGINE) -> Any:
+    metadata = {"env": env, "default": default, "parse": parse, "doc": doc, "read_by": read_by}
+    return field(default=parse(default), metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -121,7 +170,10 @@ class Settings:
         "volume path, hf://owner/repo/file@<commit> or https URL: downloaded to the volume, converted once",
     )
     checkpoint_sha256: str | None = _setting(
-        "CHECKPOINT_SHA256", "", _optional_text, "sha256 of CHECKPOINT (required for a URL), checked before converting"
+        "CHECKPOINT_SHA256",
+        "",
+        _optional_sha256,
+        "sha256 of CHECKPOINT (required for a URL), checked before converting",
     )
     refiner_dir: Path | None = _setting(
         "REFINER_DIR",
@@ -145,26 +197,47 @@ class Settings:
     lora_download_dir: Path | None = _setting(
         "LORA_DOWNLOAD_DIR", "", _optional_path, "where hf:// LoRAs are cached (default: on the volume when present)"
     )
-    lora_cache_size: int = _setting("LORA_CACHE_SIZE", "8", _positive_int, "LoRA adapters kept loaded between jobs")
-    lora_cache_mb: float = _setting("LORA_CACHE_MB", "2048", _positive_float, "memory those adapters may take, MiB")
+    lora_cache_size: int = _setting(
+        "LORA_CACHE_SIZE", "8", _whole_number(0, 1024), "LoRA adapters kept loaded between jobs"
+    )
+    lora_cache_mb: float = _setting("LORA_CACHE_MB", "2048", _number(0, 1 << 20), "memory those adapters may take, MiB")
     lora_fuse: bool = _setting(
         "LORA_FUSE", "1", _flag, "merge a job's LoRAs into the UNet's weights (no cost per step, compile kept)"
     )
     # -- outputs
     bucket_endpoint_url: str | None = _setting(
-        "BUCKET_ENDPOINT_URL", "", _optional_text, "S3 bucket URL: images are uploaded and URLs returned"
+        "BUCKET_ENDPOINT_URL",
+        "",
+        _optional_text,
+        "S3 bucket URL: images are uploaded and URLs returned",
+        (WORKER,),
     )
     bucket_access_key_id: str | None = _setting(
-        "BUCKET_ACCESS_KEY_ID", "", _optional_text, "the bucket's access key (RunPod's rp_upload reads it)"
+        "BUCKET_ACCESS_KEY_ID",
+        "",
+        _optional_text,
+        "the bucket's access key (RunPod's rp_upload reads it)",
+        (WORKER,),
     )
     bucket_secret_access_key: str | None = _setting(
-        "BUCKET_SECRET_ACCESS_KEY", "", _optional_text, "the bucket's secret key (RunPod's rp_upload reads it)"
+        "BUCKET_SECRET_ACCESS_KEY",
+        "",
+        _optional_text,
+        "the bucket's secret key (RunPod's rp_upload reads it)",
+        (WORKER,),
     )
     max_payload_bytes: int = _setting(
-        "MAX_PAYLOAD_BYTES", "10000000", _positive_int, "largest base64 result (RunPod's /run limit is 10 MB)"
+        "MAX_PAYLOAD_BYTES",
+        "10000000",
+        _whole_number(1, 1 << 30),
+        "largest base64 result (RunPod's /run limit is 10 MB)",
+        (WORKER,),
     )
     max_job_pixels: int = _setting(
-        "MAX_JOB_PIXELS", "8388608", _positive_int, "width x height x num_images a job may ask for (8 x 1024²)"
+        "MAX_JOB_PIXELS",
+        "8388608",
+        _whole_number(64 * 64, 8 * 4096 * 4096),
+        "width x height x num_images a job may ask for (8 x 1024²)",
     )
     # -- user-supplied URLs (image_url today; masks, LoRAs and embeddings by URL next)
     allow_private_urls: bool = _setting(
@@ -174,10 +247,14 @@ class Settings:
         "1 lets job URLs reach loopback, private and link-local addresses (private deployments, tests)",
     )
     url_timeout_s: float = _setting(
-        "URL_TIMEOUT_S", "30", _positive_float, "one deadline for a job URL's whole transfer (DNS to last byte), s"
+        "URL_TIMEOUT_S", "30", _number(0.1, 3600), "one deadline for a job URL's whole transfer (DNS to last byte), s"
     )
     upload_timeout_s: float = _setting(
-        "UPLOAD_TIMEOUT_S", "60", _positive_float, "deadline for one image's S3 upload, retries included, s"
+        "UPLOAD_TIMEOUT_S",
+        "60",
+        _number(1, 3600),
+        "deadline for one image's S3 upload, retries included, s",
+        (WORKER,),
     )
     # -- engine
     prompt_encoder_cuda_graphs: bool = _setting(
@@ -198,7 +275,11 @@ class Settings:
         "COMPILE_CACHE_DIR", "", _optional_path, "compiled code kept between starts (default: on the volume if mounted)"
     )
     prefetch_weights: bool = _setting(
-        "PREFETCH_WEIGHTS", "1", _flag, "read the weight files on a thread while torch imports (cold page cache)"
+        "PREFETCH_WEIGHTS",
+        "1",
+        _flag,
+        "read the weight files on a thread while torch imports (cold page cache)",
+        (WORKER,),
     )
     warmup: bool = _setting(
         "WARMUP", "1", _flag, "on a GPU, one short job at start-up so the first paid job runs at full speed"
@@ -216,21 +297,36 @@ class Settings:
         "VAE dtype (default: fp32 when its config asks, else fp16)",
     )
     prompt_cache_mb: float = _setting(
-        "PROMPT_CACHE_MB", "256", _positive_float, "memory for recent prompts' embeddings (LRU, on the GPU), MiB"
+        "PROMPT_CACHE_MB", "256", _number(0, 1 << 20), "memory for recent prompts' embeddings (LRU, on the GPU), MiB"
     )
     log_level: str | None = _setting(
-        "LOG_LEVEL", "", _optional_text, "Python logging level (default: INFO in the worker, WARNING in the batch CLI)"
+        "LOG_LEVEL",
+        "",
+        _log_level,
+        "Python logging level (default: INFO in the worker, WARNING in the batch CLI)",
+        (WORKER, BATCH, CONVERT),
     )
     # -- batch and converter
     runpod_api_key: str | None = _setting(
-        "RUNPOD_API_KEY", "", _optional_text, "API key for `batch run --endpoint` against RunPod's hosted API"
+        "RUNPOD_API_KEY", "", _optional_text, "API key for `batch run --endpoint` against RunPod's hosted API", (BATCH,)
     )
     model_build_cache: Path | None = _setting(
-        "MODEL_BUILD_CACHE", "", _optional_path, "download cache of the converter (default ~/.cache/model_build)"
+        "MODEL_BUILD_CACHE",
+        "",
+        _optional_path,
+        "download cache of the converter (default ~/.cache/model_build)",
+        (WORKER, BATCH, CONVERT),
     )
-    # -- set by RunPod, read only
+    # -- set by the platform, read only
     runpod_pod_id: str | None = _setting(
-        "RUNPOD_POD_ID", "", _optional_text, "set by RunPod: progress updates are sent only there"
+        "RUNPOD_POD_ID", "", _optional_text, "set by RunPod: progress updates are sent only there", (WORKER,)
+    )
+    job_completion_index: int | None = _setting(
+        "JOB_COMPLETION_INDEX",
+        "",
+        _optional_index,
+        "set by a Kubernetes Indexed Job: this pod's shard with `batch run --num-shards N`",
+        (BATCH,),
     )
 
     @property
@@ -250,20 +346,28 @@ class Settings:
 SETTINGS_FIELDS = tuple(f for f in fields(Settings))
 
 
-def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-    """Read every setting from ``environ`` (default: the process environment); a bad value names the variable."""
+def load_settings(environ: Mapping[str, str] | None = None, command: str | None = None, **overrides: Any) -> Settings:
+    """Read the settings of ``command`` (default: every command's) from ``environ`` (default: the process
+    environment); a bad value raises :class:`ConfigurationError` naming the variable and what is accepted.
+
+    Variables that ``command`` does not read are neither parsed nor checked: they keep their defaults.
+    """
+    if command is not None and command not in COMMANDS:
+        raise ValueError(f"command must be one of {COMMANDS}, got {command!r}")
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for spec in SETTINGS_FIELDS:
         name = spec.metadata["env"]
         raw = env.get(name)
-        if raw is None:
+        if raw is None or (command is not None and command not in spec.metadata["read_by"]):
             continue
         try:
             values[spec.name] = spec.metadata["parse"](raw)
         except ValueError as error:
+            shown = raw if len(raw) <= 60 else raw[:57] + "..."
+            default = spec.metadata["default"]
             raise ConfigurationError(
-                f"{name}={raw!r} is invalid: {error} (default {spec.metadata['default']!r})"
+                f"{name}={shown!r} is invalid: {error} (default: {repr(default) if default else 'unset'})"
             ) from None
     values.update(overrides)
     return Settings(**values)
@@ -271,12 +375,31 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
 
 def settings_table() -> str:
     """The README's table of environment variables, generated from the fields."""
-    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    rows = ["| variable | default | read by | meaning |", "| --- | --- | --- | --- |"]
     for spec in SETTINGS_FIELDS:
         default = spec.metadata["default"]
-        rows.append(f"| `{spec.metadata['env']}` | {f'`{default}`' if default else '—'} | {spec.metadata['doc']} |")
+        commands = ", ".join(spec.metadata["read_by"])
+        rows.append(
+            f"| `{spec.metadata['env']}` | {f'`{default}`' if default else '—'} | {commands} | {spec.metadata['doc']} |"
+        )
     return "\n".join(rows)
 
 
+TABLE_START, TABLE_END = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
+
+
+def write_readme_table(readme: Path) -> None:
+    """Replace the table between the README's two markers with :func:`settings_table`."""
+    text = readme.read_text()
+    head, _, rest = text.partition(TABLE_START)
+    _, _, tail = rest.partition(TABLE_END)
+    readme.write_text(f"{head}{TABLE_START}\n{settings_table()}\n{TABLE_END}{tail}")
+
+
 if __name__ == "__main__":
-    print(settings_table())
+    import sys
+
+    if sys.argv[1:2] == ["--write"]:  # python -m core.settings --write README.md
+        write_readme_table(Path(sys.argv[2]))
+    else:
+        print(settings_table())

@@ -20,8 +20,10 @@ import sys
 from pathlib import Path
 
 from core.errors import ConfigurationError, first_line
+from core.settings import CONVERT, load_settings
 from model_build.errors import ConversionError
 from model_build.manifest import ModelFolderError
+from model_build.source import default_cache_dir
 
 EXIT_OK, EXIT_REFUSED, EXIT_CONFIGURATION = 0, 1, 2
 
@@ -66,12 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
+        # Only the converter's own variables (MODEL_BUILD_CACHE): a worker-only one cannot stop a conversion.
+        settings = load_settings(command=CONVERT)
+        cache_dir = getattr(args, "cache_dir", None) or default_cache_dir(settings.model_build_cache)
         if args.command == "convert":
             from model_build.convert import convert
             from model_build.source import fetch
 
-            source = fetch(args.source, args.sha256, args.cache_dir)
-            vae = fetch(args.vae, args.vae_sha256, args.cache_dir) if args.vae else None
+            source = fetch(args.source, args.sha256, cache_dir)
+            vae = fetch(args.vae, args.vae_sha256, cache_dir) if args.vae else None
             result = convert(
                 source.path,
                 args.output,
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             from model_build.checkpoint import inspect_checkpoint
             from model_build.source import fetch
 
-            source = fetch(args.source, args.sha256, args.cache_dir)
+            source = fetch(args.source, args.sha256, cache_dir)
             info = inspect_checkpoint(source.path)
             counts = ", ".join(f"{component} {len(keys)}" for component, keys in info.component_keys.items())
             print(

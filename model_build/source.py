@@ -24,13 +24,12 @@ from urllib.parse import unquote, urlsplit
 
 from core.hub_names import HubFileName, HubNameError, is_hub_name, parse_hub_name
 from core.safetensors_files import pickle_suffix
-from core.settings import Settings, load_settings
+from core.sha256_pins import normalize_sha256 as _normalize_pin
 from model_build.errors import FetchError
 from model_build.manifest import sha256_file
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 CHUNK_BYTES = 8 << 20
-_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True)
@@ -41,9 +40,8 @@ class FetchedFile:
     sha256: str | None = None  # known when a pin was checked (saves hashing a 7 GB file twice)
 
 
-def default_cache_dir(settings: Settings | None = None) -> Path:
-    """Where URL downloads go without --cache-dir: MODEL_BUILD_CACHE, else ~/.cache/model_build."""
-    configured = (settings or load_settings()).model_build_cache
+def default_cache_dir(configured: Path | None = None) -> Path:
+    """Where URL downloads go without --cache-dir: ``configured`` (MODEL_BUILD_CACHE), else ~/.cache/model_build."""
     return configured or Path.home() / ".cache" / "model_build"
 
 
@@ -198,14 +196,46 @@ def download_url(url: str, cache_dir: Path | None = None, timeout: float = 60.0)
 
 
 def normalize_sha256(pin: str) -> str:
-    pin = pin.strip().lower().removeprefix("sha256:")
-    if not _HEX64.fullmatch(pin):
-        raise FetchError(f"--sha256 {pin!r} is not a sha256 (64 hex digits)")
-    return pin
+    """The pin as 64 lower-case hex digits (:func:`core.sha256_pins.normalize_sha256`), or a FetchError."""
+    try:
+        return _normalize_pin(pin)
+    except ValueError as error:
+        raise FetchError(f"--sha256 {error}") from None
+
+
+class PinMismatch(FetchError):
+    """The file is not the one its sha256 pin names (``actual`` and ``pin`` say both; ``removed``: the download
+    was deleted so the next run fetches it anew)."""
+
+    def __init__(self, message: str, actual: str, pin: str, removed: bool) -> None:
+        super().__init__(message)
+        self.actual, self.pin, self.removed = actual, pin, removed
+
+
+def check_pin(fetched: FetchedFile, pin: str) -> FetchedFile:
+    """``fetched`` with its sha256 once it equals ``pin`` (normalized); a :class:`PinMismatch` otherwise."""
+    actual = sha256_file(fetched.path)
+    if actual == pin:
+        return FetchedFile(fetched.path, fetched.name, fetched.origin, actual)
+    removed = fetched.origin == "url"
+    if removed:  # our own cache: drop the wrong bytes so the next run downloads afresh
+        shutil.rmtree(fetched.path.parent, ignore_errors=True)
+    raise PinMismatch(
+        f"{fetched.name}: sha256 mismatch for file {fetched.path.name}: it is {actual}, the pin (--sha256) says "
+        f"{pin}. This is not the file you pinned: another version, or a corrupt or incomplete copy."
+        + (" The downloaded copy was removed; run again to download it anew." if removed else ""),
+        actual,
+        pin,
+        removed,
+    )
 
 
 def fetch(source: str | os.PathLike, sha256: str | None = None, cache_dir: Path | None = None) -> FetchedFile:
-    """Resolve ``source`` to a local file, downloading it if the user named a remote one; check the pin."""
+    """Resolve ``source`` to a local file, downloading it if the user named a remote one; check the pin.
+
+    The pin is checked for its form before the first byte is fetched, and against the file afterwards.
+    ``cache_dir`` defaults to :func:`default_cache_dir` (callers with settings pass MODEL_BUILD_CACHE's).
+    """
     text = os.fspath(source)
     pin = normalize_sha256(sha256) if sha256 else None
     if is_hub_name(text):
@@ -218,16 +248,4 @@ def fetch(source: str | os.PathLike, sha256: str | None = None, cache_dir: Path 
         if not path.is_file():
             raise FetchError(f"{text}: no such file" if not path.exists() else f"{text} is not a file")
         fetched = FetchedFile(path, path.name, "local")
-    if pin is None:
-        return fetched
-    actual = sha256_file(fetched.path)
-    if actual != pin:
-        removed = ""
-        if fetched.origin == "url":  # our own cache: drop the wrong bytes so the next run downloads afresh
-            shutil.rmtree(fetched.path.parent, ignore_errors=True)
-            removed = " The downloaded copy was removed; run again to download it anew."
-        raise FetchError(
-            f"{fetched.name}: sha256 mismatch for file {fetched.path.name}: it is {actual}, the pin (--sha256) says "
-            f"{pin}. This is not the file you pinned: another version, or a corrupt or incomplete copy.{removed}"
-        )
-    return FetchedFile(fetched.path, fetched.name, fetched.origin, actual)
+    return fetched if pin is None else check_pin(fetched, pin)

@@ -16,7 +16,7 @@ def readme_settings_table() -> str:
 
 
 def test_readme_lists_every_setting_as_the_code_declares_it() -> None:
-    # Regenerate with: python -m core.settings (and paste between the two markers).
+    # Regenerate with: python -m core.settings --write README.md
     assert readme_settings_table() == settings_table()
     for spec in SETTINGS_FIELDS:
         assert f"`{spec.metadata['env']}`" in readme_settings_table()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.errors import ConfigurationError
-from core.settings import Settings, load_settings
+from core.settings import WORKER, Settings, load_settings
 from worker.model_location import apply_volume_caches, resolve_model_dir, resolve_refiner_dir
 from worker.prefetch import start_prefetch
 
@@ -54,7 +54,7 @@ def start_worker(settings: Settings) -> Worker:
 
 def main() -> None:
     try:
-        settings = load_settings()
+        settings = load_settings(command=WORKER)
     except ConfigurationError as error:
         print(error, file=sys.stderr)
         sys.exit(2)

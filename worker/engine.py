@@ -26,7 +26,7 @@ from PIL import Image
 
 from core.errors import ConfigurationError, ImageQualityFailed, InternalError, InvalidRequest
 from core.results import GenerationMetadata, Timings
-from core.settings import Settings, load_settings
+from core.settings import Settings
 from model_build.architectures import COMPONENTS, REFINER_COMPONENTS, family_of_manifest
 from model_build.dev_model import DEV_MODEL_NOTICE
 from model_build.layout import BASE_FAMILY, REFINER_FAMILY
@@ -127,7 +127,7 @@ class Engine:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
         clock.lap("import_pipelines_s")
-        self.settings = settings if settings is not None else load_settings()
+        self.settings = settings if settings is not None else Settings()  # defaults: commands read the environment
         self.model_dir = Path(model_dir)
         self.manifest = verify(self.model_dir)  # raises ModelFolderError with the command to run
         _require_family(self.manifest, self.model_dir, BASE_FAMILY, "MODEL_DIR")

@@ -17,7 +17,7 @@ from typing import Any
 
 from core.errors import ModelLoadFailed, ModelMissing, WorkerError, first_line, from_exception
 from core.results import EncodedImage
-from core.settings import Settings, load_settings
+from core.settings import Settings
 from worker.delivery import deliver
 from worker.engine import Engine, GenerationResult
 from worker.images import a1111_parameters, encode_image
@@ -45,7 +45,7 @@ class Worker:
     """One worker process: its settings, its engine (or why it has none), and the job handler."""
 
     def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings if settings is not None else load_settings()
+        self.settings = settings if settings is not None else Settings()  # defaults: commands read the environment
         self.engine: Engine | None = None
         self.startup_error: WorkerError | None = ModelMissing("the model has not been loaded yet")
         self.prefetch: PrefetchReport | None = None  # what worker.__main__'s weight prefetch read, if it ran

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.errors import first_line
-from core.settings import load_settings
+from core.settings import Settings
 from worker.lora_files import LORA_TARGETS, PreparedLora, prepare_lora, read_lora_file
 from worker.lora_sources import LoraError, LoraResolver, LoraSettings, LoraSource
 
@@ -66,8 +66,8 @@ class LoraManager:
         settings: LoraSettings | None = None,
     ) -> None:
         self.pipe = pipe
-        # The engine passes its settings; built from the environment only for a manager made on its own.
-        self.settings = settings or LoraSettings.from_settings(load_settings())
+        # The engine passes its settings; a manager made on its own gets the defaults.
+        self.settings = settings or LoraSettings.from_settings(Settings())
         self.resolver = LoraResolver(self.settings)
         self.on_text_encoder_change = on_text_encoder_change
         self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # adapter name -> adapter, oldest first

@@ -37,7 +37,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from core.errors import ConfigurationError, ModelMissing
-from core.settings import BAKED_MODELS, VOLUME, Settings, load_settings
+from core.settings import BAKED_MODELS, VOLUME, Settings
 
 log = logging.getLogger(__name__)
 
@@ -119,19 +119,18 @@ def plan_model(settings: Settings, volume: Path = VOLUME, baked: Path = BAKED_MO
     return ModelPlan(baked / name)
 
 
-def resolve_model_dir(settings: Settings | None = None, volume: Path = VOLUME, baked: Path = BAKED_MODELS) -> Path:
+def resolve_model_dir(settings: Settings, volume: Path = VOLUME, baked: Path = BAKED_MODELS) -> Path:
     """The folder the worker will serve (converting nothing)."""
-    return plan_model(settings or load_settings(), volume, baked).model_dir
+    return plan_model(settings, volume, baked).model_dir
 
 
-def prepare_model_dir(settings: Settings | None = None, volume: Path = VOLUME, baked: Path = BAKED_MODELS) -> Path:
+def prepare_model_dir(settings: Settings, volume: Path = VOLUME, baked: Path = BAKED_MODELS) -> Path:
     """The model folder to load; with a checkpoint configured, download and convert it first (once, locked).
 
-    ``settings`` defaults to the process environment's, for callers that have not built one yet.
     Raises :class:`ModelMissing` when the download or the volume failed (a later start can succeed)
     and :class:`ConfigurationError` when the settings name something that cannot work.
     """
-    plan = plan_model(settings or load_settings(), volume, baked)
+    plan = plan_model(settings, volume, baked)
     if plan.source is None:
         return plan.model_dir
     if converted_from(plan):
@@ -153,10 +152,6 @@ def prepare_model_dir(settings: Settings | None = None, volume: Path = VOLUME, b
     except OSError as error:
         raise _storage_error(plan, error) from None
     return plan.model_dir
-
-
-def _pin(plan: ModelPlan) -> str | None:
-    return plan.sha256.strip().lower().removeprefix("sha256:") if plan.sha256 else None
 
 
 def converted_from(plan: ModelPlan) -> bool:
@@ -188,7 +183,7 @@ def converted_from(plan: ModelPlan) -> bool:
         except OSError:
             return False
         same_file = (recorded.get("size"), recorded.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns)
-    pin = _pin(plan)
+    pin = plan.sha256  # normalized when the settings were read
     return (
         same_file
         and (pin is None or recorded.get("sha256") == pin)
@@ -202,8 +197,7 @@ def _fetch_and_convert(plan: ModelPlan) -> None:
     """Download (resumable) and convert; every failure becomes ModelMissing or ConfigurationError."""
     from model_build.convert import convert
     from model_build.errors import ConversionError
-    from model_build.manifest import sha256_file
-    from model_build.source import fetch
+    from model_build.source import PinMismatch, fetch
 
     assert plan.source is not None
     remote = _is_remote(plan.source)
@@ -216,7 +210,14 @@ def _fetch_and_convert(plan: ModelPlan) -> None:
     if remote:
         log.info("downloading %s into %s (a partial download is resumed)", _shown(plan.source), plan.cache_dir)
     try:
-        fetched = fetch(plan.source, None, plan.cache_dir)
+        fetched = fetch(plan.source, plan.sha256, plan.cache_dir)
+    except PinMismatch as error:
+        removed = " The downloaded copy was deleted." if error.removed else ""
+        raise ConfigurationError(
+            f"{_setting_name(plan)}: the file's sha256 is {error.actual}, but CHECKPOINT_SHA256 is {error.pin}: this "
+            f"is not the file you pinned (another version, or a corrupt copy).{removed} Fix CHECKPOINT or "
+            f"CHECKPOINT_SHA256; nothing was written to {plan.model_dir}"
+        ) from None
     except ConversionError as error:
         if _no_space(error):
             raise _storage_error(plan, _no_space(error)) from None
@@ -228,26 +229,12 @@ def _fetch_and_convert(plan: ModelPlan) -> None:
     if remote:
         size = fetched.path.stat().st_size
         log.info("downloaded %s: %.2f GB in %.0f s", fetched.name, size / 1e9, time.perf_counter() - started)
-    actual = None
-    pin = _pin(plan)
-    if pin is not None:
-        actual = sha256_file(fetched.path)
-        if actual != pin:
-            removed = ""
-            if fetched.origin == "url":  # our own download cache: drop the wrong bytes, the next start fetches anew
-                shutil.rmtree(fetched.path.parent, ignore_errors=True)
-                removed = " The downloaded copy was deleted."
-            raise ConfigurationError(
-                f"{_setting_name(plan)}: the file's sha256 is {actual}, but CHECKPOINT_SHA256 is {pin}: this is not "
-                f"the file you pinned (another version, or a corrupt copy).{removed} Fix CHECKPOINT or "
-                f"CHECKPOINT_SHA256; nothing was written to {plan.model_dir}"
-            )
     try:
         result = convert(
             fetched.path,
             plan.model_dir,
             source_name=fetched.name,
-            source_sha256=actual,
+            source_sha256=fetched.sha256,
             lock_timeout=None,  # this process holds the model lock: nobody else converts into this folder
             replace_outdated=True,
         )

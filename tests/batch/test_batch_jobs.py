@@ -20,6 +20,7 @@ from batch.jobs import (
     shard_of,
 )
 from core.errors import ConfigurationError
+from core.settings import load_settings
 
 VALID = {"prompt": "a lighthouse at dusk", "height": 256, "width": 256}
 
@@ -103,13 +104,19 @@ def test_shard_parsing_and_job_completion_index() -> None:
     for bad in ("8/8", "1", "a/b", "-1/3", "0/0"):
         with pytest.raises(ValueError):
             parse_shard(bad)
-    assert resolve_shard(None, 4, {"JOB_COMPLETION_INDEX": "3"}) == Shard(3, 4)
-    assert resolve_shard("1/2", None, {"JOB_COMPLETION_INDEX": "3"}) == Shard(1, 2)
-    assert resolve_shard(None, None, {}) == Shard(0, 1)
+
+    def index(raw: str) -> int | None:  # JOB_COMPLETION_INDEX as the batch command reads it
+        return load_settings({"JOB_COMPLETION_INDEX": raw}, command="batch").job_completion_index
+
+    assert resolve_shard(None, 4, index("3")) == Shard(3, 4)
+    assert resolve_shard("1/2", None, index("3")) == Shard(1, 2)
+    assert resolve_shard(None, None, None) == Shard(0, 1)
     with pytest.raises(ConfigurationError, match="JOB_COMPLETION_INDEX"):
-        resolve_shard(None, 4, {})
+        resolve_shard(None, 4, None)
     with pytest.raises(ConfigurationError):
-        resolve_shard(None, 4, {"JOB_COMPLETION_INDEX": "4"})
+        resolve_shard(None, 4, index("4"))
+    with pytest.raises(ConfigurationError, match="JOB_COMPLETION_INDEX='x' is invalid"):
+        index("x")
 
 
 line_strategy = st.one_of(
