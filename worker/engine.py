@@ -58,13 +58,16 @@ def resolve_seed(request: GenerationRequest) -> int:
 
 
 def image_seeds(first_seed: int, count: int) -> list[int]:
-    """Image k uses seed + k (wrapping inside the 63-bit range), so any image can be made alone."""
+    """Image k uses seed + k (wrapping inside torch's 64-bit seed range), so any image can be made alone."""
     return [(first_seed + k) % (MAX_SEED + 1) for k in range(count)]
 
 
 def refiner_seed(seed: int) -> int:
-    """The refiner stage's noise seed: derived from the image's seed, but never another image's seed."""
-    return (seed ^ 0x5DEECE66D_9E3779B9) % (MAX_SEED + 1)
+    """The refiner stage's noise seed: derived from the image's seed, but never another image's seed.
+
+    Kept in the 63-bit range it had before seeds up to 2^64-1 were accepted, so refined images stay the same.
+    """
+    return (seed ^ 0x5DEECE66D_9E3779B9) % 2**63
 
 
 def group_key(request: GenerationRequest, encoded: EncodedPrompts) -> tuple:

@@ -28,11 +28,17 @@ from pydantic import (
 from core.errors import InvalidRequest
 from worker.schedulers import canonical_scheduler_name, scheduler_names
 
-MAX_SEED = 2**63 - 1  # seeds a request may give
+# Seeds a request may give: torch's whole generator range, as the official worker (torch.Generator.manual_seed) takes.
+MAX_SEED = 2**64 - 1
+RANDOM_SEED = -1  # A1111's (and its clients') "random": the same as leaving seed out
 # Seeds this worker draws itself stay below 2^32: JavaScript's JSON.parse rounds integers above 2^53, so a larger
 # seed sent back by a browser client would silently make another image.
 MAX_RANDOM_SEED = 2**32 - 1
-MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 8
+# 64: the smallest side SDXL's UNet takes (8 latent pixels, two downsamplings); below 512 images are poor but valid,
+# and the official worker serves them (diffusers only asks for multiples of 8).
+MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 8
+MAX_STEPS = 500  # the official worker has no bound; 500 steps of 1024² are about 20 s on an H200 (eager ~35 s)
+MAX_GUIDANCE = 100.0  # the official worker and A1111's API have no bound; past ~30 images burn, but that is a choice
 MAX_PROMPT_CHARS = 20_000
 DEFAULT_MAX_JOB_PIXELS = 8 * 1024 * 1024  # core.settings' MAX_JOB_PIXELS default
 MAX_LORAS = 8
@@ -71,24 +77,26 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    # Not required, as in the official worker's schema and A1111's API: an empty prompt is unconditional generation.
+    prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] = ""
     negative_prompt: OptionalText = None
     prompt_2: OptionalText = None
     negative_prompt_2: OptionalText = None
     height: Side = 1024
     width: Side = 1024
-    seed: Annotated[int | None, Field(ge=0, le=MAX_SEED)] = None
+    seed: Annotated[int | None, Field(ge=RANDOM_SEED, le=MAX_SEED)] = None  # -1 or None: random
     scheduler: str = "DDIM"
-    num_inference_steps: Annotated[int, Field(ge=1, le=150)] = 25
-    guidance_scale: Annotated[float, Field(ge=0.0, le=30.0, allow_inf_nan=False)] = 7.5
+    num_inference_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 25
+    guidance_scale: Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)] = 7.5
     num_images: Annotated[int, Field(ge=1, le=8)] = 1
     # The upper bound depends on the model's text encoders: the prompt encoder checks it (the one place).
     clip_skip: Annotated[int | None, Field(ge=0)] = None
     loras: Annotated[list[LoraRequest], Field(max_length=MAX_LORAS)] = []
     # The official worker's refiner and img2img fields, with its defaults.
     refiner: bool | None = None  # None: use the refiner when one is loaded (the official worker always does)
-    refiner_inference_steps: Annotated[int, Field(ge=1, le=150)] = 50
-    high_noise_frac: Annotated[float | None, Field(gt=0.0, lt=1.0, allow_inf_nan=False)] = None
+    refiner_inference_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 50
+    # 1.0 is the official worker's "base to the end, then refine at strength": what null means here.
+    high_noise_frac: Annotated[float | None, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = None
     strength: Fraction = 0.3
     image_url: Annotated[str | None, Field(max_length=MAX_IMAGE_URL_CHARS)] = None
     # Outputs.
@@ -99,6 +107,16 @@ class GenerationRequest(BaseModel):
     _floats_from_ints = field_validator("guidance_scale", "high_noise_frac", "strength", mode="before")(
         _number_from_int
     )
+
+    @field_validator("seed")
+    @classmethod
+    def _minus_one_is_random(cls, value: int | None) -> int | None:
+        return None if value == RANDOM_SEED else value
+
+    @field_validator("high_noise_frac")
+    @classmethod
+    def _whole_base_run_is_null(cls, value: float | None) -> float | None:
+        return None if value == 1.0 else value
 
     @field_validator("scheduler")
     @classmethod

@@ -75,6 +75,20 @@ def test_random_seed_is_32_bit_and_reported(engine_loaded) -> None:
     assert 0 <= out["seed"] <= MAX_RANDOM_SEED and out["metadata"]["seeds"] == [out["seed"]]
 
 
+def test_official_worker_values_that_used_to_be_refused_make_images(engine_loaded) -> None:
+    """seed -1 (random), seeds past 2^63, an empty prompt and a side below 256 all run, as on the official worker."""
+    random = run({**SMALL, "num_inference_steps": 1, "seed": -1})
+    assert "error" not in random, random
+    assert 0 <= random["seed"] <= MAX_RANDOM_SEED
+    top = 2**64 - 1
+    wrapped = run(
+        {**SMALL, "prompt": "", "width": 128, "height": 64, "num_inference_steps": 1, "seed": top, "num_images": 2}
+    )
+    assert "error" not in wrapped, wrapped
+    assert wrapped["metadata"]["seeds"] == [top, 0]  # image k uses seed + k, wrapping in torch's 64-bit range
+    assert decode(wrapped["images"][0])[0].size == (128, 64)
+
+
 # Every name builds a fresh scheduler (tests/worker/test_worker_schema.py); these run the engine for the kinds of
 # noise handling: deterministic, ancestral (per-step noise from the generators), per-call noise (Brownian tree),
 # multistep history, and the official worker's singlestep solver.

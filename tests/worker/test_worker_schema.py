@@ -20,12 +20,12 @@ json_values = st.recursive(
 )
 
 BOUNDS = {
-    "height": (256, 2048),
-    "width": (256, 2048),
-    "num_inference_steps": (1, 150),
+    "height": (64, 2048),
+    "width": (64, 2048),
+    "num_inference_steps": (1, 500),
     "num_images": (1, 8),
     "quality": (1, 100),
-    "seed": (0, MAX_SEED),
+    "seed": (-1, MAX_SEED),  # -1: random (None), as A1111 clients send it
     "clip_skip": (0, 2**70),  # only >= 0 here: the model's own bound is the prompt encoder's (test_worker_handler)
 }
 
@@ -57,7 +57,7 @@ def test_numbers_are_accepted_only_in_range(field: str, value: object) -> None:
     payload = {"prompt": "x", "width": 512, "height": 512, field: value}
     in_range = type(value) is int and low <= value <= high and (field not in ("width", "height") or value % 8 == 0)
     if in_range:
-        assert getattr(parse_request(payload), field) == value
+        assert getattr(parse_request(payload), field) == (None if (field, value) == ("seed", -1) else value)
     else:
         with pytest.raises(InvalidRequest) as error:
             parse_request(payload)
@@ -67,7 +67,7 @@ def test_numbers_are_accepted_only_in_range(field: str, value: object) -> None:
 @given(value=st.floats(allow_nan=True, allow_infinity=True))
 def test_guidance_scale_bounds(value: float) -> None:
     payload = {"prompt": "x", "guidance_scale": value}
-    if 0.0 <= value <= 30.0:
+    if 0.0 <= value <= 100.0:
         assert parse_request(payload).guidance_scale == value
     else:
         with pytest.raises(InvalidRequest, match="guidance_scale"):
@@ -77,7 +77,7 @@ def test_guidance_scale_bounds(value: float) -> None:
 def test_messages_name_field_value_and_range() -> None:
     with pytest.raises(InvalidRequest) as error:
         parse_request({"prompt": "x", "num_inference_steps": 1000})
-    assert "num_inference_steps" in str(error.value) and "1000" in str(error.value) and "1..150" in str(error.value)
+    assert "num_inference_steps" in str(error.value) and "1000" in str(error.value) and "1..500" in str(error.value)
 
 
 def test_unknown_keys_are_errors_that_list_the_allowed_ones() -> None:
@@ -117,7 +117,7 @@ def test_official_defaults_and_every_official_scheduler_name() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("strength", 0), ("strength", 1.5), ("high_noise_frac", 1.0), ("refiner_inference_steps", 0), ("refiner", "yes")],
+    [("strength", 0), ("strength", 1.5), ("high_noise_frac", 1.5), ("refiner_inference_steps", 0), ("refiner", "yes")],
 )
 def test_refiner_and_img2img_fields_are_bounded(field: str, value: object) -> None:
     with pytest.raises(InvalidRequest, match=field):
@@ -195,3 +195,29 @@ def test_every_scheduler_builds_fresh_from_a_model_config(dev_model_dir) -> None
     for name in SCHEDULERS:
         first, second = build_scheduler(name, config), build_scheduler(name, config)
         assert first is not second and canonical_scheduler_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"seed": -1},  # A1111 clients' "random"
+        {"seed": 2**63},  # torch takes any 64-bit seed, and so does the official worker
+        {"seed": 2**64 - 1},
+        {"prompt": ""},  # unconditional generation, as there
+        {},  # no prompt at all: A1111's default ""
+        {"width": 128, "height": 128},
+        {"guidance_scale": 31},
+        {"num_inference_steps": 151, "refiner_inference_steps": 151},
+        {"high_noise_frac": 1.0},  # the official worker's base-to-the-end-then-refine: null here
+    ],
+)
+def test_what_the_official_worker_accepts_and_means_something_is_accepted(fields: dict) -> None:
+    request = parse_request({"prompt": "x", **fields} if "prompt" not in fields and fields else fields)
+    for name, value in fields.items():
+        assert getattr(request, name) == (None if (name, value) in (("seed", -1), ("high_noise_frac", 1.0)) else value)
+
+
+@pytest.mark.parametrize("seed", [-2, 2**64])
+def test_seeds_outside_torchs_range_other_than_minus_one_are_refused(seed: int) -> None:
+    with pytest.raises(InvalidRequest, match=r"seed: .*allowed -1\.\.18446744073709551615"):
+        parse_request({"prompt": "x", "seed": seed})
