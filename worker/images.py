@@ -12,6 +12,7 @@ smaller file: ``bench/handler_overhead.py`` measures image encoding), on every c
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 from PIL import Image, PngImagePlugin
@@ -49,6 +50,19 @@ def a1111_parameters(request: Any, seed: int, model_name: str, model_hash: str, 
     return text + "\n" + ", ".join(settings)
 
 
+# Control characters: the PNG spec forbids NUL in text chunks (strict decoders such as pngcheck reject the file)
+# and discourages the rest; EXIF readers stop at NUL. A tab reads as a space; CR, other C0, DEL and C1 go.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def embeddable_text(parameters: str) -> str:
+    """``parameters`` as an image file may carry it: newlines kept, tabs as spaces, other control characters dropped.
+
+    Only the embedded copy changes; the job's metadata keeps the prompt exactly as sent.
+    """
+    return _CONTROL.sub("", parameters.replace("\t", " ").replace("\r\n", "\n"))
+
+
 def fit_exif_parameters(parameters: str, limit: int = MAX_EXIF_PARAMETER_BYTES) -> str:
     """``parameters`` unchanged when its UTF-16 form fits ``limit`` bytes, else cut (on a character) with a note."""
     if len(parameters.encode("utf-16-be")) <= limit:
@@ -64,6 +78,7 @@ def encode_image(
     """One image as PNG/JPEG/WebP bytes with its parameters embedded."""
     if output_format not in IMAGE_FORMATS:
         raise ValueError(f"output_format must be png, jpeg or webp, not {output_format!r}")
+    parameters = embeddable_text(parameters) if parameters else parameters
     if output_format == "png" and png.supports(image):
         text = {"parameters": parameters} if parameters else None
         return EncodedImage(png.encode_png(image, text, PNG_COMPRESS_LEVEL), output_format, seed)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import struct
+import subprocess
+import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -129,3 +132,29 @@ def test_a_forked_child_encodes_with_a_pool_of_its_own() -> None:
         os._exit(0 if encode_png(image) == expected else 1)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+PNGCHECK = shutil.which("pngcheck")
+
+
+@pytest.mark.skipif(PNGCHECK is None, reason="pngcheck (Debian package) is not installed; .ci/run installs it")
+@given(
+    prompt=st.text(
+        st.characters(codec="utf-8", categories=("Cc", "Cs", "Zs", "Zl", "Lu", "Ll", "Nd", "Po")), max_size=60
+    ),
+    output_format=st.sampled_from(["png", "jpeg", "webp"]),
+)
+@settings(max_examples=25)
+def test_any_prompt_gives_a_file_an_independent_strict_decoder_accepts(prompt: str, output_format: str) -> None:
+    """pngcheck (libpng's strict cousin) rejects a text chunk with NUL; control characters never reach the file."""
+    parameters = f"{prompt}\nNegative prompt: a\x00b\tc\r\nSteps: 3"
+    encoded = encode_image(_image("RGB", 16, 8, 0), output_format, 90, 1, parameters)
+    embedded = read_parameters(encoded.data)
+    assert embedded is not None and not any((ord(c) < 32 and c != "\n") or 0x7F <= ord(c) <= 0x9F for c in embedded)
+    assert "Negative prompt: ab c\nSteps: 3" in embedded  # NUL dropped, tab a space, CRLF a newline
+    if output_format == "png":
+        with tempfile.NamedTemporaryFile(suffix=".png") as file:
+            file.write(encoded.data)
+            file.flush()
+            check = subprocess.run([PNGCHECK, "-v", file.name], capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0 and "control character" not in check.stdout, check.stdout
