@@ -37,12 +37,13 @@ from batch.outputs import (
     job_error_record,
     json_bytes,
 )
-from core.errors import ConfigurationError, WorkerError
+from core.errors import ConfigurationError, RetriesExhausted, WorkerError
 from core.results import EncodedImage, GenerationMetadata
 
 log = logging.getLogger(__name__)
 
 PROGRESS_LOG_S = 60.0
+MAX_ITEM_ATTEMPTS = 3  # runs in which one line may fail with a retriable error before it counts as refused
 
 
 @dataclass
@@ -309,8 +310,17 @@ class ShardSession:
         """Record why ``job`` failed (``errors/line-<n>.json``); it stays not-done and is tried again next run.
 
         The error's kind decides whether it counts as retriable (exit code 1 once the shard is through)
-        or as refused (exit code 3).
+        or as refused (exit code 3). The error file counts the item's failed attempts over runs: a retriable
+        failure on the :data:`MAX_ITEM_ATTEMPTS`-th attempt is recorded as :class:`RetriesExhausted` (refused),
+        so a line that fails the same way every time cannot keep a Kubernetes index retrying forever.
         """
+        previous = self.outputs.current_failure(job)
+        attempts = int((previous or {}).get("attempts", 1)) + 1 if previous else 1
+        if error.retriable and attempts >= MAX_ITEM_ATTEMPTS:
+            error = RetriesExhausted(
+                f"line {job.line} failed on {attempts} attempts, the last with {error}; it is no longer retried "
+                "automatically (exit code 3); fix the cause and run again to try it once more"
+            )
         with self._lock:
             if job.id in self.counters.failed_ids:
                 return
@@ -320,7 +330,7 @@ class ShardSession:
             else:
                 self.counters.failed_engine += 1
         log.warning("line %d (%s) failed: %s", job.line, job.id, error)
-        self.outputs.write_error(job_error_record(job, error, self.mode))
+        self.outputs.write_error({**job_error_record(job, error, self.mode), "attempts": attempts})
         self.claims.release(job.id)
         self.claims.note_progress()
         self._advance()

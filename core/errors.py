@@ -115,6 +115,12 @@ class InternalError(WorkerError):
     retriable = True
 
 
+class RetriesExhausted(WorkerError):
+    """A retriable failure came back on every attempt; trying the same item again automatically would loop."""
+
+    code = "gave up"
+
+
 class ConfigurationError(WorkerError):
     """A setting (environment variable or command-line option) is invalid; nothing can run until it is fixed."""
 
@@ -133,6 +139,7 @@ ERROR_KINDS: tuple[type[WorkerError], ...] = (
     CudaFailed,
     OutOfMemory,
     InternalError,
+    RetriesExhausted,
     ConfigurationError,
 )
 

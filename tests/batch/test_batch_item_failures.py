@@ -60,6 +60,40 @@ def test_an_image_that_cannot_be_encoded_fails_its_line_not_the_shard(
     assert not (tmp_path / "out" / "errors" / "line-00000002.json").exists()
 
 
+def test_a_line_that_fails_every_run_is_given_up_after_three_attempts_not_retried_forever(
+    engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 24: an internal error in one line is retriable, so a Kubernetes index retried it forever (exit 1)."""
+    lines = [{"id": f"item-{n}", "prompt": f"a lock gate, view {n}", **SMALL, "seed": n} for n in range(3)]
+    lines[1]["prompt"] = "the line that always breaks"
+    source = write_jsonl(tmp_path / "jobs.jsonl", lines)
+    options = RunOptions(source, tmp_path / "out", progress=False)
+    local = LocalEngineOptions(batch_size=1, encode_workers=0, engine=engine)
+    real_encode = batch.encoding.encode_image
+
+    def encode_image(image, output_format, quality, seed, parameters=None):
+        if parameters and "always breaks" in parameters:
+            raise RuntimeError("a bug this line hits every time")
+        return real_encode(image, output_format, quality, seed, parameters)
+
+    monkeypatch.setattr(batch.encoding, "encode_image", encode_image)
+    error_file = tmp_path / "out" / "errors" / "line-00000002.json"
+    codes, attempts = [], []
+    for _ in range(3):
+        with one_torch_thread():
+            codes.append(run_shard(options, local)["exit_code"])
+        record = read_json(error_file)
+        attempts.append((record["attempts"], record["code"], record["retriable"]))
+    assert codes == [EXIT_RETRIABLE, EXIT_RETRIABLE, EXIT_INVALID_LINES]  # 3: final for the index (podFailurePolicy)
+    assert attempts == [(1, "internal error", True), (2, "internal error", True), (3, "gave up", False)]
+    assert "failed on 3 attempts" in record["error"] and "a bug this line hits every time" in record["error"]
+
+    monkeypatch.setattr(batch.encoding, "encode_image", real_encode)  # the cause fixed: a run tries it once more
+    with one_torch_thread():
+        summary = run_shard(options, local)
+    assert summary["exit_code"] == EXIT_OK and summary["made"] == 1 and not error_file.exists()
+
+
 def test_status_and_merge_describe_the_edited_input(engine, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Issue 13: a 9-line file shrunk to 6 lines (one changed under its id) left a stale error file, ``status``
     said done 6 / failed 0 while the run exited 3, and ``merge`` emitted 9 items with repeated line numbers."""
