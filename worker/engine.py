@@ -37,7 +37,7 @@ from worker.input_images import load_input_image
 from worker.prompting.encoding import EncodedPrompts, PromptEncoder
 from worker.prompting.stepping import pipeline_callback_kwargs
 from worker.schedulers import build_scheduler
-from worker.schema import MAX_SEED, MIN_SIDE, SIDE_MULTIPLE, GenerationRequest, draw_seed
+from worker.schema import GROUP_FIELDS, MAX_SEED, MIN_SIDE, SIDE_MULTIPLE, GenerationRequest, draw_seed
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +71,21 @@ def refiner_seed(seed: int) -> int:
 
 
 def group_key(request: GenerationRequest, encoded: EncodedPrompts) -> tuple:
-    """Requests with equal keys can share one pipeline call (same latent shape, schedule, weights and inputs)."""
-    image_key = hashlib.sha256(request.image_url.encode()).hexdigest() if request.image_url else None
-    return (
-        request.width,
-        request.height,
-        request.num_inference_steps,
-        request.scheduler,
-        request.guidance_scale,
-        tuple((lora.name, lora.scale) for lora in request.loras),
-        encoded.num_chunks,
-        request.refiner,
-        request.refiner_inference_steps,
-        request.high_noise_frac,
-        request.strength,
-        image_key,
-        request.size_given,
-    )
+    """Requests with equal keys can share one pipeline call (same latent shape, schedule, weights and inputs).
+
+    Built from every field the schema declares ``Scope.GROUP`` (a call runs with its first request's values of
+    those), plus what follows from them: the prompt's chunk count (the embeddings' shape) and whether the size
+    was given (img2img follows the input image otherwise).
+    """
+    values = []
+    for name in GROUP_FIELDS:
+        value = getattr(request, name)
+        if name == "image_url" and value is not None:
+            value = hashlib.sha256(value.encode()).hexdigest()  # data URIs can be megabytes
+        elif isinstance(value, list):
+            value = tuple(tuple(item.model_dump().items()) for item in value)
+        values.append(value)
+    return (*values, encoded.num_chunks, request.size_given)
 
 
 def _require_family(manifest: dict[str, Any], folder: Path, family: str, setting: str) -> None:

@@ -12,8 +12,11 @@ validation context, never from the environment at import time.
 
 from __future__ import annotations
 
+import enum
+import json
 import secrets
-from typing import Annotated, Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -67,42 +70,121 @@ class LoraRequest(BaseModel):
     _int_scale_is_fine = field_validator("scale", mode="before")(_number_from_int)
 
 
+class Scope(enum.Enum):
+    """How a request field travels when requests share one pipeline call (the batch runner's GPU batches).
+
+    Every field of :class:`GenerationRequest` carries exactly one (a test checks it), so a new field cannot be
+    forgotten by :func:`group_key`: a call runs with its first request's value of every ``GROUP`` field.
+    """
+
+    REQUEST = "request"  # each request keeps its own value: prompts, seeds, output encoding
+    GROUP = "group"  # requests share a call only when these are equal: shape, schedule, weights, inputs
+
+
+REQUEST, GROUP = Scope.REQUEST, Scope.GROUP
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE)]
 OptionalText = Annotated[str | None, Field(max_length=MAX_PROMPT_CHARS)]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 
 
 class GenerationRequest(BaseModel):
-    """A RunPod job's `input`, or one JSONL line of the batch runner (minus its `id`)."""
+    """A RunPod job's `input`, or one JSONL line of the batch runner (minus its `id`).
+
+    Each field declares its bounds, its :class:`Scope` and its meaning (``description``), from which the README's
+    request table is generated (``python -m worker.schema --write README.md``; a test keeps them equal).
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    # Not required, as in the official worker's schema and A1111's API: an empty prompt is unconditional generation.
-    prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] = ""
-    negative_prompt: OptionalText = None
-    prompt_2: OptionalText = None
-    negative_prompt_2: OptionalText = None
-    height: Side = 1024
-    width: Side = 1024
-    seed: Annotated[int | None, Field(ge=RANDOM_SEED, le=MAX_SEED)] = None  # -1 or None: random
-    scheduler: str = "DDIM"
-    num_inference_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 25
-    guidance_scale: Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)] = 7.5
-    num_images: Annotated[int, Field(ge=1, le=8)] = 1
-    # The upper bound depends on the model's text encoders: the prompt encoder checks it (the one place).
-    clip_skip: Annotated[int | None, Field(ge=0)] = None
-    loras: Annotated[list[LoraRequest], Field(max_length=MAX_LORAS)] = []
+    prompt: Annotated[
+        str,
+        REQUEST,
+        Field(
+            max_length=MAX_PROMPT_CHARS,
+            description="unlimited tokens, A1111 weighting and prompt editing; empty: unconditional (as the official "
+            "worker and A1111 allow)",
+        ),
+    ] = ""
+    negative_prompt: Annotated[OptionalText, REQUEST, Field(description="what to steer away from")] = None
+    prompt_2: Annotated[OptionalText, REQUEST, Field(description="for the second text encoder (default: prompt)")] = (
+        None
+    )
+    negative_prompt_2: Annotated[
+        OptionalText, REQUEST, Field(description="for the second text encoder (default: negative_prompt)")
+    ] = None
+    height: Annotated[Side, GROUP, Field(description="pixels; img2img default: the input image's")] = 1024
+    width: Annotated[Side, GROUP, Field(description="pixels; width x height x num_images <= MAX_JOB_PIXELS")] = 1024
+    seed: Annotated[
+        int | None,
+        REQUEST,
+        Field(
+            ge=RANDOM_SEED,
+            le=MAX_SEED,
+            description="-1 or none: random below 2^32 (JavaScript-safe); image k uses seed + k",
+        ),
+    ] = None
+    scheduler: Annotated[str, GROUP, Field(description="a name of the scheduler table (the official default DDIM)")] = (
+        "DDIM"
+    )
+    num_inference_steps: Annotated[int, GROUP, Field(ge=1, le=MAX_STEPS, description="denoising steps")] = 25
+    guidance_scale: Annotated[
+        float,
+        GROUP,
+        Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="classifier-free guidance; <= 1 turns it off"),
+    ] = 7.5
+    num_images: Annotated[int, REQUEST, Field(ge=1, le=8, description="images of this request")] = 1
+    clip_skip: Annotated[
+        int | None,
+        REQUEST,
+        # The upper bound depends on the model's text encoders: the prompt encoder checks it (the one place).
+        Field(ge=0, description="text encoder layers to skip, up to the model's layers - 2; none: the penultimate"),
+    ] = None
+    loras: Annotated[
+        list[LoraRequest],
+        GROUP,
+        Field(max_length=MAX_LORAS, description='[{"name": file under LORA_DIR, "scale": -5..5}]'),
+    ] = []
     # The official worker's refiner and img2img fields, with its defaults.
-    refiner: bool | None = None  # None: use the refiner when one is loaded (the official worker always does)
-    refiner_inference_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 50
-    # 1.0 is the official worker's "base to the end, then refine at strength": what null means here.
-    high_noise_frac: Annotated[float | None, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = None
-    strength: Fraction = 0.3
-    image_url: Annotated[str | None, Field(max_length=MAX_IMAGE_URL_CHARS)] = None
+    refiner: Annotated[
+        bool | None,
+        GROUP,
+        Field(description="none: refine when a refiner is loaded (as the official worker always does)"),
+    ] = None
+    refiner_inference_steps: Annotated[
+        int, GROUP, Field(ge=1, le=MAX_STEPS, description="the refiner's schedule (the official default)")
+    ] = 50
+    high_noise_frac: Annotated[
+        float | None,
+        GROUP,
+        Field(
+            gt=0.0,
+            le=1.0,
+            allow_inf_nan=False,
+            # 1.0 is the official worker's "base to the end, then refine at strength": what null means here.
+            description="where the base hands over to the refiner (ensemble of experts); 1 or none: the base runs "
+            "to the end and the refiner refines at strength",
+        ),
+    ] = None
+    strength: Annotated[
+        Fraction, GROUP, Field(description="img2img, and the refiner without high_noise_frac: how much to change")
+    ] = 0.3
+    image_url: Annotated[
+        str | None,
+        GROUP,
+        Field(
+            max_length=MAX_IMAGE_URL_CHARS,
+            description="img2img input: an http(s) URL (public addresses unless ALLOW_PRIVATE_URLS=1), a data URI "
+            "or bare base64 of a PNG, JPEG or WebP",
+        ),
+    ] = None
     # Outputs.
-    output_format: Literal["png", "jpeg", "webp"] = "png"
-    quality: Annotated[int, Field(ge=1, le=100)] = 95
-    return_type: Literal["base64", "s3"] | None = None  # None: uploaded when a bucket is configured, else base64
+    output_format: Annotated[Literal["png", "jpeg", "webp"], REQUEST, Field(description="image file format")] = "png"
+    quality: Annotated[int, REQUEST, Field(ge=1, le=100, description="JPEG/WebP quality")] = 95
+    return_type: Annotated[
+        Literal["base64", "s3"] | None,
+        REQUEST,
+        Field(description="none: uploaded when BUCKET_ENDPOINT_URL is set, else base64 data URIs"),
+    ] = None
 
     _floats_from_ints = field_validator("guidance_scale", "high_noise_frac", "strength", mode="before")(
         _number_from_int
@@ -205,3 +287,80 @@ def parse_request(payload: Any, max_job_pixels: int = DEFAULT_MAX_JOB_PIXELS) ->
     except ValidationError as error:
         problems = [_describe(item) for item in error.errors(include_url=False)]
         raise InvalidRequest("; ".join(problems)) from None
+
+
+def field_scope(name: str) -> Scope:
+    """The :class:`Scope` a request field declares (exactly one; ``tests/worker/test_worker_schema.py`` checks)."""
+    (scope,) = (item for item in GenerationRequest.model_fields[name].metadata if isinstance(item, Scope))
+    return scope
+
+
+GROUP_FIELDS: tuple[str, ...] = tuple(name for name in GenerationRequest.model_fields if field_scope(name) is GROUP)
+
+
+def _kind(annotation: Any) -> str:
+    """A JSON reader's name for a field's type: string, integer, number, true/false, a list of values, list."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " \\| ".join(f"`{value}`" for value in args)
+    if args and type(None) in args:
+        inner = [arg for arg in args if arg is not type(None)]
+        return f"{_kind(inner[0])}, or null"
+    if origin is list:
+        return "list"
+    return {str: "string", int: "integer", float: "number", bool: "`true` / `false`"}.get(annotation, str(annotation))
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int) and value >= 2**32 and (value + 1) & value == 0:
+        return f"2^{value.bit_length()}-1"
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _bounds(metadata: list[Any], unit: str) -> str:
+    """'LOW..HIGH; multiple of N; at most N unit' from a field's constraints (> and < mark open ends)."""
+    low = high = ""
+    parts = []
+    for item in metadata:
+        if getattr(item, "ge", None) is not None:
+            low = _number(item.ge)
+        if getattr(item, "gt", None) is not None:
+            low = ">" + _number(item.gt)
+        if getattr(item, "le", None) is not None:
+            high = _number(item.le)
+        if getattr(item, "lt", None) is not None:
+            high = "<" + _number(item.lt)
+        if getattr(item, "multiple_of", None) is not None:
+            parts.append(f"multiple of {item.multiple_of}")
+        if getattr(item, "max_length", None) is not None:
+            parts.append(f"at most {item.max_length:,} {unit}")
+    if low or high:
+        parts.insert(0, f"{low}..{high}")
+    return "; ".join(parts)
+
+
+def request_table() -> str:
+    """The README's request table, generated from :class:`GenerationRequest`'s declarations."""
+    rows = ["| field | type, bounds | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, spec in GenerationRequest.model_fields.items():
+        bounds = _bounds(spec.metadata, "items" if get_origin(spec.annotation) is list else "characters")
+        kind = _kind(spec.annotation) + (f" ({bounds})" if bounds else "")
+        default = json.dumps(spec.default) if spec.default is not None else "null"
+        rows.append(f"| `{name}` | {kind} | `{default}` | {spec.description} |")
+    return "\n".join(rows)
+
+
+TABLE_START, TABLE_END = "<!-- request-table:start -->", "<!-- request-table:end -->"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--write"]:  # python -m worker.schema --write README.md
+        readme = Path(sys.argv[2])
+        text = readme.read_text()
+        head, _, rest = text.partition(TABLE_START)
+        _, _, tail = rest.partition(TABLE_END)
+        readme.write_text(f"{head}{TABLE_START}\n{request_table()}\n{TABLE_END}{tail}")
+    else:
+        print(request_table())

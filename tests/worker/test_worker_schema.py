@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -11,7 +12,16 @@ from hypothesis import strategies as st
 from core.errors import InvalidRequest
 from tests.support.official_worker import OFFICIAL_HUB_TEST, OFFICIAL_TEST_INPUT
 from worker.schedulers import SCHEDULERS, build_scheduler, canonical_scheduler_name
-from worker.schema import MAX_RANDOM_SEED, MAX_SEED, GenerationRequest, draw_seed, parse_request
+from worker.schema import (
+    GROUP_FIELDS,
+    MAX_RANDOM_SEED,
+    MAX_SEED,
+    GenerationRequest,
+    Scope,
+    draw_seed,
+    field_scope,
+    parse_request,
+)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
@@ -190,8 +200,11 @@ def test_scheduler_spellings(spelling: str) -> None:
     assert parse_request({"prompt": "x", "scheduler": spelling}).scheduler in SCHEDULERS
 
 
-def test_every_scheduler_builds_fresh_from_a_model_config(dev_model_dir) -> None:
-    config = json.loads((dev_model_dir / "scheduler" / "scheduler_config.json").read_text())
+@pytest.mark.parametrize("model", ["sdxl_base", "dev_tiny"])
+def test_every_scheduler_builds_fresh_from_a_model_config(model: str) -> None:
+    # The shipped configs the converter writes into every folder: no model needs converting to read them.
+    configs = Path(__file__).resolve().parents[2] / "model_build" / "configs"
+    config = json.loads((configs / model / "scheduler" / "scheduler_config.json").read_text())
     for name in SCHEDULERS:
         first, second = build_scheduler(name, config), build_scheduler(name, config)
         assert first is not second and canonical_scheduler_name(name) == name
@@ -221,3 +234,59 @@ def test_what_the_official_worker_accepts_and_means_something_is_accepted(fields
 def test_seeds_outside_torchs_range_other_than_minus_one_are_refused(seed: int) -> None:
     with pytest.raises(InvalidRequest, match=r"seed: .*allowed -1\.\.18446744073709551615"):
         parse_request({"prompt": "x", "seed": seed})
+
+
+def test_every_request_field_declares_exactly_one_scope_and_a_meaning() -> None:
+    """A new field must say whether it is per request or part of the group key (else a batch call would silently
+    run every request with the first one's value of it), and what it means (the README table is made from it)."""
+    for name, spec in GenerationRequest.model_fields.items():
+        scopes = [item for item in spec.metadata if isinstance(item, Scope)]
+        assert len(scopes) == 1, f"{name}: declare exactly one of REQUEST or GROUP in its Annotated[...]"
+        assert spec.description, f"{name}: give it a description (the README's request table shows it)"
+    assert set(GROUP_FIELDS) == {n for n in GenerationRequest.model_fields if field_scope(n) is Scope.GROUP}
+
+
+def test_group_key_changes_with_every_group_field_and_no_request_field() -> None:
+    """Each GROUP field, changed alone, splits two requests into different calls; each REQUEST field does not."""
+    from types import SimpleNamespace
+
+    from worker.engine import group_key
+
+    encoded = SimpleNamespace(num_chunks=1)
+    base = parse_request({"prompt": "x", "width": 512, "height": 512, "image_url": "aGk="})
+    other_values = {
+        "height": 256,
+        "width": 256,
+        "scheduler": "Euler",
+        "num_inference_steps": 3,
+        "guidance_scale": 2.0,
+        "loras": [{"name": "a", "scale": 0.5}],
+        "refiner": True,
+        "refiner_inference_steps": 7,
+        "high_noise_frac": 0.5,
+        "strength": 0.9,
+        "image_url": "aGVsbG8=",
+        "prompt": "y",
+        "negative_prompt": "n",
+        "prompt_2": "z",
+        "negative_prompt_2": "m",
+        "seed": 5,
+        "num_images": 2,
+        "clip_skip": 1,
+        "output_format": "webp",
+        "quality": 50,
+        "return_type": "base64",
+    }
+    assert set(other_values) == set(GenerationRequest.model_fields)  # a new field needs a row here too
+    for name, value in other_values.items():
+        changed = parse_request({**base.model_dump(exclude_unset=True), name: value})
+        differs = group_key(changed, encoded) != group_key(base, encoded)
+        assert differs == (field_scope(name) is Scope.GROUP), name
+
+
+def test_readme_request_table_is_the_schemas() -> None:
+    from worker.schema import TABLE_END, TABLE_START, request_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    # Regenerate with: python -m worker.schema --write README.md
+    assert readme[readme.index(TABLE_START) + len(TABLE_START) : readme.index(TABLE_END)].strip() == request_table()
