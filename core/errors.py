@@ -14,6 +14,7 @@ Messages say what is wrong and what to do, and never carry a traceback.
 
 from __future__ import annotations
 
+import errno
 from typing import Any, ClassVar
 
 
@@ -23,6 +24,11 @@ def first_line(text: object, limit: int = 500) -> str:
         if line.strip():
             return line.strip()[:limit]
     return ""
+
+
+# errno values that mean "no room to write": a full disk, a quota, a file size limit (the converter's output, the
+# worker's model folder on the volume, the batch runner's outputs all report them as a storage problem).
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class WorkerError(Exception):

@@ -1,5 +1,7 @@
 """``hf://owner/repo/path/to/file@<40-hex commit>``: one parser for the converter's sources and the worker's LoRAs.
 
+Also the one test of whether a source names something remote (``scheme://...``) rather than a local path.
+
 A name must pin a full commit: branch and tag names move, and a cached file must be the bytes the
 user meant. The file path inside the repository is checked so that it cannot climb out of the
 download cache (no empty, ``.`` or ``..`` parts, no backslash), and pickle files are refused by
@@ -19,6 +21,14 @@ HF_FORM = "hf://<owner>/<repo>/<file>@<40-hex commit>"
 _COMMIT = re.compile(r"[0-9a-fA-F]{40}")
 # The Hub's rule for owner and repository names.
 _REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def has_url_scheme(text: str) -> bool:
+    """``scheme://...``: a remote source (``hf://`` included), never a local path."""
+    return bool(_URL_SCHEME.match(text))
 
 
 class HubNameError(ValueError):

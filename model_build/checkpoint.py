@@ -51,6 +51,7 @@ from model_build.layout import (
     component_prefixes,
     to_original_layout,
 )
+from model_build.tensor_checks import all_finite
 
 # Tensors that real SDXL checkpoints carry besides the weights, known to be harmless to drop.
 # They are listed in the manifest as ignored. Anything else unknown is an error.
@@ -510,18 +511,9 @@ def refuse_non_float_weights(name: str, tensors: Mapping[str, TensorEntry], keys
 # --- reading tensor data: one tensor at a time, refusing NaN, Inf and overflow on the cast ---
 
 
-def _sum_is_finite(tensor: torch.Tensor) -> bool:
-    # A sum is NaN or Inf if any element is, and almost never overflows for real weights; it is much
-    # cheaper than a full isfinite mask, which runs only when the sum is not finite.
-    accumulate = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    return bool(torch.isfinite(tensor.sum(dtype=accumulate)))
-
-
 def check_finite(tensor: torch.Tensor, name: str, where: str) -> None:
     """Raise :class:`CheckpointError` naming ``name`` if it holds NaN or Inf values."""
-    if not tensor.is_floating_point():
-        return
-    if _sum_is_finite(tensor) or bool(torch.isfinite(tensor).all()):
+    if all_finite(tensor):
         return
     nan = int(torch.isnan(tensor).sum())
     inf = int(torch.isinf(tensor).sum())
@@ -536,7 +528,7 @@ def check_cast(original: torch.Tensor, cast: torch.Tensor, name: str, where: str
     """A finite tensor that becomes Inf when cast does not fit the target dtype's range."""
     if cast is original or not cast.is_floating_point():
         return
-    if _sum_is_finite(cast) or bool(torch.isfinite(cast).all()):
+    if all_finite(cast):
         return
     largest = float(original.abs().max())
     raise CheckpointError(

@@ -26,11 +26,7 @@ import torch
 
 from model_build.errors import CompletenessError, shown_names
 from model_build.layout import BASE_FAMILY, to_original_layout
-
-
-def _is_finite(tensor: torch.Tensor) -> bool:
-    # The sum is not finite if any element is not; a full isfinite mask runs only in that rare case.
-    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
+from model_build.tensor_checks import all_finite
 
 
 @dataclass(frozen=True)
@@ -102,7 +98,7 @@ def prove_component(
             wrong_dtype.append(f"{key} ({actual.dtype})")
         if actual.shape != expected.shape or not torch.equal(actual, expected.to(actual.dtype)):
             differ.append(key)
-        elif actual.is_floating_point() and not _is_finite(actual):
+        elif actual.is_floating_point() and not all_finite(actual):
             not_finite.append(key)  # equal to the cast source, yet Inf: the cast overflowed
     if differ:
         raise CompletenessError(

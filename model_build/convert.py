@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from core.errors import NO_SPACE_ERRNOS
 from model_build.checkpoint import (
     CheckpointInfo,
     TensorReader,
@@ -195,7 +196,6 @@ def _release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 
@@ -240,7 +240,7 @@ def _weights_bytes(info: CheckpointInfo, dtype: str) -> int:
 def _output_problem(error: BaseException, output: Path, needed: Callable[[], int]) -> OutputNotWritable | None:
     """A failed write into the output's folder as a configuration error (full disk, read-only), or None."""
     number = _write_errno(error, output.parent)
-    if number in _NO_SPACE:
+    if number in NO_SPACE_ERRNOS:
         return OutputNotWritable(
             f"--output {output}: cannot write the converted model: {os.strerror(number)}. It needs about "
             f"{needed() / 2**20:,.0f} MiB; free some space there or choose another --output"

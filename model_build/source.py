@@ -22,7 +22,7 @@ from email.message import Message
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from core.hub_names import HubFileName, HubNameError, is_hub_name, parse_hub_name
+from core.hub_names import HubFileName, HubNameError, has_url_scheme, is_hub_name, parse_hub_name
 from core.safetensors_files import pickle_suffix
 from core.sha256_pins import normalize_sha256 as _normalize_pin
 from model_build.errors import FetchError
@@ -241,7 +241,7 @@ def fetch(source: str | os.PathLike, sha256: str | None = None, cache_dir: Path 
     if is_hub_name(text):
         hub_file = parse_hf_uri(text)
         fetched = FetchedFile(fetch_hub_file(hub_file, cache_dir / "hf" if cache_dir else None), hub_file.uri, "hf")
-    elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text):
+    elif has_url_scheme(text):
         fetched = FetchedFile(download_url(text, cache_dir), display_url(text), "url")
     else:
         path = Path(text).expanduser()

@@ -14,13 +14,12 @@ This module imports neither torch nor the engine.
 from __future__ import annotations
 
 import os
-import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import LoraFailed, first_line
-from core.hub_names import HubFileName, HubNameError, is_hub_name, parse_hub_name
+from core.hub_names import HubFileName, HubNameError, has_url_scheme, is_hub_name, parse_hub_name
 from core.safetensors_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, pickle_suffix
 from core.settings import VOLUME, Settings
 
@@ -29,7 +28,6 @@ MAX_SCANNED_FILES = 10_000  # listing available names is for error messages; nev
 # Linux limits (NAME_MAX, PATH_MAX less the terminating NUL): a longer name fails in the kernel with ENAMETOOLONG.
 MAX_NAME_PART_BYTES = 255
 MAX_PATH_BYTES = 4095
-_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class LoraError(LoraFailed):
@@ -150,7 +148,7 @@ class LoraResolver:
     def resolve(self, name: str, field: str = "name") -> LoraSource:
         if is_hub_name(name):
             return self._resolve_hf(name, field)
-        if _URL_SCHEME.match(name):
+        if has_url_scheme(name):
             raise LoraError(
                 f"{field}: {name!r}: only file names under the LoRA folders and hf://owner/repo/file.safetensors@"
                 "<commit> addresses are supported"

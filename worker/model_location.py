@@ -23,7 +23,6 @@ caches go to the volume too (:func:`volume_cache_environment`), so they survive 
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -36,21 +35,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from core.errors import ConfigurationError, ModelMissing
+from core.errors import NO_SPACE_ERRNOS, ConfigurationError, ModelMissing
+from core.hub_names import HF_PREFIX, HubNameError, has_url_scheme, is_hub_name, parse_hub_name
 from core.settings import BAKED_MODELS, VOLUME, Settings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "sdxl"
 LOCK_LOG_EVERY_S = 30.0  # how often a waiting worker says it is still waiting
-# errno values that mean "no room to write": a full disk, a quota, a file size limit.
-NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # huggingface_hub errors that mean the hf:// name is wrong (or needs HF_TOKEN), not that the download failed.
 HUB_WRONG_NAME_ERRORS = frozenset(
     {"GatedRepoError", "RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError", "HubNameError"}
 )
 TEMP_DOWNLOADS = Path(tempfile.gettempdir()) / "model_build"
-_URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
 @dataclass(frozen=True)
@@ -64,15 +61,14 @@ class ModelPlan:
     keep_download: bool = True  # False: delete the download after converting (no volume to keep it on)
 
 
-def _is_remote(source: str) -> bool:
-    return bool(_URL_SCHEME.match(source))
-
-
 def source_model_name(source: str) -> str:
     """The model folder name a checkpoint source gives: its file name without the extension, filesystem-safe."""
-    if source.startswith("hf://"):
-        path = source.removeprefix("hf://").rpartition("@")[0] or source.removeprefix("hf://")
-    elif _is_remote(source):
+    if is_hub_name(source):
+        try:
+            path = parse_hub_name(source).filename
+        except HubNameError:
+            path = source.removeprefix(HF_PREFIX)  # refused with its reason when it is fetched; any name will do
+    elif has_url_scheme(source):
         path = unquote(urlsplit(source).path)
     else:
         path = source
@@ -98,7 +94,7 @@ def plan_model(settings: Settings, volume: Path = VOLUME, baked: Path = BAKED_MO
     sha256 = settings.checkpoint_sha256 or None
     if sha256 and not source:
         raise ConfigurationError("CHECKPOINT_SHA256 is set but CHECKPOINT is not; set CHECKPOINT to the file it pins")
-    if source and _is_remote(source) and not source.startswith("hf://") and not sha256:
+    if source and has_url_scheme(source) and not is_hub_name(source) and not sha256:
         raise ConfigurationError(
             f"CHECKPOINT={_shown(source)} is a URL without CHECKPOINT_SHA256; a URL can serve other bytes tomorrow, "
             "so set CHECKPOINT_SHA256 to the file's sha256 (sha256sum prints it)"
@@ -173,9 +169,9 @@ def converted_from(plan: ModelPlan) -> bool:
     except ModelFolderError:
         return False  # damaged: the conversion replaces it
     recorded = manifest.get("source") or {}
-    if plan.source.startswith("hf://"):
+    if is_hub_name(plan.source):
         same_file = recorded.get("name") == plan.source
-    elif _is_remote(plan.source):
+    elif has_url_scheme(plan.source):
         same_file = recorded.get("name") == display_url(plan.source)
     else:
         try:
@@ -200,7 +196,7 @@ def _fetch_and_convert(plan: ModelPlan) -> None:
     from model_build.source import PinMismatch, fetch
 
     assert plan.source is not None
-    remote = _is_remote(plan.source)
+    remote = has_url_scheme(plan.source)
     if not remote and not Path(plan.source).is_file():
         raise ConfigurationError(
             f"{_setting_name(plan)}: no such file. Copy the checkpoint there (e.g. with a pod that mounts the "
@@ -348,7 +344,7 @@ def _setting_name(plan: ModelPlan) -> str:
 
 def _shown(source: str) -> str:
     """The source without a URL's credentials or query string (download tokens live there)."""
-    if _is_remote(source) and not source.startswith("hf://"):
+    if has_url_scheme(source) and not is_hub_name(source):
         from model_build.source import display_url
 
         return display_url(source)
