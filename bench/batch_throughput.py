@@ -95,12 +95,13 @@ def cpu_overhead(args: argparse.Namespace, workdir: Path) -> None:
 
     logging.getLogger("batch").setLevel(logging.ERROR)
     from batch.jobs import Shard, load_shard
+    from core.settings import load_settings
     from worker.engine import Engine
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = args.model or dev_model(workdir)
-    engine = Engine(model)
+    engine = Engine(model, settings=load_settings())  # COMPILE etc. from the environment, as the worker
     source = write_lines(workdir / "jobs.jsonl", args.lines, args.size, args.steps, args.guidance, args.scheduler)
     requests = [job.request for job in load_shard(source, Shard(0, 1)).jobs]
     engine.generate(requests[0])  # warm-up: first-call allocations
@@ -172,6 +173,7 @@ def full_size(args: argparse.Namespace, workdir: Path) -> None:
 
     logging.getLogger("batch").setLevel(logging.ERROR)
     from bench.fullsize import build_random_pipeline, save_as_model_dir
+    from core.settings import load_settings
     from worker.engine import Engine
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -183,7 +185,7 @@ def full_size(args: argparse.Namespace, workdir: Path) -> None:
     del pipe
     if args.device == "cuda":
         torch.cuda.empty_cache()
-    engine = Engine(model)
+    engine = Engine(model, settings=load_settings())  # COMPILE etc. from the environment, as the worker
     emit(stage="setup", seconds=round(time.perf_counter() - started, 1), device=engine.plan.device, model=str(model))
 
     source = write_lines(workdir / "jobs.jsonl", args.lines, args.size, args.steps, args.guidance, args.scheduler)

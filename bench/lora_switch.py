@@ -72,7 +72,7 @@ def build_pipeline(config: str, device: str, dtype: torch.dtype) -> Any:
 
 def make_loras(pipe: Any, folder: Path, rank: int, realistic: bool, device: str) -> dict[str, dict[str, Any]]:
     """Four random LoRAs: a, b, c in diffusers format, d in Kohya format (the same layers)."""
-    from tests.support.lora_synth import (
+    from model_build.dev_lora import (
         TEXT_ATTENTION_TARGETS,
         TEXT_KOHYA_TARGETS,
         UNET_ATTENTION_TARGETS,

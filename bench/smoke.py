@@ -106,7 +106,7 @@ def main() -> None:
 
     from bench.fullsize import build_random_pipeline, save_as_model_dir
     from core.settings import load_settings
-    from tests.support.lora_synth import random_lora, save_diffusers_lora
+    from model_build.dev_lora import random_lora, save_diffusers_lora
     from worker.handler import Worker
 
     work = Path(tempfile.mkdtemp(prefix="smoke-"))

@@ -5,6 +5,7 @@
     python -m model_build verify models/NAME [--full]
     python -m model_build inspect SOURCE
     python -m model_build dev-checkpoint OUT.safetensors [--full-size] [--refiner]
+    python -m model_build dev-lora OUT.safetensors --model models/sdxl-dev [--kohya] [--rank R] [--seed S]
 
 SOURCE is a local .safetensors path, hf://<owner>/<repo>/<file>@<40-hex commit>, or an https:// URL.
 
@@ -61,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("output", type=Path)
     dev.add_argument("--full-size", action="store_true", help="the real SDXL base architecture (~7 GB, fp16)")
     dev.add_argument("--refiner", action="store_true", help="the matching SDXL refiner (same VAE and OpenCLIP encoder)")
+    lora = commands.add_parser("dev-lora", help="write a random LoRA that fits a converted model (e.g. the dev model)")
+    lora.add_argument("output", type=Path, help="the .safetensors file to write")
+    lora.add_argument("--model", type=Path, required=True, help="the converted model folder it must fit")
+    lora.add_argument("--kohya", action="store_true", help="Kohya/A1111 key names instead of diffusers' (peft)")
+    lora.add_argument("--rank", type=int, default=4)
+    lora.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -114,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
 
             path = write_dev_checkpoint(args.output, full_size=args.full_size, refiner=args.refiner)
             print(f"wrote {path} ({DEV_MODEL_NOTICE})")
+        elif args.command == "dev-lora":
+            from model_build.dev_lora import write_dev_lora
+            from model_build.manifest import verify
+
+            verify(args.model)  # a clear error for a folder that is not a converted model
+            path = write_dev_lora(args.model, args.output, kohya=args.kohya, rank=args.rank, seed=args.seed)
+            print(f"wrote {path}: a random LoRA for {args.model} (its images are noise, as the dev model's)")
     except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIGURATION

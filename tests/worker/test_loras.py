@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from core.errors import LoraFailed
 from core.settings import load_settings
-from tests.support.lora_synth import (
+from model_build.dev_lora import (
     TEXT_ENCODERS,
     TEXT_KOHYA_TARGETS,
     UNET_KOHYA_TARGETS,
@@ -136,11 +136,7 @@ def lora_dir(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="module")
 def worker(dev_model_dir: Path, lora_dir: Path) -> SimpleNamespace:
     """An engine whose LoRA folder is ``lora_dir``, and its images from before any LoRA job (a fresh worker)."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("LORA_DIR", str(lora_dir))
-        for key in ("ALLOW_LORA_DOWNLOAD", "LORA_CACHE_SIZE", "LORA_CACHE_MB"):
-            env.delenv(key, raising=False)
-        engine = Engine(dev_model_dir)
+    engine = Engine(dev_model_dir, settings=load_settings({"LORA_DIR": str(lora_dir)}))
     state = SimpleNamespace(engine=engine, references={})
     state.fresh = pixels(state)
     return state
@@ -557,3 +553,27 @@ def test_conv_loras_merge_as_peft_runs_them_and_every_weight_comes_back(bare, ma
     assert peft_layers(bare.pipe.unet) > 0
     unmerged = latents(bare.pipe)
     assert float((unmerged - merged).norm() / merged.norm()) < 1e-4
+
+
+def test_the_documented_dev_lora_command_makes_a_lora_the_worker_applies(dev_model_dir: Path, tmp_path: Path) -> None:
+    """README: `python -m model_build dev-lora loras/dev-style.safetensors --model models/sdxl-dev`, then a job."""
+    from model_build.__main__ import main
+
+    assert main(["dev-lora", str(tmp_path / "loras" / "dev-style.safetensors"), "--model", str(dev_model_dir)]) == 0
+    assert (
+        main(["dev-lora", str(tmp_path / "loras" / "dev-kohya.safetensors"), "--model", str(dev_model_dir), "--kohya"])
+        == 0
+    )
+    worker = Worker(load_settings({"LORA_DIR": str(tmp_path / "loras")}))
+    worker.start(dev_model_dir)
+    job = {**JOB, "width": 64, "height": 64}
+    plain = worker.handle({"id": "plain", "input": job})
+    styled = worker.handle({"id": "lora", "input": {**job, "loras": [{"name": "dev-style", "scale": 1.0}]}})
+    kohya = worker.handle({"id": "kohya", "input": {**job, "loras": [{"name": "dev-kohya", "scale": 1.0}]}})
+    assert "error" not in styled and "error" not in kohya, (styled, kohya)
+    assert styled["images"] != plain["images"] and styled["metadata"]["loras"][0]["name"] == "dev-style"
+
+    def decoded(out: dict) -> bytes:
+        return Image.open(io.BytesIO(base64.b64decode(out["images"][0].split(",", 1)[1]))).tobytes()
+
+    assert decoded(kohya) == decoded(styled)  # the same random weights under Kohya's names (parameters differ)

@@ -1,4 +1,8 @@
-"""Random LoRAs for a given SDXL pipeline, written as real LoRA files (tests and benchmarks import it).
+"""Random LoRAs for a given SDXL pipeline, written as real LoRA files: the dev LoRA.
+
+Real SDXL LoRAs do not fit the dev model, so ``python -m model_build dev-lora OUT.safetensors --model
+models/sdxl-dev`` makes one that does, for trying the LoRA path (the worker's ``loras`` field, the batch runner)
+on the dev model; the tests and the GPU benchmarks use the same functions on the dev and the full-size model.
 
 :func:`random_lora` draws low-rank weights for a pipeline's attention projections (optionally its
 feed-forward and projection layers, as real Kohya LoRAs have). :func:`save_diffusers_lora` writes
@@ -165,3 +169,19 @@ def save_kohya_lora(lora: RandomLora, pipe: Any, path: Path, extra: dict[str, to
     }
     save_file({**kohya_state_dict(lora, pipe), **(extra or {})}, str(path), metadata=metadata)
     return path
+
+
+def write_dev_lora(
+    model_dir: Path, output: Path, kohya: bool = False, rank: int = 4, seed: int = 0, strength: float = 1.0
+) -> Path:
+    """A random LoRA fitted to the converted model in ``model_dir`` (UNet and both text encoders), saved to ``output``.
+
+    Its images are as meaningless as the dev model's; it exists so the LoRA code path can be tried end to end.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, local_files_only=True, use_safetensors=True)
+    lora = random_lora(pipe, rank=rank, seed=seed, strength=strength)
+    if kohya:
+        return save_kohya_lora(lora, pipe, output)
+    return save_diffusers_lora(lora, output)
