@@ -13,7 +13,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from batch.exit_codes import EXIT_STOPPED, EXIT_USAGE
+from batch.exit_codes import EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE
 from batch.options import EndpointOptions, LocalEngineOptions, RunKind, RunOptions
 from batch.session import ShardSession
 from core.errors import ConfigurationError
@@ -24,10 +24,7 @@ def run_shard(options: RunOptions, kind: RunKind) -> dict[str, Any]:
     if not options.source.is_file():
         raise ConfigurationError(f"input file {options.source} not found")
     with ShardSession(options, kind.mode, kind.summary_settings()) as session:
-        if options.handle_signals:
-            signal.signal(
-                signal.SIGTERM, lambda *_: session.abort(EXIT_STOPPED, "SIGTERM: finishing the work in flight")
-            )
+        previous = _stop_on_signals(session) if options.handle_signals else {}
         try:
             if not session.unfinished:
                 pass  # nothing to do: no model to load, no endpoint to call
@@ -43,5 +40,29 @@ def run_shard(options: RunOptions, kind: RunKind) -> dict[str, Any]:
                 raise TypeError(f"unknown run kind {type(kind).__name__}")
         except ConfigurationError as error:
             session.abort(EXIT_USAGE, error.message)
+        except KeyboardInterrupt:  # a second Ctrl-C: the call in flight is abandoned, its items stay not done
+            session.abort(EXIT_INTERRUPTED, "Ctrl-C twice: stopped at once, the call in flight was abandoned")
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
     assert session.summary is not None
     return session.summary
+
+
+def _stop_on_signals(session: ShardSession) -> dict[int, Any]:
+    """SIGTERM and Ctrl-C finish the call in flight, write its images and the summary, and stop (exit 143 / 130).
+
+    A second Ctrl-C stops at once (KeyboardInterrupt, caught by :func:`run_shard`): the summary is still written and
+    every claim released, so the next run resumes without waiting for a stale claim. Returns the replaced handlers.
+    """
+
+    def stop(number: int, frame: Any) -> None:
+        if number == signal.SIGINT and session.stopping.is_set():
+            raise KeyboardInterrupt
+        if number == signal.SIGINT:
+            reason = "Ctrl-C: finishing the call in flight (Ctrl-C again stops at once)"
+            session.abort(EXIT_INTERRUPTED, reason)
+        else:
+            session.abort(EXIT_STOPPED, "SIGTERM: finishing the call in flight")
+
+    return {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGINT)}

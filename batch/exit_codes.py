@@ -11,3 +11,4 @@ EXIT_RETRIABLE = 1  # something failed that a retry may fix (crash, OOM, endpoin
 EXIT_USAGE = 2  # bad arguments, missing model folder or input file (argparse's own code)
 EXIT_INVALID_LINES = 3  # all valid lines done; some lines are invalid or were refused (see errors/)
 EXIT_STOPPED = 143  # stopped by SIGTERM (128 + 15) after finishing the work in flight
+EXIT_INTERRUPTED = 130  # stopped by Ctrl-C (SIGINT, 128 + 2): after the work in flight, or at once on a second one

@@ -412,4 +412,6 @@ def describe_summary(summary: dict[str, Any]) -> str:
         lines.append(f"stopped: {summary['stopped']}")
     if failed:
         lines.append("see errors/line-*.json in the output folder for each failed line")
+    if summary["remaining"] or summary["failed_retriable"]:
+        lines.append("run the same command again to resume: done items are kept, the rest is made")
     return "\n".join(lines)
