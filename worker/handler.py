@@ -113,16 +113,25 @@ class Worker:
         return {"images": images, "image_url": images[0], "seed": result.seeds[0], "metadata": metadata.to_dict()}
 
     def _progress_reporter(self, job: dict[str, Any]) -> Any:
-        if not self.settings.on_runpod:
-            return None  # locally (--test_input, --rp_serve_api) there is nobody to report to
+        """Steps to RunPod's progress updates on RunPod; elsewhere (run_job, --test_input, the local server) to the
+        log, about every quarter of the job, so a slow job on a CPU shows it is moving."""
+        job_id = str(job.get("id", "local"))
+        if self.settings.on_runpod:
+            from runpod.serverless import progress_update
 
-        from runpod.serverless import progress_update
+            def report(step: int, total: int) -> None:
+                if step % PROGRESS_EVERY_STEPS == 0 or step == total:
+                    progress_update(job, {"step": step, "total_steps": total})
 
-        def report(step: int, total: int) -> None:
-            if step % PROGRESS_EVERY_STEPS == 0 or step == total:
-                progress_update(job, {"step": step, "total_steps": total})
+            return report
 
-        return report
+        started = time.perf_counter()
+
+        def log_steps(step: int, total: int) -> None:
+            if step == total or step % max(1, total // 4) == 0:
+                log.info("job %s: step %d/%d (%.1f s)", job_id, step, total, time.perf_counter() - started)
+
+        return log_steps
 
     @staticmethod
     def _release_gpu_memory() -> None:

@@ -2,8 +2,9 @@
 
     python -m worker.run_job test_input.json --out outputs/demo [--model models/sdxl-dev]
 
-The same handler RunPod calls, in process; the images and the output's metadata land in ``--out``.
-Exits 1 when the job returns an error.
+The same handler RunPod calls, in process, with the worker's settings from the environment; the images
+(``<job>-<k>.<ext>``) and the output's metadata (``<job>.metadata.json``) land in ``--out``, never over the job
+file itself. Exits 1 when the job returns an error, 2 for a configuration error.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import logging
 import sys
 from pathlib import Path
 
+from core.errors import ConfigurationError
 from core.results import EXTENSIONS as FORMAT_EXTENSIONS
 from core.results import MIME_TYPES
+from core.settings import WORKER, load_settings
 from worker.handler import Worker
 
 # mime type -> file extension, from the one table in core.results
@@ -41,10 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", type=Path, help="converted model folder (default: MODEL_DIR / the worker's rule)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        settings = load_settings(command=WORKER)
+    except ConfigurationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level or logging.INFO, format="%(levelname)s %(message)s")
+    metadata_path = args.out / f"{args.job.stem}.metadata.json"  # a name no job file of that stem can have
 
     job = json.loads(args.job.read_text())
-    worker = Worker()
+    worker = Worker(settings)
     worker.start(args.model)
     if worker.startup_error:
         print(f"error: {worker.startup_error}", file=sys.stderr)
@@ -54,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {output['error']}", file=sys.stderr)
         return 1
     paths = write_images(output, args.out, args.job.stem)
-    (args.out / f"{args.job.stem}.json").write_text(json.dumps(output["metadata"], indent=2) + "\n")
-    for path in paths:
+    metadata_path.write_text(json.dumps(output["metadata"], indent=2) + "\n")
+    for path in [*paths, metadata_path]:
         print(f"wrote {path}")
     warning = output["metadata"].get("warning")
     if warning:

@@ -248,3 +248,21 @@ def test_start_up_warm_up_leaves_no_trace_in_the_next_job(engine_loaded) -> None
     assert {"import_pipelines_s", "verify_s", "load_s", "to_device_s", "compile_s", "prompt_encoders_s"} <= set(phases)
     assert "warm_up_s" not in phases  # not on a CPU
     assert all(seconds >= 0 for seconds in phases.values())
+
+
+def test_run_job_writes_beside_the_job_without_overwriting_it_and_logs_progress(
+    dev_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 22: `--out` the job's own folder overwrote the job file with the metadata; nothing showed progress."""
+    from worker.run_job import main
+
+    job = tmp_path / "job.json"
+    text = json.dumps({"input": {**SMALL, "width": 64, "height": 64, "num_inference_steps": 4, "seed": 3}})
+    job.write_text(text)
+    with caplog.at_level("INFO", logger="worker.handler"):
+        assert main([str(job), "--out", str(tmp_path), "--model", str(dev_model_dir)]) == 0
+    assert job.read_text() == text
+    metadata = json.loads((tmp_path / "job.metadata.json").read_text())
+    assert metadata["seeds"] == [3] and (tmp_path / "job-0.png").is_file()
+    steps = [record.getMessage() for record in caplog.records if ": step " in record.getMessage()]
+    assert steps and steps[-1].startswith("job job: step 4/4"), steps
