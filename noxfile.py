@@ -43,7 +43,7 @@ def environment(session: nox.Session, dev: bool = False) -> str:
             f"installing {' and '.join(files)} into {VENV} (a few minutes the first time, then only on changes)"
         )
         requirements = [argument for name in files for argument in ("-r", str(ROOT / name))]
-        session.run(str(python), "-m", "pip", "install", "--progress-bar", "on", *requirements, external=True)
+        session.run(str(python), "-m", "pip", "install", *requirements, external=True)
         stamp.write_text(digest)
         if dev:  # the dev set contains the runtime set
             runtime = hashlib.sha256(b"".join((ROOT / n).read_bytes() for n in RUNTIME_REQUIREMENTS)).hexdigest()
