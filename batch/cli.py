@@ -13,6 +13,7 @@ from batch.exit_codes import EXIT_OK, EXIT_USAGE
 from batch.jobs import Shard, parse_shard
 from batch.options import DEFAULT_MIN_FREE_MB, EndpointOptions, LocalEngineOptions, RunKind, RunOptions
 from core.errors import ConfigurationError
+from core.quiet_logs import drop_unactionable_warnings
 from core.settings import BATCH, Settings, load_settings
 
 log = logging.getLogger("batch")
@@ -165,6 +166,7 @@ def _merge(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    drop_unactionable_warnings()
     try:
         settings = load_settings(command=BATCH)  # the batch runner's variables, read once
     except ConfigurationError as error:

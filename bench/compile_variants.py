@@ -72,11 +72,9 @@ def measure_loading(model_dir: Path) -> None:
             torch.cuda.synchronize()
             started = time.perf_counter()
             if name == "cpu_then_to_cuda":
-                pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=torch.float16).to("cuda")
+                pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=torch.float16).to("cuda")
             else:
-                pipe = StableDiffusionXLPipeline.from_pretrained(
-                    model_dir, torch_dtype=torch.float16, device_map="cuda"
-                )
+                pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=torch.float16, device_map="cuda")
             torch.cuda.synchronize()
             results[name].append(round(time.perf_counter() - started, 2))
             on_gpu = all(p.device.type == "cuda" for p in pipe.unet.parameters())

@@ -183,7 +183,7 @@ def run_stock(args: argparse.Namespace, model_dir: Path, device: str, dtype: tor
 
     from worker.schedulers import build_scheduler
 
-    stock = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=dtype).to(device)
+    stock = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=dtype).to(device)
     stock.set_progress_bar_config(disable=True)
     scheduler_config = dict(stock.scheduler.config)
     size, steps = args.size, args.steps

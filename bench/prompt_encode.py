@@ -110,7 +110,7 @@ def dev_pipeline(model_dir: Path | None) -> Any:
         checkpoint = write_dev_checkpoint(scratch / "sdxl-dev.safetensors")
         model_dir = scratch / "sdxl-dev"
         convert(checkpoint, model_dir)
-    return StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
+    return StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=torch.float32)
 
 
 def full_size_text_pipeline(

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from core.errors import ConfigurationError, first_line
+from core.quiet_logs import drop_unactionable_warnings
 from core.settings import CONVERT, load_settings
 from model_build.errors import ConversionError
 from model_build.manifest import ModelFolderError
@@ -73,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    drop_unactionable_warnings()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         # Only the converter's own variables (MODEL_BUILD_CACHE): a worker-only one cannot stop a conversion.

@@ -80,17 +80,20 @@ def load_component(
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    common = {"config": str(config_folder), "subfolder": component, "torch_dtype": dtype, "local_files_only": True}
+    common = {"config": str(config_folder), "subfolder": component, "local_files_only": True}
     with offline():
+        # diffusers 0.42 renamed from_single_file's torch_dtype to dtype (the old name warns); its CLIP helper did not.
         if component == "unet":
-            return UNet2DConditionModel.from_single_file(original_tensors, **common)
+            return UNet2DConditionModel.from_single_file(original_tensors, dtype=dtype, **common)
         if component == "vae":
-            return AutoencoderKL.from_single_file(original_tensors, **common)
+            return AutoencoderKL.from_single_file(original_tensors, dtype=dtype, **common)
         # The same function the pipeline's from_single_file uses for its text encoders.
         if component == "text_encoder":
-            return create_diffusers_clip_model_from_ldm(CLIPTextModel, original_tensors, **common)
+            return create_diffusers_clip_model_from_ldm(CLIPTextModel, original_tensors, torch_dtype=dtype, **common)
         if component == "text_encoder_2":
-            return create_diffusers_clip_model_from_ldm(CLIPTextModelWithProjection, original_tensors, **common)
+            return create_diffusers_clip_model_from_ldm(
+                CLIPTextModelWithProjection, original_tensors, torch_dtype=dtype, **common
+            )
     raise ValueError(f"unknown component {component!r}")
 
 

@@ -7,11 +7,13 @@ job and exits, ``--rp_serve_api --rp_api_port 8000`` serves /runsync, /run and /
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.errors import ConfigurationError
+from core.quiet_logs import drop_unactionable_warnings
 from core.settings import WORKER, Settings, load_settings
 from worker.model_location import apply_volume_caches, resolve_model_dir, resolve_refiner_dir
 from worker.prefetch import start_prefetch
@@ -53,6 +55,7 @@ def start_worker(settings: Settings) -> Worker:
 
 
 def main() -> None:
+    drop_unactionable_warnings()
     try:
         settings = load_settings(command=WORKER)
     except ConfigurationError as error:
@@ -63,7 +66,30 @@ def main() -> None:
     worker = start_worker(settings)
     import runpod
 
+    shorten_images_in_runpod_logs()
     runpod.serverless.start({"handler": worker.handle})
+
+
+_DATA_URI = re.compile(r"(data:[\w.+-]+/[\w.+-]+;base64,)[A-Za-z0-9+/=]{80,}")
+
+
+def shorten_images_in_runpod_logs() -> None:
+    """RunPod's logger prints whole job outputs (every image as base64: tens of kB to MB a job), at DEBUG (its
+    default level) for each job and at INFO as --test_input's result. Keep its level at INFO (``--rp_log_level
+    DEBUG`` still asks for more) and print each data URI as its header and length instead of its bytes."""
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
+    if getattr(RunPodLogger.log, "shortens_images", False):
+        return
+    original = RunPodLogger.log
+
+    def log(self: RunPodLogger, message: object, message_level: str = "INFO", job_id: str | None = None) -> None:
+        shown = _DATA_URI.sub(lambda m: f"{m[1]}<{len(m[0]) - len(m[1]):,} characters>", str(message))
+        original(self, shown, message_level, job_id)
+
+    log.shortens_images = True  # type: ignore[attr-defined]
+    RunPodLogger.log = log  # type: ignore[method-assign]
+    RunPodLogger.level = "INFO"
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ class Engine:
         cuda = torch.cuda.is_available()
         self.dtype = torch.float16 if cuda else torch.float32
         self.pipe = StableDiffusionXLPipeline.from_pretrained(
-            self.model_dir, torch_dtype=self.dtype, local_files_only=True, use_safetensors=True
+            self.model_dir, dtype=self.dtype, local_files_only=True, use_safetensors=True
         )
         self.pipe.set_progress_bar_config(disable=True)
         clock.lap("load_s")
@@ -216,7 +216,7 @@ class Engine:
             if _file_hash(manifest, weights) and _file_hash(manifest, weights) == _file_hash(self.manifest, weights):
                 shared[component] = getattr(self.pipe, component)
         refiner = pipeline_class.from_pretrained(
-            refiner_dir, torch_dtype=self.dtype, local_files_only=True, use_safetensors=True, **shared
+            refiner_dir, dtype=self.dtype, local_files_only=True, use_safetensors=True, **shared
         )
         refiner.set_progress_bar_config(disable=True)
         info = {

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from core.errors import ConfigurationError
+from core.quiet_logs import drop_unactionable_warnings
 from core.results import EXTENSIONS as FORMAT_EXTENSIONS
 from core.results import MIME_TYPES
 from core.settings import WORKER, load_settings
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", type=Path, help="converted model folder (default: MODEL_DIR / the worker's rule)")
     args = parser.parse_args(argv)
+    drop_unactionable_warnings()
     try:
         settings = load_settings(command=WORKER)
     except ConfigurationError as error:

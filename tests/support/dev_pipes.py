@@ -16,7 +16,7 @@ def load_dev_pipe(dev_model_dir: Path) -> Any:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipe = StableDiffusionXLPipeline.from_pretrained(dev_model_dir, torch_dtype=torch.float32)
+        pipe = StableDiffusionXLPipeline.from_pretrained(dev_model_dir, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -54,7 +54,7 @@ def _one_cpu_thread():
 def load_pipeline(model_dir: Path):
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, local_files_only=True)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -192,6 +192,11 @@ def test_test_input_subprocess_exits_0_on_success_and_1_on_error(dev_model_dir: 
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "completed successfully" in done.stdout + done.stderr
     assert re.search(r"prefetched (\d+) of \1 weight files", done.stderr), done.stderr[-2000:]
+    # Issue 22: no image as base64 in the log, no warnings a user cannot act on, the job's steps shown.
+    assert re.search(r"data:image/png;base64,<[\d,]+ characters>", done.stdout + done.stderr)
+    assert not re.search(r"base64,[A-Za-z0-9+/=]{80}", done.stdout + done.stderr)
+    assert "requires torchvision" not in done.stderr and "torch_dtype" not in done.stderr, done.stderr[-2000:]
+    assert "job local_test: step 1/1" in done.stderr
     failed = run_test_input(dev_model_dir, tmp_path, {"input": {"prompt": "x", "width": 100}})
     assert failed.returncode == 1 and "width" in failed.stdout + failed.stderr
 
