@@ -1,4 +1,4 @@
-"""Command line: ``python -m model_build {convert,verify,inspect,dev-checkpoint} ...``.
+"""Command line: ``python -m model_build {convert,verify,inspect,dev-checkpoint,dev-lora} ...``.
 
     python -m model_build convert SOURCE --output models/NAME [--dtype fp16|bf16|fp32] [--vae PATH] [--force]
                                   [--sha256 HEX] [--vae-sha256 HEX] [--cache-dir DIR] [--lock-timeout S]
@@ -34,7 +34,9 @@ SOURCE_HELP = "local .safetensors path, hf://<owner>/<repo>/<file>@<40-hex commi
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m model_build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m model_build",
+        description=(__doc__ or "").replace("``", ""),  # reStructuredText literals read as plain text in a terminal
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the result and errors")
     commands = parser.add_subparsers(dest="command", required=True)
