@@ -1,10 +1,25 @@
-"""Reference behaviour of AUTOMATIC1111's stable-diffusion-webui prompt handling, for tests only.
+"""Reference behaviour of AUTOMATIC1111's stable-diffusion-webui 1.10.x prompt handling, for tests only.
 
-Independent re-implementations of the algorithms in A1111's ``modules/prompt_parser.py`` (``parse_prompt_attention``)
-and ``modules/sd_hijack_clip.py`` (``tokenize_line``), https://github.com/AUTOMATIC1111/stable-diffusion-webui
-(AGPL-3.0; no code is copied here): written the straightforward, slow way A1111 does them (a range multiplication
-every time a bracket closes; a chunk filled token by token), with A1111's quirks kept (a lone backslash dropped, a
-bracketed BREAK turned into text, a malformed number raising), so the production code can be compared with them.
+The version compared against is A1111 1.10.x (the last SDXL-era releases, July 2024), read at
+https://github.com/AUTOMATIC1111/stable-diffusion-webui:
+
+- ``modules/prompt_parser.py`` at master commit 28bd8e142d5f77b71ae8d7d7140b5da1b3a49906: ``parse_prompt_attention``
+  (its ``re_attention`` with ``:\\s*([+-]?[.\\d]+)\\s*\\)``, whitespace around a weight allowed since 1.6) and
+  ``get_learned_conditioning_prompt_schedules`` (the lark grammar with ``[WHITESPACE] NUMBER [WHITESPACE]`` and empty
+  alternatives, and the 1.6+ rule that a ``when`` written with a decimal point is a fraction), default settings
+  (``use_old_scheduling`` off, no hires pass);
+- ``modules/sd_hijack_clip.py`` ``tokenize_line`` (the chunk layout and comma backtrack, default
+  ``comma_padding_backtrack`` 20; unchanged from 1.8's emphasis option through 1.10);
+- ``modules/processing.py`` ``setup_conds`` (the schedule is computed over ``steps * step_multiplier``, 2 for a
+  sampler declared ``second_order``), ``modules/sd_samplers_kdiffusion.py`` (which samplers are second-order) and
+  ``modules/sd_samplers_cfg_denoiser.py`` (the schedule's step counter counts every model call, from 0).
+
+Independent re-implementations (A1111 is AGPL-3.0; no code is copied here): written the straightforward, slow way A1111
+does them (a range multiplication every time a bracket closes; a chunk filled token by token; the schedule through a
+lark parse tree), with A1111's quirks kept (a lone backslash dropped, a bracketed BREAK turned into text, a malformed
+number raising), so the production code can be compared with them. The prompt-editing grammar is A1111's language
+definition and is stated as such (:data:`A1111_SCHEDULE_GRAMMAR`); A1111 1.10 pins lark 1.1.2, the tests run the lark of
+requirements-dev.txt.
 
 Also the test-only helpers that used to live in the production parser: :func:`split_at_breaks`, :func:`is_plain`,
 :func:`escape_prompt_text`.
@@ -13,12 +28,14 @@ Also the test-only helpers that used to live in the production parser: :func:`sp
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from worker.prompting.syntax import BREAK
 
-# A1111's token alternatives, in its order: the five escapes, a lone backslash, "(", "[", ":<number>)" with a loose
-# number (digits and dots, so "1.2.3" matches and float() then fails), ")", "]", text, ":".
-_A1111_TOKEN = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:([+-]?[.\d]+)\)|\)|\]|[^\\()\[\]:]+|:")
+# A1111 1.10's token alternatives, in its order: the five escapes, a lone backslash, "(", "[", ": <number> )" with
+# whitespace allowed around a loose number (digits and dots, so "1.2.3" matches and float() then fails), ")", "]",
+# text, ":".
+_A1111_TOKEN = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:")
 _A1111_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
@@ -145,3 +162,111 @@ def is_plain(parsed: list[tuple[str, float]]) -> bool:
 def escape_prompt_text(text: str) -> str:
     r"""Escape ``( ) [ ] \`` so ``text`` parses as itself with weight 1 (``BREAK`` cannot be escaped)."""
     return re.sub(r"([()\[\]\\])", r"\\\1", text)
+
+
+# ---- prompt editing: A1111 1.10's get_learned_conditioning_prompt_schedules ------------------------------------------
+
+# A1111 1.10's prompt-editing grammar (its ``schedule_parser``), the language definition that decides what is editing.
+A1111_SCHEDULE_GRAMMAR = r"""
+!start: (prompt | /[][():]/+)*
+prompt: (emphasized | scheduled | alternate | plain | WHITESPACE)*
+!emphasized: "(" prompt ")"
+        | "(" prompt ":" prompt ")"
+        | "[" prompt "]"
+scheduled: "[" [prompt ":"] prompt ":" [WHITESPACE] NUMBER [WHITESPACE] "]"
+alternate: "[" prompt ("|" [prompt])+ "]"
+WHITESPACE: /\s+/
+plain: /([^\\\[\]():|]|\\.)+/
+%import common.SIGNED_NUMBER -> NUMBER
+"""
+
+_schedule_parser = None
+
+
+def _a1111_schedule_parser() -> Any:
+    global _schedule_parser
+    if _schedule_parser is None:
+        import lark
+
+        # lark's defaults, as A1111 constructs it: Earley, dynamic lexer, ambiguity resolved, placeholders for [x].
+        _schedule_parser = lark.Lark(A1111_SCHEDULE_GRAMMAR)
+    return _schedule_parser
+
+
+def _a1111_end_step(number: str, steps: int) -> int:
+    """A1111 1.10 (use_old_scheduling off, no hires): a number with a "." is a fraction of the steps, else a step.
+
+    Raises OverflowError for a number too large for a float, as A1111 does.
+    """
+    value = float(number)
+    if "." in number:
+        value = value * steps
+    return min(steps, int(value))
+
+
+def _a1111_render(node: object, step: int, whens: dict[int, int]) -> str:
+    """The text of a parse (sub)tree at schedule point ``step``, as A1111's ``AtStep`` transformer flattens it."""
+    import lark
+
+    if node is None:
+        return ""
+    if isinstance(node, lark.Token):
+        return str(node)
+    assert isinstance(node, lark.Tree)
+    if node.data == "scheduled":
+        before, after = node.children[0], node.children[1]
+        return _a1111_render(before if step <= whens[id(node)] else after, step, whens)
+    if node.data == "alternate":
+        options = node.children  # a missing option is None: the empty text
+        return _a1111_render(options[(step - 1) % len(options)], step, whens)
+    return "".join(_a1111_render(child, step, whens) for child in node.children)
+
+
+def a1111_prompt_schedule(prompt: str, steps: int) -> list[list]:
+    """A1111 1.10's ``get_learned_conditioning_prompt_schedules([prompt], steps)[0]``: ``[[end_step, text], ...]``.
+
+    A prompt the grammar rejects is one segment, the text as written. Only steps of at least 1 start a segment, but a
+    ``when`` below 1 still decides its group's text (``[e:0]`` reads ``e`` from the first step).
+    """
+    import lark
+
+    try:
+        tree = _a1111_schedule_parser().parse(prompt)
+    except lark.exceptions.LarkError:
+        return [[steps, prompt]]
+    ends, whens = {steps}, {}
+    for node in tree.iter_subtrees():
+        if node.data == "scheduled":
+            whens[id(node)] = _a1111_end_step(str(node.children[-2]), steps)
+            if whens[id(node)] >= 1:
+                ends.add(whens[id(node)])
+        elif node.data == "alternate":
+            ends.update(range(1, steps + 1))
+    return [[end, _a1111_render(tree, end, whens)] for end in sorted(ends)]
+
+
+def a1111_text_at_call(schedule: list[list], call: int) -> str:
+    """A1111's lookup at model call ``call`` (its denoiser's step counter, from 0): the first segment ending at or
+    after it; past the last one A1111 falls back to the first (a counter never gets there in A1111)."""
+    for end, text in schedule:
+        if call <= end:
+            return text
+    return schedule[0][1]
+
+
+# A1111 1.10's k-diffusion samplers flagged ``second_order`` (modules/sd_samplers_kdiffusion.py): ``setup_conds``
+# computes the prompt schedule over twice the requested steps for them, and the counter counts every model call. Since
+# 1.9 "Karras" is a schedule type, not a sampler, so the older "DPM2 Karras" is "DPM2" with the Karras schedule.
+A1111_SECOND_ORDER_SAMPLERS = frozenset({"Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "Restart"})
+A1111_FIRST_ORDER_SAMPLERS = frozenset({
+    "Euler", "Euler a", "LMS", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE",
+    "DDIM", "PLMS", "UniPC",  # modules/sd_samplers_timesteps.py
+})  # fmt: skip
+
+
+def a1111_schedule_steps(sampler: str, steps: int) -> int:
+    """The steps A1111 1.10 computes a prompt's schedule over: ``steps * step_multiplier``."""
+    base = sampler.removesuffix(" Karras")
+    if base not in A1111_SECOND_ORDER_SAMPLERS | A1111_FIRST_ORDER_SAMPLERS:
+        raise KeyError(f"{sampler!r} is not an A1111 1.10 sampler")
+    return steps * (2 if base in A1111_SECOND_ORDER_SAMPLERS else 1)

@@ -598,9 +598,9 @@ def test_token_rows_and_weights_match_a1111(pipe, encoder, words, data) -> None:
     """Parse, tokenize per run and chunk as A1111 does (tests/support/prompt_reference.py), against the encoder."""
     from tests.support.prompt_reference import a1111_parse_prompt_attention, has_bracketed_break
 
-    pieces = st.sampled_from(
-        ["(", ")", "[", "]", ":1.3)", ":0)", ":-1)", " BREAK ", ", ", " ", "\\", "\\(", "sun", "set"]
-    )
+    pieces = st.sampled_from([
+        "(", ")", "[", "]", ":1.3)", ":0)", ":-1)", ": 1.2)", ": .5 )", " BREAK ", ", ", " ", "\\", "\\(", "sun", "set",
+    ])  # fmt: skip
     parts = data.draw(st.lists(pieces | st.sampled_from(words[2000:2100]), max_size=60), "parts")
     prompt = "".join(parts)
     try:

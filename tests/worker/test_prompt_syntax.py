@@ -1,4 +1,4 @@
-"""The A1111 attention parser: A1111's own docstring examples, parity with a reference of A1111's algorithm
+"""The A1111 attention parser: A1111's own docstring examples, parity with a reference of A1111 1.10's algorithm
 (tests/support/prompt_reference.py), the two deliberate differences, and properties (hypothesis)."""
 
 from __future__ import annotations
@@ -59,8 +59,17 @@ def approx_runs(runs: list[tuple[str, float]]) -> list:
         ("x]", [("x]", 1.0)]),
         ("a:1.5)", [("a:1.5)", 1.0)]),  # a weight without an open bracket is text
         ("style: anime", [("style: anime", 1.0)]),
-        ("(x: 1.3)", [("x: 1.3", 1.1)]),  # as in A1111: no space between the colon and the number
+        # Whitespace around the number, as A1111 reads it since 1.6 (its regex is :\s*([+-]?[.\d]+)\s*\)).
+        ("(x: 1.3)", [("x", 1.3)]),
+        ("(masterpiece: 1.2), best", [("masterpiece", 1.2), (", best", 1.0)]),
+        ("(x: 1.3 )", [("x", 1.3)]),
+        ("(x :1.3)", [("x ", 1.3)]),  # whitespace before the colon is text
+        ("(a\t:\n0.5\n)", [("a\t", 0.5)]),
+        ("(x: +2 )", [("x", 2.0)]),
+        ("(x: 1.3 ) y", [("x", 1.3), (" y", 1.0)]),
+        ("(x: 1 .3)", [("x: 1 .3", 1.1)]),  # not a number: text, as A1111's regex also fails to match
         ("(a:1.2.3)", [("a:1.2.3", 1.1)]),  # deliberate difference 2: not a number, so text (A1111 raises)
+        ("(a: 1.2.3 )", [("a: 1.2.3 ", 1.1)]),
         ("(a:.)", [("a:.", 1.1)]),
         ("(a:abc)", [("a:abc", 1.1)]),
         (r"a\\b", [("a\\b", 1.0)]),
@@ -123,7 +132,10 @@ SYNTAX_CHARS = "\\()[]:+-.0123456789"
 syntax_heavy_text = st.text(
     alphabet=st.one_of(st.sampled_from(list("()[]\\:.+-0123456789 ,BREAKbreak\n\t")), st.characters()), max_size=80
 ) | st.lists(
-    st.sampled_from(["(", ")", "[", "]", "\\", ":", "1.3", " ", "BREAK", "cat", ",", ":0.5)", "\\("]), max_size=30
+    st.sampled_from(
+        ["(", ")", "[", "]", "\\", ":", "1.3", " ", "BREAK", "cat", ",", ":0.5)", "\\(", ": 1.2)", ": .5 )", " \n"]
+    ),
+    max_size=30,
 ).map("".join)
 
 
@@ -181,6 +193,8 @@ def test_matches_a1111_except_the_two_deliberate_differences(prompt: str) -> Non
         "a \\ b \\",
         "BREAK a BREAK BREAK b BREAK",
         "(" * 300 + "x" + ")" * 150 + "y",
+        "(masterpiece: 1.2), (best quality:1.1), (detailed eyes: 1.3 ), [blurry: 0.5]",
+        "((a: 1.5)) (b : 2) (c:\t0.8\t) d: 1.2)",
     ],
 )
 def test_fixed_prompts_match_a1111(prompt: str) -> None:

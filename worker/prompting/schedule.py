@@ -1,14 +1,21 @@
 """A1111 prompt editing: ``[from:to:when]``, ``[to:when]``, ``[from::when]`` and alternation ``[a|b]``.
 
-``prompt_schedule(text, steps)`` returns A1111's schedule for one prompt: ``[(end_step, plain_text), ...]``, the same
-list as ``get_learned_conditioning_prompt_schedules([text], steps)[0]`` in AUTOMATIC1111's ``modules/prompt_parser.py``
-(an independent implementation of its grammar and semantics, checked against it in the tests):
+``prompt_schedule(text, steps)`` returns A1111 1.10's schedule for one prompt: ``[(end_step, plain_text), ...]``, the
+same list as ``get_learned_conditioning_prompt_schedules([text], steps)[0]`` in AUTOMATIC1111's
+``modules/prompt_parser.py`` with its default settings (``use_old_scheduling`` off, no hires pass): an independent
+implementation of its grammar and semantics, checked against a port of A1111 1.10's own lark grammar in the tests.
 
-- ``when`` is a number; below 1 it is a fraction of ``steps``, otherwise a step number; either way
-  ``min(steps, int(when))``. ``[from:to:when]`` reads ``from`` up to step ``when`` and ``to`` after it; ``[to:when]``
-  has an empty ``from`` and ``[from::when]`` an empty ``to``. Editing nests: ``a[b:[c:d:2]:1]e``.
-- ``[a|b|c]`` switches every step (step 1 ``a``, step 2 ``b``, ...). As in A1111, each alternative contributes only
-  its first element: ``[x (y)|z]`` alternates between ``x `` and ``z``.
+- ``when`` is a number. Written with a decimal point (``0.5``, ``.5``, ``1.``, ``2.5``) it is a fraction of ``steps``,
+  otherwise a step number (``3``, ``1e1``); either way ``min(steps, int(...))``. So ``[b:1.]`` at 10 steps ends at
+  step 10 (``b`` is never read by a first-order sampler) and ``[b:15]`` at 10 steps too. Whitespace may stand on both
+  sides of the number (``[a:b: 2 ]``).
+- ``[from:to:when]`` reads ``from`` up to step ``when`` and ``to`` after it; ``[to:when]`` has an empty ``from`` and
+  ``[from::when]`` an empty ``to``. Only an end of at least step 1 starts a new segment, but a ``when`` below 1 still
+  decides what its group reads: ``[e:0]`` and ``[a:e:-1]`` read ``e`` from the first step. Editing nests:
+  ``a[b:[c:d:2]:1]e``.
+- ``[a|b|c]`` switches every step (step 1 ``a``, step 2 ``b``, ...), each alternative read whole: ``[x (y)|z]``
+  alternates between ``x (y)`` and ``z``. An alternative may be empty: ``[fe|]male`` alternates ``female`` and
+  ``male``.
 - Round and square brackets, escapes and weights are left in the texts for the attention parser
   (:mod:`worker.prompting.syntax`). Brackets that close nothing are literal text.
 - A prompt the grammar does not accept as a whole (a ``|`` outside an alternation, a backslash at the end or before a
@@ -16,18 +23,24 @@ list as ``get_learned_conditioning_prompt_schedules([text], steps)[0]`` in AUTOM
   diffusion is not implemented).
 
 ``text_at_step(schedule, step)`` is A1111's lookup during sampling: the text of the first segment whose
-``end_step >= step``, where ``step`` counts denoising steps from 0. So ``a [b:3]`` with 10 steps reads ``a `` for steps
-0 to 3 and ``a b`` from step 4, exactly as A1111 does; past the last segment (schedulers that take more model
-evaluations than steps, such as Heun) the last segment holds.
+``end_step >= step``, where ``step`` counts model calls from 0. So ``a [b:3]`` with 10 steps reads ``a `` for steps
+0 to 3 and ``a b`` from step 4, exactly as A1111 does. A1111 computes the schedule over ``steps`` times 2 for its
+second-order samplers, whose step counter counts both calls of a step (:func:`worker.schedulers.schedule_steps` gives
+that count here).
 
-One known divergence: where A1111's grammar is ambiguous, an editing group directly followed by two or more of
-``[]():`` (``[a:b:2]::``), A1111's parser (lark's Earley resolution) reads the group as plain text; here it is always
-editing. Otherwise this parser agreed with A1111's grammar on 27,000 random prompts made of syntax pieces (the
-differential test in ``tests/worker/test_prompt_schedule.py`` runs it when ``lark`` is installed).
+One known divergence, where A1111's grammar is ambiguous: an editing group directly followed by a ``[``, ``]``,
+``(``, ``)`` or ``:`` that closes nothing (``[a:b:2]:``, ``[a:b:2]](``) can be read by A1111's grammar either as the
+group or as plain text (its start rule also takes those characters as text), and lark's Earley parser picks one.
+With lark 1.1.2, the version A1111 1.10 pins, the pick depends on Python's string hashing, so it changes from one
+start of A1111 to the next: ``x [a:b:2]: y`` was edited under 8 of 16 ``PYTHONHASHSEED`` values and plain text under
+the rest. lark 1.3.1 picks the group when one such character follows and sometimes plain text when two or more do.
+Here it is always the group. The differential test in ``tests/worker/test_prompt_schedule.py`` (lark 1.3.1) leaves
+out a group followed by two or more such characters and compares everything else with A1111 1.10's grammar and
+schedule code at 1, 2, 10, 20, 30, 50 and 150 steps.
 
-Two differences from A1111, both where A1111 fails: an empty alternative (``[a||b]``) reads as empty text instead of
-raising, and a ``when`` too large for a float (``1e400``) means ``steps``. Brackets nested deeper than
-:data:`MAX_NESTING` levels make the whole prompt plain text (A1111 overflows the Python stack on such prompts).
+Two differences from A1111, both where A1111 fails: a ``when`` too large for a float (``1e400``) means ``steps``
+(A1111 raises OverflowError), and brackets nested deeper than :data:`MAX_NESTING` levels make the whole prompt plain
+text (A1111 overflows the Python stack on such prompts). The parser is linear in the prompt's length.
 """
 
 from __future__ import annotations
@@ -49,7 +62,7 @@ _STRAY = frozenset("[]():")  # brackets and colons the grammar allows, as text, 
 class _Scheduled:
     before: tuple | None
     after: tuple
-    when: float
+    when: str  # as written: A1111 reads a number with a decimal point as a fraction
 
 
 @dataclass(frozen=True)
@@ -154,30 +167,39 @@ class _Parser:
                     return _Scheduled(first, second, number[0]), number[1]
         return None
 
-    def _number_and_close(self, position: int) -> tuple[float, int] | None:
-        """``[WHITESPACE] NUMBER "]"`` at ``position``: the number and the position after the bracket."""
+    def _number_and_close(self, position: int) -> tuple[str, int] | None:
+        """``[WHITESPACE] NUMBER [WHITESPACE] "]"`` at ``position``: the number as written and the position after the
+        bracket."""
         whitespace = _WHITESPACE.match(self.text, position)
         if whitespace:
             position = whitespace.end()
         number = _NUMBER.match(self.text, position)
-        if number and self._char(number.end()) == "]":
-            return float(number.group()), number.end() + 1
-        return None
+        if not number:
+            return None
+        position = number.end()
+        whitespace = _WHITESPACE.match(self.text, position)
+        if whitespace:
+            position = whitespace.end()
+        return (number.group(), position + 1) if self._char(position) == "]" else None
 
 
-def _end_step(when: float, steps: int) -> int:
-    """A1111: a ``when`` below 1 is a fraction of the steps; ``min(steps, int(when))``."""
-    if when < 1:
-        when *= steps
-    if math.isinf(when):
-        return steps if when > 0 else -1
-    return min(steps, int(when))
+def _end_step(when: str, steps: int) -> int:
+    """A1111 1.10: a number written with a decimal point is a fraction of the steps, else a step number; then
+    ``min(steps, int(...))``. A value too large for a float is ``steps`` (positive) or -1 (negative; A1111 raises)."""
+    value = float(when)
+    if "." in when:
+        value *= steps
+    if math.isinf(value):
+        return steps if value > 0 else -1
+    return min(steps, int(value))
 
 
 def _collect_steps(nodes: object, steps: int, found: set[int]) -> None:
     """Every step at which some group changes, in every branch (A1111 visits the whole tree)."""
     if isinstance(nodes, _Scheduled):
-        found.add(_end_step(nodes.when, steps))
+        end = _end_step(nodes.when, steps)
+        if end >= 1:  # A1111: an end before the first step starts no segment (the group still reads `after`)
+            found.add(end)
         for branch in (nodes.before, nodes.after):
             if branch is not None:
                 _collect_steps(branch, steps, found)
@@ -199,8 +221,7 @@ def _render(nodes: object, step: int, steps: int) -> str:
             return _render(nodes.before, step, steps) if nodes.before is not None else ""
         return _render(nodes.after, step, steps)
     if isinstance(nodes, _Alternate):
-        option = nodes.options[(step - 1) % len(nodes.options)]
-        return _render(option[0], step, steps) if option else ""  # A1111 takes the alternative's first element
+        return _render(nodes.options[(step - 1) % len(nodes.options)], step, steps)
     return "".join(_render(node, step, steps) for node in nodes)
 
 
@@ -224,7 +245,8 @@ def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
 
 
 def text_at_step(schedule: list[tuple[int, str]], step: int) -> str:
-    """The text sampling step ``step`` (0-based) uses: the first segment that ends at or after it."""
+    """The text model call ``step`` (0-based) uses: the first segment that ends at or after it (the last past the end,
+    which A1111's counts never reach)."""
     for end, text in schedule:
         if step <= end:
             return text

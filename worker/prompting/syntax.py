@@ -1,10 +1,13 @@
 """A1111 attention syntax for prompts: ``parse_prompt_attention(text)`` gives ``[(text, weight), ...]`` runs.
 
-This is AUTOMATIC1111's ``modules/prompt_parser.py`` ``parse_prompt_attention``, so weighted prompts copied from its
-web UI give the same runs, weights (to the last bit) and therefore the same tokens here:
+This is AUTOMATIC1111's ``modules/prompt_parser.py`` ``parse_prompt_attention`` as of A1111 1.10.x (the SDXL
+releases; compared against master at commit 28bd8e142d5f77b71ae8d7d7140b5da1b3a49906), so weighted prompts copied from
+its web UI give the same runs, weights (to the last bit) and therefore the same tokens here:
 
 - ``(x)`` multiplies the weight of ``x`` by 1.1, ``[x]`` divides it by 1.1, ``(x:1.3)`` multiplies it by 1.3. Nesting
   multiplies. Weights are taken as written: ``(x:0)`` is 0 and ``(x:-1)`` is -1, nothing is clamped.
+- Whitespace around the number is allowed, as in A1111 since 1.6: ``(masterpiece: 1.2)`` and ``(x: 1.3 )`` are
+  weights 1.2 and 1.3 (A1111's ``:\\s*([+-]?[.\\d]+)\\s*\\)``), and the whitespace is not part of the text.
 - Multipliers are applied in A1111's order: when a bracket closes it multiplies every run opened since its opening
   bracket; brackets still open at the end close there, round ones first, then square ones, each outermost first. The
   order matters in floating point: in ``((sun[(set)]))`` both runs end up at exactly ``1.1 * 1.1`` and merge into one
@@ -17,13 +20,13 @@ web UI give the same runs, weights (to the last bit) and therefore the same toke
 - Adjacent runs of equal weight merge, exactly as A1111 merges them (an empty run between two runs keeps them apart
   there too); empty runs are then dropped. A prompt with no text gives ``[("", 1.0)]``.
 
-Two deliberate differences from A1111:
+Two deliberate differences from A1111, both where A1111 1.10 does something no prompt writer means:
 
 1. ``BREAK`` inside brackets is still a chunk boundary. A1111 multiplies its marker's weight by the bracket, after
    which it is no longer the marker and the word "BREAK" is encoded as text.
-2. A weight is written only as a plain decimal number (``1``, ``1.3``, ``.5``, ``+1.2``, ``1.``); anything else after
-   the colon, such as ``(x:1.2.3)`` or ``(x:.)``, is literal text (A1111 raises an error on those). As in A1111 there
-   is no space between the colon and the number: ``(x: 1.3)`` is the text ``x: 1.3`` weighted 1.1.
+2. A weight is a plain decimal number (``1``, ``1.3``, ``.5``, ``+1.2``, ``1.``, with optional whitespace around it);
+   anything else after the colon, such as ``(x:1.2.3)`` or ``(x:.)``, is literal text. A1111 raises an error on those
+   and the whole generation fails.
 
 A weight can overflow to infinity (a number over 1.8e308, or about 7,500 nested round brackets); the parser returns it
 as computed and the encoder refuses it, naming the field. Prompt editing (``[a:b:when]``, ``[a|b]``) is resolved before
@@ -41,15 +44,16 @@ ROUND_BRACKET_MULTIPLIER: Final = 1.1
 SQUARE_BRACKET_MULTIPLIER: Final = 1 / 1.1
 BREAK: Final[tuple[str, float]] = ("BREAK", -1.0)
 
-# A1111's token regex, in its order (escapes, a lone backslash, openers, an explicit weight closing a round bracket,
-# closers, plain text, a colon), with the weight number made strict (deliberate difference 2).
+# A1111 1.10's token regex, in its order (escapes, a lone backslash, openers, an explicit weight closing a round
+# bracket, whitespace allowed around it, closers, plain text, a colon), with the weight number made strict: A1111's
+# [.\d]+ also matches "1.2.3", which float() then rejects (deliberate difference 2).
 _ATTENTION_TOKEN = re.compile(
     r"""
     \\[()\[\]\\]
     | \\
     | \(
     | \[
-    | :(?P<weight>[+-]?(?:\d+(?:\.\d*)?|\.\d+))\)
+    | :\s*(?P<weight>[+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)
     | \)
     | \]
     | [^\\()\[\]:]+
