@@ -43,17 +43,8 @@ import torch
 from safetensors import SafetensorError
 
 from core.errors import NO_SPACE_ERRNOS
-from model_build.checkpoint import (
-    CheckpointInfo,
-    TensorReader,
-    VaeFile,
-    check_cast,
-    check_file_format,
-    inspect_checkpoint,
-    load_vae_file,
-    read_header,
-    read_tensors,
-)
+from model_build.checkpoint import CheckpointInfo, inspect_checkpoint
+from model_build.checkpoint_file import TensorReader, check_file_format, read_header
 from model_build.errors import ConversionError, OutputNotWritable
 from model_build.manifest import (
     MANIFEST_FORMAT,
@@ -64,6 +55,8 @@ from model_build.manifest import (
     verify,
     write_manifest,
 )
+from model_build.tensor_checks import check_cast, read_tensors
+from model_build.vae_file import VaeFile, load_vae_file
 
 __all__ = ["DTYPES", "ConversionError", "ConversionResult", "convert", "ensure_converted", "library_versions"]
 

@@ -15,7 +15,8 @@ import torch
 
 from core.errors import ConfigurationError, first_line
 from model_build.__main__ import EXIT_CONFIGURATION, main
-from model_build.checkpoint import inspect_checkpoint, read_header
+from model_build.checkpoint import inspect_checkpoint
+from model_build.checkpoint_file import read_header
 from model_build.convert import ConversionError, convert
 from model_build.errors import CheckpointError
 from model_build.layout import COMPONENT_PREFIXES

@@ -149,7 +149,7 @@ def test_vae_in_diffusers_layout_replaces_the_checkpoint_vae(
 
 
 def test_vae_in_original_layout_with_or_without_prefix_is_read(dev_tensors, tmp_path: Path) -> None:
-    from model_build.checkpoint import load_vae_file
+    from model_build.vae_file import load_vae_file
 
     prefix = COMPONENT_PREFIXES["vae"]
     vae = {key: tensor for key, tensor in dev_tensors.items() if key.startswith(prefix)}
