@@ -204,7 +204,7 @@ def test_without_editing_the_callback_is_the_callers_own(encoder) -> None:
 
 
 def test_alternations_cannot_multiply_the_encoding_work(encoder) -> None:
-    """Each distinct text of a schedule is encoded: their chunks together are bounded (like BREAK's per prompt)."""
+    """Each distinct text of a schedule is encoded and held: their padded chunks together are bounded."""
     from worker.prompting.chunks import MAX_CHUNKS_PER_SCHEDULE
 
     words = " ".join(["cat"] * 60)
@@ -212,13 +212,40 @@ def test_alternations_cannot_multiply_the_encoding_work(encoder) -> None:
     prompt = " ".join("[" + "|".join(f"{words} {letter}" for letter in "abcdefg"[:n]) + "]" for n in (2, 3, 5, 7))
     with pytest.raises(
         InvalidRequest,
-        match=rf"prompt: prompt editing makes \d+ distinct texts of \d+ chunks in all, over the limit of "
-        rf"{MAX_CHUNKS_PER_SCHEDULE}",
+        match=rf"prompt: prompt editing makes 150 distinct texts, each held at the longest one's length \(\d+ chunks "
+        rf"or more\): at least \d+ chunks of conditioning, over the limit of {MAX_CHUNKS_PER_SCHEDULE}",
     ):
         encoder.encode(prompt, steps=150)
     # Without steps (no editing) it is one text holding every option: 14 chunks, fine; with 10 steps, 10 texts, fine.
     assert encoder.encode(prompt, do_classifier_free_guidance=False).num_chunks == 14
     assert len(encoder.encode(prompt, steps=10, do_classifier_free_guidance=False).info["schedule"]["texts"]) == 10
+
+
+def test_the_padded_schedule_not_the_sum_of_its_texts_is_bounded(pipe, encoder) -> None:
+    """Issue 24: one long text and many short ones summed to 212 chunks (under 256) but every segment is padded to the
+    long one's 63 chunks: 150 x 63 = 9,450 chunks were held (537 MiB on the dev model, 5.5 GiB of fp16 SDXL)."""
+    import time
+
+    from worker.prompting.chunks import MAX_CHUNKS_PER_SCHEDULE
+
+    alternations = " ".join("[" + "|".join(f"w{n}{k}" for k in range(n)) + "]" for n in (2, 3, 5, 7))
+    long_text = "x BREAK " * 62 + "x"  # 63 chunks
+    started = time.perf_counter()
+    with pytest.raises(InvalidRequest, match=r"prompt: prompt editing makes 150 distinct texts.* at least 9450 chunks"):
+        encoder.encode(f"[{long_text}::1] {alternations}", negative_prompt="blurry", steps=150)
+    assert time.perf_counter() - started < 5.0  # refused while tokenizing, before any text is encoded
+
+    # At the limit, the conditioning held is what the limit says: texts x chunks x 77 rows x width, on both sides.
+    width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    eight_chunks = "x BREAK " * 7 + "x "
+    options = "|".join(f"v{k}" for k in range(32))
+    at_limit = encoder.encode(f"{eight_chunks}[{options}]", negative_prompt="blurry", steps=32)
+    assert len(at_limit.info["schedule"]["texts"]) * at_limit.num_chunks == 32 * 8 == MAX_CHUNKS_PER_SCHEDULE
+    held = {id(s.conditioning): s.conditioning for s in at_limit.segments}.values()
+    side_bytes = sum(c.prompt_embeds.nbytes + c.negative_prompt_embeds.nbytes for c in held)
+    assert side_bytes == MAX_CHUNKS_PER_SCHEDULE * 77 * width * at_limit.prompt_embeds.element_size() * 2
+    with pytest.raises(InvalidRequest, match=r"33 distinct texts.* at least 264 chunks of conditioning, over the"):
+        encoder.encode(f"{eight_chunks}[{options}|v32]", negative_prompt="blurry", steps=33)
 
 
 def test_an_editing_job_through_the_engine(dev_model_dir: Path) -> None:

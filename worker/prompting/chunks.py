@@ -8,8 +8,8 @@ builds for a short prompt. No token is ever dropped.
 - ``BREAK`` closes the current chunk, even an empty one: a leading or doubled ``BREAK`` gives an empty (padding)
   chunk, as in A1111. A trailing ``BREAK`` adds nothing; an empty prompt is one empty chunk.
 
-:data:`MAX_CHUNKS_PER_PROMPT` bounds the chunks of one prompt field, :data:`MAX_CHUNKS_PER_SCHEDULE` those of all the
-distinct texts an edited prompt makes (both checked by the encoder, which names the field).
+:data:`MAX_CHUNKS_PER_PROMPT` bounds the chunks of one prompt field, :data:`MAX_CHUNKS_PER_SCHEDULE` the padded chunks
+an edited prompt's distinct texts hold (both checked by the encoder, which names the field).
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ COMMA_BACKTRACK: Final = 20  # A1111's default "comma_padding_backtrack"
 # entry (bench/prompt_encode.py reports an entry's bytes at 1, 16 and 64 chunks).
 MAX_CHUNKS_PER_PROMPT: Final = 64
 
-# Prompt editing encodes each distinct text of the schedule: alternations can make one per step (up to 150), each up to
-# MAX_CHUNKS_PER_PROMPT long. The chunks of all distinct texts together are bounded to four prompts' worth, which any
-# ordinary edit (a few [from:to:when] and [a|b] groups over a prompt of normal length) stays far below.
+# Prompt editing encodes each distinct text of the schedule (alternations can make one per step, up to 1,000 with a
+# second-order sampler) and holds every one padded to the longest's chunk count T, on both sides. What is bounded is
+# that padded total, distinct texts x T: four prompts' worth. At 256, SDXL's conditioning for a schedule is at most
+# 256 x 77 x 2048 values per side (154 MiB in fp16, both sides); any ordinary edit (a few [from:to:when] and [a|b]
+# groups over a prompt of normal length) stays far below it.
 MAX_CHUNKS_PER_SCHEDULE: Final = 4 * MAX_CHUNKS_PER_PROMPT
 
 

@@ -45,8 +45,9 @@ Negative prompt (only with ``do_classifier_free_guidance``), as in diffusers
 
 Limits (each an ``InvalidRequest`` naming the field)
     ``clip_skip`` from 0 to :attr:`PromptEncoder.max_clip_skip` (the text encoders' layers minus 2: 10 for SDXL);
-    at most :data:`.chunks.MAX_CHUNKS_PER_PROMPT` chunks per text and :data:`.chunks.MAX_CHUNKS_PER_SCHEDULE` for all
-    the distinct texts of an edited prompt; every weight finite.
+    at most :data:`.chunks.MAX_CHUNKS_PER_PROMPT` chunks per text, and for an edited prompt at most
+    :data:`.chunks.MAX_CHUNKS_PER_SCHEDULE` padded chunks held: distinct texts x the longest one's chunk count (each
+    side of each segment is held at that length); every weight finite.
 
 Equivalence with diffusers
     For texts of at most 75 tokens without attention syntax every tensor equals ``pipe.encode_prompt(...)``
@@ -313,19 +314,17 @@ class PromptEncoder:
             return self._encode_cached(texts, positive_layer, do_classifier_free_guidance, min_chunks=0)
 
         distinct = list(dict.fromkeys(segment_texts for _, segment_texts in schedule))
-        tokenized = {
-            segment_texts: self._tokenize_texts(segment_texts, do_classifier_free_guidance)
-            for segment_texts in distinct
-        }
-        target = max(tokens.num_chunks for tokens in tokenized.values())
-        total = sum(tokens.num_chunks for tokens in tokenized.values())
-        if total > MAX_CHUNKS_PER_SCHEDULE:
-            edited = [name for name, text in zip(FIELD_NAMES, vars(texts).values(), strict=True) if text is not None]
-            edited = [name for name in edited if has_editing_syntax(getattr(texts, name))]
-            raise InvalidRequest(
-                f"{' and '.join(edited)}: prompt editing makes {len(distinct)} distinct texts of {total} chunks in "
-                f"all, over the limit of {MAX_CHUNKS_PER_SCHEDULE}; use fewer alternations ([a|b]) or shorter texts"
-            )
+        # Every segment is padded to the longest one's chunk count, on both sides, so what a schedule holds is
+        # distinct texts x that count, not the sum of their lengths: bound that (one text of 63 chunks and 149 of
+        # one chunk summed to 212 but held 9,450 padded chunks, 5.5 GiB of fp16 SDXL conditioning). Checked while
+        # tokenizing, so a refused schedule costs at most the texts that prove it too large.
+        tokenized: dict[_Texts, _Tokenized] = {}
+        target = 0
+        for segment_texts in distinct:
+            tokenized[segment_texts] = self._tokenize_texts(segment_texts, do_classifier_free_guidance)
+            target = max(target, tokenized[segment_texts].num_chunks)
+            if len(distinct) * target > MAX_CHUNKS_PER_SCHEDULE:
+                raise self._schedule_too_large(texts, len(distinct), target)
         # A segment that needs no padding is the plain encode of its texts, and shares its cache entry.
         encoded = {
             segment_texts: self._encode_cached(
@@ -364,6 +363,16 @@ class PromptEncoder:
         return self._tokenize(text, encoder_index, "prompt")[1]
 
     # -- prompt editing ---------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _schedule_too_large(texts: _Texts, distinct: int, chunks: int) -> InvalidRequest:
+        fields = [name for name, text in zip(FIELD_NAMES, vars(texts).values(), strict=True) if text is not None]
+        edited = [name for name in fields if has_editing_syntax(getattr(texts, name))]
+        return InvalidRequest(
+            f"{' and '.join(edited)}: prompt editing makes {distinct} distinct texts, each held at the longest one's "
+            f"length ({chunks} chunks or more): at least {distinct * chunks} chunks of conditioning, over the limit of "
+            f"{MAX_CHUNKS_PER_SCHEDULE}; use fewer alternations ([a|b]) or edits, or shorten the longest text"
+        )
 
     @staticmethod
     def _schedule(texts: _Texts, steps: int) -> list[tuple[int, _Texts]] | None:
