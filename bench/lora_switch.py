@@ -11,7 +11,7 @@ Prints one JSON object per line. Run:
 * ``python bench/lora_switch.py --full-size --device cpu --dtype fp16 --no-denoise`` (sanity of the
   full-size load and switch path on CPU; slow).
 
-Measured through :class:`worker.loras.LoraManager`, the worker's own code path: first load (read +
+Measured through :class:`worker.adapters.lora.manager.LoraManager`, the worker's own code path: first load (read +
 sha256, convert + check, peft injection), cached switch between LoRA sets (target <= 0.2 s), UNet
 denoising time with 0/1/3 active adapters merged into the UNet's weights (``LORA_FUSE=1``, the worker's
 default) and as peft layers (``LORA_FUSE=0``), that a job without LoRAs after LoRA jobs gives bit-identical
@@ -267,7 +267,9 @@ def compile_check(args: argparse.Namespace, clock: Clock, pipe: Any, manager: An
 
 def offload_check(args: argparse.Namespace, clock: Clock, device: str, dtype: torch.dtype) -> None:
     """With enable_model_cpu_offload (the engine's low-memory plan): loading keeps the hooks, results stay exact."""
-    from worker.loras import LoraManager, LoraSettings, _offload_mode
+    from worker.adapters.lora.layers import offload_mode as _offload_mode
+    from worker.adapters.lora.manager import LoraManager
+    from worker.adapters.lora.sources import LoraSettings
 
     pipe = build_pipeline(args.config, device, dtype)
     pipe.enable_model_cpu_offload()
@@ -344,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     import peft
     import transformers
 
-    from worker.loras import LoraManager, LoraSettings
+    from worker.adapters.lora.manager import LoraManager
+    from worker.adapters.lora.sources import LoraSettings
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()

@@ -32,6 +32,7 @@ from model_build.dev_model import DEV_MODEL_NOTICE
 from model_build.layout import BASE_FAMILY, REFINER_FAMILY
 from model_build.manifest import manifest_hash, verify
 from worker.acceleration import accelerate
+from worker.adapters.lora.manager import AppliedLora
 from worker.device_policy import DevicePlan, plan_device
 from worker.input_images import load_input_image
 from worker.prompting.encoding import EncodedPrompts, PromptEncoder
@@ -284,8 +285,8 @@ class Engine:
         return pipe
 
     def _lora_manager(self) -> Any:
-        from worker.lora_sources import LoraSettings
-        from worker.loras import LoraManager
+        from worker.adapters.lora.manager import LoraManager
+        from worker.adapters.lora.sources import LoraSettings
 
         return LoraManager(
             self.pipe,
@@ -323,7 +324,7 @@ class Engine:
                     f"(img2img runs int(steps x strength) steps); raise strength or {field}"
                 )
 
-    def activate_loras(self, request: GenerationRequest) -> list[dict[str, Any]]:
+    def activate_loras(self, request: GenerationRequest) -> list[AppliedLora]:
         return self.loras.activate(request.loras)
 
     def encode(self, request: GenerationRequest, encoder: PromptEncoder | None = None) -> EncodedPrompts:
@@ -538,7 +539,7 @@ class Engine:
             )
         return width, height
 
-    def decode(self, latents: torch.Tensor, loras: list[dict[str, Any]] | None = None) -> list[Image.Image]:
+    def decode(self, latents: torch.Tensor, loras: Sequence[AppliedLora] = ()) -> list[Image.Image]:
         """Latents -> PIL images through the VAE, refusing NaN and all-black results."""
         vae = self.pipe.vae
         with torch.inference_mode():
@@ -547,7 +548,7 @@ class Engine:
             decoded = vae.decode(latents, return_dict=False)[0]
         if torch.isnan(decoded).any():
             if loras:
-                names = ", ".join(f"{lora['name']} ({lora['scale']:g})" for lora in loras)
+                names = ", ".join(f"{lora.name} ({lora.scale:g})" for lora in loras)
                 raise ImageQualityFailed(
                     f"the image came out as NaN with LoRAs {names} active; no image was returned. The likeliest "
                     "cause is a LoRA scale too high or a broken LoRA: try a smaller scale or the job without it"
@@ -587,15 +588,15 @@ class Engine:
         request: GenerationRequest,
         encoded: EncodedPrompts,
         seeds: list[int],
-        loras: list[dict[str, Any]],
+        loras: Sequence[AppliedLora],
         timings: Timings,
         size: tuple[int, int],
         extra: dict[str, Any],
     ) -> GenerationMetadata:
         prompt_info = dict(encoded.info)
         cache_hit = prompt_info.pop("cache_hit", None)
-        lora_stable = [{k: v for k, v in lora.items() if k not in ("cache_hit", "load_s")} for lora in loras]
-        lora_volatile = [{k: lora[k] for k in ("name", "cache_hit", "load_s") if k in lora} for lora in loras]
+        lora_stable = [lora.stable() for lora in loras]
+        lora_volatile = [lora.volatile() for lora in loras]
         stable: dict[str, Any] = {
             "seeds": seeds,
             "width": size[0],

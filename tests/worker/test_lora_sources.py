@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from core.errors import ConfigurationError, InvalidRequest, LoraFailed, error_kind_of
 from core.settings import BAKED_LORAS, VOLUME, load_settings
-from worker.lora_sources import (
+from worker.adapters.lora.sources import (
     MAX_NAME_PART_BYTES,
     MAX_PATH_BYTES,
     LoraError,
@@ -207,7 +207,8 @@ def test_settings_come_from_the_workers_settings(tmp_path: Path) -> None:
 
 
 def test_resolving_names_needs_neither_torch_nor_the_engine() -> None:
-    code = "import sys, worker.lora_sources; print(sorted(m for m in ('torch', 'worker.engine') if m in sys.modules))"
+    modules = "('torch', 'worker.engine')"
+    code = f"import sys, worker.adapters.lora.sources; print(sorted(m for m in {modules} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 

@@ -30,11 +30,12 @@ from model_build.dev_lora import (
     save_diffusers_lora,
     save_kohya_lora,
 )
-from worker import loras as loras_module
+from worker.adapters.lora import cache as lora_cache
+from worker.adapters.lora.manager import LoraManager
+from worker.adapters.lora.sources import LoraSettings
 from worker.engine import Engine
 from worker.handler import Worker
 from worker.images import read_parameters
-from worker.loras import LoraManager, LoraSettings
 from worker.schema import GenerationRequest
 
 JOB = {"prompt": "a lighthouse at dawn", "height": 256, "width": 256, "num_inference_steps": 2, "seed": 7}
@@ -175,10 +176,10 @@ def test_a_lora_changes_the_image_and_says_what_was_applied(worker, lora_dir: Pa
     worker.references[(("style", 0.8),)] = result.images[0].tobytes()
 
     reads = []
-    real_read = loras_module.read_lora_file
-    monkeypatch.setattr(loras_module, "read_lora_file", lambda *args: reads.append(args) or real_read(*args))
+    real_read = lora_cache.read_lora_file
+    monkeypatch.setattr(lora_cache, "read_lora_file", lambda *args: reads.append(args) or real_read(*args))
     (again,) = worker.engine.loras.activate(GenerationRequest(**JOB, loras=[{"name": "style", "scale": 0.8}]).loras)
-    assert again["cache_hit"] is True and again["load_s"] == 0.0
+    assert again.cache_hit is True and again.volatile()["load_s"] == 0.0
     assert reads == []  # a cached LoRA costs no disk read
 
 
@@ -346,8 +347,8 @@ def test_cache_is_bounded_by_count_and_memory_and_evicts_least_recently_used(bar
         manager.activate(request((name, 1.0)))
     assert [entry["name"] for entry in manager.loaded()] == ["detail", "words"]
     assert len(bare.pipe.unet.peft_config) == 1  # style's UNet adapter was deleted, detail's remains (words: none)
-    assert manager.activate(request(("detail", 1.0)))[0]["cache_hit"] is True
-    assert manager.activate(request(("style", 1.0)))[0]["cache_hit"] is False  # reloaded
+    assert manager.activate(request(("detail", 1.0)))[0].cache_hit is True
+    assert manager.activate(request(("style", 1.0)))[0].cache_hit is False  # reloaded
     assert [entry["name"] for entry in manager.loaded()] == ["detail", "style"]
     sizes = {entry["name"]: entry["mb"] for entry in manager.loaded()}
 
@@ -374,7 +375,7 @@ def test_a_changed_file_is_loaded_again(bare, managers, tmp_path: Path) -> None:
     manager.activate(request(("evolving", 1.0)))
     first = latents(bare.pipe)
     save_diffusers_lora(random_lora(bare.pipe, seed=11, components=("unet",)), folder / "evolving.safetensors")
-    assert manager.activate(request(("evolving", 1.0)))[0]["cache_hit"] is False
+    assert manager.activate(request(("evolving", 1.0)))[0].cache_hit is False
     assert not torch.equal(latents(bare.pipe), first)
 
 
@@ -426,7 +427,7 @@ def test_fast_activation_equals_peft_public_api(bare, managers, lora_dir: Path) 
     for job in jobs:
         fast.activate(job)
         expected.append(latents(bare.pipe))
-    fast._fast_activation = False
+    fast.activation.fast = False
     for job, result in zip(jobs, expected, strict=True):
         fast.activate(job)
         assert torch.equal(latents(bare.pipe), result)
@@ -487,12 +488,12 @@ def test_a_repeated_lora_set_is_not_merged_again(bare, managers, lora_dir: Path)
     job = request(("style", 0.7), ("detail", -1.0))
     manager.activate(job)
     first = latents(bare.pipe)
-    copies = [original for _, original in manager._fused]  # held: no id is reused while we compare
+    copies = [original for _, original in manager.fusion.saved]  # held: no id is reused while we compare
     manager.activate(job)  # the next job with the same LoRAs and scales: the weights already hold them
-    assert all(a is b for (_, a), b in zip(manager._fused, copies, strict=True))
+    assert all(a is b for (_, a), b in zip(manager.fusion.saved, copies, strict=True))
     assert torch.equal(latents(bare.pipe), first)
     manager.activate(request(("style", 0.7), ("detail", -0.5)))  # a scale changed: merged afresh
-    assert not any(a is b for (_, a), b in zip(manager._fused, copies, strict=True))
+    assert not any(a is b for (_, a), b in zip(manager.fusion.saved, copies, strict=True))
     manager.activate(job)
     assert torch.equal(latents(bare.pipe), first)
     manager.activate([])

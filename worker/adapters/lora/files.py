@@ -21,7 +21,7 @@ import torch
 
 from core.errors import first_line
 from core.safetensors_files import SNIFF_BYTES, SafetensorsDamage, foreign_format, parse_header
-from worker.lora_sources import LoraError
+from worker.adapters.lora.sources import LoraError
 
 # The pipeline parts a LoRA may adapt (model_build.architectures.COMPONENTS are the four model parts).
 LORA_TARGETS = ("unet", "text_encoder", "text_encoder_2")

@@ -43,7 +43,7 @@ class LoraSettings:
     download_dir: Path | None = None
     cache_size: int = 8  # adapters kept loaded (inactive) for reuse
     cache_mb: float = 2048.0  # their parameter memory, in MiB
-    fuse_unet: bool = True  # merge the job's LoRAs into the UNet's weights (restored exactly after), see worker.loras
+    fuse_unet: bool = True  # merge the job's LoRAs into the UNet's weights, restored exactly after (see .fusion)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LoraSettings:
