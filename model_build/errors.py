@@ -27,15 +27,24 @@ def shown_names(names: Iterable[str]) -> str:
 class ConversionError(WorkerError):
     """The checkpoint cannot be converted; the message says why and what to do.
 
-    Not retriable: the same file converts the same way every time (a failed download is fetched
-    again by running the same command, which the message says).
+    Not retriable: the same file converts the same way every time. A download that failed on the way is a
+    :class:`FetchError` marked ``transient``: running the same command again resumes it, as the message says.
     """
 
     code = "conversion failed"
+    transient: bool = False  # a FetchError of a download that failed on the way sets it
 
 
 class FetchError(ConversionError):
-    """A source could not be fetched, or it is not the file the user pinned."""
+    """A source could not be fetched, or it is not the file the user pinned.
+
+    ``transient``: whether the same source can succeed later (a connection error, a 5xx, a cut-off transfer),
+    decided where the cause is known, as data; False for a wrong name, a missing or gated file, a refused scheme.
+    """
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class CheckpointError(ConversionError):

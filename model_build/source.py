@@ -97,13 +97,16 @@ def fetch_hub_file(hub_file: HubFileName, cache_dir: Path | None = None) -> Path
     except hub_errors.LocalEntryNotFoundError as error:  # before EntryNotFoundError, its base class
         raise FetchError(
             f"{hub_file.uri} is not in the local cache and the Hub cannot be reached (offline, HF_HUB_OFFLINE=1, or no "
-            "network); download it where the Hub is reachable, or pass a local path"
+            "network); download it where the Hub is reachable, or pass a local path",
+            transient=True,
         ) from error
     except hub_errors.EntryNotFoundError as error:
         reason = "is not in the repository at that revision"
         raise FetchError(f"{hub_file.uri}: file {hub_file.filename} {reason}") from error
     except (hub_errors.HfHubHTTPError, OSError) as error:
-        raise FetchError(f"{hub_file.uri}: download failed ({type(error).__name__}); run again to resume") from error
+        raise FetchError(
+            f"{hub_file.uri}: download failed ({type(error).__name__}); run again to resume", transient=True
+        ) from error
 
 
 def _content_range_start(value: str | None) -> tuple[int, int | None] | None:
@@ -152,9 +155,10 @@ def download_url(url: str, cache_dir: Path | None = None, timeout: float = 60.0)
         if error.code == 416 and offset:  # the partial file is not a prefix the server knows: start over
             partial.unlink()
             return download_url(url, cache_dir, timeout)
-        raise FetchError(f"{shown}: HTTP {error.code} {error.reason}") from error
+        transient = error.code >= 500 or error.code in (408, 429)  # the server's trouble, or ours for a while
+        raise FetchError(f"{shown}: HTTP {error.code} {error.reason}", transient=transient) from error
     except (urllib.error.URLError, OSError) as error:
-        raise FetchError(f"{shown}: cannot connect ({getattr(error, 'reason', error)})") from error
+        raise FetchError(f"{shown}: cannot connect ({getattr(error, 'reason', error)})", transient=True) from error
 
     with response:
         content_range = _content_range_start(response.headers.get("Content-Range"))
@@ -181,14 +185,17 @@ def download_url(url: str, cache_dir: Path | None = None, timeout: float = 60.0)
             except (OSError, urllib.error.URLError, ValueError) as error:
                 raise FetchError(
                     f"{shown}: the download was interrupted after {written:,} bytes ({type(error).__name__}); "
-                    "run the same command again to resume it"
+                    "run the same command again to resume it",
+                    transient=True,
                 ) from error
             finally:
                 handle.flush()
                 os.fsync(handle.fileno())
     if total is not None and written != total:
         raise FetchError(
-            f"{shown}: the download ended after {written:,} of {total:,} bytes; run the same command again to resume it"
+            f"{shown}: the download ended after {written:,} of {total:,} bytes; run the same command again to resume "
+            "it",
+            transient=True,
         )
     target = folder / filename
     partial.replace(target)

@@ -43,10 +43,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "sdxl"
 LOCK_LOG_EVERY_S = 30.0  # how often a waiting worker says it is still waiting
-# huggingface_hub errors that mean the hf:// name is wrong (or needs HF_TOKEN), not that the download failed.
-HUB_WRONG_NAME_ERRORS = frozenset(
-    {"GatedRepoError", "RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError", "HubNameError"}
-)
 TEMP_DOWNLOADS = Path(tempfile.gettempdir()) / "model_build"
 
 
@@ -217,7 +213,8 @@ def _fetch_and_convert(plan: ModelPlan) -> None:
     except ConversionError as error:
         if _no_space(error):
             raise _storage_error(plan, _no_space(error)) from None
-        kind = ModelMissing if _transient(error) else ConfigurationError
+        # A download that failed on the way can succeed on the next start; a wrong name or a refused file cannot.
+        kind = ModelMissing if error.transient else ConfigurationError
         raise kind(
             f"{_setting_name(plan)}: {_message(error)}. Nothing was written to {plan.model_dir}; an interrupted "
             "download is resumed by the next worker start, anything else needs CHECKPOINT fixed"
@@ -307,20 +304,6 @@ def _no_space(error: BaseException) -> OSError | None:
             return current
         current = current.__cause__ or current.__context__
     return None
-
-
-def _transient(error: BaseException) -> bool:
-    """A download that failed on the way (network, server, a cut-off transfer), not a wrong name.
-
-    Told by the cause's type: an HTTP 4xx or a Hub "not found / gated" error means the source is wrong;
-    anything else (connection errors, 5xx, a short read) can succeed on the next start.
-    """
-    import urllib.error
-
-    cause = error.__cause__
-    if isinstance(cause, urllib.error.HTTPError):
-        return cause.code >= 500 or cause.code in (408, 429)
-    return type(cause).__name__ not in HUB_WRONG_NAME_ERRORS
 
 
 def _storage_error(plan: ModelPlan, error: OSError) -> ModelMissing | ConfigurationError:
