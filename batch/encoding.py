@@ -1,15 +1,14 @@
-"""Image encoding off the generating process: PNG compression holds the GIL.
+"""Image encoding off the generating process: encoding holds the GIL long enough to starve the GPU's launches.
 
-Pillow compresses PNG through ``ImageFile._save`` into its IDAT chunk writer, a Python object, so
-it takes the encoder's ``encode()`` path, which does not release the GIL (only ``encode_to_file``
-does). Measured here: while a thread PNG-encodes 1024x1024 images (~0.2 s each), the main thread
-stalls in 5-25 ms gaps for most of that time. In the runner the main thread launches the
-pipeline's kernels, so a writer *thread* encoding PNGs would starve the GPU instead of overlapping
-with it. Encoding therefore runs in helper processes (``python -m batch.encoding``: plain pipes, no
-multiprocessing, so nothing re-imports the caller's main script and nothing inherits the CUDA
-context), which get the raw pixels and return the file bytes of :func:`worker.images.encode_image`,
-the worker's own encoder, as an :class:`core.results.EncodedImage`. The parent's threads only wait
-on pipes, which releases the GIL.
+Re-measured after PNG moved to :mod:`worker.png` (numpy filtering, zlib on a thread pool): with one thread
+encoding 1024x1024 images, a main thread doing small Python steps (as a launch loop does) spent 38 % of its time in
+stalls over 5 ms for PNG (longest 20 ms), 50 % for JPEG (Pillow's encoder keeps the GIL) and 4-5 % for WebP, on
+this project's 2-core machine (``python bench/gil_probe.py``). In the runner the main thread launches the
+pipeline's kernels, so a writer *thread* encoding images would starve the GPU instead of overlapping with it.
+Encoding therefore runs in helper processes (``python -m batch.encoding``: plain pipes rather than a
+multiprocessing pool, so nothing re-imports the caller's main script and nothing inherits the CUDA context), which
+get the raw pixels and return the file bytes of :func:`worker.images.encode_image`, the worker's own encoder, as
+an :class:`core.results.EncodedImage`. The parent's threads only wait on pipes, which releases the GIL.
 """
 
 from __future__ import annotations
