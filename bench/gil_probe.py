@@ -1,59 +1,71 @@
 """How much a thread encoding images stalls the main thread (the GIL): why batch/encoding.py uses processes.
 
-python bench/gil_probe.py  ->  one JSON line per format and image: the main thread's longest gap and the share of
-its time spent in gaps over 5 ms while a second thread encodes 1024x1024 images with worker.images.encode_image.
+    python bench/gil_probe.py
+
+One JSON line per format and image (1024x1024 noise and a smooth gradient): how many images the second thread
+encoded with worker.images.encode_image in 3 s, the main thread's longest gap, and the share of its time spent in
+gaps over 5 ms while it does small Python steps, as the batch runner's kernel-launch loop does.
 """
+
+from __future__ import annotations
 
 import json
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, ".")
-from worker.images import encode_image
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from worker.images import encode_image  # after the path: the script runs from anywhere
 
-rng = np.random.default_rng(0)
-noise = Image.fromarray(rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8), "RGB")
-y, x = np.mgrid[0:1024, 0:1024]
-smooth = Image.fromarray(np.stack([x % 256, y % 256, (x + y) // 8 % 256], -1).astype(np.uint8), "RGB")
+SIDE = 1024
 
 
-def probe(fmt, image, seconds=3.0):
+def images() -> dict[str, Image.Image]:
+    noise = np.random.default_rng(0).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+    y, x = np.mgrid[0:SIDE, 0:SIDE]
+    smooth = np.stack([x % 256, y % 256, (x + y) // 8 % 256], -1).astype(np.uint8)
+    return {"noise": Image.fromarray(noise, "RGB"), "smooth": Image.fromarray(smooth, "RGB")}
+
+
+def probe(output_format: str, image: Image.Image, seconds: float = 3.0) -> dict[str, float]:
     stop = threading.Event()
-    count = [0]
+    encoded = [0]
 
-    def encode():
+    def encode() -> None:
         while not stop.is_set():
-            encode_image(image, fmt, 95, 1, "a prompt\nSteps: 20")
-            count[0] += 1
+            encode_image(image, output_format, 95, 1, "a prompt\nSteps: 20")
+            encoded[0] += 1
 
     gaps = []
-    t = threading.Thread(target=encode)
-    t.start()
-    end = time.perf_counter() + seconds
-    last = time.perf_counter()
+    thread = threading.Thread(target=encode)
+    thread.start()
+    end = last = time.perf_counter()
+    end += seconds
     while time.perf_counter() < end:
         now = time.perf_counter()
         gaps.append(now - last)
         last = now
-        sum(range(200))  # a little Python work, as a launch loop does
+        sum(range(200))  # a little Python work between the probes
     stop.set()
-    t.join()
-    gaps = sorted(gaps)
-    over5 = sum(g for g in gaps if g > 0.005)
+    thread.join()
+    gaps.sort()
+    stalled = sum(gap for gap in gaps if gap > 0.005)
     return {
-        "format": fmt,
-        "image": "noise" if image is noise else "smooth",
-        "encodes": count[0],
+        "encodes": encoded[0],
         "max_gap_ms": round(gaps[-1] * 1e3, 2),
-        "p999_gap_ms": round(gaps[int(len(gaps) * 0.999)] * 1e3, 3),
-        "share_of_time_in_gaps_over_5ms": round(over5 / seconds, 3),
+        "share_of_time_in_gaps_over_5ms": round(stalled / seconds, 3),
     }
 
 
-for fmt in ("png", "jpeg", "webp"):
-    for image in (noise, smooth):
-        print(json.dumps(probe(fmt, image)))
+def main() -> None:
+    for output_format in ("png", "jpeg", "webp"):
+        for name, image in images().items():
+            print(json.dumps({"format": output_format, "image": name, **probe(output_format, image)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
