@@ -15,10 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -36,8 +38,8 @@ from worker.adapters.lora.manager import AppliedLora
 from worker.device_policy import DevicePlan, plan_device
 from worker.input_images import load_input_image
 from worker.prompting.encoding import EncodedPrompts, PromptEncoder
-from worker.prompting.stepping import pipeline_callback_kwargs
-from worker.schedulers import build_scheduler
+from worker.prompting.stepping import SAME_STEPS, CallCounter, StageSteps, pipeline_callback_kwargs, texts_per_call
+from worker.schedulers import build_scheduler, schedule_steps
 from worker.schema import GROUP_FIELDS, MAX_SEED, MIN_SIDE, SIDE_MULTIPLE, GenerationRequest, draw_seed
 
 log = logging.getLogger(__name__)
@@ -323,6 +325,8 @@ class Engine:
                     f"strength: {request.strength:g} x {field} {steps} leaves no denoising step "
                     f"(img2img runs int(steps x strength) steps); raise strength or {field}"
                 )
+        elif refine and request.high_noise_frac is not None:
+            self._check_ensemble_split(request)
 
     def activate_loras(self, request: GenerationRequest) -> list[AppliedLora]:
         return self.loras.activate(request.loras)
@@ -335,8 +339,16 @@ class Engine:
             negative_prompt_2=request.negative_prompt_2,
             clip_skip=request.clip_skip,
             do_classifier_free_guidance=request.guidance_scale > 1.0,
-            steps=request.num_inference_steps,  # A1111 prompt editing ([a:b:when], [a|b]) counts these steps
+            steps=self.prompt_schedule_steps(request),  # A1111 prompt editing ([a:b:when], [a|b]) counts these
         )
+
+    def prompt_schedule_steps(self, request: GenerationRequest) -> int:
+        """The steps A1111 1.10 computes the prompt-editing schedule over: those of the model that runs first (the
+        refiner's for img2img through it, as A1111's img2img schedules over the requested steps), times 2 for the
+        schedulers that make two model calls per step (:func:`worker.schedulers.schedule_steps`)."""
+        refiner_first = request.is_img2img and self.uses_refiner(request)
+        steps = request.refiner_inference_steps if refiner_first else request.num_inference_steps
+        return schedule_steps(request.scheduler, steps)
 
     def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
         return self.generate_group([request], progress)[0]
@@ -370,15 +382,17 @@ class Engine:
 
         started = self._clock()
         if first.is_img2img:
-            latents, size, mode_info = self._img2img(first, embeds, all_seeds, refine, progress)
+            latents, size, mode_info, stages = self._img2img(first, embeds, all_seeds, refine, progress)
             times["denoising_s"] = self._clock() - started
         else:
-            latents = self._text_to_latents(first, embeds, all_seeds, refine, progress)
+            stages = [_Stage("base", first.num_inference_steps, first.scheduler, SAME_STEPS)]
+            latents = self._text_to_latents(first, embeds, all_seeds, refine, progress, stages[0])
             size, mode_info = (first.width, first.height), {"mode": "txt2img"}
             times["denoising_s"] = self._clock() - started
             if refine:
                 started = self._clock()
-                latents = self._refine(first, self._refiner_embeddings(requests, embeds), latents, all_seeds, progress)
+                latents, refined = self._refine(first, self._refiner_embeddings(embeds), latents, all_seeds, progress)
+                stages.append(refined)
                 times["refiner_s"] = self._clock() - started
 
         started = self._clock()
@@ -386,31 +400,85 @@ class Engine:
         times["vae_decode_s"] = self._clock() - started
 
         timings = Timings(**{key: value for key, value in times.items()})
-        refiner_info = self._refiner_metadata(first, refine)
+        run_info = {
+            **mode_info,
+            **self._refiner_metadata(first, refine, stages),
+            "stages": [s.describe() for s in stages],
+        }
         results, offset = [], 0
         for request, enc, seeds in zip(requests, encoded, seeds_per_request, strict=True):
             own_images = images[offset : offset + len(seeds)]
             offset += len(seeds)
-            metadata = self._metadata(request, enc, seeds, loras, timings, size, {**mode_info, **refiner_info})
+            self._describe_schedule_calls(enc, stages)
+            metadata = self._metadata(request, enc, seeds, loras, timings, size, run_info)
             results.append(GenerationResult(request, own_images, seeds, metadata))
         return results
 
     # -- the pipeline calls ----------------------------------------------------------------------
 
     @staticmethod
-    def _callbacks(embeds: _Embeddings, progress_callback: Any) -> dict[str, Any]:
-        """The base's step callback, which also switches edited prompts' conditioning at their steps."""
+    def _callbacks(embeds: _Embeddings, progress_callback: Any, stage: _Stage) -> dict[str, Any]:
+        """A pipeline call's step callback: it counts the stage's model calls, reports progress and switches edited
+        prompts' conditioning at the schedule steps the stage's calls map to."""
         images = [request.num_images for request in embeds.requests]
-        return pipeline_callback_kwargs(embeds.encoded, images, embeds.cfg, then=progress_callback)
+        stage.counter = CallCounter(progress_callback)
+        return pipeline_callback_kwargs(
+            embeds.encoded, images, embeds.cfg, stage.counter, stage.steps, embeds.first_feature
+        )
 
-    def _refiner_embeddings(self, requests: Sequence[GenerationRequest], embeds: _Embeddings) -> _Embeddings:
+    def _refiner_embeddings(self, embeds: _Embeddings) -> _Embeddings:
+        """The refiner's conditioning for the requests of ``embeds`` (the whole call), with their full schedules."""
         if self.refiner_prompt_encoder is None:
             encoded = embeds.encoded  # the refiner shares the base's bigG encoder: its part of the same embeddings
         else:
-            encoded = [self.encode(request, self.refiner_prompt_encoder) for request in requests]
-        # Prompt editing switches the conditioning during the base's steps; the refiner's read each prompt's final text.
-        final = [e.at_step(request.num_inference_steps) for e, request in zip(encoded, requests, strict=True)]
-        return _Embeddings(final, requests, embeds.cfg)
+            encoded = [self.encode(request, self.refiner_prompt_encoder) for request in embeds.requests]
+        return _Embeddings(encoded, embeds.requests, embeds.cfg, self.pipe.text_encoder.config.hidden_size)
+
+    def _refiner_scheduler(self, request: GenerationRequest, seed: int) -> Any:
+        """A fresh refiner scheduler from the refiner's own config as loaded (each job replaces the pipeline's, so
+        reading it back from the pipeline would carry one job's overrides, such as Karras sigmas, into the next)."""
+        if not hasattr(self, "_refiner_scheduler_config"):
+            self._refiner_scheduler_config = dict(self.refiner.scheduler.config)
+        return build_scheduler(request.scheduler, self._refiner_scheduler_config, noise_seed=seed)
+
+    @staticmethod
+    def _img2img_calls(
+        pipeline_class: Any, scheduler: Any, steps: int, strength: float, denoising_start: float | None
+    ) -> tuple[int, int]:
+        """(model calls of the full ``steps``-step schedule, calls an img2img-pipeline call leaves out before its
+        first one for ``strength`` or ``denoising_start``), by diffusers' own ``get_timesteps`` on a copy of
+        ``scheduler``: known before the call, so the refiner's first call gets its conditioning as an argument."""
+        probe = type(scheduler).from_config(scheduler.config)
+        probe.set_timesteps(steps, device="cpu")
+        holder = SimpleNamespace(scheduler=probe)
+        timesteps, _ = pipeline_class.get_timesteps(holder, steps, strength, "cpu", denoising_start=denoising_start)
+        return len(probe.timesteps), len(probe.timesteps) - len(timesteps)
+
+    def _check_ensemble_split(self, request: GenerationRequest) -> None:
+        """Refuse a ``high_noise_frac`` that leaves the base or the refiner no model call (issue 24: 0.999999 ran no
+        refiner step and reported it used)."""
+        frac = request.high_noise_frac
+        base = build_scheduler(request.scheduler, self.scheduler_config)
+        base.set_timesteps(request.num_inference_steps, device="cpu")
+        # diffusers' StableDiffusionXLPipeline (8.1, denoising_end): the base runs the timesteps at or above this.
+        train = base.config.num_train_timesteps
+        base_calls = int((base.timesteps >= round(train - frac * train)).sum())
+        steps = request.refiner_inference_steps
+        scheduler = self._refiner_scheduler(request, 0)
+        total, skipped = self._img2img_calls(type(self.refiner), scheduler, steps, request.strength, frac)
+        refiner_calls = total - skipped
+        if base_calls < 1:
+            raise InvalidRequest(
+                f"high_noise_frac: {frac:g} with num_inference_steps {request.num_inference_steps} leaves the base "
+                "model no denoising step (it would hand pure noise to the refiner); raise high_noise_frac or "
+                "num_inference_steps"
+            )
+        if refiner_calls < 1:
+            raise InvalidRequest(
+                f"high_noise_frac: {frac:g} with refiner_inference_steps {steps} leaves the refiner no denoising "
+                "step; lower high_noise_frac, raise refiner_inference_steps, or leave high_noise_frac out to "
+                "refine the finished image at strength"
+            )
 
     def _scheduler(self, request: GenerationRequest, seeds: list[int]) -> Any:
         return build_scheduler(request.scheduler, self.scheduler_config, noise_seed=seeds[0])
@@ -443,6 +511,7 @@ class Engine:
         seeds: list[int],
         refine: bool,
         progress: ProgressCallback | None,
+        stage: _Stage,
     ) -> torch.Tensor:
         pipe = self._use(self.pipe)
         pipe.scheduler = self._scheduler(request, seeds)
@@ -455,7 +524,7 @@ class Engine:
             guidance_scale=request.guidance_scale,
             generator=self._generators(seeds),
             output_type="latent",
-            **self._callbacks(embeds, self._step_callback(progress, 0, self._total_steps(request, refine))),
+            **self._callbacks(embeds, self._step_callback(progress, 0, self._total_steps(request, refine)), stage),
         ).images
 
     def _refine(
@@ -465,28 +534,38 @@ class Engine:
         latents: torch.Tensor,
         seeds: list[int],
         progress: ProgressCallback | None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, _Stage]:
         """The official worker's second stage: the refiner continues from the base's latents.
 
         With ``high_noise_frac`` the two models split one noise schedule (ensemble of experts: the base stops
         at that fraction, the refiner starts there); without it the refiner runs img2img at ``strength`` over
-        the finished base latents, exactly as the official worker does.
+        the finished base latents, exactly as the official worker does. Either way the refiner's calls continue
+        the prompt-editing schedule where its own schedule stands (:mod:`worker.prompting.stepping`).
         """
         refiner = self._use(self.refiner)
-        refiner.scheduler = build_scheduler(request.scheduler, dict(refiner.scheduler.config), noise_seed=seeds[0])
-        return refiner(
-            **embeds.refiner(self.pipe.text_encoder.config.hidden_size),
+        refiner.scheduler = self._refiner_scheduler(request, seeds[0])
+        steps = request.refiner_inference_steps
+        _, skipped = self._img2img_calls(
+            type(refiner), refiner.scheduler, steps, request.strength, request.high_noise_frac
+        )
+        mapping = StageSteps(skipped, self.prompt_schedule_steps(request), schedule_steps(request.scheduler, steps))
+        stage = _Stage("refiner", steps, request.scheduler, mapping)
+        latents = refiner(
+            **embeds.at(mapping.schedule_step(0)),
             image=latents,
-            num_inference_steps=request.refiner_inference_steps,
+            num_inference_steps=steps,
             denoising_start=request.high_noise_frac,
             strength=request.strength,
             guidance_scale=request.guidance_scale,
             generator=self._generators([refiner_seed(seed) for seed in seeds]),
             output_type="latent",
-            callback_on_step_end=self._step_callback(
-                progress, request.num_inference_steps, self._total_steps(request, True)
+            **self._callbacks(
+                embeds,
+                self._step_callback(progress, request.num_inference_steps, self._total_steps(request, True)),
+                stage,
             ),
         ).images
+        return latents, stage
 
     def _img2img(
         self,
@@ -495,36 +574,39 @@ class Engine:
         seeds: list[int],
         refine: bool,
         progress: ProgressCallback | None,
-    ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any]]:
+    ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any], list[_Stage]]:
         source = load_input_image(request.image_url or "")
         size = self._img2img_size(request, source.size)
         image = source if source.size == size else source.resize(size, Image.Resampling.LANCZOS)
         if refine:
-            embeds = self._refiner_embeddings([request], embeds)
+            embeds = self._refiner_embeddings(embeds)  # the whole call's requests, as the base's embeddings hold
         pipe = self._use(self.refiner if refine else self.img2img)
-        pipe.scheduler = build_scheduler(request.scheduler, dict(pipe.scheduler.config), noise_seed=seeds[0])
+        # A fresh scheduler from the model's own config (the pipeline's current one is the previous job's).
+        pipe.scheduler = self._refiner_scheduler(request, seeds[0]) if refine else self._scheduler(request, seeds)
         steps = request.refiner_inference_steps if refine else request.num_inference_steps
-        prompt = embeds.refiner(self.pipe.text_encoder.config.hidden_size) if refine else embeds.base()
+        # A1111's img2img: the schedule spans the requested steps and its counter starts at the first call that runs.
+        stage = _Stage("refiner" if refine else "base", steps, request.scheduler, SAME_STEPS)
         latents = pipe(
-            **prompt,
+            **embeds.at(0),
             image=[image] * len(seeds),
             strength=request.strength,
             num_inference_steps=steps,
             guidance_scale=request.guidance_scale,
             generator=self._generators(seeds),
             output_type="latent",
-            **self._callbacks(embeds, self._step_callback(progress, 0, max(1, int(steps * request.strength)))),
+            **self._callbacks(embeds, self._step_callback(progress, 0, max(1, int(steps * request.strength))), stage),
         ).images
         info = {
             "mode": "img2img",
             "img2img": {
                 "strength": request.strength,
                 "input_size": list(source.size),
-                "model": "refiner" if refine else "base",
-                "steps": steps,
+                "model": stage.model,
+                "num_inference_steps": steps,  # the schedule strength cuts: int(steps x strength) of it ran
+                "steps": stage.steps_run,
             },
         }
-        return latents, size, info
+        return latents, size, info, [stage]
 
     @staticmethod
     def _img2img_size(request: GenerationRequest, source_size: tuple[int, int]) -> tuple[int, int]:
@@ -564,17 +646,32 @@ class Engine:
 
     # -- metadata --------------------------------------------------------------------------------
 
-    def _refiner_metadata(self, request: GenerationRequest, refine: bool) -> dict[str, Any]:
+    def _refiner_metadata(self, request: GenerationRequest, refine: bool, stages: Sequence[_Stage]) -> dict[str, Any]:
+        """What the refiner did: how it was entered (and the setting that decided it), the steps it ran."""
         if refine:
-            return {
-                "refiner": {
-                    "used": True,
-                    "model": self.refiner_info,
-                    "refiner_inference_steps": request.refiner_inference_steps,
-                    "high_noise_frac": request.high_noise_frac,
-                    "strength": request.strength if request.high_noise_frac is None else None,
-                }
+            ran = stages[-1]
+            if request.is_img2img:
+                mode, frac, strength = "img2img", None, request.strength
+            elif request.high_noise_frac is not None:
+                mode, frac, strength = "ensemble", request.high_noise_frac, None
+            else:
+                mode, frac, strength = "refine", None, request.strength
+            info: dict[str, Any] = {
+                "used": True,
+                "model": self.refiner_info,
+                "mode": mode,  # ensemble of experts, refining the base's image at strength, or img2img
+                "refiner_inference_steps": request.refiner_inference_steps,
+                "high_noise_frac": frac,
+                "strength": strength,
+                "steps": ran.steps_run,
+                "model_calls": ran.counter.calls,
             }
+            if request.is_img2img and request.high_noise_frac is not None:
+                info["ignored"] = {
+                    "high_noise_frac": request.high_noise_frac,
+                    "reason": "img2img through the refiner starts at strength, not at a fraction of a base run",
+                }
+            return {"refiner": info}
         if request.refiner is False:
             reason = "the request set refiner: false"
         elif self.refiner is None:
@@ -582,6 +679,17 @@ class Engine:
         else:
             reason = "img2img runs on the base model unless the request sets refiner: true"
         return {"refiner": {"used": False, "reason": reason}}
+
+    @staticmethod
+    def _describe_schedule_calls(encoded: EncodedPrompts, stages: Sequence[_Stage]) -> None:
+        """Add to an edited prompt's metadata which text each stage's model calls read."""
+        schedule = encoded.info.get("schedule")
+        if schedule is None or not encoded.is_scheduled:
+            return
+        schedule["calls"] = [
+            {"model": stage.model, "runs": texts_per_call(encoded, stage.steps, stage.counter.calls)}
+            for stage in stages
+        ]
 
     def _metadata(
         self,
@@ -644,13 +752,30 @@ class _PhaseClock:
 
 
 class _Embeddings:
-    """A group's prompt embeddings, each request's repeated for its images, as pipeline keyword arguments."""
+    """A group's prompt embeddings, each request's repeated for its images, as pipeline keyword arguments.
 
-    def __init__(self, encoded: list[EncodedPrompts], requests: Sequence[GenerationRequest], cfg: bool) -> None:
+    ``first_feature`` is 0 for the base; for the refiner it is the first encoder's width: the base concatenates
+    CLIP-L and OpenCLIP bigG features per token, the refiner reads bigG alone, so long prompts, weights and BREAK
+    reach it chunk for chunk as they reach the base.
+    """
+
+    def __init__(
+        self,
+        encoded: list[EncodedPrompts],
+        requests: Sequence[GenerationRequest],
+        cfg: bool,
+        first_feature: int = 0,
+        step: int = 0,
+    ) -> None:
         self.encoded, self.requests, self.cfg = encoded, requests, cfg
+        self.first_feature, self.step = first_feature, step
+
+    def at(self, step: int) -> dict[str, torch.Tensor | None]:
+        """The pipeline's keyword arguments with each prompt's conditioning of schedule step ``step``."""
+        return _Embeddings(self.encoded, self.requests, self.cfg, self.first_feature, step).base()
 
     def _repeat(self, name: str) -> torch.Tensor | None:
-        tensors = [getattr(e, name) for e in self.encoded]
+        tensors = [getattr(e.at_step(self.step), name) for e in self.encoded]
         if tensors[0] is None:
             return None
         return torch.cat(
@@ -658,21 +783,38 @@ class _Embeddings:
         )
 
     def base(self) -> dict[str, torch.Tensor | None]:
-        return {
+        embeds = {
             "prompt_embeds": self._repeat("prompt_embeds"),
             "pooled_prompt_embeds": self._repeat("pooled_prompt_embeds"),
             "negative_prompt_embeds": self._repeat("negative_prompt_embeds") if self.cfg else None,
             "negative_pooled_prompt_embeds": self._repeat("negative_pooled_prompt_embeds") if self.cfg else None,
         }
-
-    def refiner(self, first_encoder_width: int) -> dict[str, torch.Tensor | None]:
-        """The refiner's conditioning: the second (OpenCLIP bigG) encoder's part of the same chunked embeddings.
-
-        The base concatenates CLIP-L (``first_encoder_width``) and bigG features per token; the refiner reads
-        bigG alone, so long prompts, weights and BREAK reach it chunk for chunk as they reach the base.
-        """
-        embeds = self.base()
         for key in ("prompt_embeds", "negative_prompt_embeds"):
-            if embeds[key] is not None:
-                embeds[key] = embeds[key][..., first_encoder_width:]
+            if embeds[key] is not None and self.first_feature:
+                embeds[key] = embeds[key][..., self.first_feature :]
         return embeds
+
+
+@dataclass
+class _Stage:
+    """One pipeline call of a job, for its metadata: the model, its schedule, how its model calls map onto the
+    prompt-editing schedule, and (counted as they run) its model calls."""
+
+    model: str  # "base" or "refiner"
+    num_inference_steps: int  # the steps its scheduler was set to
+    scheduler: str
+    steps: StageSteps
+    counter: CallCounter = field(default_factory=CallCounter)
+
+    @property
+    def steps_run(self) -> int:
+        """Denoising steps begun: model calls, or half of them rounded up for a two-call-per-step scheduler."""
+        return math.ceil(self.counter.calls / schedule_steps(self.scheduler, 1))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "num_inference_steps": self.num_inference_steps,
+            "steps": self.steps_run,
+            "model_calls": self.counter.calls,
+        }

@@ -72,6 +72,36 @@ ALIASES: dict[str, str] = {
 }
 
 
+# How many of A1111's prompt-editing steps one requested step counts: A1111 1.10 computes a prompt's schedule over
+# steps x step_multiplier (processing.setup_conds), 2 for the samplers it declares second_order, and its denoiser's
+# counter counts every model call. diffusers' step callback also fires after every model call, so its index is that
+# counter when the schedule is computed over schedule_steps(name, steps). Checked against each diffusers class's number
+# of model calls (tests/worker/test_prompt_samplers.py):
+# - Heun, DPM2, DPM2 a, DPM++ SDE and their Karras forms: second_order in A1111 1.10 ("Karras" is a schedule type
+#   there), and 2N - 1 model calls for N steps in diffusers too (two per step, one for the last): 2.
+# - DPM++ 2S (diffusers' DPMSolverSinglestepScheduler): N model calls, each step one call (its second-order updates
+#   reuse the previous call). A1111's second-order "DPM++ 2S a" is another sampler (ancestral, 2N - 1 calls); counting
+#   2 here would leave the second half of every schedule unread, so it counts 1, like every multistep solver.
+# - PNDM: N + 1 calls (the PLMS warm-up evaluates one timestep twice), as A1111's PLMS makes N + 1 on a schedule of
+#   N; both count 1, and the extra call reads the schedule's last segment.
+# - every other scheduler: N calls, 1.
+_TWO_CALLS_PER_STEP = frozenset(
+    {"HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler"}
+)
+SCHEDULE_STEPS_PER_STEP: dict[str, int] = {
+    name: 2 if class_name in _TWO_CALLS_PER_STEP else 1 for name, (class_name, _) in SCHEDULERS.items()
+}
+
+
+def schedule_steps(name: str, steps: int) -> int:
+    """The steps A1111 1.10 computes a prompt-editing schedule over for ``steps`` requested steps of scheduler ``name``
+    (any accepted spelling): ``steps`` times :data:`SCHEDULE_STEPS_PER_STEP`."""
+    canonical = canonical_scheduler_name(name)
+    if canonical is None:
+        raise ValueError(f"unknown scheduler {name!r}; use one of: {', '.join(SCHEDULERS)}")
+    return steps * SCHEDULE_STEPS_PER_STEP[canonical]
+
+
 # Schedulers that draw their noise from one seed per pipeline call (diffusers' DPMSolverSDEScheduler and its
 # Brownian tree), not from the per-image generators: an image then depends on its batch mates.
 PER_CALL_NOISE_SCHEDULERS: tuple[str, ...] = tuple(
