@@ -39,7 +39,7 @@ from worker.device_policy import DevicePlan, plan_device
 from worker.input_images import load_input_image
 from worker.prompting.encoding import EncodedPrompts, PromptEncoder
 from worker.prompting.stepping import SAME_STEPS, CallCounter, StageSteps, pipeline_callback_kwargs, texts_per_call
-from worker.schedulers import build_scheduler, schedule_steps
+from worker.schedulers import build_scheduler, calls_per_step, schedule_steps
 from worker.schema import GROUP_FIELDS, MAX_SEED, MIN_SIDE, SIDE_MULTIPLE, GenerationRequest, draw_seed
 
 log = logging.getLogger(__name__)
@@ -488,12 +488,14 @@ class Engine:
         return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
     @staticmethod
-    def _step_callback(progress: ProgressCallback | None, done_before: int, total: int) -> Any:
+    def _step_callback(progress: ProgressCallback | None, done_before: int, total: int, per_step: int = 1) -> Any:
+        """Reports steps, not model calls: diffusers calls back after every model call, and the second-order
+        schedulers make two per step (Heun's 4 steps are 7 calls)."""
         if progress is None:
             return None
 
-        def callback(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
-            progress(done_before + step + 1, total)
+        def callback(pipe: Any, call: int, timestep: Any, tensors: dict) -> dict:
+            progress(min(total, done_before + call // per_step + 1), total)
             return tensors
 
         return callback
@@ -524,7 +526,11 @@ class Engine:
             guidance_scale=request.guidance_scale,
             generator=self._generators(seeds),
             output_type="latent",
-            **self._callbacks(embeds, self._step_callback(progress, 0, self._total_steps(request, refine)), stage),
+            **self._callbacks(
+                embeds,
+                self._step_callback(progress, 0, self._total_steps(request, refine), calls_per_step(request.scheduler)),
+                stage,
+            ),
         ).images
 
     def _refine(
@@ -561,7 +567,12 @@ class Engine:
             output_type="latent",
             **self._callbacks(
                 embeds,
-                self._step_callback(progress, request.num_inference_steps, self._total_steps(request, True)),
+                self._step_callback(
+                    progress,
+                    request.num_inference_steps,
+                    self._total_steps(request, True),
+                    calls_per_step(request.scheduler),
+                ),
                 stage,
             ),
         ).images
@@ -594,7 +605,13 @@ class Engine:
             guidance_scale=request.guidance_scale,
             generator=self._generators(seeds),
             output_type="latent",
-            **self._callbacks(embeds, self._step_callback(progress, 0, max(1, int(steps * request.strength))), stage),
+            **self._callbacks(
+                embeds,
+                self._step_callback(
+                    progress, 0, max(1, int(steps * request.strength)), calls_per_step(request.scheduler)
+                ),
+                stage,
+            ),
         ).images
         info = {
             "mode": "img2img",

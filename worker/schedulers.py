@@ -102,6 +102,12 @@ def schedule_steps(name: str, steps: int) -> int:
     return steps * SCHEDULE_STEPS_PER_STEP[canonical]
 
 
+def calls_per_step(name: str) -> int:
+    """Model calls per requested step of scheduler ``name`` (2 for the second-order ones, else 1)."""
+    canonical = canonical_scheduler_name(name)
+    return SCHEDULE_STEPS_PER_STEP[canonical] if canonical is not None else 1
+
+
 # Schedulers that draw their noise from one seed per pipeline call (diffusers' DPMSolverSDEScheduler and its
 # Brownian tree), not from the per-image generators: an image then depends on its batch mates.
 PER_CALL_NOISE_SCHEDULERS: tuple[str, ...] = tuple(

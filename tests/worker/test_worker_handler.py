@@ -103,7 +103,7 @@ def test_schedulers_run_and_are_deterministic(engine_loaded, scheduler: str) -> 
 
 def test_invalid_input_is_an_error_string_never_a_traceback(engine_loaded) -> None:
     out = run({"prompt": "x", "num_inference_steps": 1000})
-    assert set(out) == {"error"} and "num_inference_steps" in out["error"] and "1..150" in out["error"]
+    assert set(out) == {"error"} and "num_inference_steps" in out["error"] and "1..500" in out["error"]
 
 
 # The schema's own fuzz test covers arbitrary values; these few run the engine on what it accepts.
@@ -271,3 +271,14 @@ def test_run_job_writes_beside_the_job_without_overwriting_it_and_logs_progress(
     assert metadata["seeds"] == [3] and (tmp_path / "job-0.png").is_file()
     steps = [record.getMessage() for record in caplog.records if ": step " in record.getMessage()]
     assert steps and steps[-1].startswith("job job: step 4/4"), steps
+
+
+def test_progress_counts_steps_not_model_calls(engine_loaded) -> None:
+    """Heun makes 2 model calls per step (7 for 4 steps): progress reported 7 of 4 (issue 24's helper noticed)."""
+    from worker.schema import parse_request
+
+    seen: list[tuple[int, int]] = []
+    request = parse_request({**SMALL, "width": 64, "height": 64, "num_inference_steps": 4, "scheduler": "Heun"})
+    engine_loaded.generate(request, progress=lambda step, total: seen.append((step, total)))
+    assert len(seen) == 7 and seen[-1] == (4, 4) and all(step <= total for step, total in seen)
+    assert [step for step, _ in seen] == sorted(step for step, _ in seen)
