@@ -299,6 +299,12 @@ class Settings:
     prompt_cache_mb: float = _setting(
         "PROMPT_CACHE_MB", "256", _number(0, 1 << 20), "memory for recent prompts' embeddings (LRU, on the GPU), MiB"
     )
+    prompt_weighting: str = _setting(
+        "PROMPT_WEIGHTING",
+        "multiply",
+        _choice("multiply", "restore_mean"),
+        "weighted tokens: multiply (A1111's 'No norm') or restore_mean (A1111 1.10's default 'Original')",
+    )
     log_level: str | None = _setting(
         "LOG_LEVEL",
         "",

@@ -247,6 +247,7 @@ class Engine:
             pipe,
             cuda_graphs=self.settings.prompt_encoder_cuda_graphs,
             cache_bytes=int(self.settings.prompt_cache_mb * 1024 * 1024),
+            weighting=self.settings.prompt_weighting,
         )
 
     def _component_bytes(self) -> dict[str, int]:

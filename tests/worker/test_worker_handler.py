@@ -282,3 +282,18 @@ def test_progress_counts_steps_not_model_calls(engine_loaded) -> None:
     engine_loaded.generate(request, progress=lambda step, total: seen.append((step, total)))
     assert len(seen) == 7 and seen[-1] == (4, 4) and all(step <= total for step, total in seen)
     assert [step for step, _ in seen] == sorted(step for step, _ in seen)
+
+
+def test_prompt_weighting_setting_reaches_the_encoder(dev_model_dir: Path) -> None:
+    """PROMPT_WEIGHTING=restore_mean is A1111 1.10's default emphasis ('Original'); multiply ('No norm') is ours."""
+    from worker.engine import Engine
+    from worker.schema import parse_request
+
+    original = Engine(dev_model_dir, settings=load_settings({"PROMPT_WEIGHTING": "restore_mean"}))
+    assert original.prompt_encoder.weighting == "restore_mean"
+    weighted = parse_request({"prompt": "a (red:1.6) house", "negative_prompt": "blurry"})
+    plain = parse_request({"prompt": "a red house", "negative_prompt": "blurry"})
+    no_norm = Engine(dev_model_dir, settings=load_settings({}))
+    assert no_norm.prompt_encoder.weighting == "multiply"
+    assert not original.encode(weighted).prompt_embeds.equal(no_norm.encode(weighted).prompt_embeds)
+    assert original.encode(plain).prompt_embeds.equal(no_norm.encode(plain).prompt_embeds)  # unweighted: the same
