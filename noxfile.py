@@ -85,14 +85,15 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none", default=False)
 def batch(session: nox.Session) -> None:
-    """JSONL batch: nox -s batch -- [run] JOBS.jsonl --out DIR [--shard I/N] [--batch-size B], or status|merge DIR."""
+    """JSONL batch: nox -s batch -- [run] JOBS.jsonl --out DIR [--shard I/N] [--batch-size B], or
+    status|merge|gallery DIR."""
     python = environment(session)
     args = list(session.posargs)
     if not args:  # no arguments: the demo lines on the dev model
         if not (DEV_MODEL / "manifest.json").exists():
             make_dev_model(session, python)
         args = ["run", str(DEMO_JOBS), "--out", str(ROOT / "outputs" / "batch"), "--model", str(DEV_MODEL)]
-    if args[0] not in ("run", "status", "merge"):
+    if args[0] not in ("run", "status", "merge", "gallery"):
         args = ["run", *args]
     # 3 is a finished run with some invalid or refused lines (errors/line-*.json), not a failed session. Ctrl-C reaches
     # the runner itself, which finishes its call in flight: nox must wait for it instead of killing it after 0.3 s.

@@ -1,4 +1,4 @@
-"""Command line: ``python -m batch {run,status,merge}`` (see ``--help`` of each)."""
+"""Command line: ``python -m batch {run,status,merge,gallery}`` (see ``--help`` of each)."""
 
 from __future__ import annotations
 
@@ -165,6 +165,26 @@ def _merge(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _gallery(args: argparse.Namespace, settings: Settings) -> int:
+    from batch.gallery import build_gallery
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % 500 == 0:  # a large run's first build makes thousands of thumbnails
+            print(f"thumbnails: {done}/{total}", file=sys.stderr)
+
+    result = build_gallery(
+        args.out, args.input, page_size=args.page_size, thumb_side=args.thumb_size, progress=progress
+    )
+    for problem in result["thumbnail_errors"]:
+        print(f"no thumbnail: {problem}", file=sys.stderr)
+    print(
+        f"{result['index']}: {result['lines']} lines ({result['done']} done, {result['failed']} failed, "
+        f"{result['remaining']} not done), {result['images']} images, {result['thumbnails_made']} new thumbnails; "
+        f"open {Path(result['index']).resolve().as_uri()}"
+    )
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     drop_unactionable_warnings()
     try:
@@ -186,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     merge.add_argument("out", type=Path)
     merge.add_argument("--input", type=Path, help="the JSONL file (default: the one the run recorded)")
+    gallery = commands.add_parser(
+        "gallery", help="write <out>/index.html: thumbnails, prompts, settings and errors of the current input"
+    )
+    gallery.add_argument("out", type=Path)
+    gallery.add_argument("--input", type=Path, help="the JSONL file (default: the one the run recorded)")
+    gallery.add_argument("--page-size", type=int, default=100, help="cards per page (default 100)")
+    gallery.add_argument("--thumb-size", type=int, default=256, help="thumbnails' longer side, pixels (default 256)")
     args = parser.parse_args(argv)
     try:
         level = args.log_level.upper()
@@ -194,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--log-level / LOG_LEVEL {args.log_level!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL"
             )
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return {"run": _run, "status": _status, "merge": _merge}[args.command](args, settings)
+        return {"run": _run, "status": _status, "merge": _merge, "gallery": _gallery}[args.command](args, settings)
     except ConfigurationError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return EXIT_USAGE
