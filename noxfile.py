@@ -134,13 +134,23 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none", default=False)
 def build(session: nox.Session) -> None:
-    """Build the image (docker, podman or buildah): nox -s build -- [--tag T] [--checkpoint SRC] [--cuda cu128]."""
+    """Build the image (docker, podman or buildah): nox -s build -- [--tag T] [--checkpoint SRC] [--cuda cu128]
+    [--platform linux/amd64] [--dry-run] (python docker/build.py --help for every option)."""
     session.run("python3", "docker/build.py", *session.posargs)
 
 
 @nox.session(default=False)
+def lock(session: nox.Session) -> None:
+    """requirements-lock-<cpu|cu130>.txt from requirements.txt (uv, hashes): nox -s lock -- [--check] [--build B]
+    [--find-links DIR] (where download.pytorch.org is out of reach: a folder with the torch CPU wheel)."""
+    session.install("uv==0.13.9")  # the Dockerfile's UV_VERSION
+    session.run("python", "docker/lock.py", "--uv", str(Path(session.bin) / "uv"), *session.posargs)
+
+
+@nox.session(default=False)
 def image_test(session: nox.Session) -> None:
-    """Root + buildah: build the image offline on a debootstrap base, run a baked and a network-volume job in it."""
+    """Root + buildah: build the image offline on a debootstrap base (twice: same files?), rebuild it after a code
+    edit (only the code's steps may run), check the compile path, run a baked and a network-volume job in it."""
     install_runtime(session)
     refiner = DEV_CHECKPOINT.with_name("sdxl-dev-refiner.safetensors")
     if not DEV_CHECKPOINT.exists():

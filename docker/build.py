@@ -1,18 +1,21 @@
 """Build the worker's image with docker, podman or buildah, whichever is installed (``nox -s build``).
 
     python docker/build.py [--tag T] [--checkpoint SRC] [--sha256 HEX] [--cuda cu128] [--model-name NAME]
-                           [--refiner SRC] [--refiner-sha256 HEX] [--refiner-name NAME]
+                           [--refiner SRC] [--refiner-sha256 HEX] [--refiner-name NAME] [--platform P]
                            [--base IMAGE] [--hf-token-file FILE] [--tool docker|podman|buildah] [--dry-run]
 
 SRC is a file in the repository (it must lie inside the build context, e.g. checkpoints/NAME.safetensors),
-``hf://owner/repo/file@<commit>`` or an https URL (with --sha256). A Hub token comes from --hf-token-file or
-``HF_TOKEN`` and goes to the build only as a secret, never as a build argument. Standard library only, so it
-runs before any virtual environment exists.
+``hf://owner/repo/file@<commit>`` or an https URL (with --sha256). A local file's sha256 is computed here and
+passed as CHECKPOINT_SHA256: the converter checks it, and it is the conversion step's cache key (buildah keys a
+bind-mounted file by nothing else). A Hub token comes from --hf-token-file or ``HF_TOKEN`` and goes to the build
+only as a secret, never as a build argument. Standard library only, so it runs before any virtual environment
+exists.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
@@ -75,6 +78,32 @@ def checkpoint_argument(source: str | None, context: Path) -> str:
     return f"checkpoints/{relative}"
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_build_args(prefix: str, source: str | None, sha256: str | None, context: Path) -> dict[str, str]:
+    """CHECKPOINT (or REFINER_CHECKPOINT), its sha256 and, for a local file, CHECKPOINT_DIR=checkpoints.
+
+    A local file's sha256 is computed when not given: without it, a different file under the same name would
+    find the old conversion in buildah's cache (the mount's contents are not part of buildah's cache key).
+    """
+    argument = checkpoint_argument(source, context)
+    if not argument:
+        return {}
+    values = {prefix: argument}
+    local = argument.startswith("checkpoints/")
+    if local:
+        values["CHECKPOINT_DIR"] = "checkpoints"
+    if sha256 or local:
+        values[f"{prefix}_SHA256"] = sha256 or file_sha256(context / argument)
+    return values
+
+
 def build_command(
     tool: str,
     tag: str,
@@ -83,6 +112,7 @@ def build_command(
     secret_file: Path | None = None,
     extra: Sequence[str] = (),
     cache_layers: bool = True,
+    platform: str | None = None,
 ) -> list[str]:
     """The build command line for ``tool`` (all three take the same flags for what is used here).
 
@@ -93,6 +123,8 @@ def build_command(
     command = [tool, "build", "--tag", tag, "--file", str(context / "Dockerfile")]
     if tool == "buildah" and cache_layers:
         command[1:2] = ["build", "--layers"]
+    if platform:  # e.g. linux/amd64 on an ARM machine (Apple Silicon): RunPod runs amd64 images
+        command += ["--platform", platform]
     for name, value in build_args.items():
         command += ["--build-arg", f"{name}={value}"]
     if secret_file is not None:
@@ -110,10 +142,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--refiner-sha256", help="expected sha256 of --refiner (required for a URL)")
     parser.add_argument("--refiner-name", default="sdxl-refiner", help="its folder under /models (sdxl-refiner)")
     parser.add_argument("--cuda", default="cu128", help="PyTorch CUDA build: cu126, cu128, cu130 (default cu128)")
-    parser.add_argument("--base", help="base image (default: the Dockerfile's python:3.11 slim bookworm)")
+    parser.add_argument("--base", help="base image (default: the Dockerfile's python:3.11 slim bookworm, by digest)")
+    parser.add_argument("--platform", help="target platform, e.g. linux/amd64 (needed on ARM machines for RunPod)")
+    parser.add_argument("--no-compiler", action="store_true", help="leave gcc out (C_COMPILER=0): COMPILE refused")
     parser.add_argument("--hf-token-file", type=Path, help="file holding a Hub token (default: $HF_TOKEN, if set)")
     parser.add_argument("--tool", choices=TOOLS, help="build tool (default: the first one usable)")
-    parser.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    parser.add_argument("--dry-run", action="store_true", help="print the command of the tool a real run would use")
     return parser
 
 
@@ -127,24 +161,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             if source and source.startswith(("https://", "http://")) and not pin:
                 raise BuildError(f"{source} is a URL: pass {flag} too (sha256sum prints it)")
         build_args = {"CUDA": args.cuda, "MODEL_NAME": args.model_name}
-        checkpoint = checkpoint_argument(args.checkpoint, ROOT)
-        if checkpoint:
-            build_args["CHECKPOINT"] = checkpoint
-        if args.sha256:
-            build_args["CHECKPOINT_SHA256"] = args.sha256
+        build_args |= checkpoint_build_args("CHECKPOINT", args.checkpoint, args.sha256, ROOT)
         if args.refiner:
-            build_args["REFINER_CHECKPOINT"] = checkpoint_argument(args.refiner, ROOT)
+            build_args |= checkpoint_build_args("REFINER_CHECKPOINT", args.refiner, args.refiner_sha256, ROOT)
             build_args["REFINER_NAME"] = args.refiner_name
-        if args.refiner_sha256:
-            build_args["REFINER_CHECKPOINT_SHA256"] = args.refiner_sha256
         if args.base:
             build_args["BASE_IMAGE"] = args.base
+        if args.no_compiler:
+            build_args["C_COMPILER"] = "0"
         if args.hf_token_file is not None and not args.hf_token_file.is_file():
             raise BuildError(f"--hf-token-file {args.hf_token_file}: no such file")
-        tool = find_tool(args.tool) if not args.dry_run else (args.tool or "docker")
+        # A dry run names the tool a real run would use: the one asked for, else the first usable one.
+        tool = args.tool if args.dry_run and args.tool else find_tool(args.tool)
     except BuildError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        if not (args.dry_run and str(error).startswith("no container build tool")):
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(f"note: {error}; the command a docker build would run:", file=sys.stderr)
+        tool = "docker"
 
     with tempfile.TemporaryDirectory(prefix="sdxl-build-") as scratch:
         secret = args.hf_token_file
@@ -153,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             secret = Path(scratch) / "hf_token"
             secret.touch(mode=0o600)
             secret.write_text(os.environ["HF_TOKEN"])
-        command = build_command(tool, args.tag, build_args, ROOT, secret)
+        command = build_command(tool, args.tag, build_args, ROOT, secret, platform=args.platform)
         print("+", " ".join(command), flush=True)
         if args.dry_run:
             return 0

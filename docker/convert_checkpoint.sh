@@ -1,19 +1,19 @@
 #!/bin/sh
 # Convert the checkpoint named at build time into the image (run by the Dockerfile's runtime stage).
 #
-#   convert_checkpoint.sh CHECKPOINT CHECKPOINT_SHA256 OUTPUT CONTEXT [ARGUMENT]
+#   convert_checkpoint.sh CHECKPOINT CHECKPOINT_SHA256 OUTPUT [ARGUMENT]
 #
-# Nothing to do when CHECKPOINT is empty (a network-volume image). A relative CHECKPOINT is a file in the
-# build CONTEXT. ARGUMENT names the build argument in messages (CHECKPOINT, or REFINER_CHECKPOINT: the
-# converter tells a base from a refiner by its tensors). A Hub token is read from the build secret hf_token, exported only to the converter's
-# process, and never written anywhere. The download cache is deleted in the same step, so the layer holds
-# the converted folder only.
+# Nothing to do when CHECKPOINT is empty (a network-volume image). A relative CHECKPOINT is a file under
+# checkpoints/ of the build context, which the Dockerfile mounts at /src/checkpoints (CHECKPOINT_DIR=checkpoints).
+# ARGUMENT names the build argument in messages (CHECKPOINT, or REFINER_CHECKPOINT: the converter tells a base
+# from a refiner by its tensors). A Hub token is read from the build secret hf_token, exported only to the
+# converter's process, and never written anywhere. The download cache is deleted in the same step, so the layer
+# holds the converted folder only.
 set -eu
 checkpoint=$1
 sha256=$2
 output=$3
-context=$4
-argument=${5:-CHECKPOINT}
+argument=${4:-CHECKPOINT}
 
 if [ -z "$checkpoint" ]; then
   echo "no $argument build argument: nothing converted into $output"
@@ -21,7 +21,18 @@ if [ -z "$checkpoint" ]; then
 fi
 case "$checkpoint" in
   hf://* | https://* | http://* | /*) source=$checkpoint ;;
-  *) source="$context/$checkpoint" ;;
+  checkpoints/*)
+    source="/src/$checkpoint"
+    if [ ! -f "$source" ]; then
+      echo "$argument=$checkpoint: not in the mounted checkpoints folder; build with --build-arg" \
+        "CHECKPOINT_DIR=checkpoints (nox -s build passes it, and the file's sha256 as ${argument}_SHA256)" >&2
+      exit 1
+    fi
+    ;;
+  *)
+    echo "$argument=$checkpoint: a local checkpoint must lie in checkpoints/ of the build context" >&2
+    exit 1
+    ;;
 esac
 if [ -s /run/secrets/hf_token ]; then
   HF_TOKEN=$(cat /run/secrets/hf_token)

@@ -20,8 +20,10 @@ tarball="$workdir/rootfs.tar"
 if [ ! -f "$tarball" ]; then
   rm -rf "$rootfs"
   # python3-venv brings ensurepip (the image creates its virtual environment with it);
-  # ca-certificates lets the converter download hf:// and https:// checkpoints.
-  debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$rootfs" "$mirror"
+  # ca-certificates lets the converter download hf:// and https:// checkpoints; libpython3.11-dev is
+  # Python.h, which the python:3.11 image has too (Triton compiles its launcher against it).
+  debootstrap --variant=minbase --include=python3,python3-venv,libpython3.11-dev,ca-certificates \
+    bookworm "$rootfs" "$mirror"
   chroot "$rootfs" apt-get clean
   rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin
   tar -C "$rootfs" --numeric-owner -cf "$tarball.partial" .
