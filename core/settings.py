@@ -271,6 +271,9 @@ class Settings:
         "torch.compile mode (reduce-overhead adds CUDA graphs)",
     )
     compile_vae: bool = _setting("COMPILE_VAE", "0", _flag, "1 also compiles the VAE decoder")
+    quantize: str = _setting(
+        "QUANTIZE", "off", _choice("off", "fp8"), "fp8: UNet transformer linears in float8 (compute capability 8.9+)"
+    )
     compile_cache_dir: Path | None = _setting(
         "COMPILE_CACHE_DIR", "", _optional_path, "compiled code kept between starts (default: on the volume if mounted)"
     )

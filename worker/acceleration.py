@@ -23,6 +23,12 @@ What each option does and why it is safe:
 - ``compile``: ``"unet"`` compiles the whole UNet forward (fullgraph, static shapes); ``"regional"``
   compiles only its repeated transformer blocks (diffusers' ``compile_repeated_blocks``): far shorter
   compile, a smaller gain. ``compile_vae`` compiles the VAE decoder too.
+- ``quantize``: ``"fp8"`` runs the UNet's transformer linears in float8 (:mod:`worker.fp8`; compute
+  capability 8.9+, refused with a configuration error elsewhere). The weights stay 16-bit parameters and
+  are quantised per call, so merged LoRAs are quantised with them and restored bit for bit. Off by
+  default and experimental: on an H200 it was no faster than fp16 (the FP8 GEMMs gain ~1 ms a step, the
+  quantisation passes cost more) and further from fp32 than the quality threshold allows on random
+  weights (bench/results/README.md, "FP8 on Hopper").
 - ``vae_dtype``: the stock SDXL VAE overflows in fp16, so the engine keeps it in fp32 when its config
   says ``force_upcast``; bf16 has fp32's range and avoids the fp32 decode cost. ``None`` keeps the engine's choice.
 - the compile cache: torch's portable cache artifacts (``torch.compiler.save_cache_artifacts``), one
@@ -52,6 +58,7 @@ log = logging.getLogger(__name__)
 
 COMPILE_TARGETS = ("off", "unet", "regional")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+QUANTIZE_MODES = ("off", "fp8")
 VAE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CACHE_FORMAT = 1
 
@@ -65,6 +72,7 @@ class SpeedupOptions:
     compile: str = "off"  # one of COMPILE_TARGETS
     compile_mode: str = "default"  # one of COMPILE_MODES
     compile_vae: bool = False
+    quantize: str = "off"  # one of QUANTIZE_MODES
     vae_dtype: str | None = None  # one of VAE_DTYPES, or None for the engine's choice
     cache_dir: Path | None = None  # where compile-cache files live; None: no persistent cache
     # Shapes compiled at warm-up: (width, height) and images per pipeline call. Other shapes run eagerly.
@@ -76,6 +84,8 @@ class SpeedupOptions:
             raise ValueError(f"compile={self.compile!r}: use one of {', '.join(COMPILE_TARGETS)}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode={self.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize={self.quantize!r}: use one of {', '.join(QUANTIZE_MODES)}")
         if self.vae_dtype is not None and self.vae_dtype not in VAE_DTYPES:
             raise ValueError(f"vae_dtype={self.vae_dtype!r}: use one of {', '.join(VAE_DTYPES)} or leave it unset")
 
@@ -191,6 +201,7 @@ def options_from_settings(settings: Any) -> SpeedupOptions:
         compile=settings.compile,
         compile_mode=settings.compile_mode,
         compile_vae=settings.compile_vae,
+        quantize=settings.quantize,
         vae_dtype=settings.vae_dtype or None,
         cache_dir=cache_dir,
         warmup_sizes=settings.warmup_sizes,
@@ -251,6 +262,18 @@ def apply_speedups(pipe: Any, options: SpeedupOptions) -> Accelerator:
     """Apply ``options`` to ``pipe`` (whole pipeline on one CUDA device, or CPU for tests) in place."""
     applied: list[str] = []
     offloaded = any(getattr(getattr(pipe, name, None), "_hf_hook", None) is not None for name in ("unet", "vae"))
+    if options.quantize == "fp8":  # before anything changes: a refused setting leaves the pipeline as it was
+        from worker.fp8 import enable_fp8, require_fp8
+
+        unet_device = pipe.unet.device
+        if offloaded and unet_device.type != "cuda" and torch.cuda.is_available():
+            unet_device = torch.device("cuda", torch.cuda.current_device())  # offload hooks move it per call
+        require_fp8(unet_device)
+        applied.append(f"fp8_linears:{len(enable_fp8(pipe.unet))}")
+        log.warning(
+            "QUANTIZE=fp8 is experimental: on an H200 it measured 4-7 %% slower per image than fp16 and below the "
+            "quality threshold (latents cosine 0.985 < 0.999) with random weights; see bench/results/README.md"
+        )
     if offloaded:
         # accelerate's offload hooks replace forward and move weights per call: neither layout nor compile holds.
         if options.compiles:
