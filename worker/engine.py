@@ -587,7 +587,7 @@ class Engine:
         refine: bool,
         progress: ProgressCallback | None,
     ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any], list[_Stage]]:
-        source = load_input_image(request.image_url or "")
+        source = load_input_image(request.image_url or "", self.settings)
         size = self._img2img_size(request, source.size)
         image = source if source.size == size else source.resize(size, Image.Resampling.LANCZOS)
         if refine:

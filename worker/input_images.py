@@ -1,10 +1,25 @@
 """The img2img input: ``image_url`` as an http(s) URL, a data URI or bare base64, decoded to an RGB image.
 
-Downloads are bounded in bytes (:data:`MAX_IMAGE_BYTES`), seconds (:data:`DOWNLOAD_TIMEOUT_S` for the
-whole transfer) and redirects (:data:`MAX_REDIRECTS`); only http and https are fetched, never a local
-path or another scheme, also not through a redirect. Decoding is bounded in pixels
-(:data:`MAX_IMAGE_PIXELS`) so a decompression bomb is refused before it is expanded. Every failure is
-an :class:`core.errors.InvalidRequest` naming ``image_url`` and what to send instead.
+URLs are fetched by :func:`core.url_fetch.fetch_url`: public addresses only unless ``ALLOW_PRIVATE_URLS=1``, one
+deadline (``URL_TIMEOUT_S``) for the whole transfer, at most :data:`MAX_IMAGE_BYTES` and :data:`MAX_REDIRECTS`
+redirects, http(s) only (also after a redirect), never a local path. Inline images (data URIs, bare base64) have
+the same byte bound.
+
+Decoding accepts PNG, JPEG (MPO, the multi-picture JPEG some cameras write, included: its first picture) and
+WebP only, and no other decoder of Pillow ever runs on the bytes (TIFF, BMP, ICO, DDS, PCX, QOI, SGI, TGA, ...;
+EPS would hand them to Ghostscript). An animated PNG or WebP gives its first frame. Images over
+:data:`MAX_IMAGE_PIXELS` are refused before they are expanded (decompression bombs). The result is RGB, converted
+faithfully rather than by Pillow's ``convert("RGB")`` alone, which clips 16-bit grey to white and drops alpha:
+
+- EXIF orientation is applied (a phone photo arrives upright, as a browser shows it);
+- 16-bit grey (``I;16``) is scaled from 0..65535; 32-bit integer (``I``) likewise when its values fit 16 bits
+  (what Pillow reads 16-bit PNGs as), else from its own min..max; float (``F``) from 0..1 when its values lie
+  there, else from its own min..max;
+- transparency (an alpha channel, a palette's or a PNG's transparent colour) is composited on white, as
+  AUTOMATIC1111 flattens img2img inputs (its default background), so transparent areas read as white paper
+  rather than whatever colour the encoder left under them.
+
+Every failure is an :class:`core.errors.InvalidRequest` starting ``image_url:`` with what to send instead.
 """
 
 from __future__ import annotations
@@ -13,72 +28,62 @@ import base64
 import binascii
 import io
 import re
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from core.errors import InvalidRequest
+from core.errors import InvalidRequest, first_line
+from core.settings import Settings
+from core.url_fetch import UrlPolicy, fetch_url
 
+FIELD = "image_url"
 MAX_IMAGE_BYTES = 20 * 1000 * 1000
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 8192 x 8192; the image is resized to at most 2048 a side afterwards
-DOWNLOAD_TIMEOUT_S = 30.0
 MAX_REDIRECTS = 5
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")  # Pillow's format ids; MPO comes through the JPEG plugin
+BACKGROUND = (255, 255, 255)  # under transparent pixels (A1111's img2img default)
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+# File signatures of formats that are refused, to say what was sent instead of "not an image".
+_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"II*\x00", "a TIFF image"),
+    (0, b"MM\x00*", "a TIFF image"),
+    (0, b"GIF8", "a GIF image"),
+    (0, b"BM", "a BMP image"),
+    (0, b"\x00\x00\x01\x00", "an ICO image"),
+    (0, b"DDS ", "a DDS image"),
+    (0, b"8BPS", "a PSD image"),
+    (0, b"%!PS", "a PostScript/EPS file"),
+    (0, b"\xc5\xd0\xd3\xc6", "an EPS file"),
+    (0, b"%PDF", "a PDF"),
+    (0, b"qoif", "a QOI image"),
+    (0, b"\x01\xda", "an SGI image"),
+    (0, b"\x00\x00\x00\x0cjP  ", "a JPEG 2000 image"),
+    (0, b"\xff\x4f\xff\x51", "a JPEG 2000 image"),
+    (0, b"\xff\x0a", "a JPEG XL image"),
+    (4, b"ftypavif", "an AVIF image"),
+    (4, b"ftypheic", "a HEIC image"),
+    (4, b"ftypmif1", "a HEIF image"),
+    (0, b"icns", "an ICNS image"),
+    (0, b"\x89PNG", "PNG"),
+    (0, b"\xff\xd8\xff", "JPEG"),
+)
+
+
+def _error(message: str) -> InvalidRequest:
+    return InvalidRequest(f"{FIELD}: {message}")
 
 
 def _mb(size: int) -> str:
     return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size} bytes"
 
 
-def _error(message: str) -> InvalidRequest:
-    return InvalidRequest(f"image_url: {message}")
-
-
-class _LimitedRedirects(urllib.request.HTTPRedirectHandler):
-    max_redirections = MAX_REDIRECTS
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
-            raise _error(f"the server redirected to {newurl[:100]!r}; only http(s) is followed")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _download(url: str, max_bytes: int, timeout_s: float) -> bytes:
-    opener = urllib.request.build_opener(_LimitedRedirects())
-    deadline = time.monotonic() + timeout_s
-    request = urllib.request.Request(url, headers={"User-Agent": "sdxl-worker", "Accept": "image/*"})
-    shown = url if len(url) <= 100 else url[:97] + "..."
-    try:
-        with opener.open(request, timeout=timeout_s) as response:
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise _error(f"{shown} is {_mb(int(declared))}, larger than the {_mb(max_bytes)} limit")
-            chunks, size = [], 0
-            while chunk := response.read(1 << 16):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise _error(f"{shown} is larger than the {_mb(max_bytes)} limit")
-                if time.monotonic() > deadline:
-                    raise _error(f"downloading {shown} took longer than {timeout_s:g} s")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except InvalidRequest:
-        raise
-    except urllib.error.HTTPError as error:
-        if error.code in (301, 302, 303, 307, 308):
-            location = (error.headers or {}).get("Location", "") if error.headers is not None else ""
-            if urllib.parse.urlsplit(location).scheme.lower() not in ("", "http", "https"):
-                raise _error(f"the server redirected to {location[:100]!r}; only http(s) is followed") from None
-            raise _error(f"{shown} redirects more than {MAX_REDIRECTS} times (a redirect loop?)") from None
-        raise _error(f"{shown} answered HTTP {error.code} {error.reason}") from None
-    except (urllib.error.URLError, TimeoutError, OSError, ValueError) as error:
-        reason = getattr(error, "reason", error)
-        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-            raise _error(f"downloading {shown} took longer than {timeout_s:g} s") from None
-        raise _error(f"cannot download {shown}: {reason}") from None
+def image_url_policy(settings: Settings) -> UrlPolicy:
+    """The URL policy of ``image_url``: the settings' addresses and deadline, this module's byte and redirect
+    bounds."""
+    return UrlPolicy.from_settings(settings, max_bytes=MAX_IMAGE_BYTES, max_redirects=MAX_REDIRECTS)
 
 
 def _decode_base64(text: str) -> bytes:
@@ -88,11 +93,12 @@ def _decode_base64(text: str) -> bytes:
         raise _error("is neither an http(s) URL, a data URI nor valid base64") from None
 
 
-def fetch_image_bytes(image_url: str, max_bytes: int = MAX_IMAGE_BYTES, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> bytes:
-    """The raw bytes behind ``image_url`` (downloaded, or decoded from a data URI / bare base64)."""
+def fetch_image_bytes(image_url: str, policy: UrlPolicy) -> bytes:
+    """The raw bytes behind ``image_url``: downloaded under ``policy``, or decoded from a data URI / bare base64
+    (bounded by ``policy.max_bytes`` too)."""
     scheme = urllib.parse.urlsplit(image_url[:2048]).scheme.lower() if "://" in image_url[:16] else ""
     if scheme in ("http", "https"):
-        return _download(image_url, max_bytes, timeout_s)
+        return fetch_url(image_url, policy, field=FIELD, accept="image/png,image/jpeg,image/webp;q=0.9,*/*;q=0.5")
     if scheme:
         raise _error(f"scheme {scheme!r} is not accepted; send an http(s) URL, a data URI or base64")
     match = _DATA_URI.match(image_url[:512])
@@ -102,28 +108,86 @@ def fetch_image_bytes(image_url: str, max_bytes: int = MAX_IMAGE_BYTES, timeout_
         data = _decode_base64(image_url[match.end() :])
     else:
         data = _decode_base64(image_url)
-    if len(data) > max_bytes:
-        raise _error(f"the image is {_mb(len(data))}, larger than the {_mb(max_bytes)} limit")
+    if len(data) > policy.max_bytes:
+        raise _error(f"the image is {_mb(len(data))}, larger than the {_mb(policy.max_bytes)} limit")
     return data
 
 
+def _sniff(data: bytes) -> str | None:
+    head = data[:32]
+    for offset, signature, name in _SIGNATURES:
+        if head[offset : offset + len(signature)] == signature:
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    text = head.lstrip().lower()
+    if text.startswith((b"<svg", b"<?xml")):
+        return "an SVG image"
+    if text.startswith((b"<!doctype html", b"<html")):
+        return "an HTML page"
+    return None
+
+
+def _grey_to_8bit(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """A high-bit grey image (``I;16*``, ``I``, ``F``) as 8-bit grey by its real range, and its raw values."""
+    raw = np.asarray(image)
+    values = raw.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535):
+        low, high = 0.0, 65535.0
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        low, high = 0.0, 1.0
+    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+    scale = 255.0 / (high - low) if high > low else 0.0
+    return np.clip(np.rint((values - low) * scale), 0, 255).astype(np.uint8), raw
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` (any Pillow mode) as RGB: high-bit grey scaled by its real range, transparency composited on
+    :data:`BACKGROUND`."""
+    transparency = image.info.get("transparency")
+    if image.mode in _HIGH_BIT_MODES:
+        grey, raw = _grey_to_8bit(image)
+        rgba = Image.fromarray(grey).convert("RGBA")
+        if isinstance(transparency, int):  # a 16-bit PNG's transparent grey level
+            rgba.putalpha(Image.fromarray(np.where(raw == transparency, 0, 255).astype(np.uint8)))
+    elif "A" in image.mode or "a" in image.mode or transparency is not None:
+        rgba = image.convert("RGBA")  # applies a palette's or a PNG's transparent colour as alpha too
+    else:
+        return image.convert("RGB")  # a copy even when RGB: the opened image is closed after decoding
+    background = Image.new("RGBA", image.size, (*BACKGROUND, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
 def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Bytes -> an RGB image, refusing non-images and images over ``max_pixels`` before decoding them."""
+    """Bytes -> an upright RGB image; only PNG, JPEG and WebP, refusing images over ``max_pixels`` before
+    decoding them."""
+    sniffed = _sniff(data)
+    if sniffed is not None and sniffed not in ("PNG", "JPEG", "WebP"):
+        raise _error(f"this is {sniffed}; only PNG, JPEG and WebP images are accepted (convert it first)")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise _error(f"the image is {width}x{height}; at most {max_pixels} pixels are accepted")
             image.load()
-            return image.convert("RGB")
+            try:
+                upright = ImageOps.exif_transpose(image)
+            except Exception:  # an unreadable EXIF block: the stored orientation is the best there is
+                upright = image
+            return to_rgb(upright)
     except InvalidRequest:
         raise
     except Image.DecompressionBombError:  # Pillow's own guard, for images far past ours
         raise _error(f"the image is a decompression bomb; at most {max_pixels} pixels are accepted") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise _error(f"not a readable image ({type(error).__name__}); send a PNG, JPEG or WebP") from None
+    except UnidentifiedImageError:
+        raise _error("not a readable image; send a PNG, JPEG or WebP") from None
+    except Exception as error:  # Pillow's decoders raise many types on malformed files
+        what = f"{sniffed} image" if sniffed else "image"
+        raise _error(f"not a readable {what} ({first_line(error, 120)}); send a PNG, JPEG or WebP") from None
 
 
-def load_input_image(image_url: str) -> Image.Image:
-    """``image_url`` -> RGB image, with every limit of this module applied."""
-    return decode_image(fetch_image_bytes(image_url))
+def load_input_image(image_url: str, settings: Settings) -> Image.Image:
+    """``image_url`` -> an upright RGB image, under ``settings``' URL policy and every bound of this module."""
+    return decode_image(fetch_image_bytes(image_url, image_url_policy(settings)))
