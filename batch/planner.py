@@ -26,7 +26,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from batch.jobs import Job
-from worker.engine import image_seeds
+from worker.generation.seeds import image_seeds
 from worker.schema import GenerationRequest
 
 

@@ -41,7 +41,8 @@ from batch.session import ShardSession
 from core.errors import ConfigurationError, CudaFailed, InvalidRequest, OutOfMemory, WorkerError, from_exception
 from core.results import EncodedImage, GenerationMetadata
 from core.settings import Settings
-from worker.engine import Engine, GenerationResult, group_key
+from worker.engine import Engine, GenerationResult
+from worker.generation.grouping import group_key
 from worker.images import a1111_parameters
 
 log = logging.getLogger(__name__)

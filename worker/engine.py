@@ -12,13 +12,11 @@ model's scheduler config, its own generators, and exactly the LoRAs it asks for.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,21 +24,26 @@ from typing import Any
 import torch
 from PIL import Image
 
-from core.errors import ConfigurationError, ImageQualityFailed, InternalError, InvalidRequest
+from core.errors import InternalError, InvalidRequest
 from core.results import GenerationMetadata, Timings
 from core.settings import Settings
-from model_build.architectures import COMPONENTS, REFINER_COMPONENTS, family_of_manifest
 from model_build.dev_model import DEV_MODEL_NOTICE
-from model_build.layout import BASE_FAMILY, REFINER_FAMILY
+from model_build.layout import BASE_FAMILY
 from model_build.manifest import manifest_hash, verify
 from worker.acceleration import accelerate
 from worker.adapters.lora.manager import AppliedLora
-from worker.device_policy import DevicePlan, plan_device
+from worker.generation.conditioning import Embeddings, Stage
+from worker.generation.decode import decode_latents
+from worker.generation.grouping import group_key
+from worker.generation.metadata import ServingFacts, describe_schedule_calls, job_metadata, refiner_metadata
+from worker.generation.seeds import image_seeds, refiner_seed, resolve_seed
 from worker.input_images import load_input_image
+from worker.model.loading import PhaseClock, load_refiner, require_family
+from worker.model.placement import Placement
 from worker.prompting.encoding import EncodedPrompts, PromptEncoder
-from worker.prompting.stepping import SAME_STEPS, CallCounter, StageSteps, pipeline_callback_kwargs, texts_per_call
+from worker.prompting.stepping import SAME_STEPS, CallCounter, StageSteps, pipeline_callback_kwargs
 from worker.schedulers import build_scheduler, calls_per_step, schedule_steps
-from worker.schema import GROUP_FIELDS, MAX_SEED, MIN_SIDE, SIDE_MULTIPLE, GenerationRequest, draw_seed
+from worker.schema import MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -53,60 +56,6 @@ class GenerationResult:
     images: list[Image.Image]
     seeds: list[int]
     metadata: GenerationMetadata
-
-
-def resolve_seed(request: GenerationRequest) -> int:
-    """The request's seed, or a fresh random one below 2^32 (see :func:`worker.schema.draw_seed`)."""
-    return request.seed if request.seed is not None else draw_seed()
-
-
-def image_seeds(first_seed: int, count: int) -> list[int]:
-    """Image k uses seed + k (wrapping inside torch's 64-bit seed range), so any image can be made alone."""
-    return [(first_seed + k) % (MAX_SEED + 1) for k in range(count)]
-
-
-def refiner_seed(seed: int) -> int:
-    """The refiner stage's noise seed: derived from the image's seed, but never another image's seed.
-
-    Kept in the 63-bit range it had before seeds up to 2^64-1 were accepted, so refined images stay the same.
-    """
-    return (seed ^ 0x5DEECE66D_9E3779B9) % 2**63
-
-
-def group_key(request: GenerationRequest, encoded: EncodedPrompts) -> tuple:
-    """Requests with equal keys can share one pipeline call (same latent shape, schedule, weights and inputs).
-
-    Built from every field the schema declares ``Scope.GROUP`` (a call runs with its first request's values of
-    those), plus what follows from them: the prompt's chunk count (the embeddings' shape) and whether the size
-    was given (img2img follows the input image otherwise).
-    """
-    values = []
-    for name in GROUP_FIELDS:
-        value = getattr(request, name)
-        if name == "image_url" and value is not None:
-            value = hashlib.sha256(value.encode()).hexdigest()  # data URIs can be megabytes
-        elif isinstance(value, list):
-            value = tuple(tuple(item.model_dump().items()) for item in value)
-        values.append(value)
-    return (*values, encoded.num_chunks, request.size_given)
-
-
-def _require_family(manifest: dict[str, Any], folder: Path, family: str, setting: str) -> None:
-    """A folder converted from another family (a refiner as the base, a base as the refiner) is refused by name."""
-    try:
-        found = family_of_manifest(manifest).name
-    except ValueError as error:
-        raise ConfigurationError(f"{setting} {folder}: {error}") from None
-    if found != family:
-        raise ConfigurationError(
-            f"{setting} {folder} holds a converted {found} model, not {family}; point {setting} at a folder converted "
-            f"from an {family} checkpoint (python -m model_build convert CHECKPOINT.safetensors --output DIR)"
-        )
-
-
-def _file_hash(manifest: dict[str, Any], relative: str) -> str | None:
-    entry = manifest.get("files", {}).get(relative)
-    return entry.get("sha256") if isinstance(entry, dict) else None
 
 
 class Engine:
@@ -122,7 +71,7 @@ class Engine:
     ) -> None:
         # Where start-up time goes (seconds per phase), for the log and `nox -s bench`'s cold-start figures.
         self.startup_phases: dict[str, float] = {}
-        clock = _PhaseClock(self.startup_phases)
+        clock = PhaseClock(self.startup_phases)
         import diffusers
         import transformers
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
@@ -134,7 +83,7 @@ class Engine:
         self.settings = settings if settings is not None else Settings()  # defaults: commands read the environment
         self.model_dir = Path(model_dir)
         self.manifest = verify(self.model_dir)  # raises ModelFolderError with the command to run
-        _require_family(self.manifest, self.model_dir, BASE_FAMILY, "MODEL_DIR")
+        require_family(self.manifest, self.model_dir, BASE_FAMILY, "MODEL_DIR")
         self.model_name = self.model_dir.name
         self.model_hash = manifest_hash(self.model_dir)
         self.is_dev_model = bool(self.manifest.get("dev_model"))
@@ -148,17 +97,30 @@ class Engine:
         clock.lap("load_s")
         self.refiner, self.refiner_info = None, None
         if refiner_dir is not None:
-            self.refiner, self.refiner_info = self._load_refiner(Path(refiner_dir), StableDiffusionXLImg2ImgPipeline)
+            self.refiner, self.refiner_info = load_refiner(
+                Path(refiner_dir), self.pipe, self.manifest, self.dtype, StableDiffusionXLImg2ImgPipeline
+            )
             clock.lap("load_refiner_s")
-        self.plan = self._place(offload or self.settings.offload, cuda)
+        self.placement = Placement(self.pipe, self.refiner, offload or self.settings.offload, cuda)
+        self.plan = self.placement.plan
         clock.lap("to_device_s")
         self.accelerator = accelerate(self.pipe, self.settings)  # COMPILE etc.: compiles now, never in a job
         clock.lap("compile_s")
+        self.facts = ServingFacts(
+            self.model_name,
+            self.model_hash,
+            self.is_dev_model,
+            self.plan.device,
+            self.plan.offload,
+            str(self.dtype),
+            self.accelerator.describe(),
+            self.refiner_info,
+            self.refiner is not None,
+        )
         # img2img on the base model: the same modules under the img2img pipeline's loop. Not from_pipe(): without a
         # dtype it casts every shared module to float32 (an fp32 UNet on the GPU ran 3.5x slower, H200 2026-11-30).
         self.img2img = StableDiffusionXLImg2ImgPipeline(**self.pipe.components)
         self.img2img.set_progress_bar_config(disable=True)
-        self._offload_owner: Any = self.pipe
         self.scheduler_config = dict(self.pipe.scheduler.config)
         self.prompt_encoder = self._prompt_encoder(self.pipe)
         self.refiner_prompt_encoder = self._refiner_prompt_encoder(StableDiffusionXLPipeline)
@@ -209,26 +171,6 @@ class Engine:
                 self.refiner_prompt_encoder.clear_cache()
         return time.perf_counter() - started
 
-    def _load_refiner(self, refiner_dir: Path, pipeline_class: Any) -> tuple[Any, dict[str, Any]]:
-        """The refiner pipeline, sharing the base's VAE and second text encoder when their files are identical."""
-        manifest = verify(refiner_dir)
-        _require_family(manifest, refiner_dir, REFINER_FAMILY, "REFINER_DIR")
-        shared: dict[str, Any] = {}
-        for component in ("vae", "text_encoder_2"):
-            weights = f"{component}/{'diffusion_pytorch_model' if component == 'vae' else 'model'}.safetensors"
-            if _file_hash(manifest, weights) and _file_hash(manifest, weights) == _file_hash(self.manifest, weights):
-                shared[component] = getattr(self.pipe, component)
-        refiner = pipeline_class.from_pretrained(
-            refiner_dir, dtype=self.dtype, local_files_only=True, use_safetensors=True, **shared
-        )
-        refiner.set_progress_bar_config(disable=True)
-        info = {
-            "name": refiner_dir.name,
-            "manifest_hash": manifest_hash(refiner_dir),
-            "shares_with_base": sorted(shared),
-        }
-        return refiner, info
-
     def _refiner_prompt_encoder(self, pipeline_class: Any) -> PromptEncoder | None:
         """An encoder for a refiner whose bigG text encoder differs from the base's (None when they are shared).
 
@@ -249,43 +191,6 @@ class Engine:
             cache_bytes=int(self.settings.prompt_cache_mb * 1024 * 1024),
             weighting=self.settings.prompt_weighting,
         )
-
-    def _component_bytes(self) -> dict[str, int]:
-        modules: dict[str, Any] = {name: getattr(self.pipe, name) for name in COMPONENTS}
-        if self.refiner is not None:
-            for name in REFINER_COMPONENTS:
-                module = getattr(self.refiner, name)
-                if all(module is not other for other in modules.values()):
-                    modules[f"refiner.{name}"] = module
-        return {
-            name: sum(p.numel() * p.element_size() for p in module.parameters()) for name, module in modules.items()
-        }
-
-    def _place(self, offload: str, cuda: bool) -> DevicePlan:
-        free = torch.cuda.mem_get_info()[0] if cuda else None
-        plan = plan_device(offload, cuda, free, self._component_bytes())
-        vae = self.pipe.vae
-        if self.dtype == torch.float16 and vae.config.get("force_upcast", False):
-            # The stock SDXL VAE overflows in fp16 (NaN/black images); keep it in fp32 for good
-            # instead of casting back and forth on every job as the stock pipeline does.
-            vae.to(torch.float32)
-        pipes = [self.pipe] + ([self.refiner] if self.refiner is not None else [])
-        if plan.offload == "none":
-            for pipe in pipes:
-                pipe.to(plan.device)
-        elif plan.offload == "model":
-            self.pipe.enable_model_cpu_offload()  # the other pipelines take the hooks when they run (_use)
-        else:
-            for pipe in pipes:
-                pipe.enable_sequential_cpu_offload()
-        return plan
-
-    def _use(self, pipe: Any) -> Any:
-        """Give ``pipe`` the model-offload hooks: they follow one pipeline's order, and shared modules move."""
-        if self.plan.offload == "model" and self._offload_owner is not pipe:
-            pipe.enable_model_cpu_offload()
-            self._offload_owner = pipe
-        return pipe
 
     def _lora_manager(self) -> Any:
         from worker.adapters.lora.manager import LoraManager
@@ -379,14 +284,14 @@ class Engine:
         seeds_per_request = [image_seeds(resolve_seed(r), r.num_images) for r in requests]
         all_seeds = [seed for seeds in seeds_per_request for seed in seeds]
         refine = self.uses_refiner(first)
-        embeds = _Embeddings(encoded, requests, cfg=first.guidance_scale > 1.0)
+        embeds = Embeddings(encoded, requests, cfg=first.guidance_scale > 1.0)
 
         started = self._clock()
         if first.is_img2img:
             latents, size, mode_info, stages = self._img2img(first, embeds, all_seeds, refine, progress)
             times["denoising_s"] = self._clock() - started
         else:
-            stages = [_Stage("base", first.num_inference_steps, first.scheduler, SAME_STEPS)]
+            stages = [Stage("base", first.num_inference_steps, first.scheduler, SAME_STEPS)]
             latents = self._text_to_latents(first, embeds, all_seeds, refine, progress, stages[0])
             size, mode_info = (first.width, first.height), {"mode": "txt2img"}
             times["denoising_s"] = self._clock() - started
@@ -403,22 +308,22 @@ class Engine:
         timings = Timings(**{key: value for key, value in times.items()})
         run_info = {
             **mode_info,
-            **self._refiner_metadata(first, refine, stages),
+            **refiner_metadata(first, refine, stages, self.facts),
             "stages": [s.describe() for s in stages],
         }
         results, offset = [], 0
         for request, enc, seeds in zip(requests, encoded, seeds_per_request, strict=True):
             own_images = images[offset : offset + len(seeds)]
             offset += len(seeds)
-            self._describe_schedule_calls(enc, stages)
-            metadata = self._metadata(request, enc, seeds, loras, timings, size, run_info)
+            describe_schedule_calls(enc, stages)
+            metadata = job_metadata(request, enc, seeds, loras, timings, size, run_info, self.facts)
             results.append(GenerationResult(request, own_images, seeds, metadata))
         return results
 
     # -- the pipeline calls ----------------------------------------------------------------------
 
     @staticmethod
-    def _callbacks(embeds: _Embeddings, progress_callback: Any, stage: _Stage) -> dict[str, Any]:
+    def _callbacks(embeds: Embeddings, progress_callback: Any, stage: Stage) -> dict[str, Any]:
         """A pipeline call's step callback: it counts the stage's model calls, reports progress and switches edited
         prompts' conditioning at the schedule steps the stage's calls map to."""
         images = [request.num_images for request in embeds.requests]
@@ -427,13 +332,13 @@ class Engine:
             embeds.encoded, images, embeds.cfg, stage.counter, stage.steps, embeds.first_feature
         )
 
-    def _refiner_embeddings(self, embeds: _Embeddings) -> _Embeddings:
+    def _refiner_embeddings(self, embeds: Embeddings) -> Embeddings:
         """The refiner's conditioning for the requests of ``embeds`` (the whole call), with their full schedules."""
         if self.refiner_prompt_encoder is None:
             encoded = embeds.encoded  # the refiner shares the base's bigG encoder: its part of the same embeddings
         else:
             encoded = [self.encode(request, self.refiner_prompt_encoder) for request in embeds.requests]
-        return _Embeddings(encoded, embeds.requests, embeds.cfg, self.pipe.text_encoder.config.hidden_size)
+        return Embeddings(encoded, embeds.requests, embeds.cfg, self.pipe.text_encoder.config.hidden_size)
 
     def _refiner_scheduler(self, request: GenerationRequest, seed: int) -> Any:
         """A fresh refiner scheduler from the refiner's own config as loaded (each job replaces the pipeline's, so
@@ -510,13 +415,13 @@ class Engine:
     def _text_to_latents(
         self,
         request: GenerationRequest,
-        embeds: _Embeddings,
+        embeds: Embeddings,
         seeds: list[int],
         refine: bool,
         progress: ProgressCallback | None,
-        stage: _Stage,
+        stage: Stage,
     ) -> torch.Tensor:
-        pipe = self._use(self.pipe)
+        pipe = self.placement.use(self.pipe)
         pipe.scheduler = self._scheduler(request, seeds)
         return pipe(
             **embeds.base(),
@@ -537,11 +442,11 @@ class Engine:
     def _refine(
         self,
         request: GenerationRequest,
-        embeds: _Embeddings,
+        embeds: Embeddings,
         latents: torch.Tensor,
         seeds: list[int],
         progress: ProgressCallback | None,
-    ) -> tuple[torch.Tensor, _Stage]:
+    ) -> tuple[torch.Tensor, Stage]:
         """The official worker's second stage: the refiner continues from the base's latents.
 
         With ``high_noise_frac`` the two models split one noise schedule (ensemble of experts: the base stops
@@ -549,14 +454,14 @@ class Engine:
         the finished base latents, exactly as the official worker does. Either way the refiner's calls continue
         the prompt-editing schedule where its own schedule stands (:mod:`worker.prompting.stepping`).
         """
-        refiner = self._use(self.refiner)
+        refiner = self.placement.use(self.refiner)
         refiner.scheduler = self._refiner_scheduler(request, seeds[0])
         steps = request.refiner_inference_steps
         _, skipped = self._img2img_calls(
             type(refiner), refiner.scheduler, steps, request.strength, request.high_noise_frac
         )
         mapping = StageSteps(skipped, self.prompt_schedule_steps(request), schedule_steps(request.scheduler, steps))
-        stage = _Stage("refiner", steps, request.scheduler, mapping)
+        stage = Stage("refiner", steps, request.scheduler, mapping)
         latents = refiner(
             **embeds.at(mapping.schedule_step(0)),
             image=latents,
@@ -582,22 +487,22 @@ class Engine:
     def _img2img(
         self,
         request: GenerationRequest,
-        embeds: _Embeddings,
+        embeds: Embeddings,
         seeds: list[int],
         refine: bool,
         progress: ProgressCallback | None,
-    ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any], list[_Stage]]:
+    ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any], list[Stage]]:
         source = load_input_image(request.image_url or "", self.settings)
         size = self._img2img_size(request, source.size)
         image = source if source.size == size else source.resize(size, Image.Resampling.LANCZOS)
         if refine:
             embeds = self._refiner_embeddings(embeds)  # the whole call's requests, as the base's embeddings hold
-        pipe = self._use(self.refiner if refine else self.img2img)
+        pipe = self.placement.use(self.refiner if refine else self.img2img)
         # A fresh scheduler from the model's own config (the pipeline's current one is the previous job's).
         pipe.scheduler = self._refiner_scheduler(request, seeds[0]) if refine else self._scheduler(request, seeds)
         steps = request.refiner_inference_steps if refine else request.num_inference_steps
         # A1111's img2img: the schedule spans the requested steps and its counter starts at the first call that runs.
-        stage = _Stage("refiner" if refine else "base", steps, request.scheduler, SAME_STEPS)
+        stage = Stage("refiner" if refine else "base", steps, request.scheduler, SAME_STEPS)
         latents = pipe(
             **embeds.at(0),
             image=[image] * len(seeds),
@@ -641,198 +546,10 @@ class Engine:
 
     def decode(self, latents: torch.Tensor, loras: Sequence[AppliedLora] = ()) -> list[Image.Image]:
         """Latents -> PIL images through the VAE, refusing NaN and all-black results."""
-        vae = self.pipe.vae
-        with torch.inference_mode():
-            latents = latents.to(device=self.execution_device if self.plan.offload == "none" else latents.device)
-            latents = latents.to(vae.dtype) / vae.config.scaling_factor
-            decoded = vae.decode(latents, return_dict=False)[0]
-        if torch.isnan(decoded).any():
-            if loras:
-                names = ", ".join(f"{lora.name} ({lora.scale:g})" for lora in loras)
-                raise ImageQualityFailed(
-                    f"the image came out as NaN with LoRAs {names} active; no image was returned. The likeliest "
-                    "cause is a LoRA scale too high or a broken LoRA: try a smaller scale or the job without it"
-                )
-            raise ImageQualityFailed(
-                "the VAE produced NaN values (fp16 overflow or broken weights); no image was returned. "
-                "Use a VAE that is safe in fp16 (--vae with the fp16-fix VAE) or convert with --dtype fp32"
-            )
-        black = [i for i in range(decoded.shape[0]) if bool((decoded[i] <= -1.0).all())]
-        if black:
-            raise ImageQualityFailed(f"image(s) {black} came out all black; no image was returned")
-        return self.pipe.image_processor.postprocess(decoded.float(), output_type="pil")
-
-    # -- metadata --------------------------------------------------------------------------------
-
-    def _refiner_metadata(self, request: GenerationRequest, refine: bool, stages: Sequence[_Stage]) -> dict[str, Any]:
-        """What the refiner did: how it was entered (and the setting that decided it), the steps it ran."""
-        if refine:
-            ran = stages[-1]
-            if request.is_img2img:
-                mode, frac, strength = "img2img", None, request.strength
-            elif request.high_noise_frac is not None:
-                mode, frac, strength = "ensemble", request.high_noise_frac, None
-            else:
-                mode, frac, strength = "refine", None, request.strength
-            info: dict[str, Any] = {
-                "used": True,
-                "model": self.refiner_info,
-                "mode": mode,  # ensemble of experts, refining the base's image at strength, or img2img
-                "refiner_inference_steps": request.refiner_inference_steps,
-                "high_noise_frac": frac,
-                "strength": strength,
-                "steps": ran.steps_run,
-                "model_calls": ran.counter.calls,
-            }
-            if request.is_img2img and request.high_noise_frac is not None:
-                info["ignored"] = {
-                    "high_noise_frac": request.high_noise_frac,
-                    "reason": "img2img through the refiner starts at strength, not at a fraction of a base run",
-                }
-            return {"refiner": info}
-        if request.refiner is False:
-            reason = "the request set refiner: false"
-        elif self.refiner is None:
-            reason = "no refiner is loaded on this worker (set REFINER_DIR or REFINER_NAME to use one)"
-        else:
-            reason = "img2img runs on the base model unless the request sets refiner: true"
-        return {"refiner": {"used": False, "reason": reason}}
-
-    @staticmethod
-    def _describe_schedule_calls(encoded: EncodedPrompts, stages: Sequence[_Stage]) -> None:
-        """Add to an edited prompt's metadata which text each stage's model calls read."""
-        schedule = encoded.info.get("schedule")
-        if schedule is None or not encoded.is_scheduled:
-            return
-        schedule["calls"] = [
-            {"model": stage.model, "runs": texts_per_call(encoded, stage.steps, stage.counter.calls)}
-            for stage in stages
-        ]
-
-    def _metadata(
-        self,
-        request: GenerationRequest,
-        encoded: EncodedPrompts,
-        seeds: list[int],
-        loras: Sequence[AppliedLora],
-        timings: Timings,
-        size: tuple[int, int],
-        extra: dict[str, Any],
-    ) -> GenerationMetadata:
-        prompt_info = dict(encoded.info)
-        cache_hit = prompt_info.pop("cache_hit", None)
-        lora_stable = [lora.stable() for lora in loras]
-        lora_volatile = [lora.volatile() for lora in loras]
-        stable: dict[str, Any] = {
-            "seeds": seeds,
-            "width": size[0],
-            "height": size[1],
-            "num_inference_steps": request.num_inference_steps,
-            "guidance_scale": request.guidance_scale,
-            "scheduler": request.scheduler,
-            "clip_skip": request.clip_skip,
-            "prompt": prompt_info,
-            "loras": lora_stable,
-            "model": {"name": self.model_name, "manifest_hash": self.model_hash},
-            "output_format": request.output_format,
-            **extra,
-        }
-        if self.is_dev_model:
-            stable["warning"] = DEV_MODEL_NOTICE
-        volatile: dict[str, Any] = {
-            "device": {
-                "device": self.plan.device,
-                "offload": self.plan.offload,
-                "dtype": str(self.dtype),
-                "speedups": self.accelerator.describe(),
-            },
-            "cache": {"prompt": cache_hit, "loras": lora_volatile},
-        }
-        return GenerationMetadata(stable=stable, timings=timings, volatile=volatile)
+        device = self.execution_device if self.plan.offload == "none" else None
+        return decode_latents(self.pipe, latents, device, loras)
 
     def _clock(self) -> float:
         if self.plan.device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter()
-
-
-class _PhaseClock:
-    """Seconds since the previous lap, recorded under each lap's name."""
-
-    def __init__(self, phases: dict[str, float]) -> None:
-        self.phases = phases
-        self.last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.phases[name] = round(now - self.last, 3)
-        self.last = now
-
-
-class _Embeddings:
-    """A group's prompt embeddings, each request's repeated for its images, as pipeline keyword arguments.
-
-    ``first_feature`` is 0 for the base; for the refiner it is the first encoder's width: the base concatenates
-    CLIP-L and OpenCLIP bigG features per token, the refiner reads bigG alone, so long prompts, weights and BREAK
-    reach it chunk for chunk as they reach the base.
-    """
-
-    def __init__(
-        self,
-        encoded: list[EncodedPrompts],
-        requests: Sequence[GenerationRequest],
-        cfg: bool,
-        first_feature: int = 0,
-        step: int = 0,
-    ) -> None:
-        self.encoded, self.requests, self.cfg = encoded, requests, cfg
-        self.first_feature, self.step = first_feature, step
-
-    def at(self, step: int) -> dict[str, torch.Tensor | None]:
-        """The pipeline's keyword arguments with each prompt's conditioning of schedule step ``step``."""
-        return _Embeddings(self.encoded, self.requests, self.cfg, self.first_feature, step).base()
-
-    def _repeat(self, name: str) -> torch.Tensor | None:
-        tensors = [getattr(e.at_step(self.step), name) for e in self.encoded]
-        if tensors[0] is None:
-            return None
-        return torch.cat(
-            [t.repeat(r.num_images, *([1] * (t.ndim - 1))) for t, r in zip(tensors, self.requests, strict=True)]
-        )
-
-    def base(self) -> dict[str, torch.Tensor | None]:
-        embeds = {
-            "prompt_embeds": self._repeat("prompt_embeds"),
-            "pooled_prompt_embeds": self._repeat("pooled_prompt_embeds"),
-            "negative_prompt_embeds": self._repeat("negative_prompt_embeds") if self.cfg else None,
-            "negative_pooled_prompt_embeds": self._repeat("negative_pooled_prompt_embeds") if self.cfg else None,
-        }
-        for key in ("prompt_embeds", "negative_prompt_embeds"):
-            if embeds[key] is not None and self.first_feature:
-                embeds[key] = embeds[key][..., self.first_feature :]
-        return embeds
-
-
-@dataclass
-class _Stage:
-    """One pipeline call of a job, for its metadata: the model, its schedule, how its model calls map onto the
-    prompt-editing schedule, and (counted as they run) its model calls."""
-
-    model: str  # "base" or "refiner"
-    num_inference_steps: int  # the steps its scheduler was set to
-    scheduler: str
-    steps: StageSteps
-    counter: CallCounter = field(default_factory=CallCounter)
-
-    @property
-    def steps_run(self) -> int:
-        """Denoising steps begun: model calls, or half of them rounded up for a two-call-per-step scheduler."""
-        return math.ceil(self.counter.calls / schedule_steps(self.scheduler, 1))
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "num_inference_steps": self.num_inference_steps,
-            "steps": self.steps_run,
-            "model_calls": self.counter.calls,
-        }

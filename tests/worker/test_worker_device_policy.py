@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from core.errors import ConfigurationError
-from worker.device_policy import ACTIVATION_HEADROOM, GIB, plan_device
+from worker.model.placement import ACTIVATION_HEADROOM, GIB, plan_device
 
 SDXL_FP16 = {
     "unet": int(4.8 * GIB),

@@ -227,7 +227,7 @@ def test_local_api_server_runsync(worker_api_server: str) -> None:
 
 
 def test_images_encoded_in_parallel_equal_each_image_encoded_alone(engine_loaded) -> None:
-    from worker.engine import image_seeds
+    from worker.generation.seeds import image_seeds
     from worker.images import a1111_parameters, encode_image
     from worker.schema import parse_request
 

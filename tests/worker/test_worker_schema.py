@@ -250,7 +250,7 @@ def test_group_key_changes_with_every_group_field_and_no_request_field() -> None
     """Each GROUP field, changed alone, splits two requests into different calls; each REQUEST field does not."""
     from types import SimpleNamespace
 
-    from worker.engine import group_key
+    from worker.generation.grouping import group_key
 
     encoded = SimpleNamespace(num_chunks=1)
     base = parse_request({"prompt": "x", "width": 512, "height": 512, "image_url": "aGk="})

@@ -9,6 +9,7 @@ The decision is a pure function of the figures, so it is tested with made-up fre
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from core.errors import ConfigurationError
 from core.settings import OFFLOAD_MODES
@@ -59,3 +60,52 @@ def plan_device(
         "sequential",
         f"{free_text} < largest component {largest / GIB:.1f} GiB + headroom: sequential CPU offload (slow)",
     )
+
+
+def component_bytes(pipe: Any, refiner: Any | None) -> dict[str, int]:
+    """Parameter bytes per component of the base and the refiner (a module they share counted once)."""
+    from model_build.architectures import COMPONENTS, REFINER_COMPONENTS
+
+    modules: dict[str, Any] = {name: getattr(pipe, name) for name in COMPONENTS}
+    if refiner is not None:
+        for name in REFINER_COMPONENTS:
+            module = getattr(refiner, name)
+            if all(module is not other for other in modules.values()):
+                modules[f"refiner.{name}"] = module
+    return {name: sum(p.numel() * p.element_size() for p in module.parameters()) for name, module in modules.items()}
+
+
+class Placement:
+    """Puts the pipelines where :func:`plan_device` says, and hands the model-offload hooks to the pipeline that runs.
+
+    With model offload, accelerate's hooks follow one pipeline's component order, and the base, its img2img twin and
+    the refiner share modules: :meth:`use` moves the hooks to a pipeline before it runs.
+    """
+
+    def __init__(self, pipe: Any, refiner: Any | None, offload: str, cuda: bool) -> None:
+        import torch
+
+        free = torch.cuda.mem_get_info()[0] if cuda else None
+        self.plan = plan_device(offload, cuda, free, component_bytes(pipe, refiner))
+        vae = pipe.vae
+        if pipe.unet.dtype == torch.float16 and vae.config.get("force_upcast", False):
+            # The stock SDXL VAE overflows in fp16 (NaN/black images); keep it in fp32 for good
+            # instead of casting back and forth on every job as the stock pipeline does.
+            vae.to(torch.float32)
+        pipes = [pipe] + ([refiner] if refiner is not None else [])
+        if self.plan.offload == "none":
+            for each in pipes:
+                each.to(self.plan.device)
+        elif self.plan.offload == "model":
+            pipe.enable_model_cpu_offload()  # the other pipelines take the hooks when they run (use)
+        else:
+            for each in pipes:
+                each.enable_sequential_cpu_offload()
+        self._owner: Any = pipe
+
+    def use(self, pipe: Any) -> Any:
+        """``pipe``, with the model-offload hooks moved to it when offloading by model."""
+        if self.plan.offload == "model" and self._owner is not pipe:
+            pipe.enable_model_cpu_offload()
+            self._owner = pipe
+        return pipe

@@ -1,0 +1,26 @@
+"""Which requests may share one pipeline call: the group key, built from the schema's field declarations."""
+
+from __future__ import annotations
+
+import hashlib
+
+from worker.prompting.encoding import EncodedPrompts
+from worker.schema import GROUP_FIELDS, GenerationRequest
+
+
+def group_key(request: GenerationRequest, encoded: EncodedPrompts) -> tuple:
+    """Requests with equal keys can share one pipeline call (same latent shape, schedule, weights and inputs).
+
+    Built from every field the schema declares ``Scope.GROUP`` (a call runs with its first request's values of
+    those), plus what follows from them: the prompt's chunk count (the embeddings' shape) and whether the size
+    was given (img2img follows the input image otherwise).
+    """
+    values = []
+    for name in GROUP_FIELDS:
+        value = getattr(request, name)
+        if name == "image_url" and value is not None:
+            value = hashlib.sha256(value.encode()).hexdigest()  # data URIs can be megabytes
+        elif isinstance(value, list):
+            value = tuple(tuple(item.model_dump().items()) for item in value)
+        values.append(value)
+    return (*values, encoded.num_chunks, request.size_given)

@@ -1,0 +1,63 @@
+"""Loading converted folders: each checked against its manifest and its family, the refiner sharing the base's
+VAE and second text encoder when their files are byte-identical."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from core.errors import ConfigurationError
+from model_build.architectures import family_of_manifest
+from model_build.layout import REFINER_FAMILY
+from model_build.manifest import manifest_hash, verify
+
+
+def require_family(manifest: dict[str, Any], folder: Path, family: str, setting: str) -> None:
+    """A folder converted from another family (a refiner as the base, a base as the refiner) is refused by name."""
+    try:
+        found = family_of_manifest(manifest).name
+    except ValueError as error:
+        raise ConfigurationError(f"{setting} {folder}: {error}") from None
+    if found != family:
+        raise ConfigurationError(
+            f"{setting} {folder} holds a converted {found} model, not {family}; point {setting} at a folder converted "
+            f"from an {family} checkpoint (python -m model_build convert CHECKPOINT.safetensors --output DIR)"
+        )
+
+
+def file_hash(manifest: dict[str, Any], relative: str) -> str | None:
+    entry = manifest.get("files", {}).get(relative)
+    return entry.get("sha256") if isinstance(entry, dict) else None
+
+
+def load_refiner(
+    refiner_dir: Path, base: Any, base_manifest: dict[str, Any], dtype: Any, pipeline_class: Any
+) -> tuple[Any, dict[str, Any]]:
+    """The refiner pipeline, sharing the base's VAE and second text encoder when their files are identical."""
+    manifest = verify(refiner_dir)
+    require_family(manifest, refiner_dir, REFINER_FAMILY, "REFINER_DIR")
+    shared: dict[str, Any] = {}
+    for component in ("vae", "text_encoder_2"):
+        weights = f"{component}/{'diffusion_pytorch_model' if component == 'vae' else 'model'}.safetensors"
+        if file_hash(manifest, weights) and file_hash(manifest, weights) == file_hash(base_manifest, weights):
+            shared[component] = getattr(base, component)
+    refiner = pipeline_class.from_pretrained(
+        refiner_dir, dtype=dtype, local_files_only=True, use_safetensors=True, **shared
+    )
+    refiner.set_progress_bar_config(disable=True)
+    info = {"name": refiner_dir.name, "manifest_hash": manifest_hash(refiner_dir), "shares_with_base": sorted(shared)}
+    return refiner, info
+
+
+class PhaseClock:
+    """Seconds since the previous lap, recorded under each lap's name."""
+
+    def __init__(self, phases: dict[str, float]) -> None:
+        self.phases = phases
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = round(now - self.last, 3)
+        self.last = now
