@@ -15,10 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -36,18 +35,16 @@ from worker.generation.conditioning import Embeddings, Stage
 from worker.generation.decode import decode_latents
 from worker.generation.grouping import group_key
 from worker.generation.metadata import ServingFacts, describe_schedule_calls, job_metadata, refiner_metadata
-from worker.generation.seeds import image_seeds, refiner_seed, resolve_seed
-from worker.input_images import load_input_image
+from worker.generation.seeds import image_seeds, resolve_seed
+from worker.generation.stages import ProgressCallback, StageRunner
 from worker.model.loading import PhaseClock, load_refiner, require_family
 from worker.model.placement import Placement
 from worker.prompting.encoding import EncodedPrompts, PromptEncoder
-from worker.prompting.stepping import SAME_STEPS, CallCounter, StageSteps, pipeline_callback_kwargs
-from worker.schedulers import build_scheduler, calls_per_step, schedule_steps
-from worker.schema import MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
+from worker.prompting.stepping import SAME_STEPS
+from worker.schedulers import schedule_steps
+from worker.schema import GenerationRequest
 
 log = logging.getLogger(__name__)
-
-ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 
 @dataclass
@@ -121,7 +118,8 @@ class Engine:
         # dtype it casts every shared module to float32 (an fp32 UNet on the GPU ran 3.5x slower, H200 2026-11-30).
         self.img2img = StableDiffusionXLImg2ImgPipeline(**self.pipe.components)
         self.img2img.set_progress_bar_config(disable=True)
-        self.scheduler_config = dict(self.pipe.scheduler.config)
+        self.stages = StageRunner(self.pipe, self.img2img, self.refiner, self.placement, self.settings)
+        self.scheduler_config = self.stages.scheduler_config
         self.prompt_encoder = self._prompt_encoder(self.pipe)
         self.refiner_prompt_encoder = self._refiner_prompt_encoder(StableDiffusionXLPipeline)
         self.loras = self._lora_manager()
@@ -232,7 +230,7 @@ class Engine:
                     f"(img2img runs int(steps x strength) steps); raise strength or {field}"
                 )
         elif refine and request.high_noise_frac is not None:
-            self._check_ensemble_split(request)
+            self.stages.check_ensemble_split(request)
 
     def activate_loras(self, request: GenerationRequest) -> list[AppliedLora]:
         return self.loras.activate(request.loras)
@@ -288,16 +286,19 @@ class Engine:
 
         started = self._clock()
         if first.is_img2img:
-            latents, size, mode_info, stages = self._img2img(first, embeds, all_seeds, refine, progress)
+            own = self._refiner_embeddings(embeds) if refine else embeds  # the whole call's requests
+            latents, size, mode_info, stages = self.stages.img2img(first, own, all_seeds, refine, progress)
             times["denoising_s"] = self._clock() - started
         else:
             stages = [Stage("base", first.num_inference_steps, first.scheduler, SAME_STEPS)]
-            latents = self._text_to_latents(first, embeds, all_seeds, refine, progress, stages[0])
+            latents = self.stages.text_to_latents(first, embeds, all_seeds, refine, progress, stages[0])
             size, mode_info = (first.width, first.height), {"mode": "txt2img"}
             times["denoising_s"] = self._clock() - started
             if refine:
                 started = self._clock()
-                latents, refined = self._refine(first, self._refiner_embeddings(embeds), latents, all_seeds, progress)
+                schedule = self.prompt_schedule_steps(first)
+                refiner_embeds = self._refiner_embeddings(embeds)
+                latents, refined = self.stages.refine(first, refiner_embeds, latents, all_seeds, progress, schedule)
                 stages.append(refined)
                 times["refiner_s"] = self._clock() - started
 
@@ -322,16 +323,6 @@ class Engine:
 
     # -- the pipeline calls ----------------------------------------------------------------------
 
-    @staticmethod
-    def _callbacks(embeds: Embeddings, progress_callback: Any, stage: Stage) -> dict[str, Any]:
-        """A pipeline call's step callback: it counts the stage's model calls, reports progress and switches edited
-        prompts' conditioning at the schedule steps the stage's calls map to."""
-        images = [request.num_images for request in embeds.requests]
-        stage.counter = CallCounter(progress_callback)
-        return pipeline_callback_kwargs(
-            embeds.encoded, images, embeds.cfg, stage.counter, stage.steps, embeds.first_feature
-        )
-
     def _refiner_embeddings(self, embeds: Embeddings) -> Embeddings:
         """The refiner's conditioning for the requests of ``embeds`` (the whole call), with their full schedules."""
         if self.refiner_prompt_encoder is None:
@@ -339,210 +330,6 @@ class Engine:
         else:
             encoded = [self.encode(request, self.refiner_prompt_encoder) for request in embeds.requests]
         return Embeddings(encoded, embeds.requests, embeds.cfg, self.pipe.text_encoder.config.hidden_size)
-
-    def _refiner_scheduler(self, request: GenerationRequest, seed: int) -> Any:
-        """A fresh refiner scheduler from the refiner's own config as loaded (each job replaces the pipeline's, so
-        reading it back from the pipeline would carry one job's overrides, such as Karras sigmas, into the next)."""
-        if not hasattr(self, "_refiner_scheduler_config"):
-            self._refiner_scheduler_config = dict(self.refiner.scheduler.config)
-        return build_scheduler(request.scheduler, self._refiner_scheduler_config, noise_seed=seed)
-
-    @staticmethod
-    def _img2img_calls(
-        pipeline_class: Any, scheduler: Any, steps: int, strength: float, denoising_start: float | None
-    ) -> tuple[int, int]:
-        """(model calls of the full ``steps``-step schedule, calls an img2img-pipeline call leaves out before its
-        first one for ``strength`` or ``denoising_start``), by diffusers' own ``get_timesteps`` on a copy of
-        ``scheduler``: known before the call, so the refiner's first call gets its conditioning as an argument."""
-        probe = type(scheduler).from_config(scheduler.config)
-        probe.set_timesteps(steps, device="cpu")
-        holder = SimpleNamespace(scheduler=probe)
-        timesteps, _ = pipeline_class.get_timesteps(holder, steps, strength, "cpu", denoising_start=denoising_start)
-        return len(probe.timesteps), len(probe.timesteps) - len(timesteps)
-
-    def _check_ensemble_split(self, request: GenerationRequest) -> None:
-        """Refuse a ``high_noise_frac`` that leaves the base or the refiner no model call (issue 24: 0.999999 ran no
-        refiner step and reported it used)."""
-        frac = request.high_noise_frac
-        base = build_scheduler(request.scheduler, self.scheduler_config)
-        base.set_timesteps(request.num_inference_steps, device="cpu")
-        # diffusers' StableDiffusionXLPipeline (8.1, denoising_end): the base runs the timesteps at or above this.
-        train = base.config.num_train_timesteps
-        base_calls = int((base.timesteps >= round(train - frac * train)).sum())
-        steps = request.refiner_inference_steps
-        scheduler = self._refiner_scheduler(request, 0)
-        total, skipped = self._img2img_calls(type(self.refiner), scheduler, steps, request.strength, frac)
-        refiner_calls = total - skipped
-        if base_calls < 1:
-            raise InvalidRequest(
-                f"high_noise_frac: {frac:g} with num_inference_steps {request.num_inference_steps} leaves the base "
-                "model no denoising step (it would hand pure noise to the refiner); raise high_noise_frac or "
-                "num_inference_steps"
-            )
-        if refiner_calls < 1:
-            raise InvalidRequest(
-                f"high_noise_frac: {frac:g} with refiner_inference_steps {steps} leaves the refiner no denoising "
-                "step; lower high_noise_frac, raise refiner_inference_steps, or leave high_noise_frac out to "
-                "refine the finished image at strength"
-            )
-
-    def _scheduler(self, request: GenerationRequest, seeds: list[int]) -> Any:
-        return build_scheduler(request.scheduler, self.scheduler_config, noise_seed=seeds[0])
-
-    @staticmethod
-    def _generators(seeds: list[int]) -> list[torch.Generator]:
-        return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-
-    @staticmethod
-    def _step_callback(progress: ProgressCallback | None, done_before: int, total: int, per_step: int = 1) -> Any:
-        """Reports steps, not model calls: diffusers calls back after every model call, and the second-order
-        schedulers make two per step (Heun's 4 steps are 7 calls)."""
-        if progress is None:
-            return None
-
-        def callback(pipe: Any, call: int, timestep: Any, tensors: dict) -> dict:
-            progress(min(total, done_before + call // per_step + 1), total)
-            return tensors
-
-        return callback
-
-    def _total_steps(self, request: GenerationRequest, refine: bool) -> int:
-        base = request.num_inference_steps
-        if not refine or request.is_img2img:
-            return base
-        return base + request.refiner_inference_steps
-
-    def _text_to_latents(
-        self,
-        request: GenerationRequest,
-        embeds: Embeddings,
-        seeds: list[int],
-        refine: bool,
-        progress: ProgressCallback | None,
-        stage: Stage,
-    ) -> torch.Tensor:
-        pipe = self.placement.use(self.pipe)
-        pipe.scheduler = self._scheduler(request, seeds)
-        return pipe(
-            **embeds.base(),
-            height=request.height,
-            width=request.width,
-            num_inference_steps=request.num_inference_steps,
-            denoising_end=request.high_noise_frac if refine else None,
-            guidance_scale=request.guidance_scale,
-            generator=self._generators(seeds),
-            output_type="latent",
-            **self._callbacks(
-                embeds,
-                self._step_callback(progress, 0, self._total_steps(request, refine), calls_per_step(request.scheduler)),
-                stage,
-            ),
-        ).images
-
-    def _refine(
-        self,
-        request: GenerationRequest,
-        embeds: Embeddings,
-        latents: torch.Tensor,
-        seeds: list[int],
-        progress: ProgressCallback | None,
-    ) -> tuple[torch.Tensor, Stage]:
-        """The official worker's second stage: the refiner continues from the base's latents.
-
-        With ``high_noise_frac`` the two models split one noise schedule (ensemble of experts: the base stops
-        at that fraction, the refiner starts there); without it the refiner runs img2img at ``strength`` over
-        the finished base latents, exactly as the official worker does. Either way the refiner's calls continue
-        the prompt-editing schedule where its own schedule stands (:mod:`worker.prompting.stepping`).
-        """
-        refiner = self.placement.use(self.refiner)
-        refiner.scheduler = self._refiner_scheduler(request, seeds[0])
-        steps = request.refiner_inference_steps
-        _, skipped = self._img2img_calls(
-            type(refiner), refiner.scheduler, steps, request.strength, request.high_noise_frac
-        )
-        mapping = StageSteps(skipped, self.prompt_schedule_steps(request), schedule_steps(request.scheduler, steps))
-        stage = Stage("refiner", steps, request.scheduler, mapping)
-        latents = refiner(
-            **embeds.at(mapping.schedule_step(0)),
-            image=latents,
-            num_inference_steps=steps,
-            denoising_start=request.high_noise_frac,
-            strength=request.strength,
-            guidance_scale=request.guidance_scale,
-            generator=self._generators([refiner_seed(seed) for seed in seeds]),
-            output_type="latent",
-            **self._callbacks(
-                embeds,
-                self._step_callback(
-                    progress,
-                    request.num_inference_steps,
-                    self._total_steps(request, True),
-                    calls_per_step(request.scheduler),
-                ),
-                stage,
-            ),
-        ).images
-        return latents, stage
-
-    def _img2img(
-        self,
-        request: GenerationRequest,
-        embeds: Embeddings,
-        seeds: list[int],
-        refine: bool,
-        progress: ProgressCallback | None,
-    ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any], list[Stage]]:
-        source = load_input_image(request.image_url or "", self.settings)
-        size = self._img2img_size(request, source.size)
-        image = source if source.size == size else source.resize(size, Image.Resampling.LANCZOS)
-        if refine:
-            embeds = self._refiner_embeddings(embeds)  # the whole call's requests, as the base's embeddings hold
-        pipe = self.placement.use(self.refiner if refine else self.img2img)
-        # A fresh scheduler from the model's own config (the pipeline's current one is the previous job's).
-        pipe.scheduler = self._refiner_scheduler(request, seeds[0]) if refine else self._scheduler(request, seeds)
-        steps = request.refiner_inference_steps if refine else request.num_inference_steps
-        # A1111's img2img: the schedule spans the requested steps and its counter starts at the first call that runs.
-        stage = Stage("refiner" if refine else "base", steps, request.scheduler, SAME_STEPS)
-        latents = pipe(
-            **embeds.at(0),
-            image=[image] * len(seeds),
-            strength=request.strength,
-            num_inference_steps=steps,
-            guidance_scale=request.guidance_scale,
-            generator=self._generators(seeds),
-            output_type="latent",
-            **self._callbacks(
-                embeds,
-                self._step_callback(
-                    progress, 0, max(1, int(steps * request.strength)), calls_per_step(request.scheduler)
-                ),
-                stage,
-            ),
-        ).images
-        info = {
-            "mode": "img2img",
-            "img2img": {
-                "strength": request.strength,
-                "input_size": list(source.size),
-                "model": stage.model,
-                "num_inference_steps": steps,  # the schedule strength cuts: int(steps x strength) of it ran
-                "steps": stage.steps_run,
-            },
-        }
-        return latents, size, info, [stage]
-
-    @staticmethod
-    def _img2img_size(request: GenerationRequest, source_size: tuple[int, int]) -> tuple[int, int]:
-        """The output size: the request's, or the input image's rounded down to a multiple of 8."""
-        if request.size_given:
-            return request.width, request.height
-        width, height = (side - side % SIDE_MULTIPLE for side in source_size)
-        if min(width, height) < MIN_SIDE or max(width, height) > 2048:
-            raise InvalidRequest(
-                f"image_url: the image is {source_size[0]}x{source_size[1]}; without width/height the output "
-                f"follows it, which must be {MIN_SIDE}..2048 a side: give width and height to resize it"
-            )
-        return width, height
 
     def decode(self, latents: torch.Tensor, loras: Sequence[AppliedLora] = ()) -> list[Image.Image]:
         """Latents -> PIL images through the VAE, refusing NaN and all-black results."""

@@ -1,0 +1,252 @@
+"""The pipeline calls of a job: text to latents on the base, the refiner after it, img2img on either.
+
+Each takes the request, the group's conditioning (:class:`.conditioning.Embeddings`), the images' seeds and a
+progress callback, runs one diffusers pipeline call with a fresh scheduler built from the model's own config
+(a pipeline's current scheduler is the previous job's), and returns the latents with the stage's record.
+:class:`StageRunner` holds only what every call needs: the pipelines, where they run, the schedulers' configs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from PIL import Image
+
+from core.errors import InvalidRequest
+from core.settings import Settings
+from worker.generation.conditioning import Embeddings, Stage
+from worker.generation.seeds import refiner_seed
+from worker.input_images import load_input_image
+from worker.model.placement import Placement
+from worker.prompting.stepping import SAME_STEPS, CallCounter, StageSteps, pipeline_callback_kwargs
+from worker.schedulers import build_scheduler, calls_per_step, schedule_steps
+from worker.schema import MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
+
+ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
+
+
+class StageRunner:
+    """Runs the stages of a job on loaded pipelines: the base, its img2img twin on the same modules, the refiner."""
+
+    def __init__(self, pipe: Any, img2img: Any, refiner: Any | None, placement: Placement, settings: Settings) -> None:
+        self.pipe, self.img2img_pipe, self.refiner = pipe, img2img, refiner
+        self.placement, self.settings = placement, settings
+        self.scheduler_config = dict(pipe.scheduler.config)
+        # The refiner's own config as loaded (each job replaces the pipeline's scheduler, so reading it back from
+        # the pipeline would carry one job's overrides, such as Karras sigmas, into the next).
+        self.refiner_scheduler_config = dict(refiner.scheduler.config) if refiner is not None else None
+
+    @staticmethod
+    def _callbacks(embeds: Embeddings, progress_callback: Any, stage: Stage) -> dict[str, Any]:
+        """A pipeline call's step callback: it counts the stage's model calls, reports progress and switches edited
+        prompts' conditioning at the schedule steps the stage's calls map to."""
+        images = [request.num_images for request in embeds.requests]
+        stage.counter = CallCounter(progress_callback)
+        return pipeline_callback_kwargs(
+            embeds.encoded, images, embeds.cfg, stage.counter, stage.steps, embeds.first_feature
+        )
+
+    def _refiner_scheduler(self, request: GenerationRequest, seed: int) -> Any:
+        """A fresh refiner scheduler from the refiner's own config as loaded (each job replaces the pipeline's, so
+        reading it back from the pipeline would carry one job's overrides, such as Karras sigmas, into the next)."""
+        return build_scheduler(request.scheduler, self.refiner_scheduler_config, noise_seed=seed)
+
+    @staticmethod
+    def _img2img_calls(
+        pipeline_class: Any, scheduler: Any, steps: int, strength: float, denoising_start: float | None
+    ) -> tuple[int, int]:
+        """(model calls of the full ``steps``-step schedule, calls an img2img-pipeline call leaves out before its
+        first one for ``strength`` or ``denoising_start``), by diffusers' own ``get_timesteps`` on a copy of
+        ``scheduler``: known before the call, so the refiner's first call gets its conditioning as an argument."""
+        probe = type(scheduler).from_config(scheduler.config)
+        probe.set_timesteps(steps, device="cpu")
+        holder = SimpleNamespace(scheduler=probe)
+        timesteps, _ = pipeline_class.get_timesteps(holder, steps, strength, "cpu", denoising_start=denoising_start)
+        return len(probe.timesteps), len(probe.timesteps) - len(timesteps)
+
+    def check_ensemble_split(self, request: GenerationRequest) -> None:
+        """Refuse a ``high_noise_frac`` that leaves the base or the refiner no model call (issue 24: 0.999999 ran no
+        refiner step and reported it used)."""
+        frac = request.high_noise_frac
+        base = build_scheduler(request.scheduler, self.scheduler_config)
+        base.set_timesteps(request.num_inference_steps, device="cpu")
+        # diffusers' StableDiffusionXLPipeline (8.1, denoising_end): the base runs the timesteps at or above this.
+        train = base.config.num_train_timesteps
+        base_calls = int((base.timesteps >= round(train - frac * train)).sum())
+        steps = request.refiner_inference_steps
+        scheduler = self._refiner_scheduler(request, 0)
+        total, skipped = self._img2img_calls(type(self.refiner), scheduler, steps, request.strength, frac)
+        refiner_calls = total - skipped
+        if base_calls < 1:
+            raise InvalidRequest(
+                f"high_noise_frac: {frac:g} with num_inference_steps {request.num_inference_steps} leaves the base "
+                "model no denoising step (it would hand pure noise to the refiner); raise high_noise_frac or "
+                "num_inference_steps"
+            )
+        if refiner_calls < 1:
+            raise InvalidRequest(
+                f"high_noise_frac: {frac:g} with refiner_inference_steps {steps} leaves the refiner no denoising "
+                "step; lower high_noise_frac, raise refiner_inference_steps, or leave high_noise_frac out to "
+                "refine the finished image at strength"
+            )
+
+    def _scheduler(self, request: GenerationRequest, seeds: list[int]) -> Any:
+        return build_scheduler(request.scheduler, self.scheduler_config, noise_seed=seeds[0])
+
+    @staticmethod
+    def _generators(seeds: list[int]) -> list[torch.Generator]:
+        return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+    @staticmethod
+    def _step_callback(progress: ProgressCallback | None, done_before: int, total: int, per_step: int = 1) -> Any:
+        """Reports steps, not model calls: diffusers calls back after every model call, and the second-order
+        schedulers make two per step (Heun's 4 steps are 7 calls)."""
+        if progress is None:
+            return None
+
+        def callback(pipe: Any, call: int, timestep: Any, tensors: dict) -> dict:
+            progress(min(total, done_before + call // per_step + 1), total)
+            return tensors
+
+        return callback
+
+    def _total_steps(self, request: GenerationRequest, refine: bool) -> int:
+        base = request.num_inference_steps
+        if not refine or request.is_img2img:
+            return base
+        return base + request.refiner_inference_steps
+
+    def text_to_latents(
+        self,
+        request: GenerationRequest,
+        embeds: Embeddings,
+        seeds: list[int],
+        refine: bool,
+        progress: ProgressCallback | None,
+        stage: Stage,
+    ) -> torch.Tensor:
+        pipe = self.placement.use(self.pipe)
+        pipe.scheduler = self._scheduler(request, seeds)
+        return pipe(
+            **embeds.base(),
+            height=request.height,
+            width=request.width,
+            num_inference_steps=request.num_inference_steps,
+            denoising_end=request.high_noise_frac if refine else None,
+            guidance_scale=request.guidance_scale,
+            generator=self._generators(seeds),
+            output_type="latent",
+            **self._callbacks(
+                embeds,
+                self._step_callback(progress, 0, self._total_steps(request, refine), calls_per_step(request.scheduler)),
+                stage,
+            ),
+        ).images
+
+    def refine(
+        self,
+        request: GenerationRequest,
+        embeds: Embeddings,
+        latents: torch.Tensor,
+        seeds: list[int],
+        progress: ProgressCallback | None,
+        prompt_schedule_steps: int,
+    ) -> tuple[torch.Tensor, Stage]:
+        """The official worker's second stage: the refiner continues from the base's latents.
+
+        With ``high_noise_frac`` the two models split one noise schedule (ensemble of experts: the base stops
+        at that fraction, the refiner starts there); without it the refiner runs img2img at ``strength`` over
+        the finished base latents, exactly as the official worker does. Either way the refiner's calls continue
+        the prompt-editing schedule where its own schedule stands (:mod:`worker.prompting.stepping`).
+        """
+        refiner = self.placement.use(self.refiner)
+        refiner.scheduler = self._refiner_scheduler(request, seeds[0])
+        steps = request.refiner_inference_steps
+        _, skipped = self._img2img_calls(
+            type(refiner), refiner.scheduler, steps, request.strength, request.high_noise_frac
+        )
+        mapping = StageSteps(skipped, prompt_schedule_steps, schedule_steps(request.scheduler, steps))
+        stage = Stage("refiner", steps, request.scheduler, mapping)
+        latents = refiner(
+            **embeds.at(mapping.schedule_step(0)),
+            image=latents,
+            num_inference_steps=steps,
+            denoising_start=request.high_noise_frac,
+            strength=request.strength,
+            guidance_scale=request.guidance_scale,
+            generator=self._generators([refiner_seed(seed) for seed in seeds]),
+            output_type="latent",
+            **self._callbacks(
+                embeds,
+                self._step_callback(
+                    progress,
+                    request.num_inference_steps,
+                    self._total_steps(request, True),
+                    calls_per_step(request.scheduler),
+                ),
+                stage,
+            ),
+        ).images
+        return latents, stage
+
+    def img2img(
+        self,
+        request: GenerationRequest,
+        embeds: Embeddings,
+        seeds: list[int],
+        refine: bool,
+        progress: ProgressCallback | None,
+    ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any], list[Stage]]:
+        """img2img on the base's own modules, or through the refiner (``embeds`` are then the refiner's)."""
+        source = load_input_image(request.image_url or "", self.settings)
+        size = self._img2img_size(request, source.size)
+        image = source if source.size == size else source.resize(size, Image.Resampling.LANCZOS)
+        pipe = self.placement.use(self.refiner if refine else self.img2img_pipe)
+        # A fresh scheduler from the model's own config (the pipeline's current one is the previous job's).
+        pipe.scheduler = self._refiner_scheduler(request, seeds[0]) if refine else self._scheduler(request, seeds)
+        steps = request.refiner_inference_steps if refine else request.num_inference_steps
+        # A1111's img2img: the schedule spans the requested steps and its counter starts at the first call that runs.
+        stage = Stage("refiner" if refine else "base", steps, request.scheduler, SAME_STEPS)
+        latents = pipe(
+            **embeds.at(0),
+            image=[image] * len(seeds),
+            strength=request.strength,
+            num_inference_steps=steps,
+            guidance_scale=request.guidance_scale,
+            generator=self._generators(seeds),
+            output_type="latent",
+            **self._callbacks(
+                embeds,
+                self._step_callback(
+                    progress, 0, max(1, int(steps * request.strength)), calls_per_step(request.scheduler)
+                ),
+                stage,
+            ),
+        ).images
+        info = {
+            "mode": "img2img",
+            "img2img": {
+                "strength": request.strength,
+                "input_size": list(source.size),
+                "model": stage.model,
+                "num_inference_steps": steps,  # the schedule strength cuts: int(steps x strength) of it ran
+                "steps": stage.steps_run,
+            },
+        }
+        return latents, size, info, [stage]
+
+    @staticmethod
+    def _img2img_size(request: GenerationRequest, source_size: tuple[int, int]) -> tuple[int, int]:
+        """The output size: the request's, or the input image's rounded down to a multiple of 8."""
+        if request.size_given:
+            return request.width, request.height
+        width, height = (side - side % SIDE_MULTIPLE for side in source_size)
+        if min(width, height) < MIN_SIDE or max(width, height) > 2048:
+            raise InvalidRequest(
+                f"image_url: the image is {source_size[0]}x{source_size[1]}; without width/height the output "
+                f"follows it, which must be {MIN_SIDE}..2048 a side: give width and height to resize it"
+            )
+        return width, height
