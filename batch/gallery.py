@@ -65,9 +65,12 @@ def make_thumbnail(source: Path, side: int = THUMB_SIDE, quality: int = THUMB_QU
     return buffer.getvalue()
 
 
-def _seconds(sidecar: dict[str, Any]) -> float | None:
-    """The item's pipeline-call time: the sum of the timings the sidecar recorded (none from an endpoint)."""
+def item_seconds(sidecar: dict[str, Any]) -> float | None:
+    """The item's pipeline-call time: the recorded total when there is one (an endpoint's worker reports it), else
+    the sum of the stages' timings (the local engine's); None when nothing was recorded."""
     timings = sidecar.get("generation", {}).get("timings") or {}
+    if isinstance(timings.get("total_s"), int | float):
+        return round(timings["total_s"], 3)
     values = [value for value in timings.values() if isinstance(value, int | float)]
     return round(sum(values), 3) if values else None
 
@@ -96,7 +99,7 @@ def _done_entry(job: Job, sidecar: dict[str, Any], thumbs: dict[str, Path]) -> d
     entry["width"] = metadata.get("width", entry["width"])
     entry["height"] = metadata.get("height", entry["height"])
     entry["seed"] = sidecar.get("seed")
-    entry["seconds"] = _seconds(sidecar)
+    entry["seconds"] = item_seconds(sidecar)
     entry["call_images"] = (sidecar.get("generation", {}).get("batch") or {}).get("images_in_call")
     entry["images"] = []
     for image in sidecar["images"]:

@@ -21,8 +21,8 @@ import pytest
 from batch_testing import read_json, write_jsonl
 
 from batch.cli import main
-from batch.exit_codes import EXIT_INVALID_LINES, EXIT_OK
-from batch.gallery import embed_json
+from batch.exit_codes import EXIT_INVALID_LINES, EXIT_OK, EXIT_USAGE
+from batch.gallery import embed_json, item_seconds
 
 PIXELS = {"width": 64, "height": 64, "num_inference_steps": 1, "guidance_scale": 1.0}
 # Markup in a prompt: were it parsed as HTML it would end the data block, add an element and run its handler.
@@ -117,15 +117,33 @@ def test_the_gallery_describes_the_current_input_and_reuses_its_thumbnails(
     assert len(list((out / "_gallery" / "thumbs").iterdir())) == 3
 
 
+def test_bad_gallery_arguments_exit_2_with_a_message(
+    gallery_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["gallery", str(gallery_run["out"]), "--page-size", "0"]) == EXIT_USAGE
+    assert "--page-size 0" in capsys.readouterr().err
+    assert main(["gallery", str(tmp_path)]) == EXIT_USAGE  # no run wrote there
+    assert "run.json is missing" in capsys.readouterr().err
+    assert main(["gallery", str(tmp_path / "nowhere")]) == EXIT_USAGE
+    assert "not a batch output folder" in capsys.readouterr().err
+
+
+def test_an_items_time_is_its_total_when_recorded_else_the_sum_of_its_stages() -> None:
+    assert item_seconds({"generation": {"timings": {"denoising_s": 1.25, "vae_decode_s": 0.5}}}) == 1.75
+    assert item_seconds({"generation": {"timings": {"denoising_s": 1.25, "total_s": 2.0}}}) == 2.0
+    assert item_seconds({"generation": {}}) is None
+
+
 # -- in the browser --------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def browser():
     executable = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if executable is None:
+    if executable is None or not os.access(executable, os.X_OK):
         pytest.skip(
-            "no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it): browser tests skipped"
+            f"no chromium ({executable or 'none on PATH'}; Debian: apt-get install chromium, which .ci/run does; "
+            "or set CHROMIUM): browser tests skipped"
         )
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (requirements-dev.txt) is not installed")
     with sync_api.sync_playwright() as playwright:
