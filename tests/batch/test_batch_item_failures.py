@@ -24,6 +24,20 @@ def engine(dev_model_dir: Path):
     return Engine(dev_model_dir)
 
 
+def fail_encoding(monkeypatch: pytest.MonkeyPatch, marker: str, error: Exception):
+    """Encoding raises ``error`` for the images whose embedded parameters contain ``marker``; returns the real
+    encoder. Needs encode_workers=0: the fault lives in this process."""
+    real_encode = batch.encoding.encode_image
+
+    def encode_image(image, output_format, quality, seed, parameters=None):
+        if parameters and marker in parameters:
+            raise error
+        return real_encode(image, output_format, quality, seed, parameters)
+
+    monkeypatch.setattr(batch.encoding, "encode_image", encode_image)
+    return real_encode
+
+
 def test_an_image_that_cannot_be_encoded_fails_its_line_not_the_shard(
     engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -35,14 +49,7 @@ def test_an_image_that_cannot_be_encoded_fails_its_line_not_the_shard(
     # encode_workers=0 encodes in this process, where the fault is injected: Pillow's own error for EXIF over
     # 64 KiB, raised for the one image whose embedded parameters name that line (issue 13: it stopped the shard).
     local = LocalEngineOptions(batch_size=2, encode_workers=0, engine=engine)
-    real_encode = batch.encoding.encode_image
-
-    def encode_image(image, output_format, quality, seed, parameters=None):
-        if parameters and "cannot be encoded" in parameters:
-            raise ValueError("EXIF data is too long")
-        return real_encode(image, output_format, quality, seed, parameters)
-
-    monkeypatch.setattr(batch.encoding, "encode_image", encode_image)
+    real_encode = fail_encoding(monkeypatch, "cannot be encoded", ValueError("EXIF data is too long"))
     with one_torch_thread():
         summary = run_shard(options, local)
     # Every other line was made, after the failing one too; the failure is retriable (exit 1: a retry makes only it).
@@ -69,14 +76,7 @@ def test_a_line_that_fails_every_run_is_given_up_after_three_attempts_not_retrie
     source = write_jsonl(tmp_path / "jobs.jsonl", lines)
     options = RunOptions(source, tmp_path / "out", progress=False)
     local = LocalEngineOptions(batch_size=1, encode_workers=0, engine=engine)
-    real_encode = batch.encoding.encode_image
-
-    def encode_image(image, output_format, quality, seed, parameters=None):
-        if parameters and "always breaks" in parameters:
-            raise RuntimeError("a bug this line hits every time")
-        return real_encode(image, output_format, quality, seed, parameters)
-
-    monkeypatch.setattr(batch.encoding, "encode_image", encode_image)
+    real_encode = fail_encoding(monkeypatch, "always breaks", RuntimeError("a bug this line hits every time"))
     error_file = tmp_path / "out" / "errors" / "line-00000002.json"
     codes, attempts = [], []
     for _ in range(3):
