@@ -80,13 +80,13 @@ def _put(client: Any, bucket: str, key: str, image: EncodedImage) -> str:
 def upload(job_id: str, images: Sequence[EncodedImage], settings: Settings) -> list[str]:
     """Upload every image with its content type; any failure or a missed deadline is an :class:`UploadFailed`."""
     check_bucket(settings)
+    deadline = time.monotonic() + settings.upload_timeout_s  # client set-up included: the whole upload is bounded
     endpoint = str(settings.bucket_endpoint_url)
     client = _s3_client(
         endpoint, str(settings.bucket_access_key_id), str(settings.bucket_secret_access_key), settings.upload_timeout_s
     )
     bucket = time.strftime("%m-%y")  # rp_upload's bucket, so existing clients find images where they did
     keys = [f"{job_id}/{job_id}-{k}-{uuid.uuid4().hex[:8]}.{image.extension}" for k, image in enumerate(images)]
-    deadline = time.monotonic() + settings.upload_timeout_s
     # Not a `with` block: leaving it waits for every upload, and a hung one must not hold the job past its deadline.
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(images)), thread_name_prefix="upload")
     try:

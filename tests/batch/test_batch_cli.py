@@ -52,7 +52,7 @@ def test_usage_errors_exit_2(
 
 def test_nothing_to_do_loads_no_model(jobs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every line invalid: the run finishes without looking for a model at all.
-    jobs.write_text('{"prompt": ""}\n')
+    jobs.write_text('{"prompt": "x", "height": 100}\n')  # 100 is no multiple of 8
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "no-model"))
     assert main(["run", str(jobs), "--out", str(tmp_path / "out"), "--no-progress"]) == 3
     empty = tmp_path / "empty.jsonl"
@@ -113,7 +113,7 @@ def test_output_folder_problems_are_configuration_errors(
 def test_merge_and_status_on_a_read_only_folder(
     jobs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    jobs.write_text('{"prompt": ""}\n')  # invalid: the run records it without loading a model
+    jobs.write_text('{"prompt": "x", "height": 100}\n')  # invalid (100 is no multiple of 8): no model is loaded
     out = tmp_path / "out"
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "no-model"))
     assert main(["run", str(jobs), "--out", str(out), "--no-progress"]) == EXIT_INVALID_LINES

@@ -108,6 +108,8 @@ def silent_endpoint() -> Iterator[str]:
 
 def test_a_bucket_that_never_answers_costs_at_most_the_deadline(silent_endpoint: str) -> None:
     settings = load_settings({"BUCKET_ENDPOINT_URL": silent_endpoint, **KEYS, "UPLOAD_TIMEOUT_S": "2"})
+    import boto3  # noqa: F401  (imported ahead: on a loaded machine its first import alone takes seconds)
+
     started = time.monotonic()
     with pytest.raises(UploadFailed) as caught:
         upload("job-2", [encoded("png"), encoded("png", 2)], settings)
