@@ -8,17 +8,15 @@ A job's URL (``image_url`` today; masks, LoRAs and embeddings by URL next) is fe
   lookup of the name, so DNS rebinding between the check and the connection is impossible. TLS still sends the
   host name (SNI) and verifies the certificate against it; the ``Host`` header carries it too. Numeric spellings
   (``2130706433``, ``0177.0.0.1``, ``0x7f.1``) are resolved by the system like any name and then checked, so they
-  are caught after resolution rather than by parsing. Non-public means loopback, private (RFC 1918), shared/CGNAT
-  (100.64/10), link-local (169.254.169.254 is the cloud metadata service), unspecified, multicast, reserved,
-  documentation and benchmarking ranges, IPv6 unique-local, link-local and site-local, and any IPv4 address
-  carried inside IPv6 (IPv4-mapped, 6to4, NAT64) that is one of these. ``ALLOW_PRIVATE_URLS=1`` lifts this check
-  (private deployments, the tests); the pinning and every other bound stay. Proxy variables (``HTTPS_PROXY``) are
-  not used: a proxy resolves the name itself, which would undo the pinning.
+  are caught after resolution rather than by parsing. Which addresses are public is :mod:`core.url_addresses`'s
+  rule (each refusal names the range). ``ALLOW_PRIVATE_URLS=1`` lifts this check (private deployments, the
+  tests); the pinning and every other bound stay. Proxy variables (``HTTPS_PROXY``) are not used: a proxy
+  resolves the name itself, which would undo the pinning.
 - **Time.** One deadline (``URL_TIMEOUT_S``) covers the whole transfer: DNS resolution (on a thread joined with
   the time left, since ``getaddrinfo`` has no timeout of its own), connecting, the TLS handshake, sending the
   request, the status line and headers, the body and every redirect. Every socket operation gets the time left
-  as its timeout and every read is a single ``recv``, so a server dripping one byte at a time is cut at the
-  deadline, not after its whole answer.
+  as its timeout and every read is a single ``recv`` (:mod:`core.url_sockets`), so a server dripping one byte at a
+  time is cut at the deadline, not after its whole answer.
 - **Size and shape.** At most ``max_bytes`` of body (a larger ``Content-Length`` is refused before reading), at
   most ``max_redirects`` redirects, http and https only (also after a redirect). Status line, header and chunk
   parsing is ``http.client``'s, with its bounds (a 64 KiB line, 100 headers); each of its errors, and every
@@ -30,113 +28,32 @@ where every setting of this project is read once into :class:`core.settings.Sett
 its timeout is requests' per socket operation, so a server dripping a byte every 0.25 s held a 1 s ``safe_get``
 for 5.8 s (measured: the whole 24-byte drip), and its ``getaddrinfo`` runs unbounded in the caller's thread; its
 errors are requests' and urllib3's texts, not a cause a user can act on; and importing it imports the whole runpod
-package (about 2 s), which ``core`` must not need. The address rule is the same idea, written out here as a table
-so the refusal can name the range; a test checks that this module never admits an address ``rp_ssrf`` refuses.
+package (about 2 s), which ``core`` must not need.
 """
 
 from __future__ import annotations
 
 import http.client
-import io
 import ipaddress
 import re
 import socket
 import ssl
 import threading
-import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from core.errors import InvalidRequest
+from core.url_addresses import Address, non_public_reason
+from core.url_sockets import Deadline, DeadlineReader, ResponseSocket, TimedOut, tls_context
 
 if TYPE_CHECKING:
     from core.settings import Settings
 
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
 MAX_URL_CHARS = 8192  # servers refuse longer request lines; a longer "URL" is a mistake (base64 sent as a URL?)
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 USER_AGENT = "sdxl-worker"
-
-# Special-purpose ranges (IANA's IPv4 and IPv6 special-purpose registries) that no public image server uses.
-# Written out rather than taken from ``ipaddress.is_global`` alone: that list changed between Python patch
-# releases (3.11.7 calls 224.0.0.1 and 64:ff9b:1::1 global) and cannot say which range an address is in.
-# The more specific ranges come first, so the reason names them.
-_NON_PUBLIC_RANGES: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = tuple(
-    (ipaddress.ip_network(network), reason)
-    for network, reason in (
-        ("0.0.0.0/8", "unspecified ('this network')"),
-        ("10.0.0.0/8", "private (RFC 1918)"),
-        ("100.64.0.0/10", "shared carrier-grade NAT (RFC 6598)"),
-        ("127.0.0.0/8", "loopback"),
-        ("169.254.0.0/16", "link-local (cloud metadata services answer there)"),
-        ("172.16.0.0/12", "private (RFC 1918)"),
-        ("192.0.0.0/24", "IETF protocol assignment"),
-        ("192.0.2.0/24", "documentation"),
-        ("192.88.99.0/24", "6to4 relay"),
-        ("192.168.0.0/16", "private (RFC 1918)"),
-        ("198.18.0.0/15", "benchmarking"),
-        ("198.51.100.0/24", "documentation"),
-        ("203.0.113.0/24", "documentation"),
-        ("224.0.0.0/4", "multicast"),
-        ("255.255.255.255/32", "broadcast"),
-        ("240.0.0.0/4", "reserved"),
-        ("::/128", "unspecified"),
-        ("::1/128", "loopback"),
-        ("64:ff9b:1::/48", "local-use NAT64"),
-        ("::/8", "reserved"),  # includes the deprecated IPv4-compatible ::a.b.c.d
-        ("100::/64", "discard-only"),
-        ("2001:db8::/32", "documentation"),
-        ("2001::/23", "IETF protocol assignment"),  # Teredo (2001::/32) included
-        ("3fff::/20", "documentation"),
-        ("5f00::/16", "segment-routing"),
-        ("fc00::/7", "unique-local"),
-        ("fe80::/10", "link-local"),
-        ("fec0::/10", "site-local"),
-        ("ff00::/8", "multicast"),
-    )
-)
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # the well-known prefix: the last 32 bits are the IPv4 destination
-_GLOBAL_UNICAST_V6 = ipaddress.IPv6Network("2000::/3")  # IANA allocates public IPv6 only from here
 _HOST_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,253}$")
-
-
-def non_public_reason(address: str | Address) -> str | None:
-    """Why ``address`` is not a public unicast address (``"loopback"``, ``"private (RFC 1918)"``, ...), or None
-    when it is. An unparseable address is not public."""
-    try:
-        ip = ipaddress.ip_address(address) if isinstance(address, str) else address
-    except ValueError:
-        return "unparseable"
-    if isinstance(ip, ipaddress.IPv6Address):
-        # An IPv4 address inside IPv6 reaches that IPv4 host (mapped: through this host's own stack; NAT64 and
-        # 6to4: through a gateway), so it is judged as that address. NAT64's prefix lies in ::/8, which Python
-        # calls reserved: judging the embedded address instead keeps IPv6-only (DNS64) networks working.
-        embedded = ip.ipv4_mapped or (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None)
-        if embedded is not None:
-            inner = non_public_reason(embedded)
-            return None if inner is None else f"{inner} (IPv4 {embedded} inside IPv6)"
-        if ip.sixtofour is not None and (inner := non_public_reason(ip.sixtofour)) is not None:
-            return f"{inner} (IPv4 {ip.sixtofour} inside IPv6)"
-        if ip.scope_id:
-            return "link-local (scoped)"
-    for network, reason in _NON_PUBLIC_RANGES:
-        if ip.version == network.version and ip in network:
-            return reason
-    if ip.version == 6 and ip not in _GLOBAL_UNICAST_V6:
-        return "reserved (outside IPv6 global unicast)"
-    # Python's own tables as a backstop: whatever they call special (they only grow between versions).
-    if ip.is_private or ip.is_reserved or ip.is_loopback or ip.is_link_local or ip.is_multicast:
-        return "reserved"
-    if ip.is_unspecified or not ip.is_global:
-        return "not globally routable"
-    return None
-
-
-def is_public_address(address: str | Address) -> bool:
-    """True only for a globally routable unicast address (see :func:`non_public_reason`)."""
-    return non_public_reason(address) is None
 
 
 @dataclass(frozen=True)
@@ -187,70 +104,6 @@ def shown_url(url: str, limit: int = 100) -> str:
     if parts.query:
         text += "?..."
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-class _TimedOut(Exception):
-    """The deadline passed (raised by :meth:`_Deadline.left`; socket timeouts mean the same)."""
-
-
-class _Deadline:
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.at = time.monotonic() + seconds
-
-    def left(self) -> float:
-        remaining = self.at - time.monotonic()
-        if remaining <= 0:
-            raise _TimedOut
-        return remaining
-
-
-class _DeadlineReader(io.RawIOBase):
-    """A socket as a raw stream whose every ``recv`` waits at most until the deadline: ``http.client`` reads the
-    status line, headers and body through it (buffered), so none of them can outlast the deadline."""
-
-    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
-        super().__init__()
-        self._sock = sock
-        self._deadline = deadline
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:
-        self._sock.settimeout(self._deadline.left())
-        return self._sock.recv_into(buffer)
-
-
-class _ResponseSocket:
-    """What :class:`http.client.HTTPResponse` needs of a socket: ``makefile``."""
-
-    def __init__(self, reader: _DeadlineReader) -> None:
-        self._reader = reader
-
-    def makefile(self, mode: str, *args: object, **kwargs: object) -> io.BufferedReader:
-        return io.BufferedReader(self._reader)
-
-
-_tls_context: ssl.SSLContext | None = None
-_tls_lock = threading.Lock()
-
-
-def _tls() -> ssl.SSLContext:
-    """The system's trusted CAs plus certifi's (requests' bundle, so a URL diffusers' ``load_image`` fetches is
-    trusted here too); certificates are always verified against the URL's host name."""
-    global _tls_context
-    with _tls_lock:
-        if _tls_context is None:
-            context = ssl.create_default_context()
-            try:
-                import certifi
-
-                context.load_verify_locations(certifi.where())
-            except (ImportError, OSError, ssl.SSLError):
-                pass  # the system store alone
-            _tls_context = context
-        return _tls_context
 
 
 @dataclass(frozen=True)
@@ -311,7 +164,7 @@ class _Fetch:
         self.policy = policy
         self.field = field
         self.accept = accept
-        self.deadline = _Deadline(policy.timeout_s)
+        self.deadline = Deadline(policy.timeout_s)
         self.stage = "starting"
         self.received = 0  # body bytes of the final hop
         self.body = b""
@@ -362,7 +215,7 @@ class _Fetch:
         thread.start()
         thread.join(self.deadline.left())
         if thread.is_alive():
-            raise _TimedOut
+            raise TimedOut
         if failed or not found:
             cause = (getattr(failed[0], "strerror", None) or str(failed[0])) if failed else "no addresses"
             raise self.error("network", f"cannot resolve the host of {self.where}: {cause}")
@@ -403,7 +256,7 @@ class _Fetch:
             if target.scheme == "https":
                 self.stage = f"doing the TLS handshake with {target.host}"
                 try:
-                    sock = _tls().wrap_socket(sock, server_hostname=target.host, do_handshake_on_connect=False)
+                    sock = tls_context().wrap_socket(sock, server_hostname=target.host, do_handshake_on_connect=False)
                     sock.settimeout(self.deadline.left())
                     sock.do_handshake()
                 except BaseException:
@@ -424,7 +277,7 @@ class _Fetch:
             sock.settimeout(self.deadline.left())
             sock.sendall(request.encode("ascii"))
             self.stage = "waiting for the status line and headers"
-            response = http.client.HTTPResponse(_ResponseSocket(_DeadlineReader(sock, self.deadline)), method="GET")
+            response = http.client.HTTPResponse(ResponseSocket(DeadlineReader(sock, self.deadline)), method="GET")
             response.begin()
             if response.status in REDIRECT_STATUSES:
                 location = response.getheader("Location")
@@ -462,7 +315,7 @@ class _Fetch:
 
     def fail(self, error: BaseException) -> UrlFetchError:
         """The message for an error of the transport (anything but our own :class:`UrlFetchError`)."""
-        if isinstance(error, (_TimedOut, TimeoutError)):
+        if isinstance(error, (TimedOut, TimeoutError)):
             got = f", {self.received:,} bytes of the body so far" if self.stage == "reading the body" else ""
             return self.error(
                 "timeout",
@@ -513,5 +366,5 @@ def fetch_url(url: str, policy: UrlPolicy, *, field: str, accept: str = "*/*") -
         return fetch.run()
     except UrlFetchError:
         raise
-    except (_TimedOut, OSError, http.client.HTTPException, ValueError, UnicodeError) as error:
+    except (TimedOut, OSError, http.client.HTTPException, ValueError, UnicodeError) as error:
         raise fetch.fail(error) from None

@@ -40,7 +40,7 @@ def test_the_core_imports_without_torch_diffusers_or_pydantic() -> None:
         "import sys\n"
         "sys.modules.update(dict.fromkeys(['torch', 'diffusers', 'transformers', 'pydantic', 'PIL'], None))\n"
         "import core.errors, core.settings, core.results, core.safetensors_files, core.hub_names\n"
-        "import core.url_fetch, core.sha256_pins, core.quiet_logs\n"
+        "import core.url_fetch, core.url_addresses, core.url_sockets, core.sha256_pins, core.quiet_logs\n"
         "import worker.adapters.lora.sources\n"
         "print('ok')\n"
     )

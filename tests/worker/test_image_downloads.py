@@ -30,7 +30,8 @@ from PIL import Image
 from core import url_fetch
 from core.errors import InvalidRequest
 from core.settings import Settings, load_settings
-from core.url_fetch import UrlFetchError, UrlPolicy, fetch_url, is_public_address, non_public_reason
+from core.url_addresses import is_public_address, non_public_reason
+from core.url_fetch import UrlFetchError, UrlPolicy, fetch_url
 from worker.input_images import BACKGROUND, decode_image, fetch_image_bytes, load_input_image, to_rgb
 
 ROOT = Path(__file__).resolve().parents[2]
