@@ -1,8 +1,8 @@
 """The image's entry point and the RunPod Hub's ``handler.py``: the same worker as ``python -m worker``.
 
 Before the worker starts, a deployment that asks for compilation (``COMPILE``, ``COMPILE_VAE``) has its
-prerequisites checked (:func:`worker.acceleration.check_compile_prerequisites`): an image without a C compiler
-stops at once with a configuration error instead of serving eagerly. Only then is torch imported early; without
+prerequisites checked (:func:`worker.generation.acceleration.check_compile_prerequisites`): an image without a C
+compiler stops at once with a configuration error instead of serving eagerly. Only then is torch imported early; without
 compilation nothing is imported here that ``python -m worker`` would not import at the same point.
 """
 
@@ -24,7 +24,7 @@ def check_speedups() -> None:
     if settings.compile == "off" and not settings.compile_vae:
         return
     logging.basicConfig(level=settings.log_level or "INFO", format="%(asctime)s %(levelname)s %(message)s")
-    from worker.acceleration import check_compile_prerequisites
+    from worker.generation.acceleration import check_compile_prerequisites
 
     try:
         check_compile_prerequisites(settings)

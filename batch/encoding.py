@@ -1,13 +1,13 @@
 """Image encoding off the generating process: encoding holds the GIL long enough to starve the GPU's launches.
 
-Re-measured after PNG moved to :mod:`worker.png` (numpy filtering, zlib on a thread pool): with one thread
+Re-measured after PNG moved to :mod:`worker.output.png` (numpy filtering, zlib on a thread pool): with one thread
 encoding 1024x1024 images, a main thread doing small Python steps (as a launch loop does) spent 38 % of its time in
 stalls over 5 ms for PNG (longest 20 ms), 50 % for JPEG (Pillow's encoder keeps the GIL) and 4-5 % for WebP, on
 this project's 2-core machine (``python bench/gil_probe.py``). In the runner the main thread launches the
 pipeline's kernels, so a writer *thread* encoding images would starve the GPU instead of overlapping with it.
 Encoding therefore runs in helper processes (``python -m batch.encoding``: plain pipes rather than a
 multiprocessing pool, so nothing re-imports the caller's main script and nothing inherits the CUDA context), which
-get the raw pixels and return the file bytes of :func:`worker.images.encode_image`, the worker's own encoder, as
+get the raw pixels and return the file bytes of :func:`worker.output.images.encode_image`, the worker's own encoder, as
 an :class:`core.results.EncodedImage`. The parent's threads only wait on pipes, which releases the GIL.
 """
 
@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 from PIL import Image
 
 from core.results import EncodedImage
-from worker.images import encode_image
+from worker.output.images import encode_image
 
 _REQUEST = struct.Struct("!II")  # header length, pixel bytes length
 _ANSWER = struct.Struct("!BQ")  # 0 = ok / 1 = error, payload length

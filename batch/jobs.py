@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from worker.schedulers import PER_CALL_NOISE_SCHEDULERS
+from worker.request.samplers import PER_CALL_NOISE_SCHEDULERS
 
 if TYPE_CHECKING:
-    from worker.schema import GenerationRequest
+    from worker.request.schema import GenerationRequest
 
-# worker.schema (pydantic) is imported where lines are parsed, not here: the output-folder code needs none of it.
+# worker.request.schema (pydantic) is imported where lines are parsed, not here: the output-folder code needs none
+# of it.
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ID_RULE = "1-128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
@@ -119,7 +120,7 @@ def derive_seed(item_id: str) -> int:
 
     Below 2^32 like the worker's random seeds, so JavaScript tools reading the sidecars keep it exact.
     """
-    from worker.schema import MAX_RANDOM_SEED
+    from worker.request.schema import MAX_RANDOM_SEED
 
     digest = hashlib.sha256(b"sdxl-batch seed\0" + item_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % (MAX_RANDOM_SEED + 1)
@@ -128,7 +129,7 @@ def derive_seed(item_id: str) -> int:
 def parse_line(raw: RawLine, is_last: bool) -> Job | InvalidLine | None:
     """One line -> a Job, an InvalidLine with a message naming the problem, or None for a blank line."""
     from core.errors import InvalidRequest
-    from worker.schema import parse_request
+    from worker.request.schema import parse_request
 
     if not raw.text.strip():
         return None

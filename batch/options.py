@@ -19,7 +19,7 @@ from core.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from core.settings import Settings
-    from worker.engine import Engine
+    from worker.generation.engine import Engine
 
 POLL_S = 1.0
 WHOLE_INPUT = Shard(0, 1)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from batch.jobs import Job
 from worker.generation.seeds import image_seeds
-from worker.schema import GenerationRequest
+from worker.request.schema import GenerationRequest
 
 
 @dataclass(frozen=True)

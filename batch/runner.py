@@ -41,9 +41,9 @@ from batch.session import ShardSession
 from core.errors import ConfigurationError, CudaFailed, InvalidRequest, OutOfMemory, WorkerError, from_exception
 from core.results import EncodedImage, GenerationMetadata
 from core.settings import Settings
-from worker.engine import Engine, GenerationResult
+from worker.generation.engine import Engine, GenerationResult
 from worker.generation.grouping import group_key
-from worker.images import a1111_parameters
+from worker.output.images import a1111_parameters
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def load_engine(options: LocalEngineOptions) -> Engine:
     loading) stops the run as retriable (exit code 1).
     """
     from model_build.manifest import ModelFolderError
-    from worker.model_location import prepare_model_dir, resolve_refiner_dir
+    from worker.model.location import prepare_model_dir, resolve_refiner_dir
 
     settings = options.settings if options.settings is not None else Settings()
     if settings.warmup_batch_sizes != (options.batch_size,):

@@ -96,7 +96,7 @@ def cpu_overhead(args: argparse.Namespace, workdir: Path) -> None:
     logging.getLogger("batch").setLevel(logging.ERROR)
     from batch.jobs import Shard, load_shard
     from core.settings import load_settings
-    from worker.engine import Engine
+    from worker.generation.engine import Engine
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,7 +124,7 @@ def cpu_overhead(args: argparse.Namespace, workdir: Path) -> None:
         )
 
     # What the encoder processes take off the generating process: encoding one image, measured alone.
-    from worker.images import a1111_parameters, encode_image
+    from worker.output.images import a1111_parameters, encode_image
 
     result = engine.generate(requests[0])
     started = time.perf_counter()
@@ -174,7 +174,7 @@ def full_size(args: argparse.Namespace, workdir: Path) -> None:
     logging.getLogger("batch").setLevel(logging.ERROR)
     from bench.fullsize import build_random_pipeline, save_as_model_dir
     from core.settings import load_settings
-    from worker.engine import Engine
+    from worker.generation.engine import Engine
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")

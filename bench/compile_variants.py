@@ -97,7 +97,7 @@ def cast_inputs(inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
 def measure_unet(unet: Any, args: argparse.Namespace) -> None:
     import torch._inductor.config as inductor_config
 
-    inductor_config.conv_1x1_as_mm = True  # as worker.acceleration sets it
+    inductor_config.conv_1x1_as_mm = True  # as worker.generation.acceleration sets it
     base = {**unet_inputs(unet, 1024, 1, "cuda", torch.float16), "return_dict": False}
     with torch.no_grad():  # the reference: eager fp32 on the same inputs
         unet.to(torch.float32)

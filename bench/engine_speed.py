@@ -6,7 +6,7 @@
 
 Stock is ``StableDiffusionXLPipeline`` as a plain user runs it (eager, SDPA, fp16 on CUDA, the VAE upcast
 per call, PIL's default PNG), this engine is :class:`worker.handler.Worker` with the speed-ups of
-:mod:`worker.acceleration`. Lines (``bench`` key):
+:mod:`worker.generation.acceleration`. Lines (``bench`` key):
 
 - ``end_to_end``: seconds per image, 1024² (``--size``), ``--steps`` (30), batch 1, to a base64 PNG.
 - ``throughput``: images/s at ``--throughput-steps`` (20) for each ``--batch-sizes`` (1,4,8), to PIL images.
@@ -181,7 +181,7 @@ def run_stock(args: argparse.Namespace, model_dir: Path, device: str, dtype: tor
     """Every stock figure, then the stock references for the quality comparison."""
     from diffusers import StableDiffusionXLPipeline
 
-    from worker.schedulers import build_scheduler
+    from worker.generation.schedulers import build_scheduler
 
     stock = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=dtype).to(device)
     stock.set_progress_bar_config(disable=True)
@@ -209,7 +209,7 @@ def run_stock(args: argparse.Namespace, model_dir: Path, device: str, dtype: tor
 
     throughput(args, "stock", lambda n: call(n, args.throughput_steps))
 
-    from worker.images import encode_image
+    from worker.output.images import encode_image
 
     image, sizes = reference["image"], {}
     times = timed(lambda: sizes.__setitem__("stock", len(png_base64(image))), 5)
@@ -219,7 +219,7 @@ def run_stock(args: argparse.Namespace, model_dir: Path, device: str, dtype: tor
     emit(
         bench="image_encode",
         engine="this",
-        format=f"png level 1 in strips on {os.cpu_count()} cores (worker.png) + base64",
+        format=f"png level 1 in strips on {os.cpu_count()} cores (worker.output.png) + base64",
         **summary(times),
         base64_bytes=sizes,
     )
@@ -317,7 +317,7 @@ def engine_settings(args: argparse.Namespace) -> Any:
 
 def start_worker(args: argparse.Namespace, model_dir: Path) -> tuple[Any, dict[str, Any]]:
     """The worker on ``model_dir``, with the speed-ups applied and warmed up (by the engine, or here)."""
-    from worker.acceleration import accelerate
+    from worker.generation.acceleration import accelerate
     from worker.handler import Worker
 
     settings = engine_settings(args)
@@ -375,8 +375,8 @@ def graphs_now() -> int:
 
 
 def run_engine(args: argparse.Namespace, model_dir: Path, reference: dict[str, Any], device: str) -> None:
-    from worker.schedulers import build_scheduler
-    from worker.schema import parse_request
+    from worker.generation.schedulers import build_scheduler
+    from worker.request.schema import parse_request
 
     reset_peak()
     worker, start = start_worker(args, model_dir)

@@ -1,4 +1,5 @@
-"""FP8 UNet linears (``QUANTIZE=fp8``, :mod:`worker.fp8`) against the 16-bit UNet and stock diffusers (issue 23).
+"""FP8 UNet linears (``QUANTIZE=fp8``, :mod:`worker.generation.fp8`) against the 16-bit UNet and stock diffusers
+(issue 23).
 
     python bench/fp8_unet.py --out-dir OUT --deadline 555     # CUDA: full-size SDXL, random weights, 1024²
     python bench/fp8_unet.py --dev                            # CPU: the dev-size architecture, checks the script
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import jsonlines  # noqa: E402
 from bench.engine_speed import unet_inputs  # noqa: E402
 from bench.jsonlines import emit, time_left  # noqa: E402
-from worker.fp8 import Fp8Linear, disable_fp8, enable_fp8, fp8_layers, quantize_rows  # noqa: E402
+from worker.generation.fp8 import Fp8Linear, disable_fp8, enable_fp8, fp8_layers, quantize_rows  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dawn, oil painting, dramatic sky"
 NEGATIVE = "blurry, low quality"
@@ -390,7 +391,7 @@ def main() -> None:
     if device == "cuda":
         import torch._inductor.config as inductor_config
 
-        inductor_config.conv_1x1_as_mm = True  # as worker.acceleration sets it
+        inductor_config.conv_1x1_as_mm = True  # as worker.generation.acceleration sets it
         pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(torch.float32)  # every variant's latents decoded the same way: PSNR measures the UNet alone
     state: dict[str, Any] = {"device": device, "dtype": dtype, "runs": {}}

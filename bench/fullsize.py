@@ -3,7 +3,7 @@
 Speed does not depend on weight values, so the benchmarks build the public SDXL base architecture
 from the configs shipped in ``model_build`` (no checkpoint, no Hub), fill it with fan-in scaled
 random weights on the GPU (finite activations end to end), and, where the worker's own loading
-path is measured, save it as a converted folder with a manifest that :class:`worker.engine.Engine`
+path is measured, save it as a converted folder with a manifest that :class:`worker.generation.engine.Engine`
 accepts. Such a folder is marked ``dev_model`` so everything that reads it says its images are noise.
 """
 

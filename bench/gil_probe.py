@@ -3,7 +3,7 @@
     python bench/gil_probe.py
 
 One JSON line per format and image (1024x1024 noise and a smooth gradient): how many images the second thread
-encoded with worker.images.encode_image in 3 s, the main thread's longest gap, and the share of its time spent in
+encoded with worker.output.images.encode_image in 3 s, the main thread's longest gap, and the share of its time spent in
 gaps over 5 ms while it does small Python steps, as the batch runner's kernel-launch loop does.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from worker.images import encode_image  # after the path: the script runs from anywhere
+from worker.output.images import encode_image  # after the path: the script runs from anywhere
 
 SIDE = 1024
 

@@ -23,9 +23,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.settings import load_settings
+from worker.generation.schedulers import build_scheduler
 from worker.handler import Worker
-from worker.images import encode_image
-from worker.schedulers import build_scheduler
+from worker.output.images import encode_image
 
 
 def main() -> None:

@@ -135,7 +135,7 @@ def main() -> None:
     worker.start(model_dir, refiner_dir)
     accelerator = getattr(worker.engine, "accelerator", None)
     if worker.engine is not None and accelerator is None:  # an engine that does not apply them itself
-        from worker.acceleration import accelerate
+        from worker.generation.acceleration import accelerate
 
         accelerator = accelerate(worker.engine.pipe, settings)
     dtypes = {name: str(getattr(worker.engine.pipe, name).dtype) for name in ("unet", "vae")} if worker.engine else {}
@@ -150,6 +150,26 @@ def main() -> None:
     )
     if worker.engine is None:
         sys.exit(1)
+
+    if device == "cuda":  # the CUDA-graph encoder replay equals eager CLIP (the CPU suite cannot check it)
+        from worker.prompting.encoding import PromptEncoder
+
+        eager = PromptEncoder(worker.engine.pipe, cache_bytes=0, cuda_graphs=False)
+        graphed = PromptEncoder(worker.engine.pipe, cache_bytes=0)
+        prompts = ("a cat", "a (cat:1.3) on a mat BREAK at night, " * 6)
+        equal = all(
+            all(
+                torch.equal(a, b)
+                for _ in range(2)  # the first call captures, the second replays
+                for a, b in zip(
+                    graphed.encode(p, negative_prompt="dog").tensors(),
+                    eager.encode(p, negative_prompt="dog").tensors(),
+                    strict=True,
+                )
+            )
+            for p in prompts
+        )
+        report("prompt_encoder_cuda_graphs", equal and graphed._graphs.broken is None, broken=graphed._graphs.broken)
 
     base = {"prompt": "a lighthouse on a cliff at dawn", "width": size, "height": size, "num_inference_steps": steps}
     if refiner_dir is not None:  # the base-only checks stay base-only; the refiner has checks of its own below

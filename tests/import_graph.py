@@ -14,6 +14,36 @@ from pathlib import Path
 
 LAYERS = ("core", "model_build", "worker", "batch")  # each may import only those before it
 PACKAGES = LAYERS
+# worker's groups, in the same rule: each may import only those before it; the entry points at worker's top level
+# (handler, run_job, __main__) may import any group. A job's data flows request -> generation -> output, and the
+# handler, not the engine, hands images to output.
+WORKER_GROUPS = ("request", "output", "prompting", "adapters", "model", "generation")
+
+
+def worker_group(module: str) -> str | None:
+    """The group of a worker module (``worker.generation.stages`` -> ``generation``), ``"top"`` for the entry
+    points, None outside worker."""
+    parts = module.split(".")
+    if parts[0] != "worker":
+        return None
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in WORKER_GROUPS) else "top"
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Every import from a package or worker group to one after it in :data:`LAYERS` / :data:`WORKER_GROUPS`."""
+    rank = {package: index for index, package in enumerate(LAYERS)}
+    group_rank = {group: index for index, group in enumerate(WORKER_GROUPS)} | {"top": len(WORKER_GROUPS)}
+    upward = []
+    for module, targets in graph.items():
+        for target in targets:
+            source_package, target_package = module.split(".")[0], target.split(".")[0]
+            if rank[target_package] > rank[source_package]:
+                upward.append((module, target))
+            elif source_package == target_package == "worker":
+                source_group, target_group = worker_group(module), worker_group(target)
+                if source_group != target_group and group_rank[target_group] >= group_rank[source_group]:
+                    upward.append((module, target))
+    return sorted(upward)
 
 
 def _module_name(root: Path, path: Path) -> str:
@@ -103,11 +133,20 @@ def main() -> int:
     for source, target in edges:
         if source != target:
             print(f"{source} imports {target}")
+    group_edges = sorted(
+        {(worker_group(m), worker_group(t)) for m, targets in graph.items() for t in targets if worker_group(t)}
+        - {(None, group) for group in (*WORKER_GROUPS, "top")}
+    )
+    for source, target in group_edges:
+        if source and source != target:
+            print(f"worker.{source} imports worker.{target}")
+    for module, target in upward_imports(graph):
+        print(f"upward: {module} imports {target}")
     cycles = find_cycles(graph)
     print(f"{len(graph)} modules, {sum(len(t) for t in graph.values())} imports, {len(cycles)} cycles")
     for cycle in cycles:
         print("cycle: " + " <-> ".join(cycle))
-    return 1 if cycles else 0
+    return 1 if cycles or upward_imports(graph) else 0
 
 
 if __name__ == "__main__":

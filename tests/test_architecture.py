@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.import_graph import LAYERS, PACKAGES, find_cycles, module_graph
+from tests.import_graph import LAYERS, PACKAGES, WORKER_GROUPS, find_cycles, module_graph, upward_imports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,18 +21,14 @@ def test_production_imports_have_no_cycle() -> None:
 
 
 def test_packages_import_only_downwards() -> None:
-    """core <- model_build <- worker <- batch; bench may use anything, nothing production imports tests or bench."""
+    """core <- model_build <- worker <- batch, and inside worker request <- output <- prompting <- adapters <- model <-
+    generation <- the entry points; bench may use anything, nothing production imports tests or bench."""
     graph = module_graph(ROOT)
-    rank = {package: index for index, package in enumerate(LAYERS)}
-    upward = sorted(
-        (module, target)
-        for module, targets in graph.items()
-        for target in targets
-        if rank[target.split(".")[0]] > rank[module.split(".")[0]]
-    )
-    assert upward == []
+    assert upward_imports(graph) == []
     assert not any(target.split(".")[0] in ("tests", "bench") for targets in graph.values() for target in targets)
     assert set(PACKAGES) == set(LAYERS)
+    groups = {path.name for path in (ROOT / "worker").iterdir() if (path / "__init__.py").exists()}
+    assert groups == set(WORKER_GROUPS), "a new worker group needs its place in tests/import_graph.WORKER_GROUPS"
 
 
 def test_the_core_imports_without_torch_diffusers_or_pydantic() -> None:

@@ -151,7 +151,10 @@ def test_the_root_handler_starts_the_same_worker_after_the_compile_check() -> No
     imports = {
         (node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names
     }
-    assert ("worker.__main__", "main") in imports and ("worker.acceleration", "check_compile_prerequisites") in imports
+    assert ("worker.__main__", "main") in imports and (
+        "worker.generation.acceleration",
+        "check_compile_prerequisites",
+    ) in imports
     main_block = next(node for node in tree.body if isinstance(node, ast.If))
     calls = [node.value.func.id for node in main_block.body if isinstance(node, ast.Expr)]
     assert calls == ["check_speedups", "main"]
@@ -162,7 +165,7 @@ def test_compile_without_a_compiler_is_a_start_up_error(monkeypatch: pytest.Monk
 
     from core.errors import ConfigurationError
     from core.settings import WORKER, load_settings
-    from worker.acceleration import check_compile_prerequisites
+    from worker.generation.acceleration import check_compile_prerequisites
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
     for name in ("CC", "CXX"):

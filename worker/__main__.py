@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 from core.errors import ConfigurationError
 from core.quiet_logs import drop_unactionable_warnings
 from core.settings import WORKER, Settings, load_settings
-from worker.model_location import apply_volume_caches, resolve_model_dir, resolve_refiner_dir
-from worker.prefetch import start_prefetch
+from worker.model.location import apply_volume_caches, resolve_model_dir, resolve_refiner_dir
+from worker.model.prefetch import start_prefetch
 
 if TYPE_CHECKING:
     from worker.handler import Worker

@@ -18,11 +18,11 @@ from typing import Any
 from core.errors import ModelLoadFailed, ModelMissing, WorkerError, first_line, from_exception
 from core.results import EncodedImage
 from core.settings import Settings
-from worker.delivery import deliver
-from worker.engine import Engine, GenerationResult
-from worker.images import a1111_parameters, encode_image
-from worker.prefetch import PrefetchReport
-from worker.schema import parse_request
+from worker.generation.engine import Engine, GenerationResult
+from worker.model.prefetch import PrefetchReport
+from worker.output.delivery import deliver
+from worker.output.images import a1111_parameters, encode_image
+from worker.request.schema import parse_request
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Worker:
 
     def start(self, model_dir: Path | str | None = None, refiner_dir: Path | str | None = None) -> None:
         """Load the engine once; on failure remember the error for every job (logged once)."""
-        from worker.model_location import prepare_model_dir, resolve_refiner_dir
+        from worker.model.location import prepare_model_dir, resolve_refiner_dir
 
         try:
             if model_dir is None:
@@ -100,7 +100,7 @@ class Worker:
 
         pairs = list(zip(result.images, result.seeds, strict=True))
         # One thread per image: Pillow's WebP encoder releases the GIL (4 noise 1024² images: 1.15 s -> 0.68 s on
-        # 2 cores); PNG's strips share every core anyway (worker.png) and these threads only wait on them.
+        # 2 cores); PNG's strips share every core anyway (worker.output.png) and these threads only wait on them.
         if len(pairs) > 1:
             with ThreadPoolExecutor(max_workers=min(len(pairs), os.cpu_count() or 1)) as pool:
                 encoded = list(pool.map(encode, pairs))

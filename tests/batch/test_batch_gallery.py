@@ -60,7 +60,7 @@ def gallery_run(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     from batch.options import LocalEngineOptions, RunOptions
     from core.settings import load_settings
     from model_build.dev_lora import random_lora, save_diffusers_lora
-    from worker.engine import Engine
+    from worker.generation.engine import Engine
 
     root = tmp_path_factory.mktemp("gallery")
     source = write_jsonl(root / "jobs.jsonl", LINES)

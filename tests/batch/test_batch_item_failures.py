@@ -19,7 +19,7 @@ from batch.report import merge, run_status
 
 @pytest.fixture(scope="module")
 def engine(dev_model_dir: Path):
-    from worker.engine import Engine
+    from worker.generation.engine import Engine
 
     return Engine(dev_model_dir)
 

@@ -58,7 +58,7 @@ def lines() -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def engine(dev_model_dir: Path, dev_refiner_dir: Path):
-    from worker.engine import Engine
+    from worker.generation.engine import Engine
 
     return Engine(dev_model_dir, refiner_dir=dev_refiner_dir)
 

@@ -16,7 +16,7 @@ from tests.support.worker_api import serve_worker_api
 
 @pytest.fixture(scope="module")
 def engine(dev_model_dir: Path):
-    from worker.engine import Engine
+    from worker.generation.engine import Engine
 
     return Engine(dev_model_dir)
 

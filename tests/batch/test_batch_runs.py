@@ -33,7 +33,7 @@ from batch.cli import main
 from batch.execute import run_shard
 from batch.exit_codes import EXIT_INVALID_LINES, EXIT_OK, EXIT_STOPPED
 from batch.options import LocalEngineOptions, RunOptions
-from worker.images import read_parameters
+from worker.output.images import read_parameters
 
 BATCH_SIZE = 4
 
@@ -210,7 +210,7 @@ def test_two_runners_on_one_shard_make_each_item_once(
 
 @pytest.fixture(scope="module")
 def engine(dev_model_dir: Path):
-    from worker.engine import Engine
+    from worker.generation.engine import Engine
 
     return Engine(dev_model_dir)
 

@@ -1,4 +1,5 @@
-"""worker.acceleration on the CPU: option checks, settings mapping, exact timestep handling, the cache file's edges.
+"""worker.generation.acceleration on the CPU: option checks, settings mapping, exact timestep handling, the cache
+file's edges.
 
 Compilation itself is measured on the GPU (bench/engine_speed.py); here only what must hold without one.
 """
@@ -12,7 +13,7 @@ import torch
 
 from bench.fullsize import build_random_pipeline
 from core.settings import load_settings
-from worker.acceleration import (
+from worker.generation.acceleration import (
     SpeedupOptions,
     _FloatTimestepUNet,
     apply_speedups,

@@ -14,10 +14,10 @@ import torch
 from core.errors import ConfigurationError
 from core.settings import load_settings
 from model_build.dev_lora import random_lora, save_diffusers_lora
-from worker import fp8
-from worker.acceleration import SpeedupOptions, apply_speedups, options_from_settings
 from worker.adapters.lora.manager import LoraManager
 from worker.adapters.lora.sources import LoraSettings
+from worker.generation import fp8
+from worker.generation.acceleration import SpeedupOptions, apply_speedups, options_from_settings
 
 # e4m3 keeps 3 mantissa bits: each quantised value is within 2^-4 (6.25 %) of its input, relative. A product of
 # two such values, summed over many terms of random sign, lands near 2^-4 / sqrt(3) * sqrt(2) = 5 % relative L2
@@ -80,7 +80,7 @@ def test_fp8_is_refused_on_the_cpu_and_the_pipeline_is_left_as_it_was(pipe) -> N
 
 
 def test_the_engine_refuses_fp8_on_the_cpu(dev_model_dir: Path) -> None:
-    from worker.engine import Engine
+    from worker.generation.engine import Engine
 
     with pytest.raises(ConfigurationError, match=r"QUANTIZE=fp8 .* CPU"):
         Engine(dev_model_dir, settings=load_settings({"QUANTIZE": "fp8"}))

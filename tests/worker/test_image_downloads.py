@@ -32,7 +32,7 @@ from core.errors import InvalidRequest
 from core.settings import Settings, load_settings
 from core.url_addresses import is_public_address, non_public_reason
 from core.url_fetch import UrlFetchError, UrlPolicy, fetch_url
-from worker.input_images import BACKGROUND, decode_image, fetch_image_bytes, load_input_image, to_rgb
+from worker.request.input_images import BACKGROUND, decode_image, fetch_image_bytes, load_input_image, to_rgb
 
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE_S = 1.0

@@ -207,7 +207,7 @@ def test_settings_come_from_the_workers_settings(tmp_path: Path) -> None:
 
 
 def test_resolving_names_needs_neither_torch_nor_the_engine() -> None:
-    modules = "('torch', 'worker.engine')"
+    modules = "('torch', 'worker.generation.engine')"
     code = f"import sys, worker.adapters.lora.sources; print(sorted(m for m in {modules} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

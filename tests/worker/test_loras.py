@@ -33,10 +33,10 @@ from model_build.dev_lora import (
 from worker.adapters.lora import cache as lora_cache
 from worker.adapters.lora.manager import LoraManager
 from worker.adapters.lora.sources import LoraSettings
-from worker.engine import Engine
+from worker.generation.engine import Engine
 from worker.handler import Worker
-from worker.images import read_parameters
-from worker.schema import GenerationRequest
+from worker.output.images import read_parameters
+from worker.request.schema import GenerationRequest
 
 JOB = {"prompt": "a lighthouse at dawn", "height": 256, "width": 256, "num_inference_steps": 2, "seed": 7}
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -22,8 +22,8 @@ import pytest
 from core.errors import ConfigurationError, ModelMissing
 from core.settings import load_settings
 from model_build.manifest import read_manifest, verify
-from worker import model_location
-from worker.model_location import (
+from worker.model import location as model_location
+from worker.model.location import (
     apply_volume_caches,
     plan_model,
     prepare_model_dir,
@@ -140,7 +140,7 @@ def test_without_a_volume_a_url_is_converted_on_the_containers_disk_and_the_down
     env = settings(CHECKPOINT=checkpoint_url(server), CHECKPOINT_SHA256=sha256(server.data))
     plan = plan_model(env, tmp_path / "no-volume", baked)
     assert plan.model_dir == baked / "sdxl-dev" and plan.cache_dir == downloads and not plan.keep_download
-    with caplog.at_level("WARNING", logger="worker.model_location"):
+    with caplog.at_level("WARNING", logger="worker.model.location"):
         assert prepare_model_dir(env, tmp_path / "no-volume", baked) == plan.model_dir
     assert "no network volume" in caplog.text and "every new worker downloads and converts it again" in caplog.text
     verify(plan.model_dir, full=True)
@@ -220,7 +220,7 @@ FULL_VOLUME_SCRIPT = textwrap.dedent(
     import resource, signal, sys
     from pathlib import Path
     from core.settings import load_settings
-    from worker.model_location import prepare_model_dir
+    from worker.model.location import prepare_model_dir
     # Every file may grow to LIMIT bytes and no further: writes fail with EFBIG, as on a full disk (ENOSPC).
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))
@@ -270,7 +270,7 @@ def test_a_second_worker_waits_for_the_first_and_then_finds_the_model_converted(
         except BaseException as error:  # reported by the assertion below
             results.append(error)
 
-    with caplog.at_level("INFO", logger="worker.model_location"):
+    with caplog.at_level("INFO", logger="worker.model.location"):
         thread = threading.Thread(target=second_worker)
         thread.start()
         thread.join(timeout=1.0)

@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from worker.images import encode_image, read_parameters
-from worker.png import MODES, STRIP_ROWS, encode_png
+from worker.output.images import encode_image, read_parameters
+from worker.output.png import MODES, STRIP_ROWS, encode_png
 
 
 def _image(mode: str, width: int, height: int, seed: int) -> Image.Image:

@@ -12,7 +12,7 @@ import pytest
 
 from core.settings import load_settings
 from worker.__main__ import model_folders
-from worker.prefetch import start_prefetch
+from worker.model.prefetch import start_prefetch
 
 ROOT = Path(__file__).resolve().parents[2]
 

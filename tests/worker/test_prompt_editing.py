@@ -251,8 +251,8 @@ def test_the_padded_schedule_not_the_sum_of_its_texts_is_bounded(pipe, encoder) 
 def test_an_editing_job_through_the_engine(dev_model_dir: Path) -> None:
     """A job with prompt editing: step k's conditioning is the segment's plain text's, the images are reproducible,
     the metadata reports the schedule, and a job without editing is unchanged by the callback."""
-    from worker.engine import Engine
-    from worker.schema import parse_request
+    from worker.generation.engine import Engine
+    from worker.request.schema import parse_request
 
     engine = Engine(dev_model_dir)
     job = {

@@ -583,13 +583,24 @@ def test_cache_is_bounded_in_bytes(pipe) -> None:
 
 
 def test_cuda_graphs_are_a_constructor_choice(pipe) -> None:
-    """The worker passes settings.prompt_encoder_cuda_graphs; graphs only ever apply to CUDA inputs."""
+    """The worker passes settings.prompt_encoder_cuda_graphs; graphs never apply to CPU inputs (replay equality is
+    checked where CUDA is: the next test, and bench/smoke.py on the GPU machine)."""
     eager = PromptEncoder(pipe, cache_bytes=0, cuda_graphs=False)
     default = PromptEncoder(pipe, cache_bytes=0)
     assert eager._graphs is None and default._graphs is not None
-    assert_identical(
-        eager.encode("a cat", negative_prompt="dog").tensors(), default.encode("a cat", negative_prompt="dog").tensors()
-    )
+    assert not default._graphs.applies_to(pipe.text_encoder, torch.zeros(1, 77, dtype=torch.long))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs replay only on a CUDA device")
+def test_cuda_graph_replay_equals_eager(dev_model_dir: Path) -> None:
+    cuda_pipe = load_dev_pipe(dev_model_dir).to("cuda")
+    eager = PromptEncoder(cuda_pipe, cache_bytes=0, cuda_graphs=False)
+    graphed = PromptEncoder(cuda_pipe, cache_bytes=0)
+    for prompt in ("a cat", "a (cat:1.3) on a mat BREAK at night, " * 6):
+        expected = eager.encode(prompt, negative_prompt="dog").tensors()
+        for _ in range(2):  # the first call captures, the second replays
+            assert_identical(graphed.encode(prompt, negative_prompt="dog").tensors(), expected)
+    assert graphed._graphs.broken is None and len(graphed._graphs._graphs) > 0
 
 
 @settings(max_examples=80)

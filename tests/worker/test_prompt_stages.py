@@ -26,8 +26,9 @@ from tests.support.prompt_reference import (
     a1111_schedule_steps,
     a1111_text_at_call,
 )
-from worker.schedulers import SCHEDULE_STEPS_PER_STEP, SCHEDULERS, build_scheduler, schedule_steps
-from worker.schema import parse_request
+from worker.generation.schedulers import build_scheduler
+from worker.request.samplers import SCHEDULE_STEPS_PER_STEP, SCHEDULERS, schedule_steps
+from worker.request.schema import parse_request
 
 one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
@@ -83,7 +84,7 @@ class Calls:
 
 @pytest.fixture(scope="module")
 def engine(dev_model_dir: Path, dev_refiner_dir: Path):
-    from worker.engine import Engine
+    from worker.generation.engine import Engine
 
     return Engine(dev_model_dir, refiner_dir=dev_refiner_dir)
 

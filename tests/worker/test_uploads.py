@@ -20,8 +20,8 @@ from PIL import Image
 from core.errors import UploadFailed
 from core.results import EncodedImage
 from core.settings import load_settings
-from worker.delivery import UPLOAD_ATTEMPTS, upload
 from worker.handler import Worker
+from worker.output.delivery import UPLOAD_ATTEMPTS, upload
 
 KEYS = {"BUCKET_ACCESS_KEY_ID": "test-key", "BUCKET_SECRET_ACCESS_KEY": "test-secret"}
 

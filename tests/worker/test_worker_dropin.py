@@ -18,7 +18,7 @@ from core.settings import load_settings
 from tests.support import official_worker
 from tests.support.official_worker import shrunk_for_the_cpu
 from worker.handler import Worker
-from worker.images import MAX_EXIF_PARAMETER_BYTES, read_parameters
+from worker.output.images import MAX_EXIF_PARAMETER_BYTES, read_parameters
 
 ROOT = Path(__file__).resolve().parents[2]
 # The official samples, shrunk for the CPU: 256² instead of 1024², 2 base steps instead of 25, 4 refiner steps

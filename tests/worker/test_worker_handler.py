@@ -20,9 +20,9 @@ from PIL import Image
 
 from core.settings import load_settings
 from worker.handler import Worker
-from worker.images import read_parameters
-from worker.schedulers import canonical_scheduler_name
-from worker.schema import MAX_RANDOM_SEED
+from worker.output.images import read_parameters
+from worker.request.samplers import canonical_scheduler_name
+from worker.request.schema import MAX_RANDOM_SEED
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"prompt": "a lighthouse at dawn", "height": 256, "width": 256, "num_inference_steps": 3}
@@ -228,8 +228,8 @@ def test_local_api_server_runsync(worker_api_server: str) -> None:
 
 def test_images_encoded_in_parallel_equal_each_image_encoded_alone(engine_loaded) -> None:
     from worker.generation.seeds import image_seeds
-    from worker.images import a1111_parameters, encode_image
-    from worker.schema import parse_request
+    from worker.output.images import a1111_parameters, encode_image
+    from worker.request.schema import parse_request
 
     output = run({**SMALL, "seed": 77, "num_images": 3})
     request = parse_request({**SMALL, "seed": 77, "num_images": 3})
@@ -275,7 +275,7 @@ def test_run_job_writes_beside_the_job_without_overwriting_it_and_logs_progress(
 
 def test_progress_counts_steps_not_model_calls(engine_loaded) -> None:
     """Heun makes 2 model calls per step (7 for 4 steps): progress reported 7 of 4 (issue 24's helper noticed)."""
-    from worker.schema import parse_request
+    from worker.request.schema import parse_request
 
     seen: list[tuple[int, int]] = []
     request = parse_request({**SMALL, "width": 64, "height": 64, "num_inference_steps": 4, "scheduler": "Heun"})
@@ -286,8 +286,8 @@ def test_progress_counts_steps_not_model_calls(engine_loaded) -> None:
 
 def test_prompt_weighting_setting_reaches_the_encoder(dev_model_dir: Path) -> None:
     """PROMPT_WEIGHTING=restore_mean is A1111 1.10's default emphasis ('Original'); multiply ('No norm') is ours."""
-    from worker.engine import Engine
-    from worker.schema import parse_request
+    from worker.generation.engine import Engine
+    from worker.request.schema import parse_request
 
     original = Engine(dev_model_dir, settings=load_settings({"PROMPT_WEIGHTING": "restore_mean"}))
     assert original.prompt_encoder.weighting == "restore_mean"

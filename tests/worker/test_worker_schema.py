@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from core.errors import InvalidRequest
 from tests.support.official_worker import OFFICIAL_HUB_TEST, OFFICIAL_TEST_INPUT
-from worker.schedulers import SCHEDULERS, build_scheduler, canonical_scheduler_name
-from worker.schema import (
+from worker.generation.schedulers import build_scheduler
+from worker.request.samplers import SCHEDULERS, canonical_scheduler_name
+from worker.request.schema import (
     GROUP_FIELDS,
     MAX_RANDOM_SEED,
     MAX_SEED,
@@ -285,8 +286,8 @@ def test_group_key_changes_with_every_group_field_and_no_request_field() -> None
 
 
 def test_readme_request_table_is_the_schemas() -> None:
-    from worker.schema import TABLE_END, TABLE_START, request_table
+    from worker.request.schema import TABLE_END, TABLE_START, request_table
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    # Regenerate with: python -m worker.schema --write README.md
+    # Regenerate with: python -m worker.request.schema --write README.md
     assert readme[readme.index(TABLE_START) + len(TABLE_START) : readme.index(TABLE_END)].strip() == request_table()

@@ -12,8 +12,8 @@ import torch
 
 from worker.prompting.encoding import EncodedPrompts
 from worker.prompting.stepping import CallCounter, StageSteps
-from worker.schedulers import schedule_steps
-from worker.schema import GenerationRequest
+from worker.request.samplers import schedule_steps
+from worker.request.schema import GenerationRequest
 
 
 class Embeddings:

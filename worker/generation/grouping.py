@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from worker.prompting.encoding import EncodedPrompts
-from worker.schema import GROUP_FIELDS, GenerationRequest
+from worker.request.schema import GROUP_FIELDS, GenerationRequest
 
 
 def group_key(request: GenerationRequest, encoded: EncodedPrompts) -> tuple:

@@ -12,7 +12,7 @@ from worker.adapters.lora.manager import AppliedLora
 from worker.generation.conditioning import Stage
 from worker.prompting.encoding import EncodedPrompts
 from worker.prompting.stepping import texts_per_call
-from worker.schema import GenerationRequest
+from worker.request.schema import GenerationRequest
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from worker.schema import MAX_SEED, GenerationRequest, draw_seed
+from worker.request.schema import MAX_SEED, GenerationRequest, draw_seed
 
 
 def resolve_seed(request: GenerationRequest) -> int:
-    """The request's seed, or a fresh random one below 2^32 (see :func:`worker.schema.draw_seed`)."""
+    """The request's seed, or a fresh random one below 2^32 (see :func:`worker.request.schema.draw_seed`)."""
     return request.seed if request.seed is not None else draw_seed()
 
 

@@ -18,12 +18,13 @@ from PIL import Image
 from core.errors import InvalidRequest
 from core.settings import Settings
 from worker.generation.conditioning import Embeddings, Stage
+from worker.generation.schedulers import build_scheduler
 from worker.generation.seeds import refiner_seed
-from worker.input_images import load_input_image
 from worker.model.placement import Placement
 from worker.prompting.stepping import SAME_STEPS, CallCounter, StageSteps, pipeline_callback_kwargs
-from worker.schedulers import build_scheduler, calls_per_step, schedule_steps
-from worker.schema import MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
+from worker.request.input_images import load_input_image
+from worker.request.samplers import calls_per_step, schedule_steps
+from worker.request.schema import MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
 

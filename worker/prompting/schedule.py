@@ -25,8 +25,8 @@ implementation of its grammar and semantics, checked against a port of A1111 1.1
 ``text_at_step(schedule, step)`` is A1111's lookup during sampling: the text of the first segment whose
 ``end_step >= step``, where ``step`` counts model calls from 0. So ``a [b:3]`` with 10 steps reads ``a `` for steps
 0 to 3 and ``a b`` from step 4, exactly as A1111 does. A1111 computes the schedule over ``steps`` times 2 for its
-second-order samplers, whose step counter counts both calls of a step (:func:`worker.schedulers.schedule_steps` gives
-that count here).
+second-order samplers, whose step counter counts both calls of a step (:func:`worker.request.samplers.schedule_steps`
+gives that count here).
 
 One known divergence, where A1111's grammar is ambiguous: an editing group directly followed by a ``[``, ``]``,
 ``(``, ``)`` or ``:`` that closes nothing (``[a:b:2]:``, ``[a:b:2]](``) can be read by A1111's grammar either as the

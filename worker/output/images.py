@@ -5,7 +5,7 @@ UserComment, so the files open with their settings in common UIs (A1111, ComfyUI
 Civitai). EXIF lives in one JPEG APP1 segment of at most 64 KiB, so for JPEG and WebP the embedded
 text is cut to :data:`MAX_EXIF_PARAMETER_BYTES` (with a note saying so); the full text is always in
 the job's metadata. PNG is written at compression level 1 (level 6 costs more time for a slightly
-smaller file: ``bench/handler_overhead.py`` measures image encoding), on every core by :mod:`worker.png`
+smaller file: ``bench/handler_overhead.py`` measures image encoding), on every core by :mod:`worker.output.png`
 (Pillow's one-thread encoder for modes it does not write).
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from core.results import IMAGE_FORMATS, EncodedImage
-from worker import png
+from worker.output import png
 
 PNG_COMPRESS_LEVEL = 1
 # The UTF-16 parameters text in EXIF: a JPEG APP1 segment holds at most 65,533 bytes, with the EXIF header and

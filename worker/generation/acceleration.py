@@ -23,7 +23,7 @@ What each option does and why it is safe:
 - ``compile``: ``"unet"`` compiles the whole UNet forward (fullgraph, static shapes); ``"regional"``
   compiles only its repeated transformer blocks (diffusers' ``compile_repeated_blocks``): far shorter
   compile, a smaller gain. ``compile_vae`` compiles the VAE decoder too.
-- ``quantize``: ``"fp8"`` runs the UNet's transformer linears in float8 (:mod:`worker.fp8`; compute
+- ``quantize``: ``"fp8"`` runs the UNet's transformer linears in float8 (:mod:`worker.generation.fp8`; compute
   capability 8.9+, refused with a configuration error elsewhere). The weights stay 16-bit parameters and
   are quantised per call, so merged LoRAs are quantised with them and restored bit for bit. Off by
   default and experimental: on an H200 it was no faster than fp16 (the FP8 GEMMs gain ~1 ms a step, the
@@ -263,7 +263,7 @@ def apply_speedups(pipe: Any, options: SpeedupOptions) -> Accelerator:
     applied: list[str] = []
     offloaded = any(getattr(getattr(pipe, name, None), "_hf_hook", None) is not None for name in ("unet", "vae"))
     if options.quantize == "fp8":  # before anything changes: a refused setting leaves the pipeline as it was
-        from worker.fp8 import enable_fp8, require_fp8
+        from worker.generation.fp8 import enable_fp8, require_fp8
 
         unet_device = pipe.unet.device
         if offloaded and unet_device.type != "cuda" and torch.cuda.is_available():

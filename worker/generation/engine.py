@@ -29,8 +29,8 @@ from core.settings import Settings
 from model_build.dev_model import DEV_MODEL_NOTICE
 from model_build.layout import BASE_FAMILY
 from model_build.manifest import manifest_hash, verify
-from worker.acceleration import accelerate
 from worker.adapters.lora.manager import AppliedLora
+from worker.generation.acceleration import accelerate
 from worker.generation.conditioning import Embeddings, Stage
 from worker.generation.decode import decode_latents
 from worker.generation.grouping import group_key
@@ -41,8 +41,8 @@ from worker.model.loading import PhaseClock, load_refiner, require_family
 from worker.model.placement import Placement
 from worker.prompting.encoding import EncodedPrompts, PromptEncoder
 from worker.prompting.stepping import SAME_STEPS
-from worker.schedulers import schedule_steps
-from worker.schema import GenerationRequest
+from worker.request.samplers import schedule_steps
+from worker.request.schema import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class Engine:
         that here, at start-up (WARMUP=1, GPU only), so no paid job does. The job's prompts leave the prompt
         cache, and nothing else it touches holds state: the next job gives the same bytes as without it.
         """
-        from worker.schema import parse_request
+        from worker.request.schema import parse_request
 
         started = time.perf_counter()
         width, height = size or (self.settings.warmup_sizes[0] if self.settings.warmup_sizes else (1024, 1024))
@@ -249,7 +249,7 @@ class Engine:
     def prompt_schedule_steps(self, request: GenerationRequest) -> int:
         """The steps A1111 1.10 computes the prompt-editing schedule over: those of the model that runs first (the
         refiner's for img2img through it, as A1111's img2img schedules over the requested steps), times 2 for the
-        schedulers that make two model calls per step (:func:`worker.schedulers.schedule_steps`)."""
+        schedulers that make two model calls per step (:func:`worker.request.samplers.schedule_steps`)."""
         refiner_first = request.is_img2img and self.uses_refiner(request)
         steps = request.refiner_inference_steps if refiner_first else request.num_inference_steps
         return schedule_steps(request.scheduler, steps)

@@ -1,12 +1,9 @@
-"""Scheduler names (A1111, diffusers and the official RunPod worker's) and fresh instances per job.
+"""The scheduler names a request may give (A1111, diffusers and the official RunPod worker's), as data.
 
 :data:`SCHEDULERS` is the one table of what a request may name: canonical A1111-style names, then
 :data:`ALIASES` (the official worker's ``PNDM``, ``KLMS``, ``DDIM``, ``K_EULER``, ``K_EULER_ANCESTRAL``,
-``DPMSolverMultistep``, ``DPMSolverSinglestep`` and diffusers' class names).
-
-Every job gets a new scheduler built from the model's own scheduler config: a scheduler keeps
-state between steps (timesteps, step index, the multistep history), so a shared instance would
-let one job leak into the next.
+``DPMSolverMultistep``, ``DPMSolverSinglestep`` and diffusers' class names). Nothing here imports diffusers: the
+schema validates names with it; :mod:`worker.generation.schedulers` builds the instances.
 """
 
 from __future__ import annotations
@@ -129,22 +126,3 @@ def scheduler_names() -> list[str]:
 def canonical_scheduler_name(name: str) -> str | None:
     """The canonical name for any accepted spelling (case and `_`/space insensitive), else None."""
     return _LOOKUP.get(_fold(name)) if isinstance(name, str) else None
-
-
-def build_scheduler(name: str, model_scheduler_config: dict[str, Any], noise_seed: int | None = None) -> Any:
-    """A new scheduler instance of ``name`` from the model's scheduler config.
-
-    ``noise_seed`` seeds the per-call noise of :data:`PER_CALL_NOISE_SCHEDULERS` (otherwise drawn from torch's
-    global generator, so the same request would give another image each time); others take their noise from
-    the pipeline's generators and ignore it.
-    """
-    canonical = canonical_scheduler_name(name)
-    if canonical is None:
-        raise ValueError(f"unknown scheduler {name!r}; use one of: {', '.join(SCHEDULERS)}")
-    import diffusers  # here, not at the top: the schema imports this module, and diffusers costs seconds
-
-    class_name, overrides = SCHEDULERS[canonical]
-    scheduler_class = getattr(diffusers, class_name)
-    if canonical in PER_CALL_NOISE_SCHEDULERS and noise_seed is not None:
-        overrides = {**overrides, "noise_sampler_seed": noise_seed}
-    return scheduler_class.from_config(dict(model_scheduler_config), **overrides)

@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from core.errors import InvalidRequest
-from worker.schedulers import canonical_scheduler_name, scheduler_names
+from worker.request.samplers import canonical_scheduler_name, scheduler_names
 
 # Seeds a request may give: torch's whole generator range, as the official worker (torch.Generator.manual_seed) takes.
 MAX_SEED = 2**64 - 1
@@ -91,7 +91,7 @@ class GenerationRequest(BaseModel):
     """A RunPod job's `input`, or one JSONL line of the batch runner (minus its `id`).
 
     Each field declares its bounds, its :class:`Scope` and its meaning (``description``), from which the README's
-    request table is generated (``python -m worker.schema --write README.md``; a test keeps them equal).
+    request table is generated (``python -m worker.request.schema --write README.md``; a test keeps them equal).
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -356,7 +356,7 @@ TABLE_START, TABLE_END = "<!-- request-table:start -->", "<!-- request-table:end
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:2] == ["--write"]:  # python -m worker.schema --write README.md
+    if sys.argv[1:2] == ["--write"]:  # python -m worker.request.schema --write README.md
         readme = Path(sys.argv[2])
         text = readme.read_text()
         head, _, rest = text.partition(TABLE_START)
