@@ -120,7 +120,7 @@ def derive_seed(item_id: str) -> int:
 
     Below 2^32 like the worker's random seeds, so JavaScript tools reading the sidecars keep it exact.
     """
-    from worker.request.schema import MAX_RANDOM_SEED
+    from worker.request.fields import MAX_RANDOM_SEED
 
     digest = hashlib.sha256(b"sdxl-batch seed\0" + item_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % (MAX_RANDOM_SEED + 1)

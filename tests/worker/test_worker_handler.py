@@ -21,8 +21,8 @@ from PIL import Image
 from core.settings import load_settings
 from worker.handler import Worker
 from worker.output.images import read_parameters
+from worker.request.fields import MAX_RANDOM_SEED
 from worker.request.samplers import canonical_scheduler_name
-from worker.request.schema import MAX_RANDOM_SEED
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"prompt": "a lighthouse at dawn", "height": 256, "width": 256, "num_inference_steps": 3}

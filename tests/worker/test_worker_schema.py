@@ -12,17 +12,9 @@ from hypothesis import strategies as st
 from core.errors import InvalidRequest
 from tests.support.official_worker import OFFICIAL_HUB_TEST, OFFICIAL_TEST_INPUT
 from worker.generation.schedulers import build_scheduler
+from worker.request.fields import MAX_RANDOM_SEED, MAX_SEED, Scope, draw_seed
 from worker.request.samplers import SCHEDULERS, canonical_scheduler_name
-from worker.request.schema import (
-    GROUP_FIELDS,
-    MAX_RANDOM_SEED,
-    MAX_SEED,
-    GenerationRequest,
-    Scope,
-    draw_seed,
-    field_scope,
-    parse_request,
-)
+from worker.request.schema import GROUP_FIELDS, GenerationRequest, field_scope, parse_request
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
@@ -286,8 +278,8 @@ def test_group_key_changes_with_every_group_field_and_no_request_field() -> None
 
 
 def test_readme_request_table_is_the_schemas() -> None:
-    from worker.request.schema import TABLE_END, TABLE_START, request_table
+    from worker.request.table import TABLE_END, TABLE_START, request_table
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    # Regenerate with: python -m worker.request.schema --write README.md
+    # Regenerate with: python -m worker.request.table --write README.md
     assert readme[readme.index(TABLE_START) + len(TABLE_START) : readme.index(TABLE_END)].strip() == request_table()

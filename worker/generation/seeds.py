@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from worker.request.schema import MAX_SEED, GenerationRequest, draw_seed
+from worker.request.fields import MAX_SEED, draw_seed
+from worker.request.schema import GenerationRequest
 
 
 def resolve_seed(request: GenerationRequest) -> int:

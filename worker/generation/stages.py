@@ -22,9 +22,10 @@ from worker.generation.schedulers import build_scheduler
 from worker.generation.seeds import refiner_seed
 from worker.model.placement import Placement
 from worker.prompting.stepping import SAME_STEPS, CallCounter, StageSteps, pipeline_callback_kwargs
+from worker.request.fields import MIN_SIDE, SIDE_MULTIPLE
 from worker.request.input_images import load_input_image
 from worker.request.samplers import calls_per_step, schedule_steps
-from worker.request.schema import MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
+from worker.request.schema import GenerationRequest
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
 

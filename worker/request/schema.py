@@ -8,15 +8,16 @@ are errors, every number has bounds, and :func:`parse_request` turns pydantic's 
 :class:`core.errors.InvalidRequest` naming each field, the value given and what is allowed.
 Limits that depend on the deployment (the pixel budget) come from the settings through pydantic's
 validation context, never from the environment at import time.
+
+A feature's fields (inpainting, hires fix, adapters ...) are declared in its own module of this package as a field
+group: a ``BaseModel`` with ``model_config = REQUEST_CONFIG`` whose fields carry a :class:`Scope`, a bound and a
+description like those here, and whose validators check only its own fields. :class:`GenerationRequest` inherits
+every group, so a request stays one flat JSON object and one typed value; checks across groups live here.
 """
 
 from __future__ import annotations
 
-import enum
-import json
-import secrets
-from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -29,34 +30,25 @@ from pydantic import (
 )
 
 from core.errors import InvalidRequest
+from worker.request.fields import (
+    DEFAULT_MAX_JOB_PIXELS,
+    GROUP,
+    MAX_GUIDANCE,
+    MAX_IMAGE_URL_CHARS,
+    MAX_LORAS,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_STEPS,
+    RANDOM_SEED,
+    REQUEST,
+    REQUEST_CONFIG,
+    Fraction,
+    OptionalText,
+    Scope,
+    Side,
+    number_from_int,
+)
 from worker.request.samplers import canonical_scheduler_name, scheduler_names
-
-# Seeds a request may give: torch's whole generator range, as the official worker (torch.Generator.manual_seed) takes.
-MAX_SEED = 2**64 - 1
-RANDOM_SEED = -1  # A1111's (and its clients') "random": the same as leaving seed out
-# Seeds this worker draws itself stay below 2^32: JavaScript's JSON.parse rounds integers above 2^53, so a larger
-# seed sent back by a browser client would silently make another image.
-MAX_RANDOM_SEED = 2**32 - 1
-# 64: the smallest side SDXL's UNet takes (8 latent pixels, two downsamplings); below 512 images are poor but valid,
-# and the official worker serves them (diffusers only asks for multiples of 8).
-MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 64, 2048, 8
-MAX_STEPS = 500  # the official worker has no bound; 500 steps of 1024² are about 20 s on an H200 (eager ~35 s)
-MAX_GUIDANCE = 100.0  # the official worker and A1111's API have no bound; past ~30 images burn, but that is a choice
-MAX_PROMPT_CHARS = 20_000
-DEFAULT_MAX_JOB_PIXELS = 8 * 1024 * 1024  # core.settings' MAX_JOB_PIXELS default
-MAX_LORAS = 8
-# A data URI of up to 15 MB still fits RunPod's 20 MB /runsync payload with the rest of the request.
-MAX_IMAGE_URL_CHARS = 15_000_000
-
-
-def draw_seed() -> int:
-    """A fresh random seed for a request that gave none (0..2^32-1, safe in JavaScript clients)."""
-    return secrets.randbelow(MAX_RANDOM_SEED + 1)
-
-
-def _number_from_int(value: Any) -> Any:
-    # strict mode would refuse `1` for a float field; a JSON integer is a perfectly good float.
-    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class LoraRequest(BaseModel):
@@ -67,34 +59,17 @@ class LoraRequest(BaseModel):
     name: Annotated[str, Field(min_length=1, max_length=512)]
     scale: Annotated[float, Field(ge=-5.0, le=5.0, allow_inf_nan=False)] = 1.0
 
-    _int_scale_is_fine = field_validator("scale", mode="before")(_number_from_int)
-
-
-class Scope(enum.Enum):
-    """How a request field travels when requests share one pipeline call (the batch runner's GPU batches).
-
-    Every field of :class:`GenerationRequest` carries exactly one (a test checks it), so a new field cannot be
-    forgotten by :func:`group_key`: a call runs with its first request's value of every ``GROUP`` field.
-    """
-
-    REQUEST = "request"  # each request keeps its own value: prompts, seeds, output encoding
-    GROUP = "group"  # requests share a call only when these are equal: shape, schedule, weights, inputs
-
-
-REQUEST, GROUP = Scope.REQUEST, Scope.GROUP
-Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE)]
-OptionalText = Annotated[str | None, Field(max_length=MAX_PROMPT_CHARS)]
-Fraction = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+    _int_scale_is_fine = field_validator("scale", mode="before")(number_from_int)
 
 
 class GenerationRequest(BaseModel):
     """A RunPod job's `input`, or one JSONL line of the batch runner (minus its `id`).
 
     Each field declares its bounds, its :class:`Scope` and its meaning (``description``), from which the README's
-    request table is generated (``python -m worker.request.schema --write README.md``; a test keeps them equal).
+    request table is generated (``python -m worker.request.table --write README.md``; a test keeps them equal).
     """
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = REQUEST_CONFIG
 
     prompt: Annotated[
         str,
@@ -186,9 +161,7 @@ class GenerationRequest(BaseModel):
         Field(description="none: uploaded when BUCKET_ENDPOINT_URL is set, else base64 data URIs"),
     ] = None
 
-    _floats_from_ints = field_validator("guidance_scale", "high_noise_frac", "strength", mode="before")(
-        _number_from_int
-    )
+    _floats_from_ints = field_validator("guidance_scale", "high_noise_frac", "strength", mode="before")(number_from_int)
 
     @field_validator("seed")
     @classmethod
@@ -296,71 +269,3 @@ def field_scope(name: str) -> Scope:
 
 
 GROUP_FIELDS: tuple[str, ...] = tuple(name for name in GenerationRequest.model_fields if field_scope(name) is GROUP)
-
-
-def _kind(annotation: Any) -> str:
-    """A JSON reader's name for a field's type: string, integer, number, true/false, a list of values, list."""
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin is Literal:
-        return " \\| ".join(f"`{value}`" for value in args)
-    if args and type(None) in args:
-        inner = [arg for arg in args if arg is not type(None)]
-        return f"{_kind(inner[0])}, or null"
-    if origin is list:
-        return "list"
-    return {str: "string", int: "integer", float: "number", bool: "`true` / `false`"}.get(annotation, str(annotation))
-
-
-def _number(value: float) -> str:
-    if isinstance(value, int) and value >= 2**32 and (value + 1) & value == 0:
-        return f"2^{value.bit_length()}-1"
-    return str(value) if isinstance(value, int) else f"{value:g}"
-
-
-def _bounds(metadata: list[Any], unit: str) -> str:
-    """'LOW..HIGH; multiple of N; at most N unit' from a field's constraints (> and < mark open ends)."""
-    low = high = ""
-    parts = []
-    for item in metadata:
-        if getattr(item, "ge", None) is not None:
-            low = _number(item.ge)
-        if getattr(item, "gt", None) is not None:
-            low = ">" + _number(item.gt)
-        if getattr(item, "le", None) is not None:
-            high = _number(item.le)
-        if getattr(item, "lt", None) is not None:
-            high = "<" + _number(item.lt)
-        if getattr(item, "multiple_of", None) is not None:
-            parts.append(f"multiple of {item.multiple_of}")
-        if getattr(item, "max_length", None) is not None:
-            parts.append(f"at most {item.max_length:,} {unit}")
-    if low or high:
-        parts.insert(0, f"{low}..{high}")
-    return "; ".join(parts)
-
-
-def request_table() -> str:
-    """The README's request table, generated from :class:`GenerationRequest`'s declarations."""
-    rows = ["| field | type, bounds | default | meaning |", "| --- | --- | --- | --- |"]
-    for name, spec in GenerationRequest.model_fields.items():
-        bounds = _bounds(spec.metadata, "items" if get_origin(spec.annotation) is list else "characters")
-        kind = _kind(spec.annotation) + (f" ({bounds})" if bounds else "")
-        default = json.dumps(spec.default) if spec.default is not None else "null"
-        rows.append(f"| `{name}` | {kind} | `{default}` | {spec.description} |")
-    return "\n".join(rows)
-
-
-TABLE_START, TABLE_END = "<!-- request-table:start -->", "<!-- request-table:end -->"
-
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:2] == ["--write"]:  # python -m worker.request.schema --write README.md
-        readme = Path(sys.argv[2])
-        text = readme.read_text()
-        head, _, rest = text.partition(TABLE_START)
-        _, _, tail = rest.partition(TABLE_END)
-        readme.write_text(f"{head}{TABLE_START}\n{request_table()}\n{TABLE_END}{tail}")
-    else:
-        print(request_table())
