@@ -67,19 +67,26 @@ def build_random_pipeline(
 
 def save_as_model_dir(pipe: Any, destination: Path, dtype_name: str = "fp16") -> Path:
     """Save ``pipe`` as a converted folder (Diffusers layout + manifest) that the worker can load."""
-    from model_build.convert import CONVERTER_VERSION, library_versions
-    from model_build.manifest import MANIFEST_FORMAT, describe_files, write_manifest
+    from model_build.convert import library_versions
+    from model_build.manifest import (
+        CONVERTER_VERSION,
+        MANIFEST_FORMAT,
+        Manifest,
+        SourceRecord,
+        describe_files,
+        write_manifest,
+    )
 
     pipe.save_pretrained(destination, safe_serialization=True)
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "converter_version": CONVERTER_VERSION,
-        "source": {"name": "random-full-size-sdxl", "sha256": "", "size": 0},
-        "config": pipe.unet.config.get("_name_or_path") or "random",
-        "dev_model": True,  # random weights: the worker labels every image as noise
-        "dtype": dtype_name,
-        "versions": library_versions(),
-        "files": describe_files(destination),
-    }
+    manifest = Manifest(
+        format=MANIFEST_FORMAT,
+        converter_version=CONVERTER_VERSION,
+        source=SourceRecord(name="random-full-size-sdxl", sha256="", size=0),
+        config=pipe.unet.config.get("_name_or_path") or "random",
+        dev_model=True,  # random weights: the worker labels every image as noise
+        dtype=dtype_name,
+        versions=library_versions(),
+        files=describe_files(destination),
+    )
     write_manifest(destination, manifest)
     return destination

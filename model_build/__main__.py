@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
             manifest = verify(args.folder, full=args.full)
             what = "sizes and sha256 of" if args.full else "sizes of"
-            print(f"{args.folder}: OK ({what} {len(manifest['files'])} files match the manifest)")
+            print(f"{args.folder}: OK ({what} {len(manifest.files)} files match the manifest)")
         elif args.command == "inspect":
             from model_build.checkpoint import inspect_checkpoint
             from model_build.source import fetch

@@ -22,13 +22,13 @@ from __future__ import annotations
 import functools
 import json
 import shutil
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from model_build.layout import BASE_FAMILY, COMPONENT_PREFIXES, REFINER_FAMILY, component_prefixes, to_original_layout
+from model_build.manifest import Manifest
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 TOKENIZER_FILES_DIR = CONFIG_ROOT / "clip_tokenizer"
@@ -79,12 +79,12 @@ def family_of_config(name: str) -> Family:
     return FAMILIES[CONFIG_FAMILY[name]]
 
 
-def family_of_manifest(manifest: Mapping) -> Family:
+def family_of_manifest(manifest: Manifest) -> Family:
     """The family of a converted folder from its manifest.json (read by the runtime to pick the pipeline class).
 
     Manifests written before the refiner converted have no "family": every one of them is a base.
     """
-    name = manifest.get("family", BASE_FAMILY)
+    name = manifest.family or BASE_FAMILY
     if name not in FAMILIES:
         raise ValueError(
             f"manifest.json says family {name!r}, which this version does not know (known: {', '.join(FAMILIES)}); "

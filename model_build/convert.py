@@ -14,27 +14,22 @@ Steps, each in its own module:
    folder into place.
 
 Killed at any moment it leaves no output folder or a complete one: the output only ever appears by
-a rename of a finished, proven and fsynced folder. Leftovers of a killed run are hidden folders
-(``.NAME.converting-*``) that the next conversion into the same output removes. Conversions into
-one output are serialised by a file lock (``NAME.lock`` beside it), so several workers starting at
-once convert once.
+a rename of a finished, proven and fsynced folder (:mod:`.output_folder`: the lock that makes
+several workers starting at once convert once, leftovers of killed runs, full or read-only disks).
+An output that already holds this conversion is left alone (:mod:`.output_state`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import gc
 import logging
 import math
-import os
-import re
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,25 +37,40 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from core.errors import NO_SPACE_ERRNOS
 from model_build.checkpoint import CheckpointInfo, inspect_checkpoint
 from model_build.checkpoint_file import TensorReader, check_file_format, read_header
-from model_build.errors import ConversionError, OutputNotWritable
+from model_build.errors import ConversionError
 from model_build.manifest import (
+    CONVERTER_VERSION,
     MANIFEST_FORMAT,
-    MANIFEST_NAME,
-    ModelFolderError,
+    Manifest,
+    ReplacedTensors,
     describe_files,
-    sha256_file,
-    verify,
     write_manifest,
 )
+from model_build.output_folder import (
+    check_output_location,
+    conversion_lock,
+    fsync_dir,
+    fsync_tree,
+    raise_output_problem,
+    remove_leftovers,
+    remove_leftovers_if_idle,
+)
+from model_build.output_state import FileIdentity, output_state
 from model_build.tensor_checks import check_cast, read_tensors
 from model_build.vae_file import VaeFile, load_vae_file
 
-__all__ = ["DTYPES", "ConversionError", "ConversionResult", "convert", "ensure_converted", "library_versions"]
+__all__ = [
+    "CONVERTER_VERSION",
+    "DTYPES",
+    "ConversionError",
+    "ConversionResult",
+    "convert",
+    "ensure_converted",
+    "library_versions",
+]
 
-CONVERTER_VERSION = "2"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Smallest first, so a damaged tensor is usually found before the 5 GB UNet is read.
 COMPONENT_ORDER = ("text_encoder", "text_encoder_2", "vae", "unet")
@@ -110,72 +120,6 @@ def library_versions() -> dict[str, str]:
     }
 
 
-class _FileIdentity:
-    """A source file's identity for the manifest, hashed only when needed (7 GB take a while)."""
-
-    def __init__(self, path: Path, name: str, sha256: str | None = None) -> None:
-        self.path, self.name = path, name
-        stat = path.stat()
-        self.size, self.mtime_ns = stat.st_size, stat.st_mtime_ns
-        self._sha256 = sha256
-
-    @property
-    def sha256(self) -> str:
-        if self._sha256 is None:
-            log.info("hashing %s (%.1f GB)", self.path.name, self.size / 1e9)
-            self._sha256 = sha256_file(self.path)
-        return self._sha256
-
-    def same_as(self, recorded: dict[str, Any] | None) -> bool:
-        if not recorded or recorded.get("size") != self.size:
-            return False
-        if recorded.get("mtime_ns") == self.mtime_ns and "sha256" in recorded and self._sha256 is None:
-            # Same size and modification time as when it was converted: trusted without rehashing, as
-            # make and rsync do, so a worker's cold start does not read 7 GB off a network volume.
-            self._sha256 = recorded["sha256"]
-        return recorded.get("sha256") == self.sha256
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "file": self.path.name,
-            "sha256": self.sha256,
-            "size": self.size,
-            "mtime_ns": self.mtime_ns,
-        }
-
-
-def _folder_state(output: Path, source: _FileIdentity, vae: _FileIdentity | None, dtype: str) -> tuple[str, str]:
-    """("missing" | "current" | "outdated" | "damaged" | "foreign", why) for an existing output."""
-    if not output.exists():
-        return "missing", ""
-    if not output.is_dir():
-        return "foreign", "is a file, not a model folder"
-    if not (output / MANIFEST_NAME).is_file():
-        if not any(output.iterdir()):
-            return "missing", ""
-        return "foreign", "exists and was not made by model_build (it has no manifest.json)"
-    try:
-        manifest = verify(output, full=False)
-    except ModelFolderError as error:
-        return "damaged", f"is damaged: {error}"
-    if manifest.get("converter_version") != CONVERTER_VERSION:
-        made_by = manifest.get("converter_version")
-        return "outdated", f"was made by converter version {made_by} (this is {CONVERTER_VERSION})"
-    recorded = manifest.get("source") or {}
-    if not source.same_as(recorded):
-        return "outdated", f"holds another checkpoint ({recorded.get('name')}, sha256 {recorded.get('sha256')})"
-    if manifest.get("dtype") != dtype:
-        return "outdated", f"holds {manifest.get('dtype')} weights, not {dtype}"
-    recorded_vae = manifest.get("vae")
-    if vae is None and recorded_vae:
-        return "outdated", f"was converted with --vae {recorded_vae.get('name')}"
-    if vae is not None and not vae.same_as(recorded_vae):
-        other = f"with another VAE ({recorded_vae.get('name')})" if recorded_vae else "without --vae"
-        return "outdated", f"was converted {other}"
-    return "current", ""
-
-
 def _release_memory() -> None:
     """Free what the last big step left and hand it back to the operating system.
 
@@ -189,133 +133,11 @@ def _release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-_NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
-
-
-def _check_output_location(output: Path) -> None:
-    """Refuse an output that cannot be written before any work: a file, under a file, or in a read-only folder.
-
-    Root may write into a folder without write permission, so only what the kernel would refuse
-    (access(2), which also reports a read-only file system) is refused here.
-    """
-    if output.exists() and not output.is_dir():
-        raise OutputNotWritable(f"--output {output} is a file, not a folder; choose another --output")
-    existing = output.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputNotWritable(
-            f"--output {output} is under {existing}, which is a file, not a folder; choose another --output"
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
-        why = "is on a read-only file system" if read_only else "is not writable by this user"
-        raise OutputNotWritable(f"--output {output}: {existing} {why}; choose a writable --output")
-
-
-def _write_errno(error: BaseException, folder: Path) -> int | None:
-    """The errno of a failed write into ``folder`` (None for other failures, e.g. reading the checkpoint)."""
-    if isinstance(error, OSError):
-        written = os.fspath(error.filename2 or error.filename or folder)
-        return error.errno if Path(os.path.abspath(written)).is_relative_to(os.path.abspath(folder)) else None
-    # safetensors' writer (Rust) raises SafetensorError("... I/O error: ... (os error 28)"): the number is only there.
-    match = re.search(r"\(os error (\d+)\)", str(error)) if isinstance(error, SafetensorError) else None
-    return int(match[1]) if match else None
-
-
 def _weights_bytes(info: CheckpointInfo, dtype: str) -> int:
     """About what the converted folder takes on disk: every converted tensor in ``dtype``."""
     header = read_header(info.path)
     size = DTYPES[dtype].itemsize
     return sum(math.prod(header.tensors[key].shape) * size for keys in info.component_keys.values() for key in keys)
-
-
-def _output_problem(error: BaseException, output: Path, needed: Callable[[], int]) -> OutputNotWritable | None:
-    """A failed write into the output's folder as a configuration error (full disk, read-only), or None."""
-    number = _write_errno(error, output.parent)
-    if number in NO_SPACE_ERRNOS:
-        return OutputNotWritable(
-            f"--output {output}: cannot write the converted model: {os.strerror(number)}. It needs about "
-            f"{needed() / 2**20:,.0f} MiB; free some space there or choose another --output"
-        )
-    if number in _NOT_WRITABLE:
-        return OutputNotWritable(
-            f"--output {output}: cannot write there ({os.strerror(number)}); choose a writable --output"
-        )
-    return None
-
-
-def _lock_path(output: Path) -> Path:
-    return output.with_name(output.name + ".lock")
-
-
-@contextlib.contextmanager
-def _conversion_lock(output: Path, timeout: float | None) -> Iterator[float]:
-    """Hold ``NAME.lock`` beside the output; yield the seconds spent waiting for it."""
-    from filelock import FileLock, Timeout
-
-    path = _lock_path(output)
-    lock = FileLock(str(path))
-    started = time.perf_counter()
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("another process is converting into %s; waiting for it (lock %s)", output, path)
-        try:
-            lock.acquire(timeout=-1 if timeout is None else timeout)
-        except Timeout as error:
-            raise ConversionError(
-                f"another process has been converting into {output} for more than {timeout:.0f} s (lock {path}). "
-                "Wait for it, or if no conversion is running, delete the lock file."
-            ) from error
-    try:
-        yield time.perf_counter() - started
-    finally:
-        lock.release()
-
-
-def _leftovers(output: Path) -> list[Path]:
-    """Temporary folders of conversions into ``output`` that were killed before cleaning up."""
-    patterns = (f".{output.name}.converting-*", f".{output.name}.old-*")
-    return sorted(path for pattern in patterns for path in output.parent.glob(pattern))
-
-
-def _remove_leftovers(output: Path) -> None:
-    """Only called while holding the lock: then no other conversion into ``output`` is running."""
-    for leftover in _leftovers(output):
-        log.info("removing %s, left by an interrupted conversion", leftover)
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _remove_leftovers_if_idle(output: Path) -> None:
-    """On a no-op, remove leftovers too (a killed --force can leave the previous model there), unless busy."""
-    from filelock import FileLock, Timeout
-
-    if not output.parent.is_dir() or not _leftovers(output):
-        return
-    try:
-        with FileLock(str(_lock_path(output)), timeout=0):
-            _remove_leftovers(output)
-    except Timeout:
-        pass  # a conversion is running; it removes them itself
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    for path in sorted(p for p in folder.rglob("*") if p.is_dir()):
-        _fsync_dir(path)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _component_tensors(
@@ -376,8 +198,8 @@ def _prove_folder(
 def _build(
     info: CheckpointInfo,
     vae_file: VaeFile | None,
-    source: _FileIdentity,
-    vae: _FileIdentity | None,
+    source: FileIdentity,
+    vae: FileIdentity | None,
     output: Path,
     dtype: str,
 ) -> None:
@@ -409,25 +231,25 @@ def _build(
             log.info("reloading %s with from_pretrained to prove it holds exactly the checkpoint", output.name)
             proofs = _prove_folder(staging, info, vae_file, dtype, tokenizers)
         _stage("proved")
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "converter_version": CONVERTER_VERSION,
-            "source": source.record(),
-            "vae": None if vae is None else {**vae.record(), "layout": vae_file.layout, "ignored": vae_file.ignored},
-            "config": info.config_name,
-            "family": info.family,  # sdxl-base or sdxl-refiner; a manifest without it is a base
-            "dev_model": info.is_dev_model,
+        manifest = Manifest(
+            format=MANIFEST_FORMAT,
+            converter_version=CONVERTER_VERSION,
+            source=source.record(),
+            vae=None if vae is None else vae.vae_record(vae_file.layout, vae_file.ignored),
+            config=info.config_name,
+            family=info.family,
+            dev_model=info.is_dev_model,
             **({"notice": DEV_MODEL_NOTICE} if info.is_dev_model else {}),
-            "dtype": dtype,
-            "source_dtypes": list(info.dtypes),
-            "tensors": proofs,
-            "ignored_tensors": list(info.ignored),
-            "replaced_tensors": {"count": len(info.replaced), "by": "--vae"} if info.replaced else None,
-            "versions": library_versions(),
-            "files": describe_files(staging),
-        }
+            dtype=dtype,
+            source_dtypes=info.dtypes,
+            tensors=proofs,
+            ignored_tensors=info.ignored,
+            replaced_tensors=ReplacedTensors(count=len(info.replaced), by="--vae") if info.replaced else None,
+            versions=library_versions(),
+            files=describe_files(staging),
+        )
         write_manifest(staging, manifest)
-        _fsync_tree(staging)
+        fsync_tree(staging)
         _stage("manifest written")
         if output.exists():
             # --force: move the previous folder into the work folder (removed below), then rename the
@@ -435,7 +257,7 @@ def _build(
             output.rename(work / "previous")
             _stage("previous output moved aside")
         staging.rename(output)
-        _fsync_dir(output.parent)
+        fsync_dir(output.parent)
         _stage("renamed into place")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -472,8 +294,8 @@ def convert(
     check_file_format(checkpoint)  # pickles are refused before anything else looks at them
     if vae_path is not None:
         check_file_format(vae_path, role="--vae file")
-    source = _FileIdentity(checkpoint, source_name or checkpoint.name, source_sha256)
-    vae_identity = _FileIdentity(vae_path, vae_name or vae_path.name, vae_sha256) if vae_path is not None else None
+    source = FileIdentity(checkpoint, source_name or checkpoint.name, source_sha256)
+    vae_identity = FileIdentity(vae_path, vae_name or vae_path.name, vae_sha256) if vae_path is not None else None
 
     def up_to_date(waited: float) -> ConversionResult:
         seconds = time.perf_counter() - started
@@ -485,17 +307,17 @@ def convert(
 
     # A finished folder only ever appears by rename, so an up-to-date one can be trusted without the
     # lock; and its source is byte for byte the one that passed every check when it was converted.
-    if not force and _folder_state(output, source, vae_identity, dtype)[0] == "current":
-        _remove_leftovers_if_idle(output)
+    if not force and output_state(output, source, vae_identity, dtype)[0] == "current":
+        remove_leftovers_if_idle(output)
         return up_to_date(0.0)
-    _check_output_location(output)
+    check_output_location(output)
     log.info("checking %s", checkpoint)
     info = inspect_checkpoint(checkpoint, vae_replaced=vae_path is not None)
     vae_file = load_vae_file(vae_path, info.config_name) if vae_path is not None else None
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        with _conversion_lock(output, lock_timeout) as waited:
-            state, why = _folder_state(output, source, vae_identity, dtype)
+        with conversion_lock(output, lock_timeout) as waited:
+            state, why = output_state(output, source, vae_identity, dtype)
             if state == "current" and not force:
                 return up_to_date(waited)  # another process converted it while this one waited
             if state == "foreign":
@@ -504,16 +326,11 @@ def convert(
                 raise ConversionError(f"{output} {why}; pass --force to replace it")
             if state != "missing":
                 log.info("replacing %s: it %s", output, why or "is replaced (--force)")
-            _remove_leftovers(output)
+            remove_leftovers(output)
             _build(info, vae_file, source, vae_identity, output, dtype)
     except (OSError, SafetensorError) as error:
-        problem = _output_problem(error, output, lambda: _weights_bytes(info, dtype))
-        if problem is None:
-            raise
-        if not isinstance(error, OSError):  # callers look for the OSError (its errno) in the chain
-            number = _write_errno(error, output.parent)
-            raise problem from OSError(number, os.strerror(number or 0), str(output))
-        raise problem from error
+        raise_output_problem(error, output, lambda: _weights_bytes(info, dtype))
+        raise
     seconds = time.perf_counter() - started
     message = f"converted {source.name} -> {output} ({dtype}, {info.config_name}) in {seconds:.1f} s"
     return ConversionResult(output, True, seconds, message, source.sha256, waited)

@@ -37,7 +37,7 @@ from model_build.layout import (
     REFINER_FAMILY,
     to_original_layout,
 )
-from model_build.manifest import read_manifest
+from model_build.manifest import Manifest, read_manifest
 
 REFINER_TEXT = REFINER_COMPONENT_PREFIXES["text_encoder_2"]  # conditioner.embedders.0.model.
 BASE_TEXT_2 = COMPONENT_PREFIXES["text_encoder_2"]  # conditioner.embedders.1.model.
@@ -185,8 +185,8 @@ def test_refiner_round_trip_is_exact(refiner_dir, refiner_tensors) -> None:
     from transformers import CLIPTextModelWithProjection
 
     manifest = read_manifest(refiner_dir)
-    assert manifest["family"] == REFINER_FAMILY and manifest["config"] == "dev_refiner"
-    assert manifest["tensors"] == {"text_encoder_2": 41, "vae": 244, "unet": 780}
+    assert manifest.family == REFINER_FAMILY and manifest.config == "dev_refiner"
+    assert manifest.tensors == {"text_encoder_2": 41, "vae": 244, "unet": 780}
     assert not (refiner_dir / "text_encoder").exists() and not (refiner_dir / "tokenizer").exists()
     loaders = {
         "unet": UNet2DConditionModel,
@@ -234,18 +234,19 @@ def test_refiner_loads_as_img2img_pipeline_and_runs_two_steps(refiner_dir) -> No
 
 def test_converted_dev_pair_has_byte_identical_vae_and_text_encoder_files(refiner_dir, dev_model_dir) -> None:
     """The engine shares the base's VAE and text_encoder_2 with the refiner when the manifests' hashes agree."""
-    base, refiner = read_manifest(dev_model_dir)["files"], read_manifest(refiner_dir)["files"]
+    base, refiner = read_manifest(dev_model_dir).files, read_manifest(refiner_dir).files
     for name in ("vae/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors", "vae/config.json"):
-        assert base[name]["sha256"] == refiner[name]["sha256"], name
+        assert base[name].sha256 == refiner[name].sha256, name
     assert base["unet/diffusion_pytorch_model.safetensors"] != refiner["unet/diffusion_pytorch_model.safetensors"]
 
 
 def test_base_manifest_records_its_family_and_old_ones_read_as_base(dev_model_dir) -> None:
-    assert read_manifest(dev_model_dir)["family"] == BASE_FAMILY
-    assert family_of_manifest({"format": 1, "files": {}}) is FAMILIES[BASE_FAMILY]  # written before refiners
-    assert family_of_manifest({"family": "sdxl-refiner"}).pipeline_class == "StableDiffusionXLImg2ImgPipeline"
+    assert read_manifest(dev_model_dir).family == BASE_FAMILY
+    assert family_of_manifest(Manifest(format=1, files={})) is FAMILIES[BASE_FAMILY]  # written before refiners
+    refiner = Manifest(format=1, files={}, family="sdxl-refiner")
+    assert family_of_manifest(refiner).pipeline_class == "StableDiffusionXLImg2ImgPipeline"
     with pytest.raises(ValueError, match=r"family 'sd3'.*convert the checkpoint again"):
-        family_of_manifest({"family": "sd3"})
+        family_of_manifest(Manifest(format=1, files={}, family="sd3"))
 
 
 # --- traps ---

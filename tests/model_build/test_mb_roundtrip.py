@@ -80,18 +80,18 @@ def test_fp16_default_and_bf16_are_the_checkpoint_cast(
 
 def test_manifest_records_source_files_and_versions(fp32_model: Path, dev_checkpoint: Path) -> None:
     manifest = read_manifest(fp32_model)
-    assert manifest["source"]["sha256"] == sha256_file(dev_checkpoint)
-    assert manifest["source"]["name"] == dev_checkpoint.name
-    assert manifest["source"]["size"] == dev_checkpoint.stat().st_size
-    assert manifest["dtype"] == "fp32" and manifest["config"] == "dev_tiny" and manifest["dev_model"] is True
-    assert manifest["converter_version"] == CONVERTER_VERSION
-    assert {"torch", "diffusers", "transformers", "safetensors"} <= set(manifest["versions"])
-    assert manifest["tensors"] == {"text_encoder": 52, "text_encoder_2": 41, "vae": 244, "unet": 620}
-    files = manifest["files"]
+    assert manifest.source.sha256 == sha256_file(dev_checkpoint)
+    assert manifest.source.name == dev_checkpoint.name
+    assert manifest.source.size == dev_checkpoint.stat().st_size
+    assert manifest.dtype == "fp32" and manifest.config == "dev_tiny" and manifest.dev_model is True
+    assert manifest.converter_version == CONVERTER_VERSION
+    assert {"torch", "diffusers", "transformers", "safetensors"} <= set(manifest.versions)
+    assert manifest.tensors == {"text_encoder": 52, "text_encoder_2": 41, "vae": 244, "unet": 620}
+    files = manifest.files
     assert "unet/diffusion_pytorch_model.safetensors" in files and "model_index.json" in files
     for relative, entry in files.items():
-        assert (fp32_model / relative).stat().st_size == entry["size"]
-        assert sha256_file(fp32_model / relative) == entry["sha256"]
+        assert (fp32_model / relative).stat().st_size == entry.size
+        assert sha256_file(fp32_model / relative) == entry.sha256
     assert not any(name.endswith((".bin", ".pt", ".ckpt")) for name in files)  # safetensors only
     verify(fp32_model, full=True)
 
@@ -109,7 +109,7 @@ def test_force_replaces_and_leaves_no_temporary_folders(fp32_model: Path, dev_ch
     output = tmp_path / "models" / "dev"
     shutil.copytree(fp32_model, output)
     forced = convert(dev_checkpoint, output, dtype="fp16", force=True)
-    assert forced.converted and read_manifest(output)["dtype"] == "fp16"
+    assert forced.converted and read_manifest(output).dtype == "fp16"
     verify(output, full=True)
     assert [p.name for p in output.parent.iterdir() if p.name != "dev.lock"] == ["dev"]
 
@@ -139,8 +139,8 @@ def test_vae_in_diffusers_layout_replaces_the_checkpoint_vae(
     result = convert(dev_checkpoint, output, dtype="fp32", vae=vae_path)
     assert result.converted
     manifest = read_manifest(output)
-    assert manifest["vae"]["sha256"] == sha256_file(vae_path) and manifest["vae"]["layout"] == "diffusers"
-    assert manifest["replaced_tensors"]["count"] == 244
+    assert manifest.vae.sha256 == sha256_file(vae_path) and manifest.vae.layout == "diffusers"
+    assert manifest.replaced_tensors.count == 244
     reloaded = load(output, torch.float32).vae.state_dict()
     assert all(torch.equal(reloaded[key], replacement[key]) for key in replacement)
     # Without --vae the same output is outdated: it was converted with another VAE.

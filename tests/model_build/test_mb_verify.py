@@ -19,8 +19,8 @@ def model_copy(dev_model_dir: Path, tmp_path: Path) -> Path:
 
 
 def test_an_intact_folder_verifies_fast_and_full(model_copy: Path) -> None:
-    assert verify(model_copy)["dtype"] == "fp16"
-    assert verify(model_copy, full=True)["files"][UNET_WEIGHTS]["size"] == (model_copy / UNET_WEIGHTS).stat().st_size
+    assert verify(model_copy).dtype == "fp16"
+    assert verify(model_copy, full=True).files[UNET_WEIGHTS].size == (model_copy / UNET_WEIGHTS).stat().st_size
     assert len(manifest_hash(model_copy)) == 16
 
 

@@ -7,7 +7,6 @@ HTTP by a real server on the loopback interface (the converter allows plain http
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -164,7 +163,7 @@ def test_checkpoint_on_the_volume_is_converted_on_first_start_once(dev_checkpoin
     model_dir = tmp_path / "models" / "dev"
     env = settings(CHECKPOINT_PATH=str(dev_checkpoint), MODEL_DIR=str(model_dir))
     assert prepare_model_dir(env, tmp_path / "no-volume") == model_dir
-    assert verify(model_dir, full=True)["dev_model"]
+    assert verify(model_dir, full=True).dev_model
     before = (model_dir / "manifest.json").stat().st_mtime_ns
     assert prepare_model_dir(env, tmp_path / "no-volume") == model_dir  # the second start finds it done
     assert (model_dir / "manifest.json").stat().st_mtime_ns == before
@@ -184,9 +183,9 @@ def test_a_url_is_downloaded_to_the_volume_converted_and_then_served_offline(ser
     model_dir = prepare_model_dir(env, volume)
     assert model_dir == volume / "models" / "sdxl-dev"
     manifest = verify(model_dir, full=True)
-    assert manifest["source"]["name"] == f"http://127.0.0.1:{server.server_address[1]}/files/sdxl-dev.safetensors"
-    assert manifest["source"]["sha256"] == sha256(server.data)
-    assert "SECRET" not in json.dumps(manifest)
+    assert manifest.source.name == f"http://127.0.0.1:{server.server_address[1]}/files/sdxl-dev.safetensors"
+    assert manifest.source.sha256 == sha256(server.data)
+    assert "SECRET" not in manifest.to_json()
     downloads = list((volume / "cache" / "model_build" / "downloads").rglob("*.safetensors"))
     assert [path.read_bytes() == server.data for path in downloads] == [True]
     server.shutdown()  # a restarted worker needs neither the network nor the download
@@ -277,5 +276,5 @@ def test_a_second_worker_waits_for_the_first_and_then_finds_the_model_converted(
         assert thread.is_alive() and not model_dir.exists() and server.ranges == []  # waiting, not downloading
         first.release()
         thread.join(timeout=240)
-    assert results == [model_dir] and verify(model_dir)["source"]["sha256"] == sha256(server.data)
+    assert results == [model_dir] and verify(model_dir).source.sha256 == sha256(server.data)
     assert "another worker is downloading or converting" in caplog.text

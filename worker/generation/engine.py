@@ -83,7 +83,7 @@ class Engine:
         require_family(self.manifest, self.model_dir, BASE_FAMILY, "MODEL_DIR")
         self.model_name = self.model_dir.name
         self.model_hash = manifest_hash(self.model_dir)
-        self.is_dev_model = bool(self.manifest.get("dev_model"))
+        self.is_dev_model = self.manifest.dev_model
         clock.lap("verify_s")
         cuda = torch.cuda.is_available()
         self.dtype = torch.float16 if cuda else torch.float32

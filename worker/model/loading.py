@@ -10,10 +10,10 @@ from typing import Any
 from core.errors import ConfigurationError
 from model_build.architectures import family_of_manifest
 from model_build.layout import REFINER_FAMILY
-from model_build.manifest import manifest_hash, verify
+from model_build.manifest import Manifest, manifest_hash, verify
 
 
-def require_family(manifest: dict[str, Any], folder: Path, family: str, setting: str) -> None:
+def require_family(manifest: Manifest, folder: Path, family: str, setting: str) -> None:
     """A folder converted from another family (a refiner as the base, a base as the refiner) is refused by name."""
     try:
         found = family_of_manifest(manifest).name
@@ -26,13 +26,8 @@ def require_family(manifest: dict[str, Any], folder: Path, family: str, setting:
         )
 
 
-def file_hash(manifest: dict[str, Any], relative: str) -> str | None:
-    entry = manifest.get("files", {}).get(relative)
-    return entry.get("sha256") if isinstance(entry, dict) else None
-
-
 def load_refiner(
-    refiner_dir: Path, base: Any, base_manifest: dict[str, Any], dtype: Any, pipeline_class: Any
+    refiner_dir: Path, base: Any, base_manifest: Manifest, dtype: Any, pipeline_class: Any
 ) -> tuple[Any, dict[str, Any]]:
     """The refiner pipeline, sharing the base's VAE and second text encoder when their files are identical."""
     manifest = verify(refiner_dir)
@@ -40,7 +35,7 @@ def load_refiner(
     shared: dict[str, Any] = {}
     for component in ("vae", "text_encoder_2"):
         weights = f"{component}/{'diffusion_pytorch_model' if component == 'vae' else 'model'}.safetensors"
-        if file_hash(manifest, weights) and file_hash(manifest, weights) == file_hash(base_manifest, weights):
+        if manifest.file_sha256(weights) and manifest.file_sha256(weights) == base_manifest.file_sha256(weights):
             shared[component] = getattr(base, component)
     refiner = pipeline_class.from_pretrained(
         refiner_dir, dtype=dtype, local_files_only=True, use_safetensors=True, **shared

@@ -154,8 +154,7 @@ def converted_from(plan: ModelPlan) -> bool:
     any) match; a local file when its size and modification time match, as make and rsync decide, so
     a restarted worker reads neither the network nor 7 GB off the volume.
     """
-    from model_build.convert import CONVERTER_VERSION
-    from model_build.manifest import MANIFEST_NAME, ModelFolderError, verify
+    from model_build.manifest import CONVERTER_VERSION, MANIFEST_NAME, ModelFolderError, verify
     from model_build.source import display_url
 
     if plan.source is None or not (plan.model_dir / MANIFEST_NAME).is_file():
@@ -164,24 +163,26 @@ def converted_from(plan: ModelPlan) -> bool:
         manifest = verify(plan.model_dir, full=False)
     except ModelFolderError:
         return False  # damaged: the conversion replaces it
-    recorded = manifest.get("source") or {}
+    recorded = manifest.source
+    if recorded is None:
+        return False
     if is_hub_name(plan.source):
-        same_file = recorded.get("name") == plan.source
+        same_file = recorded.name == plan.source
     elif has_url_scheme(plan.source):
-        same_file = recorded.get("name") == display_url(plan.source)
+        same_file = recorded.name == display_url(plan.source)
     else:
         try:
             stat = Path(plan.source).stat()
         except OSError:
             return False
-        same_file = (recorded.get("size"), recorded.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns)
+        same_file = (recorded.size, recorded.mtime_ns) == (stat.st_size, stat.st_mtime_ns)
     pin = plan.sha256  # normalized when the settings were read
     return (
         same_file
-        and (pin is None or recorded.get("sha256") == pin)
-        and manifest.get("converter_version") == CONVERTER_VERSION
-        and manifest.get("dtype") == "fp16"
-        and not manifest.get("vae")
+        and (pin is None or recorded.sha256 == pin)
+        and manifest.converter_version == CONVERTER_VERSION
+        and manifest.dtype == "fp16"
+        and manifest.vae is None
     )
 
 
