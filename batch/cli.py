@@ -79,7 +79,12 @@ def add_run_parser(commands: argparse._SubParsersAction, settings: Settings | No
     run.add_argument("--endpoint", help="send lines to a RunPod-style endpoint URL instead of a local model")
     run.add_argument("--concurrency", type=int, default=4, help="remote requests in flight (with --endpoint)")
     run.add_argument("--retries", type=int, default=5, help="retries per remote request (with --endpoint)")
-    run.add_argument("--request-timeout", type=float, default=600.0, help="seconds per remote request")
+    run.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds for one line on the endpoint, its retries included",
+    )
     run.add_argument("--claim-ttl", type=float, default=DEFAULT_TTL_S, help="seconds before a silent claim is stale")
     run.add_argument(
         "--min-free-mb",

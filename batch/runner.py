@@ -38,7 +38,15 @@ from batch.jobs import Job
 from batch.options import LocalEngineOptions
 from batch.planner import Call, Planner, Unit, split_job
 from batch.session import ShardSession
-from core.errors import ConfigurationError, CudaFailed, InvalidRequest, OutOfMemory, WorkerError, from_exception
+from core.errors import (
+    ConfigurationError,
+    CudaFailed,
+    InvalidRequest,
+    ModelFolderError,
+    OutOfMemory,
+    WorkerError,
+    from_exception,
+)
 from core.results import EncodedImage, GenerationMetadata
 from core.settings import Settings
 from worker.generation.engine import Engine, GenerationResult
@@ -76,7 +84,6 @@ def load_engine(options: LocalEngineOptions) -> Engine:
     failure another attempt may not repeat (a checkpoint download that failed, an error while
     loading) stops the run as retriable (exit code 1).
     """
-    from model_build.manifest import ModelFolderError
     from worker.model.location import prepare_model_dir, resolve_refiner_dir
 
     settings = options.settings if options.settings is not None else Settings()
@@ -92,7 +99,10 @@ def load_engine(options: LocalEngineOptions) -> Engine:
     except ConfigurationError:
         raise
     except (ModelFolderError, ValueError, OSError) as error:
-        raise ConfigurationError(f"no model: {error} (pass --model DIR or set MODEL_DIR)") from None
+        # The folder is this run's own (--model or MODEL_DIR): to a job a broken folder is retriable on another
+        # worker, to this run it is configuration.
+        reason = error.message if isinstance(error, WorkerError) else error
+        raise ConfigurationError(f"no model: {reason} (pass --model DIR or set MODEL_DIR)") from None
     except Exception as error:
         failure = from_exception(error)
         if not isinstance(error, WorkerError):

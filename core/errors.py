@@ -15,6 +15,7 @@ Messages say what is wrong and what to do, and never carry a traceback.
 from __future__ import annotations
 
 import errno
+import sys
 from typing import Any, ClassVar
 
 
@@ -64,6 +65,15 @@ class ModelMissing(WorkerError):
 
     code = "worker has no model"
     retriable = True
+
+
+class ModelFolderError(ModelMissing):
+    """A converted model folder is missing, incomplete or altered; the message says what to run.
+
+    Raised by ``model_build.manifest`` (the converter's check, the worker's and the batch runner's start-up). To a
+    job it is :class:`ModelMissing` (same code: another worker's folder may be sound); the batch runner, whose
+    folder is the one the user named, reports it as a configuration error.
+    """
 
 
 class ModelLoadFailed(WorkerError):
@@ -133,6 +143,23 @@ class ConfigurationError(WorkerError):
     code = "configuration"
 
 
+class EndpointMisconfigured(ConfigurationError):
+    """A batch run's endpoint refuses every request (HTTP 401/403/404: a wrong URL or API key); the run stops."""
+
+
+class EndpointUnavailable(WorkerError):
+    """A batch run's endpoint could not be reached or gave no usable answer (transport, 429/5xx, a bad output)."""
+
+    code = "endpoint unavailable"
+    retriable = True
+
+
+class EndpointRefused(WorkerError):
+    """A batch run's endpoint refused the request with an error this code base does not know (another worker)."""
+
+    code = "endpoint error"
+
+
 # Every kind, most specific first (error_kind_of matches prefixes in this order).
 ERROR_KINDS: tuple[type[WorkerError], ...] = (
     LoraFailed,
@@ -147,7 +174,11 @@ ERROR_KINDS: tuple[type[WorkerError], ...] = (
     InternalError,
     RetriesExhausted,
     ConfigurationError,
+    EndpointUnavailable,
+    EndpointRefused,
 )
+# Kinds that share a listed kind's code (a cause told apart in this code base, the same kind on the wire).
+REFINED_KINDS: tuple[type[WorkerError], ...] = (ModelFolderError, EndpointMisconfigured)
 
 
 def error_kind_of(message: object) -> type[WorkerError] | None:
@@ -168,17 +199,22 @@ def error_kind_of(message: object) -> type[WorkerError] | None:
 
 
 def from_exception(error: BaseException) -> WorkerError:
-    """Wrap any exception in its kind; CUDA failures are told apart by torch's types and messages.
+    """Wrap any exception in its kind; CUDA failures are told apart by torch's types (and, for torch versions that
+    raise a plain RuntimeError, its message).
 
-    torch is not imported here: an out-of-memory error is recognised by its class name, so this
-    module stays importable without torch.
+    torch is not imported here: an error can only be torch's when torch is loaded already, so this module stays
+    importable without it.
     """
     if isinstance(error, WorkerError):
         return error
     name = type(error).__name__
     text = first_line(error)
-    if name == "OutOfMemoryError" or isinstance(error, MemoryError):
+    torch = sys.modules.get("torch")
+    out_of_memory = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
+    if isinstance(error, out_of_memory):
         return OutOfMemory(f"{text or name}; try a smaller size or num_images")
-    if isinstance(error, RuntimeError) and any(word in str(error) for word in ("CUDA", "cuDNN", "cuBLAS")):
+    if isinstance(error, getattr(torch, "AcceleratorError", ())) or (
+        isinstance(error, RuntimeError) and any(word in str(error) for word in ("CUDA", "cuDNN", "cuBLAS"))
+    ):
         return CudaFailed(text)
     return InternalError(f"{name}: {text}" if text else name)

@@ -20,11 +20,9 @@ import logging
 import sys
 from pathlib import Path
 
-from core.errors import ConfigurationError, first_line
+from core.errors import ConfigurationError, WorkerError, first_line
 from core.quiet_logs import drop_unactionable_warnings
 from core.settings import CONVERT, load_settings
-from model_build.errors import ConversionError
-from model_build.manifest import ModelFolderError
 from model_build.source import default_cache_dir
 
 EXIT_OK, EXIT_REFUSED, EXIT_CONFIGURATION = 0, 1, 2
@@ -135,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIGURATION
-    except (ConversionError, ModelFolderError) as error:
+    except WorkerError as error:  # a conversion refused, a model folder that is not sound
         print(f"error: {error}", file=sys.stderr)
         return EXIT_REFUSED
     except OSError as error:  # a file that cannot be read or written: one line, never a traceback

@@ -21,6 +21,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from core.errors import ModelFolderError
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 # Recorded in every manifest: a folder made by another converter version is converted again. Bumped only when
@@ -30,10 +32,6 @@ CONVERTER_VERSION = "2"
 LOADABLE_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".json"})
 
 PredictionType = Literal["epsilon", "v_prediction"]
-
-
-class ModelFolderError(Exception):
-    """A converted model folder is missing, incomplete or altered. The message says what to run."""
 
 
 class _Record(BaseModel):

@@ -73,7 +73,7 @@ def output_state(output: Path, source: FileIdentity, vae: FileIdentity | None, d
     try:
         manifest = verify(output, full=False)
     except ModelFolderError as error:
-        return "damaged", f"is damaged: {error}"
+        return "damaged", f"is damaged: {error.message}"
     if manifest.converter_version != CONVERTER_VERSION:
         return "outdated", f"was made by converter version {manifest.converter_version} (this is {CONVERTER_VERSION})"
     if not source.same_as(manifest.source):

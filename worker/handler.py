@@ -31,10 +31,9 @@ PROGRESS_EVERY_STEPS = 5
 
 def _startup_error(error: BaseException) -> WorkerError:
     from model_build.errors import ConversionError
-    from model_build.manifest import ModelFolderError
 
     # Checked first: a converter error is a WorkerError of its own kind, but to a job it means "no model".
-    if isinstance(error, ModelFolderError | ConversionError | FileNotFoundError):
+    if isinstance(error, ConversionError | FileNotFoundError):
         return ModelMissing(first_line(error))
     if isinstance(error, WorkerError):
         return error

@@ -82,8 +82,16 @@ def test_remote_mode_stops_at_once_when_the_endpoint_refuses(worker_api_server: 
 
 def test_a_workers_error_is_classified_by_its_kind_not_by_a_list_of_texts() -> None:
     """The worker's ``error`` string is read by core.errors.error_kind_of; the kind says whether to retry."""
-    from batch.remote import EndpointRefused, worker_error
-    from core.errors import CudaFailed, InternalError, InvalidRequest, LoraFailed, ModelMissing, OutOfMemory
+    from batch.endpoint import worker_error
+    from core.errors import (
+        CudaFailed,
+        EndpointRefused,
+        InternalError,
+        InvalidRequest,
+        LoraFailed,
+        ModelMissing,
+        OutOfMemory,
+    )
 
     cases = {
         "invalid input: clip_skip 5 is deeper than this model allows (at most 1)": (InvalidRequest, False),
