@@ -4,7 +4,7 @@
                                   [--sha256 HEX] [--vae-sha256 HEX] [--cache-dir DIR] [--lock-timeout S]
     python -m model_build verify models/NAME [--full]
     python -m model_build inspect SOURCE
-    python -m model_build dev-checkpoint OUT.safetensors [--full-size] [--refiner]
+    python -m model_build dev-checkpoint OUT.safetensors [--full-size] [--refiner | --inpainting]
     python -m model_build dev-lora OUT.safetensors --model models/sdxl-dev [--kohya] [--rank R] [--seed S]
 
 SOURCE is a local .safetensors path, hf://<owner>/<repo>/<file>@<40-hex commit>, or an https:// URL.
@@ -62,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     dev = commands.add_parser("dev-checkpoint", help="write the built-in dev model as one single-file checkpoint")
     dev.add_argument("output", type=Path)
     dev.add_argument("--full-size", action="store_true", help="the real SDXL base architecture (~7 GB, fp16)")
-    dev.add_argument("--refiner", action="store_true", help="the matching SDXL refiner (same VAE and OpenCLIP encoder)")
+    kind = dev.add_mutually_exclusive_group()
+    kind.add_argument("--refiner", action="store_true", help="the matching refiner (same VAE and OpenCLIP encoder)")
+    kind.add_argument("--inpainting", action="store_true", help="the matching inpainting model (9-channel UNet)")
     lora = commands.add_parser("dev-lora", help="write a random LoRA that fits a converted model (e.g. the dev model)")
     lora.add_argument("output", type=Path, help="the .safetensors file to write")
     lora.add_argument("--model", type=Path, required=True, help="the converted model folder it must fit")
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             what = "sizes and sha256 of" if args.full else "sizes of"
             print(f"{args.folder}: OK ({what} {len(manifest.files)} files match the manifest)")
         elif args.command == "inspect":
+            from model_build.architectures import FAMILIES
             from model_build.checkpoint import inspect_checkpoint
             from model_build.source import fetch
 
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             info = inspect_checkpoint(source.path)
             counts = ", ".join(f"{component} {len(keys)}" for component, keys in info.component_keys.items())
             print(
-                f"{source.name}: {info.family.replace('sdxl-', 'SDXL ')} checkpoint, config {info.config_name}, "
+                f"{source.name}: {FAMILIES[info.family].description.removeprefix('an ')}, config {info.config_name}, "
                 f"{info.num_tensors} tensors "
                 f"({counts}; {len(info.ignored)} ignored), dtypes {', '.join(info.dtypes)}"
                 + (" [dev model: random weights]" if info.is_dev_model else "")
@@ -121,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "dev-checkpoint":
             from model_build.dev_model import DEV_MODEL_NOTICE, write_dev_checkpoint
 
-            path = write_dev_checkpoint(args.output, full_size=args.full_size, refiner=args.refiner)
+            path = write_dev_checkpoint(
+                args.output, full_size=args.full_size, refiner=args.refiner, inpainting=args.inpainting
+            )
             print(f"wrote {path} ({DEV_MODEL_NOTICE})")
         elif args.command == "dev-lora":
             from model_build.dev_lora import write_dev_lora

@@ -1,16 +1,24 @@
 """The Diffusers configs this project ships, the model family each belongs to, and the tensors each expects.
 
-Two families convert: the SDXL base (``StableDiffusionXLPipeline``: UNet, VAE, CLIP-L and
-OpenCLIP-bigG) and the SDXL refiner (``StableDiffusionXLImg2ImgPipeline``: UNet, VAE and
-OpenCLIP-bigG, conditioned on an aesthetic score). Each has a public configuration and a dev one:
+Three families convert: the SDXL base (``StableDiffusionXLPipeline``: UNet, VAE, CLIP-L and
+OpenCLIP-bigG), the SDXL inpainting model (``StableDiffusionXLInpaintPipeline``: the base's
+components, a UNet with 9 input channels) and the SDXL refiner (``StableDiffusionXLImg2ImgPipeline``:
+UNet, VAE and OpenCLIP-bigG, conditioned on an aesthetic score). Each has a public configuration and
+a dev one:
 
 * ``sdxl_base``: stabilityai/stable-diffusion-xl-base-1.0;
+* ``sdxl_inpaint``: the base's configs with ``in_channels: 9``, as A1111's ``sd_xl_inpaint.yaml``
+  says (``sd_xl_base.yaml`` with 9 input channels) and diffusers 0.42.1's single-file loader infers
+  (``infer_diffusers_model_type``: a 9-channel ``input_blocks.0.0.weight`` beside SDXL's text
+  encoders is ``xl_inpaint``, configured from diffusers/stable-diffusion-xl-1.0-inpainting-0.1);
+  the pipeline does not ask for an aesthetic score (``requires_aesthetics_score: false``);
 * ``sdxl_refiner``: stabilityai/stable-diffusion-xl-refiner-1.0 (the UNet config is what diffusers'
   ``create_unet_diffusers_config_from_ldm`` derives from Stability's ``sd_xl_refiner.yaml``:
   4 levels of 384..1536 channels, attention in levels 1 and 2, 4 transformer layers, 64-wide heads);
-* ``dev_tiny`` and ``dev_refiner``: the built-in dev models, miniatures with the same block
-  structure. The dev refiner's VAE and text encoder have the dev base's configs, as the real
-  refiner's have the real base's, so a dev base and a dev refiner share one latent space.
+* ``dev_tiny``, ``dev_inpaint`` and ``dev_refiner``: the built-in dev models, miniatures with the
+  same block structure. The dev refiner's VAE and text encoder have the dev base's configs, as the
+  real refiner's have the real base's, so a dev base and a dev refiner share one latent space; the
+  dev inpainting model is the dev base with a 9-channel UNet input.
 
 Each is a complete pipeline folder (minus weights) once ``materialize`` has copied the shared CLIP
 tokenizer files in, so diffusers' single-file loader can take it as ``config=`` and never look for
@@ -27,7 +35,14 @@ from pathlib import Path
 
 import torch
 
-from model_build.layout import BASE_FAMILY, COMPONENT_PREFIXES, REFINER_FAMILY, component_prefixes, to_original_layout
+from model_build.layout import (
+    BASE_FAMILY,
+    COMPONENT_PREFIXES,
+    INPAINT_FAMILY,
+    REFINER_FAMILY,
+    component_prefixes,
+    to_original_layout,
+)
 from model_build.manifest import Manifest
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
@@ -56,6 +71,13 @@ FAMILIES: dict[str, Family] = {
         "StableDiffusionXLImg2ImgPipeline",
         REFINER_COMPONENTS,
         ("sdxl_refiner", "dev_refiner"),
+    ),
+    INPAINT_FAMILY: Family(
+        INPAINT_FAMILY,
+        "an SDXL inpainting checkpoint",
+        "StableDiffusionXLInpaintPipeline",
+        COMPONENTS,
+        ("sdxl_inpaint", "dev_inpaint"),
     ),
 }
 CONFIG_FAMILY: dict[str, str] = {config: family.name for family in FAMILIES.values() for config in family.configs}

@@ -176,7 +176,7 @@ def account_for_tensors(
             "does not know what they are, so it will not guess"
         )
     if problems:
-        what = "an SDXL refiner checkpoint" if family.name == REFINER_FAMILY else "an SDXL checkpoint"
+        what = "an SDXL checkpoint" if family.name == BASE_FAMILY else family.description
         raise CheckpointError(
             f"{path.name} does not hold exactly the tensors of {what} ({config_name}):\n  " + "\n  ".join(problems)
         )

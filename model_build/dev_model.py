@@ -12,6 +12,11 @@ seeded weights depend only on its tensor names, shapes and the seed, so with the
 refiner's VAE and text encoder are exactly the dev base's: a pair shares one latent space, as the
 real base and refiner do.
 
+``--inpainting`` writes the dev inpainting model: the dev base with a 9-channel UNet input (the
+noisy latents, the mask and the masked image's latents), in the same key layout as
+diffusers/stable-diffusion-xl-1.0-inpainting-0.1's single file. Its VAE and text encoders are the
+dev base's, its UNet differs from the base's only in that first convolution.
+
 Its weights are random: every image it makes is noise. The file says so in its metadata.
 """
 
@@ -61,16 +66,23 @@ def dev_state_dict(config_name: str, dtype: torch.dtype, seed: int = 0) -> dict[
     return {key: tensor.contiguous() for key, tensor in checkpoint.items()}
 
 
-def dev_config_name(full_size: bool = False, refiner: bool = False) -> str:
+def dev_config_name(full_size: bool = False, refiner: bool = False, inpainting: bool = False) -> str:
     """The shipped config a dev checkpoint is built from."""
+    if refiner and inpainting:
+        raise ValueError("a dev checkpoint is a base, an inpainting model or a refiner: not both")
     if refiner:
         return "sdxl_refiner" if full_size else "dev_refiner"
+    if inpainting:
+        return "sdxl_inpaint" if full_size else "dev_inpaint"
     return "sdxl_base" if full_size else "dev_tiny"
 
 
-def write_dev_checkpoint(output: Path, full_size: bool = False, seed: int = 0, refiner: bool = False) -> Path:
-    """Write the dev base (or with ``refiner`` the dev refiner) as one single-file checkpoint; same bytes every time."""
-    config_name = dev_config_name(full_size, refiner)
+def write_dev_checkpoint(
+    output: Path, full_size: bool = False, seed: int = 0, refiner: bool = False, inpainting: bool = False
+) -> Path:
+    """Write the dev base (``refiner``: the dev refiner, ``inpainting``: the dev inpainting model) as one single-file
+    checkpoint; the same bytes every time."""
+    config_name = dev_config_name(full_size, refiner, inpainting)
     dtype = torch.float16 if full_size else torch.float32
     state_dict = dev_state_dict(config_name, dtype, seed)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,13 @@ from model_build.errors import CheckpointError, shown_names
 from model_build.layout import (
     BASE_FAMILY,
     COMPONENT_PREFIXES,
+    INPAINT_FAMILY,
     REFINER_COMPONENT_PREFIXES,
     REFINER_FAMILY,
 )
+
+UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"  # conv_in: its input channels tell a UNet's purpose
+INPAINT_CHANNELS = 9  # noisy latents (4) + mask (1) + masked image's latents (4)
 
 FAMILY_DESCRIPTIONS = {
     "sd1": "a Stable Diffusion 1.x checkpoint (one CLIP-L text encoder under cond_stage_model.transformer.)",
@@ -51,9 +55,18 @@ FAMILY_ADVICE = {
 # --- 3. what is it: family from the names, config from the shapes ---
 
 
-def identify_family(keys: Iterable[str]) -> str:
-    """``sdxl-base``, ``sdxl-refiner``, or what the file looks like instead (a key of FAMILY_DESCRIPTIONS)."""
-    keys = set(keys)
+def unet_input_channels(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    shape = shapes.get(UNET_INPUT)
+    return shape[1] if shape is not None and len(shape) == 4 else None
+
+
+def identify_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """``sdxl-base``, ``sdxl-inpaint``, ``sdxl-refiner``, or what the file looks like instead (FAMILY_DESCRIPTIONS).
+
+    An inpainting UNet is told by its first convolution, as diffusers 0.42.1 (``infer_diffusers_model_type``) and
+    A1111 1.10 (``sd_models_config``: ``sd_xl_inpaint.yaml`` when that weight has 9 input channels) tell it.
+    """
+    keys = set(shapes)
 
     def any_prefix(*prefixes: str) -> bool:
         return any(key.startswith(prefixes) for key in keys)
@@ -72,7 +85,7 @@ def identify_family(keys: Iterable[str]) -> str:
     if refiner_encoder:
         return REFINER_FAMILY
     if any_prefix("conditioner.embedders.", "model.diffusion_model.label_emb."):
-        return BASE_FAMILY
+        return INPAINT_FAMILY if unet_input_channels(shapes) == INPAINT_CHANNELS else BASE_FAMILY
     if any_prefix("cond_stage_model.model."):
         return "sd2"
     if any_prefix("cond_stage_model.transformer."):
@@ -91,14 +104,14 @@ def identify_family(keys: Iterable[str]) -> str:
 def refuse_family(path: Path, family: str, keys: Iterable[str]) -> None:
     if family in FAMILIES:
         return
-    advice = FAMILY_ADVICE.get(family, "this converter handles SDXL base and SDXL refiner checkpoints only")
+    advice = FAMILY_ADVICE.get(family, "this converter handles SDXL base, inpainting and refiner checkpoints only")
     first = f" (first tensors: {shown_names(sorted(keys))})" if family == "unknown" else ""
     raise CheckpointError(f"{path.name} looks like {FAMILY_DESCRIPTIONS[family]}{first}; {advice}.")
 
 
 def expected_checkpoint_shape(config_name: str, key: str) -> tuple[int, ...] | None:
     """One tensor's expected shape, read from the config without building the model."""
-    if key != "model.diffusion_model.input_blocks.0.0.weight":
+    if key != UNET_INPUT:
         tensor = expected_checkpoint(config_name).get(key)
         return tensor.shape if tensor else None
     unet = load_component_config(config_name, "unet")
@@ -111,9 +124,8 @@ def choose_config(
     """The shipped config of ``family`` whose tensor shapes this checkpoint has; an error naming sizes if none fits."""
     # Building a config's expected tensors costs a second for sdxl_base, so the UNet's first
     # convolution picks the candidate; all the family's configs are scored only when it matches none.
-    signature = "model.diffusion_model.input_blocks.0.0.weight"
     configs = FAMILIES[family].configs
-    candidates = [name for name in configs if expected_checkpoint_shape(name, signature) == shapes.get(signature)]
+    candidates = [name for name in configs if expected_checkpoint_shape(name, UNET_INPUT) == shapes.get(UNET_INPUT)]
     scores = {}
     for name in candidates if len(candidates) == 1 else configs:
         expected = expected_checkpoint(name)
@@ -130,17 +142,18 @@ def choose_config(
         if key in shapes and shapes[key] != tensor.shape and not (vae_replaced and tensor.component == "vae")
     ]
     if mismatched:
-        conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
-        if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
+        channels = unet_input_channels(shapes)
+        if channels not in (None, 4, INPAINT_CHANNELS):
             raise CheckpointError(
-                f"{path.name} has a UNet with {conv_in[1]} input channels (SDXL base has 4): an inpainting or "
-                "other special-purpose SDXL variant, which this converter does not support."
+                f"{path.name} has a UNet with {channels} input channels (an SDXL base has 4, an SDXL inpainting "
+                f"model {INPAINT_CHANNELS}): a special-purpose SDXL variant (an instruct-pix2pix style editing "
+                "model has 8), which this converter does not support."
             )
         _refuse_other_family_unet(path, shapes, family)
         details = shown_names(f"{k} is {list(shapes[k])}, expected {list(expected[k].shape)}" for k in mismatched)
         raise CheckpointError(
             f"{path.name} is SDXL-shaped but its tensor sizes match no shipped config (closest: {best}, "
-            f"{len(mismatched)} tensors differ: {details}). Only the SDXL base and SDXL refiner architectures "
+            f"{len(mismatched)} tensors differ: {details}). Only the SDXL base, inpainting and refiner architectures "
             f"({', '.join(KNOWN_CONFIGS)}) convert."
         )
     return best

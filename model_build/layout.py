@@ -9,9 +9,11 @@ block structure). Two users:
   checkpoint for a given config must contain, so a missing or unknown tensor is named before
   diffusers turns it into "Cannot copy out of meta tensor" or a silent random initialisation.
 
-Two families share these names: the SDXL base (UNet, VAE, CLIP-L and OpenCLIP-bigG) and the SDXL
-refiner (UNet, VAE and OpenCLIP-bigG only). Their tensors are named alike, except that the
-refiner's single text encoder sits where the base keeps CLIP-L, at ``conditioner.embedders.0``.
+Three families share these names: the SDXL base (UNet, VAE, CLIP-L and OpenCLIP-bigG), the SDXL
+inpainting model (the base's components; its UNet takes 9 input channels: the noisy latents, the
+mask and the masked image's latents) and the SDXL refiner (UNet, VAE and OpenCLIP-bigG only). Their
+tensors are named alike, except that the refiner's single text encoder sits where the base keeps
+CLIP-L, at ``conditioner.embedders.0``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 BASE_FAMILY = "sdxl-base"
 REFINER_FAMILY = "sdxl-refiner"
+INPAINT_FAMILY = "sdxl-inpaint"
 
 # The original checkpoint's top-level prefix of each pipeline component of an SDXL base.
 COMPONENT_PREFIXES: dict[str, str] = {
@@ -40,6 +43,7 @@ REFINER_COMPONENT_PREFIXES: dict[str, str] = {
 FAMILY_PREFIXES: dict[str, dict[str, str]] = {
     BASE_FAMILY: COMPONENT_PREFIXES,
     REFINER_FAMILY: REFINER_COMPONENT_PREFIXES,
+    INPAINT_FAMILY: COMPONENT_PREFIXES,
 }
 
 

@@ -53,6 +53,24 @@ def dev_refiner_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def dev_inpaint_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dev inpainting model as one single file: the dev base with a 9-channel UNet input (same VAE, encoders)."""
+    from model_build.dev_model import write_dev_checkpoint
+
+    return write_dev_checkpoint(tmp_path_factory.mktemp("checkpoint") / "sdxl-dev-inpaint.safetensors", inpainting=True)
+
+
+@pytest.fixture(scope="session")
+def dev_inpaint_model_dir(dev_inpaint_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dev inpainting model, converted (fp16 on disk): loads with StableDiffusionXLInpaintPipeline."""
+    from model_build.convert import convert
+
+    output = tmp_path_factory.mktemp("models") / "sdxl-dev-inpaint"
+    convert(dev_inpaint_checkpoint, output)
+    return output
+
+
+@pytest.fixture(scope="session")
 def worker_api_server(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The worker's local RunPod API server (``--rp_serve_api``) on a free loopback port; yields its base URL.
 

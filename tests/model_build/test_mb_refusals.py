@@ -192,13 +192,6 @@ def test_sdxl_of_unknown_sizes_names_the_differing_tensors(dev_tensors, write_ch
         convert(write_checkpoint(tensors), tmp_path / "out")
 
 
-def test_inpainting_unet_is_named(dev_tensors, write_checkpoint, tmp_path) -> None:
-    tensors = dict(dev_tensors)
-    tensors["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3)
-    with pytest.raises(CheckpointError, match=r"UNet with 9 input channels .* inpainting"):
-        convert(write_checkpoint(tensors), tmp_path / "out")
-
-
 @pytest.mark.parametrize(
     ("key", "value", "counts"),
     [
