@@ -11,7 +11,8 @@ import torch
 
 from core.errors import InvalidRequest
 from tests.support.dev_pipes import load_dev_pipe, one_torch_thread
-from worker.prompting.encoding import EncodedPrompts, PromptEncoder
+from worker.prompting.encoded import EncodedPrompts
+from worker.prompting.encoding import PromptEncoder
 from worker.prompting.stepping import conditioning_callback
 
 STEPS = 4

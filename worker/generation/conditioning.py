@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from worker.prompting.encoding import EncodedPrompts
+from worker.prompting.encoded import EncodedPrompts
 from worker.prompting.stepping import CallCounter, StageSteps
 from worker.request.samplers import schedule_steps
 from worker.request.schema import GenerationRequest

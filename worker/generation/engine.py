@@ -39,7 +39,8 @@ from worker.generation.seeds import image_seeds, resolve_seed
 from worker.generation.stages import ProgressCallback, StageRunner
 from worker.model.loading import PhaseClock, load_refiner, require_family
 from worker.model.placement import Placement
-from worker.prompting.encoding import EncodedPrompts, PromptEncoder
+from worker.prompting.encoded import EncodedPrompts
+from worker.prompting.encoding import PromptEncoder
 from worker.prompting.stepping import SAME_STEPS
 from worker.request.samplers import schedule_steps
 from worker.request.schema import GenerationRequest

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from worker.prompting.encoding import EncodedPrompts
+from worker.prompting.encoded import EncodedPrompts
 from worker.request.schema import GROUP_FIELDS, GenerationRequest
 
 

@@ -10,7 +10,7 @@ from core.results import GenerationMetadata, Timings
 from model_build.dev_model import DEV_MODEL_NOTICE
 from worker.adapters.lora.manager import AppliedLora
 from worker.generation.conditioning import Stage
-from worker.prompting.encoding import EncodedPrompts
+from worker.prompting.encoded import EncodedPrompts
 from worker.prompting.stepping import texts_per_call
 from worker.request.schema import GenerationRequest
 

@@ -1,7 +1,10 @@
 """Prompts for SDXL: A1111 syntax (weights, BREAK, prompt editing), no 77-token limit, exact for short prompts.
 
-One module per stage: ``schedule`` (prompt editing and alternation) -> ``syntax`` (attention weights, BREAK) ->
-``chunks`` (tokens into 77-token chunks) -> ``encoding`` (``PromptEncoder``, ``EncodedPrompts``), with ``weighting``
-(token weights on hidden states), ``cache`` (the byte-bounded result cache), ``graphs`` (CUDA graphs of the text
-encoders) and ``stepping`` (the denoising-loop callback that switches an edited prompt's conditioning).
+``encoding.PromptEncoder`` runs the stages and owns their state; its result is ``encoded.EncodedPrompts``.
+Stages in the order a prompt flows: ``texts`` (the four fields per encoder side, the joint edit schedule) with
+``schedule`` (one text's prompt editing and alternation) -> ``cache`` (the byte-bounded result cache, keyed with
+``encoder_state``: placement and PEFT adapters) -> ``vocabulary`` (tokenizing, with ``syntax``: attention weights,
+BREAK; ``chunks``: 77-token chunks) -> ``encoders`` (running the text encoders over ``slots``, the tokenizer / encoder
+pairs, with ``weighting`` and ``graphs``: CUDA graphs) -> ``describe`` (metadata). ``stepping`` is the denoising-loop
+callback that switches an edited prompt's conditioning.
 """

@@ -28,7 +28,7 @@ from typing import Any, Final
 
 import torch
 
-from worker.prompting.encoding import EncodedPrompts
+from worker.prompting.encoded import EncodedPrompts
 
 StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
 EDITING_TENSOR_INPUTS: Final = ["prompt_embeds", "add_text_embeds"]
