@@ -5,7 +5,7 @@
     python -m model_build verify models/NAME [--full]
     python -m model_build inspect SOURCE
     python -m model_build dev-checkpoint OUT.safetensors [--full-size] [--refiner | --inpainting]
-    python -m model_build dev-lora OUT.safetensors --model models/sdxl-dev [--kohya] [--rank R] [--seed S]
+    python -m model_build dev-lora OUT.safetensors --model models/sdxl-dev [--kohya] [--kind loha|lokr] [--rank R]
 
 SOURCE is a local .safetensors path, hf://<owner>/<repo>/<file>@<40-hex commit>, or an https:// URL.
 
@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     lora.add_argument("output", type=Path, help="the .safetensors file to write")
     lora.add_argument("--model", type=Path, required=True, help="the converted model folder it must fit")
     lora.add_argument("--kohya", action="store_true", help="Kohya/A1111 key names instead of diffusers' (peft)")
+    lora.add_argument(
+        "--kind",
+        choices=("lora", "loha", "lokr"),
+        default="lora",
+        help="lora (default), or a LyCORIS loha/lokr file (always Kohya/LyCORIS key names)",
+    )
     lora.add_argument("--rank", type=int, default=4)
     lora.add_argument("--seed", type=int, default=0)
     return parser
@@ -130,11 +136,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path} ({DEV_MODEL_NOTICE})")
         elif args.command == "dev-lora":
             from model_build.dev_lora import write_dev_lora
+            from model_build.dev_lycoris import write_dev_lycoris
             from model_build.manifest import verify
 
             verify(args.model)  # a clear error for a folder that is not a converted model
-            path = write_dev_lora(args.model, args.output, kohya=args.kohya, rank=args.rank, seed=args.seed)
-            print(f"wrote {path}: a random LoRA for {args.model} (its images are noise, as the dev model's)")
+            if args.kind == "lora":
+                path = write_dev_lora(args.model, args.output, kohya=args.kohya, rank=args.rank, seed=args.seed)
+            else:
+                path = write_dev_lycoris(args.model, args.output, args.kind, rank=args.rank, seed=args.seed)
+            kind = {"lora": "LoRA", "loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr"}[args.kind]
+            print(f"wrote {path}: a random {kind} for {args.model} (its images are noise, as the dev model's)")
     except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIGURATION

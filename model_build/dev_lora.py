@@ -16,7 +16,6 @@ one ``alpha`` scalar per layer. Both files of one LoRA must give the same images
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,8 @@ class RandomLora:
         return sum(t.numel() * t.element_size() for part in self.layers.values() for t in part.values())
 
 
-def _targets(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[tuple[str, torch.nn.Module]]:
+def adaptable_layers(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[tuple[str, torch.nn.Module]]:
+    """``model``'s Linear and Conv2d layers whose path ends with one of ``suffixes``, with their paths."""
     found = []
     for name, module in model.named_modules():
         layer = getattr(module, "base_layer", module)  # a layer that already carries adapters: its base layer
@@ -84,7 +84,7 @@ def random_lora(
     scaling = lora.alpha / rank
     for component in components:
         model = getattr(pipe, component)
-        targets = _targets(model, unet_targets if component == "unet" else text_targets)
+        targets = adaptable_layers(model, unet_targets if component == "unet" else text_targets)
         part: dict[str, torch.Tensor] = {}
         for name, module in targets:
             shape_down, shape_up, fan_in = _lora_shapes(module, rank)
@@ -123,37 +123,27 @@ def save_diffusers_lora(lora: RandomLora, path: Path) -> Path:
     return path
 
 
-def sgm_unet_module_name(name: str, layers_per_block: int) -> str:
-    """diffusers UNet module path -> the original (sgm) path Kohya names SDXL LoRA layers after."""
-    per_level = layers_per_block + 1  # resnets plus the down/upsampler
-    match = re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
-    if match:
-        block, index, rest = int(match[1]), int(match[2]), match[3]
-        return f"input_blocks.{block * per_level + index + 1}.1.{rest}"
-    match = re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
-    if match:
-        block, index, rest = int(match[1]), int(match[2]), match[3]
-        return f"output_blocks.{block * per_level + index}.1.{rest}"
-    match = re.match(r"mid_block\.attentions\.0\.(.*)", name)
-    if match:
-        return f"middle_block.1.{match[1]}"
-    raise ValueError(f"no sgm name for UNet module {name!r} (only transformer blocks are mapped)")
+def kohya_name(pipe: Any, component: str, module: str) -> str:
+    """The name Kohya's sd-scripts (and LyCORIS) give an SDXL layer: the original (sgm) module path for the UNet
+    (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), transformers' for the text encoders."""
+    from model_build.layout import to_original_layout
+
+    if component == "unet":
+        (key,) = to_original_layout("unet", {f"{module}.weight": torch.empty(0)}, pipe.unet.config)
+        return "lora_unet_" + key.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(".", "_")
+    full = module if module.startswith("text_model.") else f"text_model.{module}"
+    return ("lora_te1_" if component == "text_encoder" else "lora_te2_") + full.replace(".", "_")
 
 
 def kohya_state_dict(lora: RandomLora, pipe: Any) -> dict[str, torch.Tensor]:
     """The LoRA under Kohya sd-scripts' SDXL names (lora_unet_input_blocks_..., lora_te1_text_model_...)."""
-    layers_per_block = pipe.unet.config.layers_per_block
     state: dict[str, torch.Tensor] = {}
     for component, part in lora.layers.items():
         for key, tensor in part.items():
             module, kind = key.split(".lora_")
-            if component == "unet":
-                kohya_name = "lora_unet_" + sgm_unet_module_name(module, layers_per_block).replace(".", "_")
-            else:
-                full = module if module.startswith("text_model.") else f"text_model.{module}"
-                kohya_name = ("lora_te1_" if component == "text_encoder" else "lora_te2_") + full.replace(".", "_")
-            state[f"{kohya_name}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = tensor.contiguous()
-            state[f"{kohya_name}.alpha"] = torch.tensor(lora.alpha, dtype=tensor.dtype)
+            name = kohya_name(pipe, component, module)
+            state[f"{name}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = tensor.contiguous()
+            state[f"{name}.alpha"] = torch.tensor(lora.alpha, dtype=tensor.dtype)
     return state
 
 
@@ -171,6 +161,12 @@ def save_kohya_lora(lora: RandomLora, pipe: Any, path: Path, extra: dict[str, to
     return path
 
 
+def load_dev_pipeline(model_dir: Path) -> Any:
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(model_dir, local_files_only=True, use_safetensors=True)
+
+
 def write_dev_lora(
     model_dir: Path, output: Path, kohya: bool = False, rank: int = 4, seed: int = 0, strength: float = 1.0
 ) -> Path:
@@ -178,9 +174,7 @@ def write_dev_lora(
 
     Its images are as meaningless as the dev model's; it exists so the LoRA code path can be tried end to end.
     """
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, local_files_only=True, use_safetensors=True)
+    pipe = load_dev_pipeline(model_dir)
     lora = random_lora(pipe, rank=rank, seed=seed, strength=strength)
     if kohya:
         return save_kohya_lora(lora, pipe, output)

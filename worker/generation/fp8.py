@@ -10,7 +10,7 @@ bf16, then cast back to the UNet's dtype. Under ``torch.compile`` Inductor fuses
 Why the weight is quantised on every call rather than once: the layer's parameter stays the 16-bit weight, so
 everything that reads or writes weights is unchanged. A job's LoRAs merged into the weight (``LORA_FUSE=1``) are
 quantised together with it at the next call, and restoring the weight bit for bit restores the layer bit for bit;
-peft's LoRA layers (``LORA_FUSE=0``, DoRA) wrap an :class:`Fp8Linear` like any ``nn.Linear`` (the base product
+peft's LoRA layers (``LORA_FUSE=0``) wrap an :class:`Fp8Linear` like any ``nn.Linear`` (the base product
 in FP8, the LoRA product in 16 bits). The cost is one read of each weight per step (~2.4 GB for SDXL at 4.8 TB/s:
 ~0.5 ms of a ~30 ms step); the memory is the same as without FP8.
 

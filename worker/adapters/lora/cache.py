@@ -22,6 +22,7 @@ from typing import Any
 from core.errors import first_line
 from worker.adapters.lora.files import LORA_TARGETS, PreparedLora, prepare_lora, read_lora_file
 from worker.adapters.lora.layers import LayerIndex, offload_mode, restore_offload
+from worker.adapters.lora.merged_files import MergedLora, is_merged_only, prepare_merged
 from worker.adapters.lora.sources import LoraError, LoraSettings, LoraSource
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class LoadedAdapter:
     param_bytes: int
     load_s: float
     phases: dict[str, float]  # read (disk + sha256), prepare (convert + check), inject (peft)
+    kind: str = "LoRA"  # what the file is: "LoRA", or for merged files "LoHa", "LoKr", "LoRA+DoRA", ...
+    merged: MergedLora | None = None  # layers merged into the weights per job, instead of peft layers
 
 
 def adapter_name(source: LoraSource) -> str:
@@ -81,33 +84,48 @@ class AdapterCache:
         started = time.perf_counter()
         lora_file = read_lora_file(source.path, source.label)
         read_done = time.perf_counter()
-        prepared = prepare_lora(self.pipe, lora_file, source.label)
+        merged: MergedLora | None = None
+        if is_merged_only(list(lora_file.tensors)):
+            merged = prepare_merged(self.pipe, lora_file, source.label)
+            lora_format, components, layers, incoming = (
+                merged.format,
+                merged.components,
+                merged.layer_counts,
+                merged.nbytes,
+            )
+        else:
+            prepared = prepare_lora(self.pipe, lora_file, source.label)
+            lora_format, components, layers = prepared.format, prepared.components, dict(prepared.layers)
+            incoming = sum(tensor.numel() * tensor.element_size() for tensor in prepared.state_dict.values())
         prepare_done = time.perf_counter()
-        incoming = sum(tensor.numel() * tensor.element_size() for tensor in prepared.state_dict.values())
         self._make_room(incoming, keep)
-        self._inject(name, prepared, source.label)
+        if merged is None:
+            self._inject(name, prepared, source.label)
         finished = time.perf_counter()
         adapter = LoadedAdapter(
             adapter_name=name,
             source=source,
             sha256=lora_file.sha256,
-            format=prepared.format,
-            components=prepared.components,
-            layers=dict(prepared.layers),
-            param_bytes=self._adapter_bytes(name),
+            format=lora_format,
+            components=components,
+            layers=layers,
+            param_bytes=incoming if merged is not None else self._adapter_bytes(name),
             load_s=finished - started,
             phases={
                 "read_s": read_done - started,
                 "prepare_s": prepare_done - read_done,
                 "inject_s": finished - prepare_done,
             },
+            kind=merged.kind if merged is not None else "LoRA",
+            merged=merged,
         )
         self.adapters[name] = adapter
         self.loads += 1
         log.info(
-            "loaded LoRA %s (%s, %s, %.1f MiB) in %.2f s",
+            "loaded LoRA %s (%s %s, %s, %.1f MiB) in %.2f s",
             source.label,
-            prepared.format,
+            adapter.format,
+            adapter.kind,
             "+".join(adapter.components),
             adapter.param_bytes / 2**20,
             adapter.load_s,
@@ -125,7 +143,10 @@ class AdapterCache:
 
     def evict(self, name: str) -> None:
         adapter = self.adapters.pop(name)
-        self._remove_adapter(name)
+        if adapter.merged is None:
+            self._remove_adapter(name)
+        else:
+            self.after_removal()  # nothing in the model to delete; its merged weights (if any) are restored
         self.evictions += 1
         log.info("unloaded LoRA %s (least recently used)", adapter.source.label)
 

@@ -2,7 +2,7 @@
 
 diffusers' loaders accept a lot and complain little: a LoRA for another base model loads its
 matching layers and drops the rest with a log warning, a shape mismatch fails half-way through
-injection, keys of an unknown prefix are ignored, and DoRA scales are silently discarded. This
+injection, keys of an unknown prefix are ignored, and Kohya DoRA scales are silently discarded. This
 module reads the file once (bytes -> sha256 + tensors, never pickle), converts Kohya/A1111 keys
 with diffusers' own converters, and checks every target layer's existence and shapes against the
 pipeline, so an unusable LoRA is a :class:`LoraError` naming it, and the model is never touched.
@@ -31,16 +31,14 @@ SINGLE_TEXT_ENCODER_PREFIX = "lora_te_"
 DIFFUSERS_PREFIXES = tuple(f"{component}." for component in LORA_TARGETS)
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights keeps the LoraConfig
 _MAX_EXAMPLES = 3
-# Key fragments of adapter types the SDXL LoRA loaders cannot apply faithfully.
+# Key fragments of adapter types this worker does not apply (LoHa, LoKr, Tucker LoCon and DoRA are merged into the
+# weights instead of loaded here: .merged_files).
 _UNSUPPORTED_FRAGMENTS = {
-    "dora_scale": "DoRA",
-    "lora_magnitude_vector": "DoRA",
-    "hada_": "LyCORIS LoHa",
-    "lokr_": "LyCORIS LoKr",
-    "lora_mid": "LyCORIS LoCon with Tucker decomposition",
     ".diff": "a full-weight difference (LyCORIS 'full')",
     ".oft_": "OFT",
 }
+# What a plain Kohya LoRA/LoCon layer holds (the other adapter types go to .merged_files).
+_KOHYA_LORA_SUFFIXES = {"lora_down.weight", "lora_up.weight", "alpha"}
 # Width of the UNet's cross-attention input in other Stable Diffusion families: a hint for the error message.
 _CROSS_ATTENTION_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 4096: "a transformer model"}
 
@@ -147,11 +145,17 @@ def prepare_lora(pipe: Any, lora_file: LoraFile, label: str) -> PreparedLora:
     unsupported = sorted({kind for key in keys for fragment, kind in _UNSUPPORTED_FRAGMENTS.items() if fragment in key})
     if unsupported:
         raise LoraError(
-            f"LoRA {label!r} is {' and '.join(unsupported)}, which this worker cannot apply faithfully; use a plain "
-            "LoRA (lora_down/lora_up or lora_A/lora_B weights)"
+            f"LoRA {label!r} is {' and '.join(unsupported)}, which this worker does not apply; use a LoRA, LoCon, "
+            "LoHa, LoKr or DoRA file"
         )
     lora_format = detect_format(keys, label)
     if lora_format == "kohya":
+        unknown = sorted({key.partition(".")[2] for key in keys} - _KOHYA_LORA_SUFFIXES)
+        if unknown:
+            raise LoraError(
+                f"LoRA {label!r} has keys of no supported adapter type ({', '.join(unknown[:_MAX_EXAMPLES])}; "
+                "e.g. LyCORIS IA3, GLoRA or norm layers); use a LoRA, LoCon, LoHa, LoKr or DoRA file"
+            )
         missing_up = [
             key
             for key in keys
@@ -185,7 +189,7 @@ def prepare_lora(pipe: Any, lora_file: LoraFile, label: str) -> PreparedLora:
         if model is None:
             problems.append(f"it adapts {component}, which this pipeline does not have")
             continue
-        peft_part = _to_peft_keys(part, component, model)
+        peft_part = to_peft_keys(part, component, model)
         layers, component_problems = _check_component(model, component, peft_part)
         prepared.layers[component] = layers
         prepared.state_dict.update({prefix + key: value for key, value in _loader_keys(component, peft_part).items()})
@@ -203,7 +207,7 @@ def prepare_lora(pipe: Any, lora_file: LoraFile, label: str) -> PreparedLora:
     return prepared
 
 
-def _to_peft_keys(part: dict[str, torch.Tensor], component: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def to_peft_keys(part: dict[str, torch.Tensor], component: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Keys as peft names them (``<module path>.lora_A.weight``), from any diffusers-era spelling."""
     from diffusers.utils.state_dict_utils import (
         DIFFUSERS_OLD_TO_DIFFUSERS,

@@ -4,12 +4,13 @@ Per job, each adapted layer runs exactly the requested adapters with their scale
 gets its original module back in place of the peft wrapper: a job without LoRAs runs the very modules of a fresh
 worker, bit-identical and at the same speed. In the UNet (``LORA_FUSE=1``, the default) the job's adapters are
 merged into the weights instead, as A1111 applies LoRAs (:mod:`.fusion`); the text encoders (run once per job) keep
-peft's layers (:mod:`.layers`). A LoRA with scale 0 contributes nothing, so it is resolved (a typo is still an
-error) but never loaded.
+peft's layers (:mod:`.layers`). LoHa, LoKr, Tucker LoCon and DoRA files are merged in every component
+(:mod:`.merged_files`). A LoRA with scale 0 contributes nothing, so it is resolved (a typo is still an error) but
+never loaded.
 
 State, each piece owned by one object: which adapters are loaded (:class:`.cache.AdapterCache`), where the wrapped
-layers are (:class:`.layers.LayerIndex`), how they are activated (:class:`.layers.Activation`), what the UNet's
-merged weights hold and their saved originals (:class:`.fusion.UnetFusion`); this manager only decides, per job.
+layers are (:class:`.layers.LayerIndex`), how they are activated (:class:`.layers.Activation`), what the merged
+weights hold and their saved originals (:class:`.fusion.WeightMerges`); this manager only decides, per job.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 from core.settings import Settings
 from worker.adapters.lora.cache import AdapterCache, LoadedAdapter, adapter_name
 from worker.adapters.lora.files import LORA_TARGETS
-from worker.adapters.lora.fusion import UnetFusion
+from worker.adapters.lora.fusion import Step, WeightMerges
 from worker.adapters.lora.layers import Activation, LayerIndex
 from worker.adapters.lora.sources import LoraError, LoraResolver, LoraSettings, LoraSource
 
@@ -51,7 +52,10 @@ class AppliedLora:
             entry["note"] = "scale 0 contributes nothing; not applied"
         if self.adapter is not None:
             entry.update(
-                sha256=self.adapter.sha256[:12], format=self.adapter.format, components=self.adapter.components
+                sha256=self.adapter.sha256[:12],
+                format=self.adapter.format,
+                type=self.adapter.kind,
+                components=self.adapter.components,
             )
         return entry
 
@@ -79,7 +83,7 @@ class LoraManager:
         self.on_text_encoder_change = on_text_encoder_change
         self.layers = LayerIndex()
         self.activation = Activation()
-        self.fusion = UnetFusion(pipe)
+        self.fusion = WeightMerges(pipe)
         self.cache = AdapterCache(pipe, self.settings, self.layers, after_removal=self._reapply)
         self._current_weights: dict[str, float] = {}  # adapter name -> scale, as the current job asked
         self._text_encoder_state: tuple = ()  # what the text encoders run now: ((component, ((name, w), ...)), ...)
@@ -156,32 +160,40 @@ class LoraManager:
 
     def _reapply(self) -> None:
         """Per component: run exactly the current adapters it has, or disable its LoRA layers entirely."""
-        weights = self._current_weights
         text_encoder_state = []
         for component in LORA_TARGETS:
             model = getattr(self.pipe, component, None)
+            if model is None:
+                continue
             present = getattr(model, "peft_config", None) or {}
-            if model is None or component not in self.cache.wrapped:
-                continue  # no peft wrapper was ever put into it
-            names = [name for name in weights if name in present]
-            scales = [float(weights[name]) for name in names]
-            self._activate_component(component, model, names, scales)
+            steps: list[Step] = []  # the job's adapters this component has, in request order
+            for name, scale in self._current_weights.items():
+                adapter = self.cache.adapters.get(name)
+                if adapter is not None and adapter.merged is not None:
+                    if component in adapter.merged.layers:
+                        steps.append((name, float(scale), adapter.merged.layers[component]))
+                elif name in present:
+                    steps.append((name, float(scale), None))
+            self._activate_component(component, model, steps)
             if component != "unet":
-                text_encoder_state.append((component, tuple(zip(names, scales, strict=True))))
+                text_encoder_state.append((component, tuple((name, scale) for name, scale, _ in steps)))
         state = tuple(entry for entry in text_encoder_state if entry[1])
         if state != self._text_encoder_state:
             self._text_encoder_state = state
             if self.on_text_encoder_change is not None:
                 self.on_text_encoder_change()  # cached prompt embeddings were made with other text-encoder weights
 
-    def _activate_component(self, component: str, model: Any, names: list[str], scales: list[float]) -> None:
-        records = self.layers.of(component, model)
-        if component == "unet":
-            fuse = self.settings.fuse_unet
-            if fuse and self.fusion.holds(records, names, scales):
-                return  # the same LoRAs merged into the same layers: the weights already hold this job's values
-            self.fusion.restore()  # the previous job's merged weights out first, whatever this job does
-            if fuse and self.fusion.possible(records, names):
-                self.fusion.merge(records, names, scales)
-                return
-        self.activation.apply(component, model, records, names, scales)
+    def _activate_component(self, component: str, model: Any, steps: list[Step]) -> None:
+        """Merge what is merged (see :mod:`.fusion`), run the rest in peft's layers."""
+        peft_names = [name for name, _, layers in steps if layers is None]
+        peft_scales = [scale for _, scale, layers in steps if layers is None]
+        records = self.layers.of(component, model) if component in self.cache.wrapped else []
+        fuse = component == "unet" and self.settings.fuse_unet and self.fusion.fusable(records, peft_names)
+        merged_steps = [step for step in steps if fuse or step[2] is not None]
+        fused_records = records if fuse and records else None
+        if not self.fusion.holds(component, fused_records, merged_steps):
+            # The previous job's merged weights out first, whatever this job does.
+            self.fusion.restore(component)
+            self.fusion.merge(component, model, fused_records, merged_steps)
+        if records and not fuse:
+            self.activation.apply(component, model, records, peft_names, peft_scales)
