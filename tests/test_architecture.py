@@ -42,3 +42,12 @@ def test_the_core_imports_without_torch_diffusers_or_pydantic() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_job_enters_the_engine_once_and_nothing_calls_back_into_it(dev_model_dir: Path) -> None:
+    """The engine orchestrates: the handler calls it once per job; the parts it calls never call back into it."""
+    from tests.job_path import ENGINE, JOB, job_path
+
+    path = job_path(dev_model_dir, JOB)
+    assert path.calls_into(ENGINE) == {"worker/handler.py": 1}
+    assert {"worker/generation/stages.py", "worker/generation/decode.py"} <= set(path.engine_calls)
