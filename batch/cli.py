@@ -138,12 +138,11 @@ def run_kind(args: argparse.Namespace, settings: Settings) -> RunKind:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from batch.execute import run_shard
-    from batch.session import describe_summary
 
     summary = run_shard(run_options(args, settings), run_kind(args, settings))
-    print(describe_summary(summary), file=sys.stderr)
-    print(json.dumps(summary, sort_keys=True))  # one machine-readable line (also in _batch/shards/summary-*.json)
-    return summary["exit_code"]
+    print(summary.describe(), file=sys.stderr)
+    print(summary.to_json(indent=None).decode(), end="")  # one machine-readable line (also in _batch/shards/)
+    return summary.exit_code
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:

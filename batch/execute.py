@@ -15,11 +15,12 @@ from typing import Any
 
 from batch.exit_codes import EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE
 from batch.options import EndpointOptions, LocalEngineOptions, RunKind, RunOptions
+from batch.records import ShardSummary
 from batch.session import ShardSession
 from core.errors import ConfigurationError
 
 
-def run_shard(options: RunOptions, kind: RunKind) -> dict[str, Any]:
+def run_shard(options: RunOptions, kind: RunKind) -> ShardSummary:
     """Run one shard of ``options.source`` into ``options.out`` the way ``kind`` says; returns the summary."""
     if not options.source.is_file():
         raise ConfigurationError(f"input file {options.source} not found")

@@ -22,7 +22,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +32,7 @@ from batch.atomic import write_atomic
 from batch.claims import ClaimBook
 from batch.jobs import Job, Shard, load_shard, read_raw_lines
 from batch.outputs import OutputDir
+from batch.records import ErrorRecord, Sidecar, changed_line_message
 from batch.report import _input_of  # the input as status and merge read it: --input, else the run's own
 from core.errors import ConfigurationError
 
@@ -65,10 +66,11 @@ def make_thumbnail(source: Path, side: int = THUMB_SIDE, quality: int = THUMB_QU
     return buffer.getvalue()
 
 
-def item_seconds(sidecar: dict[str, Any]) -> float | None:
-    """The item's pipeline-call time: the recorded total when there is one (an endpoint's worker reports it), else
-    the sum of the stages' timings (the local engine's); None when nothing was recorded."""
-    timings = sidecar.get("generation", {}).get("timings") or {}
+def item_seconds(generation: Mapping[str, Any]) -> float | None:
+    """The item's pipeline-call time from its sidecar's ``generation``: the recorded total when there is one (an
+    endpoint's worker reports it), else the sum of the stages' timings (the local engine's); None when nothing was
+    recorded."""
+    timings = generation.get("timings") or {}
     if isinstance(timings.get("total_s"), int | float):
         return round(timings["total_s"], 3)
     values = [value for value in timings.values() if isinstance(value, int | float)]
@@ -92,23 +94,23 @@ def _request_fields(request: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _done_entry(job: Job, sidecar: dict[str, Any], thumbs: dict[str, Path]) -> dict[str, Any]:
-    metadata = sidecar.get("metadata") or {}
-    entry = {"state": "done", **_request_fields(sidecar["request"])}
+def _done_entry(job: Job, sidecar: Sidecar, thumbs: dict[str, Path]) -> dict[str, Any]:
+    metadata = sidecar.metadata
+    entry = {"state": "done", **_request_fields(sidecar.request)}
     # img2img follows its input's size unless the line gave one: the metadata has what was made.
     entry["width"] = metadata.get("width", entry["width"])
     entry["height"] = metadata.get("height", entry["height"])
-    entry["seed"] = sidecar.get("seed")
-    entry["seconds"] = item_seconds(sidecar)
-    entry["call_images"] = (sidecar.get("generation", {}).get("batch") or {}).get("images_in_call")
+    entry["seed"] = sidecar.seed
+    entry["seconds"] = item_seconds(sidecar.generation)
+    entry["call_images"] = (sidecar.generation.get("batch") or {}).get("images_in_call")
     entry["images"] = []
-    for image in sidecar["images"]:
-        digest = image.get("sha256") or hashlib.sha256(f"{image['file_name']}:{image['size']}".encode()).hexdigest()
+    for image in sidecar.images:
+        digest = image.sha256 or hashlib.sha256(f"{image.file_name}:{image.size}".encode()).hexdigest()
         name = thumbnail_name(digest)
-        thumbs[name] = Path(image["file_name"])
+        thumbs[name] = Path(image.file_name)
         # The page links the image by this name: only the runner's own pattern, never a URL a sidecar could carry.
-        link = image["file_name"] if IMAGE_NAME.fullmatch(image["file_name"]) else None
-        entry["images"].append({"file": link, "thumb": name, "seed": image.get("seed")})
+        link = image.file_name if IMAGE_NAME.fullmatch(image.file_name) else None
+        entry["images"].append({"file": link, "thumb": name, "seed": image.seed})
     return entry
 
 
@@ -117,21 +119,19 @@ def _failed_job_entry(job: Job, outputs: OutputDir, changed: bool) -> dict[str, 
     entry = {"state": "failed", **_request_fields(request), "seed": job.request.seed, "images": []}
     if changed:
         record = outputs.read_error(job.line)
-        if record is None or record.get("kind") != "changed_line" or record.get("id") != job.id:
+        if record is None or record.kind != "changed_line" or record.id != job.id:
             # The run writes this error file when it meets the changed line; until then, the same words.
-            record = {
-                "kind": "changed_line",
-                "error": f"id {job.id!r} was already made from a different request (see {job.id}.json); give the "
-                "changed line a new id, or delete that sidecar to make it again",
-            }
+            record = ErrorRecord(
+                line=job.line, id=job.id, kind="changed_line", error=changed_line_message(job.id), retriable=False
+            )
     else:
-        record = outputs.current_failure(job) or {}
+        record = outputs.current_failure(job)
     entry["error"] = {
-        "kind": record.get("kind"),
-        "code": record.get("code"),
-        "message": record.get("error", ""),
-        "retriable": record.get("retriable"),
-        "attempts": record.get("attempts"),
+        "kind": record.kind if record else None,
+        "code": record.code if record else None,
+        "message": record.error if record else "",
+        "retriable": record.retriable if record else None,
+        "attempts": record.attempts if record else None,
     }
     return entry
 
@@ -163,7 +163,7 @@ def collect_entries(
         state = outputs.item_state(job, repair=False)
         if state.done:
             entry = _done_entry(job, state.sidecar, thumbs)
-            model = model or (state.sidecar.get("metadata") or {}).get("model")
+            model = model or state.sidecar.metadata.get("model")
         elif state.changed or outputs.current_failure(job) is not None:
             entry = _failed_job_entry(job, outputs, state.changed)
         else:

@@ -18,6 +18,8 @@ so a sidecar never names a missing or partial image, and the files of a committe
 when two processes finish the same item (a claim taken over from a process that stalled for longer
 than the claim TTL, two pods of one index), the second finds the first's sidecar under the lock and
 discards its own files. Only the winner appends its metadata rows.
+
+The files' contents are typed in :mod:`batch.records`; the imagefolder metadata is :mod:`batch.imagefolder`'s.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,41 +41,15 @@ from filelock import FileLock
 
 from batch.atomic import create_exclusive, fsync_dir, temporary_path, write_atomic, write_fully
 from batch.jobs import ID_PATTERN, InvalidKind, InvalidLine, Job, Shard
-from core.errors import WorkerError
-from core.results import EXTENSIONS, GenerationMetadata
+from batch.records import ErrorRecord, RunLayout, Sidecar, json_bytes, why_unreadable
+from core.errors import ConfigurationError
+from core.results import EXTENSIONS
 
 log = logging.getLogger(__name__)
 
-SIDECAR_FORMAT = "sdxl-batch-item/1"
-ERROR_FORMAT = "sdxl-batch-error/1"
 INTERNAL = "_batch"
 COMMIT_LOCK_STRIPES = 64  # a few lock files for any number of items; two items rarely wait on one another
 INVALID_KINDS = frozenset(typing.get_args(InvalidKind))
-# Columns of every imagefolder row, always all present (datasets wants one schema for all rows).
-ROW_COLUMNS = (
-    "file_name",
-    "id",
-    "image_index",
-    "line",
-    "prompt",
-    "negative_prompt",
-    "prompt_2",
-    "negative_prompt_2",
-    "seed",
-    "width",
-    "height",
-    "num_inference_steps",
-    "guidance_scale",
-    "scheduler",
-    "clip_skip",
-    "loras",
-    "model",
-    "model_hash",
-)
-
-
-def json_bytes(value: Any, indent: int | None = 2) -> bytes:
-    return (json.dumps(value, indent=indent, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def image_name(item_id: str, index: int, output_format: str) -> str:
@@ -80,65 +57,17 @@ def image_name(item_id: str, index: int, output_format: str) -> str:
     return f"images/{item_id}-{index}.{EXTENSIONS[output_format]}"
 
 
-def image_rows(sidecar: dict[str, Any], line: int | None = None) -> list[dict[str, Any]]:
-    """The imagefolder rows (one per image) of a done item; deterministic, no timings.
-
-    ``line``: the item's line in the current input (lines move when the file is edited; the
-    sidecar keeps the line it was made from).
-    """
-    request = sidecar["request"]
-    model = sidecar.get("metadata", {}).get("model", {})
-    loras = ", ".join(f"{lora['name']}:{lora['scale']:g}" for lora in request.get("loras", []))
-    rows = []
-    for index, image in enumerate(sidecar["images"]):
-        row = {
-            "file_name": image["file_name"],
-            "id": sidecar["id"],
-            "image_index": index,
-            "line": sidecar["line"] if line is None else line,
-            "seed": image["seed"],
-            "loras": loras,
-            "model": model.get("name"),
-            "model_hash": model.get("manifest_hash"),
-        }
-        row.update({key: request.get(key) for key in ROW_COLUMNS if key not in row})
-        rows.append({key: row[key] for key in ROW_COLUMNS})
-    return rows
-
-
-def read_jsonl_tolerant(path: Path) -> tuple[list[dict[str, Any]], bool]:
-    """The complete JSON-object lines of ``path``, and whether it needs repair (a torn or broken line)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return [], False
-    rows, damaged = [], bool(data) and not data.endswith(b"\n")
-    for text in data.split(b"\n"):
-        if not text.strip():
-            continue
-        try:
-            value = json.loads(text)
-        except ValueError:
-            damaged = True
-            continue
-        if isinstance(value, dict):
-            rows.append(value)
-        else:
-            damaged = True
-    return rows, damaged
-
-
 @dataclass
 class CommitResult:
     committed: bool  # False: another process committed this item first (its files were kept, ours discarded)
-    sidecar: dict[str, Any]
+    sidecar: Sidecar
 
 
 @dataclass(frozen=True)
 class ItemState:
     """An item of the current input as the output folder has it."""
 
-    sidecar: dict[str, Any] | None  # the done sidecar, made from this very request
+    sidecar: Sidecar | None  # the done sidecar, made from this very request
     changed: bool = False  # a done sidecar exists under this id, but made from another request (the line was edited)
 
     @property
@@ -193,7 +122,7 @@ class OutputDir:
 
     # -- done markers ---------------------------------------------------------------------------------
 
-    def read_done(self, item_id: str, repair: bool = True) -> dict[str, Any] | None:
+    def read_done(self, item_id: str, repair: bool = True) -> Sidecar | None:
         """The item's sidecar when the item is completely done, else None.
 
         Done means: the sidecar parses, says ``done``, and every image it lists exists with the
@@ -208,19 +137,19 @@ class OutputDir:
             return None
         problem = None
         try:
-            sidecar = json.loads(data)
-            if not isinstance(sidecar, dict) or sidecar.get("status") != "done" or sidecar.get("id") != item_id:
+            sidecar = Sidecar.from_json(data)
+            if sidecar.status != "done" or sidecar.id != item_id:
                 problem = "not a done sidecar of this item"
             else:
-                for image in sidecar["images"]:
-                    size = (self.root / image["file_name"]).stat().st_size
-                    if size != image["size"]:
-                        problem = f"{image['file_name']} has {size} bytes, the sidecar says {image['size']}"
+                for image in sidecar.images:
+                    size = (self.root / image.file_name).stat().st_size
+                    if size != image.size:
+                        problem = f"{image.file_name} has {size} bytes, the sidecar says {image.size}"
                         break
         except FileNotFoundError as error:
             problem = f"image missing: {error.filename}"
-        except (ValueError, KeyError, TypeError) as error:
-            problem = f"unreadable sidecar ({type(error).__name__}: {error})"
+        except ValueError as error:
+            problem = f"unreadable sidecar ({why_unreadable(error)})"
         if problem is None:
             return sidecar
         if repair:
@@ -235,7 +164,7 @@ class OutputDir:
         sidecar = self.read_done(job.id, repair=repair)
         if sidecar is None:
             return ItemState(None)
-        return ItemState(sidecar, changed=sidecar.get("request") != job.request.model_dump(mode="json"))
+        return ItemState(sidecar, changed=sidecar.request != job.request.model_dump(mode="json"))
 
     def _quarantine(self, path: Path, problem: str) -> None:
         target = self.quarantine / f"{path.name}.{int(time.time())}.{os.getpid()}"
@@ -254,7 +183,7 @@ class OutputDir:
 
     # -- commit -------------------------------------------------------------------------------------
 
-    def commit(self, item_id: str, images: list[tuple[str, bytes]], sidecar: dict[str, Any]) -> CommitResult:
+    def commit(self, item_id: str, images: list[tuple[str, bytes]], sidecar: Sidecar) -> CommitResult:
         """Commit an item: its images, then its sidecar, unless it is done already. ``images``: (file_name, bytes).
 
         The slow part (writing and fsyncing the image bytes) happens before the lock; under it, the
@@ -276,7 +205,7 @@ class OutputDir:
                     os.replace(tmp, final)  # only files of an item not done: leftovers of an attempt that died
                 if staged:
                     fsync_dir(self.images)  # the images' names are durable before the sidecar that lists them
-                if create_exclusive(self.sidecar_path(item_id), json_bytes(sidecar), self.tmp):
+                if create_exclusive(self.sidecar_path(item_id), sidecar.to_json(), self.tmp):
                     return CommitResult(True, sidecar)
                 raise RuntimeError(f"{self.sidecar_path(item_id)} appeared while its commit lock was held")
         finally:
@@ -285,20 +214,11 @@ class OutputDir:
 
     # -- errors -------------------------------------------------------------------------------------
 
-    def write_error(self, record: dict[str, Any]) -> None:
-        write_atomic(self.error_path(record["line"]), json_bytes({"format": ERROR_FORMAT, **record}), self.tmp)
+    def write_error(self, record: ErrorRecord) -> None:
+        write_atomic(self.error_path(record.line), record.to_json(), self.tmp)
 
     def write_invalid_line(self, invalid: InvalidLine, source: Path) -> None:
-        self.write_error(
-            {
-                "line": invalid.line,
-                "id": invalid.id,
-                "kind": invalid.kind,
-                "error": invalid.message,
-                "retriable": False,
-                "input": str(source),
-            }
-        )
+        self.write_error(ErrorRecord.invalid(invalid, str(source)))
 
     def error_lines(self) -> list[int]:
         """The line numbers that have an error file."""
@@ -309,14 +229,14 @@ class OutputDir:
                 lines.append(int(number))
         return sorted(lines)
 
-    def current_failure(self, job: Job) -> dict[str, Any] | None:
+    def current_failure(self, job: Job) -> ErrorRecord | None:
         """The error record of ``job``'s line when it is about this very item (same id) failing to generate.
 
         An error file left by an earlier version of the line (another id, or an invalid-line kind of a
         line that is valid now) says nothing about the current item.
         """
         record = self.read_error(job.line)
-        if record is None or record.get("id") != job.id or record.get("kind") in INVALID_KINDS:
+        if record is None or record.id != job.id or record.kind in INVALID_KINDS:
             return None
         return record
 
@@ -326,30 +246,30 @@ class OutputDir:
             path.unlink(missing_ok=True)
             fsync_dir(self.errors)
 
-    def read_error(self, line: int) -> dict[str, Any] | None:
+    def read_error(self, line: int) -> ErrorRecord | None:
+        """The line's error record; None when there is none, or it is unreadable (it is written again)."""
         try:
-            value = json.loads(self.error_path(line).read_bytes())
-        except (FileNotFoundError, ValueError):
+            return ErrorRecord.from_json(self.error_path(line).read_bytes())
+        except (OSError, ValueError):
             return None
-        return value if isinstance(value, dict) else None
 
     # -- run layout ---------------------------------------------------------------------------------
 
     def record_layout(self, source: Path, shard: Shard) -> None:
         """Remember the input and the shard count, for ``status``; a different count is allowed but noted."""
-        layout = {"input": str(Path(source).resolve()), "num_shards": shard.count}
-        if create_exclusive(self.run_config, json_bytes(layout), self.tmp):
+        layout = RunLayout(input=str(Path(source).resolve()), num_shards=shard.count)
+        if create_exclusive(self.run_config, layout.to_json(), self.tmp):
             return
-        current = self.read_layout() or {}
+        current = self.read_layout()
         if current != layout:
             log.warning(
                 "%s was made with %s; now %s. Items are keyed by id, so nothing is lost or made twice, "
                 "but `status` reports shards of the latest layout",
                 self.root,
-                current,
-                layout,
+                current.to_dict() if current else None,
+                layout.to_dict(),
             )
-            write_atomic(self.run_config, json_bytes(layout), self.tmp)
+            write_atomic(self.run_config, layout.to_json(), self.tmp)
 
     def pin_model(self, model: dict[str, Any], allow_change: bool = False) -> str | None:
         """Record the model of the first local run; returns a message when this run's model differs."""
@@ -370,100 +290,40 @@ class OutputDir:
             "use another --out, or pass --allow-model-change to mix them"
         )
 
-    def read_layout(self) -> dict[str, Any] | None:
+    def read_layout(self) -> RunLayout | None:
         try:
-            value = json.loads(self.run_config.read_bytes())
-        except (FileNotFoundError, ValueError):
+            return RunLayout.from_json(self.run_config.read_bytes())
+        except (OSError, ValueError):
             return None
-        return value if isinstance(value, dict) else None
 
 
-class ShardMetadata:
-    """The per-shard imagefolder ``metadata.jsonl``: one row per image of each done item, appended under a lock.
+def prepare_output_folder(out: Path, min_free_mb: float) -> OutputDir:
+    """The output folder, created and proven writable with room to spare; else a ConfigurationError naming it.
 
-    The sidecars are the source of truth; this file is rebuilt from them at the start of each
-    run (dropping a torn last line left by a crash, adding rows a crash kept from being
-    appended), and ``merge`` builds the whole-run file from the sidecars alone.
+    Checked before any work, so a folder that cannot take a single image (read-only, a file, a full
+    disk) fails the run as a configuration error that no retry can fix, not as a crash that
+    Kubernetes retries.
     """
-
-    def __init__(self, outputs: OutputDir, shard: Shard) -> None:
-        self.outputs = outputs
-        self.path = outputs.shard_metadata_path(shard)
-        self.lock = FileLock(str(self.path) + ".lock")
-
-    def reconcile(self, done: Mapping[str, dict[str, Any]], lines: Mapping[str, int]) -> int:
-        """Make the file describe the shard's current input: add the rows of ``done`` items it lacks, drop torn
-        lines, duplicates, rows of items no longer done (a quarantined sidecar) and rows of ids that are no longer
-        in the input (``lines``: id -> current line number); returns how many rows were added.
-
-        Rows of items finished by another process after ``done`` was read are kept: an item is judged by its
-        sidecar at the moment of the check, under the file's lock, so a concurrent runner's appends survive.
-        """
-        wanted: dict[str, dict[str, Any]] = {}
-        for item_id, sidecar in done.items():
-            for row in image_rows(sidecar, lines[item_id]):
-                wanted[row["file_name"]] = row
-        with self.lock:
-            rows, damaged = read_jsonl_tolerant(self.path)
-            kept, seen, verdicts = [], set(), {}
-            for row in rows:
-                name, item_id = row.get("file_name"), row.get("id")
-                if name in seen or not isinstance(item_id, str) or item_id not in lines:
-                    continue
-                if name not in wanted and item_id not in verdicts:
-                    verdicts[item_id] = self.outputs.read_done(item_id, repair=False) is not None
-                if name in wanted or verdicts.get(item_id):
-                    kept.append(wanted.get(name, row))
-                    seen.add(name)
-            added = [row for name, row in wanted.items() if name not in seen]
-            if damaged or added or kept != rows:
-                data = b"".join(json_bytes(row, indent=None) for row in kept + added)
-                write_atomic(self.path, data, self.outputs.tmp)
-        return len(added)
-
-    def append(self, rows: list[dict[str, Any]]) -> None:
-        data = b"".join(json_bytes(row, indent=None) for row in rows)
-        with self.lock, open(self.path, "ab+") as handle:
-            if handle.seek(0, os.SEEK_END) > 0:
-                handle.seek(-1, os.SEEK_END)
-                if handle.read(1) != b"\n":
-                    data = b"\n" + data  # a writer died mid-line: keep its torn line apart from ours
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-
-def job_error_record(job: Job, error: WorkerError, mode: str) -> dict[str, Any]:
-    """The error file of a line that failed to generate. ``kind``: ``retriable_error``, else who refused it."""
-    kind = "retriable_error" if error.retriable else ("remote_error" if mode == "remote" else "engine_error")
-    return {
-        "line": job.line,
-        "id": job.id,
-        "kind": kind,
-        "code": error.code,
-        "error": str(error),
-        "retriable": error.retriable,
-    }
-
-
-def build_sidecar(
-    job: Job, images: list[dict[str, Any]], metadata: GenerationMetadata, generation: dict[str, Any]
-) -> dict[str, Any]:
-    """The sidecar of a done item. ``images``: one {file_name, seed, sha256, size} per image, in order.
-
-    ``metadata`` keeps only the stable part (what follows from the request and the model), so it is
-    identical whichever process, machine or run made the item; timings and the volatile part (device,
-    cache hits) go to ``generation`` with the other facts of this particular run.
-    """
-    return {
-        "format": SIDECAR_FORMAT,
-        "id": job.id,
-        "line": job.line,
-        "status": "done",
-        "request": job.request.model_dump(mode="json"),
-        "seed": job.request.seed,
-        "seed_source": job.seed_source,
-        "images": images,
-        "metadata": metadata.stable,
-        "generation": {**generation, **metadata.volatile, "timings": metadata.timings.to_dict()},
-    }
+    outputs = OutputDir(out)
+    if outputs.root.exists() and not outputs.root.is_dir():
+        raise ConfigurationError(f"--out {out}: is a file, not a folder; give a folder (it is created if missing)")
+    try:
+        outputs.create()
+        # Every folder a run writes into, the top one (sidecars) included: a folder made read-only by itself
+        # (chmod, an immutable attribute) leaves the ones below it writable.
+        for folder in outputs.written_folders():
+            probe = temporary_path(folder, "write-probe")
+            write_fully(probe, b"probe", durable=False)
+            probe.unlink()
+    except OSError as error:
+        raise ConfigurationError(
+            f"--out {out}: cannot write there ({error.strerror or error}: {error.filename or out}); "
+            "give a writable folder"
+        ) from None
+    free_mb = shutil.disk_usage(outputs.root).free / 2**20
+    if free_mb < min_free_mb:
+        raise ConfigurationError(
+            f"--out {out}: only {free_mb:.0f} MiB free, the run needs at least {min_free_mb:g} MiB "
+            "(--min-free-mb); free some space or use another volume"
+        )
+    return outputs

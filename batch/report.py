@@ -15,8 +15,10 @@ from typing import Any
 
 from batch.atomic import write_atomic
 from batch.claims import ClaimBook
+from batch.imagefolder import image_rows
 from batch.jobs import Shard, load_shard, shard_of
-from batch.outputs import OutputDir, image_rows, json_bytes
+from batch.outputs import OutputDir
+from batch.records import json_bytes
 from core.errors import ConfigurationError
 
 
@@ -34,15 +36,15 @@ def _input_of(outputs: OutputDir, source: Path | None) -> Path:
     """``--input``, else the input the run recorded; a ConfigurationError when neither is a file."""
     if not outputs.root.is_dir():
         raise ConfigurationError(f"{outputs.root} is not a batch output folder")
-    layout = outputs.read_layout() or {}
-    source = Path(source) if source is not None else Path(layout["input"]) if "input" in layout else None
+    layout = outputs.read_layout()
+    source = Path(source) if source is not None else Path(layout.input) if layout is not None else None
     if source is None:
         raise ConfigurationError(
             f"{outputs.run_config} is missing (no run wrote to {outputs.root} yet?); pass --input JOBS.jsonl"
         )
     if not source.is_file():
         raise ConfigurationError(
-            f"input file {source} not found; pass --input (the run recorded {layout.get('input', 'nothing')})"
+            f"input file {source} not found; pass --input (the run recorded {layout.input if layout else 'nothing'})"
         )
     return source
 
@@ -56,7 +58,8 @@ def run_status(out: Path, source: Path | None = None, num_shards: int | None = N
     """
     outputs = OutputDir(out)
     source = _input_of(outputs, source)
-    num_shards = num_shards or int((outputs.read_layout() or {}).get("num_shards", 1))
+    layout = outputs.read_layout()
+    num_shards = num_shards or (layout.num_shards if layout is not None else 1)
     if num_shards < 1:
         raise ConfigurationError(f"--num-shards {num_shards}: must be at least 1")
     everything = load_shard(source, Shard(0, 1))  # one pass over the file, then split by line number

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,28 +19,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
-from batch.atomic import HOST, clean_temporary_files, temporary_path, write_atomic, write_fully
+from batch.atomic import HOST, clean_temporary_files, write_atomic
 from batch.claims import ClaimBook
 from batch.exit_codes import EXIT_INVALID_LINES, EXIT_OK, EXIT_RETRIABLE, EXIT_STOPPED
-from batch.jobs import InvalidLine, Job, load_shard
+from batch.imagefolder import ShardMetadata, image_rows
+from batch.jobs import InvalidLine, Job, Shard, ShardInput, load_shard
 from batch.options import RunOptions
-from batch.outputs import (
-    OutputDir,
-    ShardMetadata,
-    build_sidecar,
-    image_name,
-    image_rows,
-    job_error_record,
-    json_bytes,
-)
+from batch.outputs import OutputDir, image_name, prepare_output_folder
+from batch.progress import ShardProgress
+from batch.records import ErrorRecord, ImageRecord, ShardSummary, Sidecar, changed_line_message
 from core.errors import ConfigurationError, RetriesExhausted, WorkerError
 from core.results import EncodedImage, GenerationMetadata
 
 log = logging.getLogger(__name__)
 
-PROGRESS_LOG_S = 60.0
 MAX_ITEM_ATTEMPTS = 3  # runs in which one line may fail with a retriable error before it counts as refused
 
 
@@ -60,36 +50,50 @@ class Counters:
     failed_ids: set[str] = field(default_factory=set)
 
 
-def prepare_output_folder(out: Path, min_free_mb: float) -> OutputDir:
-    """The output folder, created and proven writable with room to spare; else a ConfigurationError naming it.
-
-    Checked before any work, so a folder that cannot take a single image (read-only, a file, a full
-    disk) fails the run as a configuration error that no retry can fix, not as a crash that
-    Kubernetes retries.
-    """
-    outputs = OutputDir(out)
-    if outputs.root.exists() and not outputs.root.is_dir():
-        raise ConfigurationError(f"--out {out}: is a file, not a folder; give a folder (it is created if missing)")
+def open_shard(outputs: OutputDir, source: Path, shard: Shard) -> tuple[ShardInput, list[Job], dict[str, Sidecar]]:
+    """The shard's input as the output folder has it: the input (with a changed line counted invalid), the jobs to
+    judge, and those done already (id -> sidecar). Error files that no longer describe a line are removed, and
+    the invalid lines' files written."""
     try:
-        outputs.create()
-        # Every folder a run writes into, the top one (sidecars) included: a folder made read-only by itself
-        # (chmod, an immutable attribute) leaves the ones below it writable.
-        for folder in outputs.written_folders():
-            probe = temporary_path(folder, "write-probe")
-            write_fully(probe, b"probe", durable=False)
-            probe.unlink()
+        shard_input = load_shard(source, shard)
     except OSError as error:
-        raise ConfigurationError(
-            f"--out {out}: cannot write there ({error.strerror or error}: {error.filename or out}); "
-            "give a writable folder"
-        ) from None
-    free_mb = shutil.disk_usage(outputs.root).free / 2**20
-    if free_mb < min_free_mb:
-        raise ConfigurationError(
-            f"--out {out}: only {free_mb:.0f} MiB free, the run needs at least {min_free_mb:g} MiB "
-            "(--min-free-mb); free some space or use another volume"
-        )
-    return outputs
+        raise ConfigurationError(f"input file {source}: cannot read it ({error.strerror or error})") from None
+    done: dict[str, Sidecar] = {}
+    jobs: list[Job] = []
+    for job in shard_input.jobs:
+        state = outputs.item_state(job)
+        if state.changed:
+            # An explicit id reused for another request: keeping the old images would be wrong, silently
+            # replacing them would break "a done item never changes". The user decides.
+            shard_input.invalid.append(InvalidLine(job.line, "changed_line", changed_line_message(job.id), job.id))
+            continue
+        jobs.append(job)
+        if state.sidecar is not None:
+            done[job.id] = state.sidecar
+    _clear_stale_errors(outputs, shard, shard_input, jobs, set(done))
+    for invalid in shard_input.invalid:
+        outputs.write_invalid_line(invalid, source)
+    return shard_input, jobs, done
+
+
+def _clear_stale_errors(
+    outputs: OutputDir, shard: Shard, shard_input: ShardInput, jobs: list[Job], done: set[str]
+) -> None:
+    """Remove this shard's error files that no longer describe a line of the input.
+
+    Kept: a failure of the very item on that line now (same id, not done: it is tried again and
+    its file replaced or removed then). Invalid lines are written again after this. Everything else
+    (a line since fixed, made, edited into another request, or removed by a shorter file) goes,
+    so ``errors/`` and ``status`` describe the current input.
+    """
+    by_line = {job.line: job for job in jobs}
+    invalid = {line.line for line in shard_input.invalid}
+    for line in outputs.error_lines():
+        if not shard.owns(line) or line in invalid:
+            continue
+        job = by_line.get(line)
+        if job is None or job.id in done or outputs.current_failure(job) is None:
+            outputs.clear_error(line)
 
 
 class ShardSession:
@@ -109,49 +113,21 @@ class ShardSession:
         self.abort_code: int | None = None
         self.abort_reason: str | None = None
         self.counters = Counters()
-        self.summary: dict[str, Any] | None = None
+        self.summary: ShardSummary | None = None
         self._lock = threading.Lock()
 
         self.outputs = prepare_output_folder(options.out, options.min_free_mb)
         clean_temporary_files(self.outputs.tmp)
         self.outputs.record_layout(options.source, self.shard)
-        try:
-            self.input = load_shard(options.source, self.shard)
-        except OSError as error:
-            reason = error.strerror or error
-            raise ConfigurationError(f"input file {options.source}: cannot read it ({reason})") from None
-        done: dict[str, dict[str, Any]] = {}
-        self.jobs: list[Job] = []
-        for job in self.input.jobs:
-            state = self.outputs.item_state(job)
-            if state.changed:
-                # An explicit id reused for another request: keeping the old images would be wrong, silently
-                # replacing them would break "a done item never changes". The user decides.
-                self.input.invalid.append(
-                    InvalidLine(
-                        job.line,
-                        "changed_line",
-                        f"id {job.id!r} was already made from a different request (see {job.id}.json); give the "
-                        "changed line a new id, or delete that sidecar to make it again",
-                        job.id,
-                    )
-                )
-                continue
-            self.jobs.append(job)
-            if state.sidecar is not None:
-                done[job.id] = state.sidecar
-        self._clear_stale_errors(set(done))
-        for invalid in self.input.invalid:
-            self.outputs.write_invalid_line(invalid, options.source)
+        self.input, self.jobs, done = open_shard(self.outputs, options.source, self.shard)
         self.counters.already_done = len(done)
         self._done_ids = set(done)
         self.metadata = ShardMetadata(self.outputs, self.shard)
         self.metadata.reconcile(done, {job.id: job.line for job in self.jobs})
         self.claims = ClaimBook(self.outputs.claims, self.outputs.tmp, options.claim_ttl_s)
         self._deferred: list[Job] = []
-        self.progress: tqdm | None = None  # started by the first pass, after the runner's set-up (model load)
+        self.progress: ShardProgress | None = None  # started by the first pass, after the runner's set-up
         self._timer: threading.Timer | None = None
-        self._last_log = time.perf_counter()
 
     def __enter__(self) -> ShardSession:
         self.claims.__enter__()
@@ -160,23 +136,6 @@ class ShardSession:
     def __exit__(self, *exc: object) -> None:
         self.claims.__exit__(*exc)
         self.summary = self._write_summary()
-
-    def _clear_stale_errors(self, done: set[str]) -> None:
-        """Remove this shard's error files that no longer describe a line of the input.
-
-        Kept: a failure of the very item on that line now (same id, not done: it is tried again and
-        its file replaced or removed then). Invalid lines are written again below. Everything else
-        (a line since fixed, made, edited into another request, or removed by a shorter file) goes,
-        so ``errors/`` and ``status`` describe the current input.
-        """
-        jobs = {job.line: job for job in self.jobs}
-        invalid = {line.line for line in self.input.invalid}
-        for line in self.outputs.error_lines():
-            if not self.shard.owns(line) or line in invalid:
-                continue
-            job = jobs.get(line)
-            if job is None or job.id in done or self.outputs.current_failure(job) is None:
-                self.outputs.clear_error(line)
 
     # -- handing out jobs -----------------------------------------------------------------------
 
@@ -196,32 +155,15 @@ class ShardSession:
             self._timer = threading.Timer(self.options.max_seconds, self.abort, (EXIT_STOPPED, reason))
             self._timer.daemon = True
             self._timer.start()
-        self.progress = tqdm(
-            total=len(self.jobs),
-            initial=len(self._done_ids),
-            unit="item",
-            desc=f"shard {self.shard}",
-            disable=not self.options.progress,
-            file=sys.stderr,
-            mininterval=0.5 if sys.stderr.isatty() else 30.0,
-            dynamic_ncols=True,
-        )
+        self.progress = ShardProgress(str(self.shard), len(self.jobs), len(self._done_ids), self.options.progress)
 
     def _advance(self) -> None:
-        if self.progress is None:
-            return
-        self.progress.update(1)
-        now = time.perf_counter()
-        if self.progress.disable and now - self._last_log >= PROGRESS_LOG_S:
-            # No bar (a pod's log, --no-progress): one line a minute with the same figures.
-            self._last_log = now
-            with self._lock:
-                finished = len(self._done_ids) + len(self.counters.failed_ids)
-                made = self.counters.made
-            rate = made / (now - self.started) if now > self.started else 0.0
-            left = len(self.jobs) - finished
-            eta = f"{left / rate / 60:.1f} min" if rate > 0 else "unknown"
-            log.info("shard %s: %d/%d items, %.3f items/s, ETA %s", self.shard, finished, len(self.jobs), rate, eta)
+        if self.progress is not None:
+            self.progress.advance(self._figures)
+
+    def _figures(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._done_ids) + len(self.counters.failed_ids), self.counters.made
 
     def first_pass(self) -> Iterator[Job]:
         """The shard's unfinished jobs in line order, each claimed; those held by a live process are deferred."""
@@ -280,7 +222,7 @@ class ShardSession:
             name = image_name(job.id, index, image.format)
             files.append((name, image.data))
             digest = hashlib.sha256(image.data).hexdigest()
-            records.append({"file_name": name, "seed": image.seed, "sha256": digest, "size": len(image.data)})
+            records.append(ImageRecord(file_name=name, seed=image.seed, sha256=digest, size=len(image.data)))
         generation = {
             "mode": self.mode,
             "host": HOST,
@@ -288,7 +230,7 @@ class ShardSession:
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
             **generation,
         }
-        sidecar = build_sidecar(job, records, metadata, generation)
+        sidecar = Sidecar.build(job, records, metadata, generation)
         result = self.outputs.commit(job.id, files, sidecar)
         if result.committed:
             self.metadata.append(image_rows(sidecar, job.line))
@@ -315,7 +257,7 @@ class ShardSession:
         so a line that fails the same way every time cannot keep a Kubernetes index retrying forever.
         """
         previous = self.outputs.current_failure(job)
-        attempts = int((previous or {}).get("attempts", 1)) + 1 if previous else 1
+        attempts = (previous.attempts or 1) + 1 if previous else 1
         if error.retriable and attempts >= MAX_ITEM_ATTEMPTS:
             error = RetriesExhausted(
                 f"line {job.line} failed on {attempts} attempts, the last with {error}; it is no longer retried "
@@ -330,7 +272,7 @@ class ShardSession:
             else:
                 self.counters.failed_engine += 1
         log.warning("line %d (%s) failed: %s", job.line, job.id, error)
-        self.outputs.write_error({**job_error_record(job, error, self.mode), "attempts": attempts})
+        self.outputs.write_error(ErrorRecord.failure(job, error, self.mode, attempts))
         self.claims.release(job.id)
         self.claims.note_progress()
         self._advance()
@@ -350,14 +292,13 @@ class ShardSession:
 
     # -- the end ----------------------------------------------------------------------------------
 
-    def _write_summary(self) -> dict[str, Any]:
-        """Stop the clock and the progress bar, write the summary; returns it (with ``exit_code``)."""
+    def _write_summary(self) -> ShardSummary:
+        """Stop the clock and the progress bar, write the summary; returns it."""
         if self._timer is not None:
             self._timer.cancel()
         if self.progress is not None:
             self.progress.close()
-        now = time.perf_counter()
-        seconds = now - self.started
+        seconds = time.perf_counter() - self.started
         counters = self.counters
         remaining = [job for job in self.jobs if job.id not in self._done_ids and job.id not in counters.failed_ids]
         if counters.failed_retriable or remaining:
@@ -366,52 +307,31 @@ class ShardSession:
             exit_code = EXIT_INVALID_LINES
         else:
             exit_code = EXIT_OK
-        summary = {
-            "shard": str(self.shard),
-            "mode": self.mode,
-            "input": str(self.options.source),
-            "lines": len(range(self.shard.index, self.input.total_lines, self.shard.count)),
-            "items": len(self.jobs),
-            "invalid_lines": len(self.input.invalid),
-            "already_done": counters.already_done,
-            "made": counters.made,
-            "done_by_other": counters.done_by_other,
-            "failed": counters.failed_engine,
-            "failed_retriable": counters.failed_retriable,
-            "remaining": len(remaining),
-            "images": counters.images,
-            "pipeline_calls": counters.pipeline_calls,
-            "padded_images": counters.padded_images,
-            "claims_taken_over": self.claims.taken_over,
-            "commits_lost": counters.commits_lost,
-            "seconds": round(seconds, 3),  # from the first job on (set-up such as the model load excluded)
-            "setup_seconds": round(self.started - self.created, 3) if self.progress is not None else None,
-            "items_per_s": round(counters.made / seconds, 4) if seconds > 0 else None,
-            "images_per_s": round(counters.images / seconds, 4) if seconds > 0 else None,
-            "exit_code": exit_code,
-            "stopped": self.abort_reason,
+        summary = ShardSummary(
+            shard=str(self.shard),
+            mode=self.mode,
+            input=str(self.options.source),
+            lines=len(range(self.shard.index, self.input.total_lines, self.shard.count)),
+            items=len(self.jobs),
+            invalid_lines=len(self.input.invalid),
+            already_done=counters.already_done,
+            made=counters.made,
+            done_by_other=counters.done_by_other,
+            failed=counters.failed_engine,
+            failed_retriable=counters.failed_retriable,
+            remaining=len(remaining),
+            images=counters.images,
+            pipeline_calls=counters.pipeline_calls,
+            padded_images=counters.padded_images,
+            claims_taken_over=self.claims.taken_over,
+            commits_lost=counters.commits_lost,
+            seconds=round(seconds, 3),
+            setup_seconds=round(self.started - self.created, 3) if self.progress is not None else None,
+            items_per_s=round(counters.made / seconds, 4) if seconds > 0 else None,
+            images_per_s=round(counters.images / seconds, 4) if seconds > 0 else None,
+            exit_code=exit_code,
+            stopped=self.abort_reason,
             **self.settings,
-        }
-        write_atomic(self.outputs.shard_summary_path(self.shard), json_bytes(summary), self.outputs.tmp)
+        )
+        write_atomic(self.outputs.shard_summary_path(self.shard), summary.to_json(), self.outputs.tmp)
         return summary
-
-
-def describe_summary(summary: dict[str, Any]) -> str:
-    """A few human lines for the end of a run."""
-    failed = summary["failed"] + summary["failed_retriable"] + summary["invalid_lines"]
-    lines = [
-        f"shard {summary['shard']}: {summary['made']} made, {summary['already_done']} already done, "
-        f"{summary['done_by_other']} by another process, {failed} failed "
-        f"({summary['invalid_lines']} invalid lines, {summary['failed']} refused, "
-        f"{summary['failed_retriable']} retriable), {summary['remaining']} remaining",
-        f"{summary['images']} images in {summary['seconds']:.1f} s ({summary['images_per_s'] or 0:.3f} images/s, "
-        f"{summary['pipeline_calls']} pipeline calls, {summary['padded_images']} padding images); "
-        f"exit code {summary['exit_code']}",
-    ]
-    if summary.get("stopped"):
-        lines.append(f"stopped: {summary['stopped']}")
-    if failed:
-        lines.append("see errors/line-*.json in the output folder for each failed line")
-    if summary["remaining"] or summary["failed_retriable"]:
-        lines.append("run the same command again to resume: done items are kept, the rest is made")
-    return "\n".join(lines)

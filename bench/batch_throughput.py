@@ -34,7 +34,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from batch.records import ShardSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -63,7 +66,7 @@ def write_lines(path: Path, count: int, size: int, steps: int, guidance: float, 
     return path
 
 
-def run_shard(source: Path, out: Path, engine: Any, batch_size: int, max_seconds: float | None = None) -> dict:
+def run_shard(source: Path, out: Path, engine: Any, batch_size: int, max_seconds: float | None = None) -> ShardSummary:
     """One in-process ``batch run`` of ``source`` into ``out`` on the loaded ``engine``; returns its summary."""
     from batch.execute import run_shard
     from batch.options import LocalEngineOptions, RunOptions
@@ -116,7 +119,7 @@ def cpu_overhead(args: argparse.Namespace, workdir: Path) -> None:
         wall, cpu = time.perf_counter(), cpu_seconds()
         summary = run_shard(source, out, engine, batch_size=1)
         rounds["runner"].append(((time.perf_counter() - wall) / len(requests), (cpu_seconds() - cpu) / len(requests)))
-        assert summary["made"] == len(requests), summary
+        assert summary.made == len(requests), summary
         shutil.rmtree(out)
         emit(
             round=round_index,
@@ -204,13 +207,13 @@ def full_size(args: argparse.Namespace, workdir: Path) -> None:
             torch.cuda.reset_peak_memory_stats()
         emit(
             batch_size=batch_size,
-            images=summary["images"],
+            images=summary.images,
             lines=len(requests),
-            stopped_by_time_limit=summary["remaining"] > 0,
-            seconds=summary["seconds"],
-            images_per_s=summary["images_per_s"],
-            pipeline_calls=summary["pipeline_calls"],
-            padding_images=summary["padded_images"],
+            stopped_by_time_limit=summary.remaining > 0,
+            seconds=summary.seconds,
+            images_per_s=summary.images_per_s,
+            pipeline_calls=summary.pipeline_calls,
+            padding_images=summary.padded_images,
             peak_gpu_gib=peak,
             size=args.size,
             steps=args.steps,

@@ -69,7 +69,7 @@ def gallery_run(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     # A dev LoRA shaped from the engine's own pipeline (UNet only): seconds cheaper than loading the model again.
     save_diffusers_lora(random_lora(engine.pipe, components=("unet",)), root / "loras" / "dev-style.safetensors")
     summary = run_shard(RunOptions(source, out, progress=False), LocalEngineOptions(encode_workers=0, engine=engine))
-    assert summary["exit_code"] == EXIT_INVALID_LINES and summary["made"] == 5 and summary["failed"] == 1, summary
+    assert summary.exit_code == EXIT_INVALID_LINES and summary.made == 5 and summary.failed == 1, summary
     assert main(["gallery", str(out)]) == EXIT_OK
     return {"root": root, "out": out, "source": source, "index": out / "index.html"}
 
@@ -129,9 +129,9 @@ def test_bad_gallery_arguments_exit_2_with_a_message(
 
 
 def test_an_items_time_is_its_total_when_recorded_else_the_sum_of_its_stages() -> None:
-    assert item_seconds({"generation": {"timings": {"denoising_s": 1.25, "vae_decode_s": 0.5}}}) == 1.75
-    assert item_seconds({"generation": {"timings": {"denoising_s": 1.25, "total_s": 2.0}}}) == 2.0
-    assert item_seconds({"generation": {}}) is None
+    assert item_seconds({"timings": {"denoising_s": 1.25, "vae_decode_s": 0.5}}) == 1.75
+    assert item_seconds({"timings": {"denoising_s": 1.25, "total_s": 2.0}}) == 2.0
+    assert item_seconds({}) is None
 
 
 # -- in the browser --------------------------------------------------------------------------------------------------

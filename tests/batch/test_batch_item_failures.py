@@ -53,8 +53,8 @@ def test_an_image_that_cannot_be_encoded_fails_its_line_not_the_shard(
     with one_torch_thread():
         summary = run_shard(options, local)
     # Every other line was made, after the failing one too; the failure is retriable (exit 1: a retry makes only it).
-    assert summary["made"] == 4 and summary["failed_retriable"] == 1 and summary["remaining"] == 0, summary
-    assert summary["exit_code"] == EXIT_RETRIABLE and summary["stopped"] is None
+    assert summary.made == 4 and summary.failed_retriable == 1 and summary.remaining == 0, summary
+    assert summary.exit_code == EXIT_RETRIABLE and summary.stopped is None
     assert set(sidecars(tmp_path / "out")) == {"item-0", "item-2", "item-3", "item-4"}
     error = read_json(tmp_path / "out" / "errors" / "line-00000002.json")
     assert error["id"] == "item-1" and error["code"] == "internal error" and error["retriable"] is True
@@ -63,7 +63,7 @@ def test_an_image_that_cannot_be_encoded_fails_its_line_not_the_shard(
     monkeypatch.setattr(batch.encoding, "encode_image", real_encode)
     with one_torch_thread():
         summary = run_shard(options, local)
-    assert summary["exit_code"] == EXIT_OK and summary["made"] == 1 and summary["already_done"] == 4
+    assert summary.exit_code == EXIT_OK and summary.made == 1 and summary.already_done == 4
     assert not (tmp_path / "out" / "errors" / "line-00000002.json").exists()
 
 
@@ -81,7 +81,7 @@ def test_a_line_that_fails_every_run_is_given_up_after_three_attempts_not_retrie
     codes, attempts = [], []
     for _ in range(3):
         with one_torch_thread():
-            codes.append(run_shard(options, local)["exit_code"])
+            codes.append(run_shard(options, local).exit_code)
         record = read_json(error_file)
         attempts.append((record["attempts"], record["code"], record["retriable"]))
     assert codes == [EXIT_RETRIABLE, EXIT_RETRIABLE, EXIT_INVALID_LINES]  # 3: final for the index (podFailurePolicy)
@@ -91,7 +91,7 @@ def test_a_line_that_fails_every_run_is_given_up_after_three_attempts_not_retrie
     monkeypatch.setattr(batch.encoding, "encode_image", real_encode)  # the cause fixed: a run tries it once more
     with one_torch_thread():
         summary = run_shard(options, local)
-    assert summary["exit_code"] == EXIT_OK and summary["made"] == 1 and not error_file.exists()
+    assert summary.exit_code == EXIT_OK and summary.made == 1 and not error_file.exists()
 
 
 def test_status_and_merge_describe_the_edited_input(engine, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -105,7 +105,7 @@ def test_status_and_merge_describe_the_edited_input(engine, tmp_path: Path, caps
     local = LocalEngineOptions(batch_size=4, engine=engine)
     with one_torch_thread():
         first = run_shard(options, local)
-    assert first["exit_code"] == EXIT_INVALID_LINES and first["made"] == 8
+    assert first.exit_code == EXIT_INVALID_LINES and first.made == 8
     assert (out / "errors" / "line-00000008.json").exists()
 
     # Edited: lines 8 and 9 removed, line 1 removed (the rest move up one), item-3 changed under its used id.
@@ -114,7 +114,7 @@ def test_status_and_merge_describe_the_edited_input(engine, tmp_path: Path, caps
     write_jsonl(source, edited)
     with one_torch_thread():
         second = run_shard(options, local)
-    assert second["exit_code"] == EXIT_INVALID_LINES and second["made"] == 0 and second["invalid_lines"] == 1
+    assert second.exit_code == EXIT_INVALID_LINES and second.made == 0 and second.invalid_lines == 1
     # The only error file is the changed line's, at its current number; line 8 no longer exists.
     assert sorted(path.name for path in (out / "errors").iterdir()) == ["line-00000003.json"]
     assert read_json(out / "errors" / "line-00000003.json")["kind"] == "changed_line"
@@ -143,7 +143,7 @@ def test_status_and_merge_describe_the_edited_input(engine, tmp_path: Path, caps
     write_jsonl(source, edited)
     with one_torch_thread():
         third = run_shard(options, local)
-    assert third["exit_code"] == EXIT_OK and third["made"] == 1
+    assert third.exit_code == EXIT_OK and third.made == 1
     assert not list((out / "errors").iterdir())
     assert run_status(out)["total"]["done"] == 6
     assert [row["line"] for row in jsonl_rows(Path(merge(out)["metadata"]))] == [1, 2, 3, 4, 5, 6]
@@ -184,7 +184,7 @@ def test_a_failing_call_is_judged_by_its_kind(engine, tmp_path: Path, monkeypatc
         )
     # Shared, then each alone (padded to the same shape).
     assert calls == [["a barn", "poison"], ["a barn", "a barn"], ["poison", "poison"]]
-    assert set(sidecars(tmp_path / "pair")) == {"mate-0"} and summary["failed_retriable"] == 1
+    assert set(sidecars(tmp_path / "pair")) == {"mate-0"} and summary.failed_retriable == 1
     assert read_json(tmp_path / "pair" / "errors" / "line-00000002.json")["code"] == "internal error"
 
     prompts = ["a barn", "poison", "a silo", "too big", "a field", "broken device", "a fence", "a gate"]
@@ -202,5 +202,5 @@ def test_a_failing_call_is_judged_by_its_kind(engine, tmp_path: Path, monkeypatc
     assert "lower --batch-size" in errors["line-00000004.json"]["error"]
     # Made: the lines before the CUDA error; stopped there.
     assert set(sidecars(tmp_path / "out")) == {"item-0", "item-2", "item-4"}
-    assert summary["exit_code"] == EXIT_RETRIABLE and "device looks unusable" in summary["stopped"]
-    assert summary["remaining"] == 2 and summary["failed_retriable"] == 3
+    assert summary.exit_code == EXIT_RETRIABLE and "device looks unusable" in summary.stopped
+    assert summary.remaining == 2 and summary.failed_retriable == 3

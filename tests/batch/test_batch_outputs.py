@@ -11,9 +11,11 @@ from pathlib import Path
 
 from batch.atomic import clean_temporary_files, create_exclusive, write_atomic
 from batch.claims import ClaimBook
-from batch.jobs import Shard, load_shard
-from batch.outputs import OutputDir, ShardMetadata, build_sidecar, image_rows, read_jsonl_tolerant
+from batch.imagefolder import ShardMetadata, image_rows, read_jsonl_tolerant
+from batch.jobs import InvalidLine, Shard, load_shard
+from batch.outputs import OutputDir
 from batch.planner import Planner, split_job
+from batch.records import ErrorRecord, ImageRecord, Sidecar
 from core.results import GenerationMetadata, Timings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,23 +114,23 @@ def test_claims_exclude_live_owners_and_expire_with_their_owner(tmp_path: Path) 
 def test_done_means_complete_sidecar_and_images(tmp_path: Path) -> None:
     outputs = OutputDir(tmp_path / "out").create()
     (job,) = jobs_from(tmp_path, [{"prompt": "a boat", "height": 256, "width": 256, "num_images": 2, "seed": 4}])
-    images = [{"file_name": f"images/{job.id}-{k}.png", "seed": 4 + k, "sha256": "x", "size": 5} for k in range(2)]
+    images = [ImageRecord(file_name=f"images/{job.id}-{k}.png", seed=4 + k, sha256="x", size=5) for k in range(2)]
     metadata = GenerationMetadata({"prompt": {"num_chunks": 1}}, Timings(denoising_s=1.0), {"cache": {"prompt": True}})
-    sidecar = build_sidecar(job, images, metadata, {})
+    sidecar = Sidecar.build(job, images, metadata, {})
     # Only the stable part is the item's metadata; timings and cache hits describe this run.
-    assert sidecar["metadata"] == {"prompt": {"num_chunks": 1}}
-    assert sidecar["generation"]["timings"]["denoising_s"] == 1.0 and sidecar["generation"]["cache"]["prompt"]
-    result = outputs.commit(job.id, [(image["file_name"], b"12345") for image in images], sidecar)
+    assert sidecar.metadata == {"prompt": {"num_chunks": 1}}
+    assert sidecar.generation["timings"]["denoising_s"] == 1.0 and sidecar.generation["cache"]["prompt"]
+    result = outputs.commit(job.id, [(image.file_name, b"12345") for image in images], sidecar)
     assert result.committed and outputs.read_done(job.id) == sidecar
     assert not outputs.commit(job.id, [], sidecar).committed  # a second commit of the same item loses
 
     # A truncated image: not done, and the sidecar is set aside so the item is made again.
-    (outputs.root / images[1]["file_name"]).write_bytes(b"123")
+    (outputs.root / images[1].file_name).write_bytes(b"123")
     assert outputs.read_done(job.id) is None
     assert not outputs.sidecar_path(job.id).exists() and len(list(outputs.quarantine.iterdir())) == 1
 
     # A torn sidecar (a filesystem that lost data): never taken for done.
-    outputs.sidecar_path(job.id).write_bytes(json.dumps(sidecar).encode()[:40])
+    outputs.sidecar_path(job.id).write_bytes(sidecar.to_json()[:40])
     assert outputs.read_done(job.id) is None and not outputs.sidecar_path(job.id).exists()
 
 
@@ -136,7 +138,7 @@ def test_shard_metadata_is_rebuilt_from_sidecars_after_a_crash(tmp_path: Path) -
     outputs = OutputDir(tmp_path / "out").create()
     jobs = jobs_from(tmp_path, [{"prompt": f"p{n}", "height": 256, "width": 256, "seed": n} for n in range(3)])
     sidecars = [
-        build_sidecar(job, [{"file_name": f"images/{job.id}-0.png", "seed": job.request.seed}], EMPTY, {})
+        Sidecar.build(job, [ImageRecord(file_name=f"images/{job.id}-0.png", seed=job.request.seed)], EMPTY, {})
         for job in jobs
     ]
     metadata = ShardMetadata(outputs, Shard(0, 1))
@@ -160,9 +162,8 @@ def test_shard_metadata_is_rebuilt_from_sidecars_after_a_crash(tmp_path: Path) -
 
     # Another runner committed item 2 after this one listed the done items: its row survives a reconcile;
     # item 1's sidecar is gone (quarantined), so its row goes.
-    image = sidecars[2]["images"][0]
-    image["size"] = 3
-    outputs.commit(jobs[2].id, [(image["file_name"], b"png")], sidecars[2])
+    image = sidecars[2].images[0].model_copy(update={"size": 3})
+    outputs.commit(jobs[2].id, [(image.file_name, b"png")], sidecars[2].model_copy(update={"images": (image,)}))
     assert metadata.reconcile({jobs[0].id: sidecars[0]}, lines) == 0
     assert [row["id"] for row in read_jsonl_tolerant(metadata.path)[0]] == [jobs[0].id, jobs[2].id]
 
@@ -206,3 +207,51 @@ def test_an_output_folder_keeps_to_one_model(tmp_path: Path) -> None:
     assert "--allow-model-change" in outputs.pin_model(other)
     assert outputs.pin_model(other, allow_change=True) is None
     assert outputs.pin_model(other) is None
+
+
+def test_the_records_read_and_write_the_files_of_earlier_runs_byte_for_byte(tmp_path: Path) -> None:
+    """The on-disk contract: files as the runner has written them since format /1 (keys sorted, two-space indent,
+    UTF-8) read back into records and are written again unchanged, keys this version does not know included; a
+    fresh record has exactly those keys."""
+    (job,) = jobs_from(tmp_path, [{"prompt": "a ö boat", "height": 256, "width": 256, "seed": 9, "id": "boat"}])
+    image = {"file_name": "images/boat-0.png", "seed": 9, "sha256": "ab" * 32, "size": 5}
+    earlier_sidecar = {
+        "format": "sdxl-batch-item/1",
+        "id": "boat",
+        "line": 1,
+        "status": "done",
+        "request": job.request.model_dump(mode="json"),
+        "seed": 9,
+        "seed_source": "line",
+        "images": [image],
+        "metadata": {"model": {"name": "dev", "manifest_hash": "h"}, "prompt": {"num_chunks": 1}},
+        "generation": {"mode": "local", "timings": Timings(denoising_s=0.25).to_dict()},
+        "written_by_a_later_version": [1, 2.5],
+    }
+    earlier_errors = [
+        {"format": "sdxl-batch-error/1", "line": 4, "id": None, "kind": "invalid_json", "error": "not JSON"}
+        | {"retriable": False, "input": "/in/jobs.jsonl"},
+        {"format": "sdxl-batch-error/1", "line": 1, "id": "boat", "kind": "retriable_error"}
+        | {"code": "out of GPU memory", "error": "out of GPU memory: x", "retriable": True, "attempts": 2},
+    ]
+    for record_type, earlier in [(Sidecar, earlier_sidecar), *((ErrorRecord, error) for error in earlier_errors)]:
+        data = (json.dumps(earlier, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+        assert record_type.from_json(data).to_json() == data
+
+    metadata = GenerationMetadata(earlier_sidecar["metadata"], Timings(denoising_s=0.25))
+    fresh = json.loads(Sidecar.build(job, [ImageRecord(**image)], metadata, {"mode": "local"}).to_json())
+    assert fresh == {key: value for key, value in earlier_sidecar.items() if key != "written_by_a_later_version"}
+    from core.errors import OutOfMemory
+
+    failure = ErrorRecord.failure(job, OutOfMemory("x"), "local", attempts=2).to_dict()
+    assert failure == earlier_errors[1]
+    invalid = InvalidLine(4, "invalid_json", "not JSON")
+    assert ErrorRecord.invalid(invalid, "/in/jobs.jsonl").to_dict() == earlier_errors[0] | {"id": None}
+
+    # A done sidecar of an earlier run resumes as done; a sidecar that is not one is set aside.
+    outputs = OutputDir(tmp_path / "out").create()
+    (outputs.root / image["file_name"]).write_bytes(b"12345")
+    outputs.sidecar_path("boat").write_bytes(json.dumps(earlier_sidecar).encode())
+    assert outputs.item_state(job).done
+    outputs.sidecar_path("boat").write_bytes(json.dumps({**earlier_sidecar, "images": [{"size": 5}]}).encode())
+    assert outputs.read_done("boat") is None and len(list(outputs.quarantine.iterdir())) == 1

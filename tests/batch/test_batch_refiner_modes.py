@@ -81,7 +81,7 @@ def runs(engine, tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[di
 def test_every_mode_runs_without_errors(runs, batch_size: int) -> None:
     summary, out = runs[batch_size]
     expected = lines()
-    assert summary["exit_code"] == EXIT_OK and summary["made"] == len(expected), summary
+    assert summary.exit_code == EXIT_OK and summary.made == len(expected), summary
     assert not (out / "errors").exists() or not any((out / "errors").iterdir())
     made = sidecars(out)
     assert set(made) == {line["id"] for line in expected}

@@ -41,8 +41,8 @@ def test_remote_mode_makes_the_same_outputs_as_a_local_run(dev_model_dir: Path, 
             RunOptions(source, remote_out, progress=False),
             EndpointOptions(server, concurrency=3, retries=12, backoff_s=0.5),
         )
-    assert summary["exit_code"] == EXIT_INVALID_LINES, summary
-    assert summary["made"] == 5 and summary["invalid_lines"] == 1 and summary["failed"] == 1
+    assert summary.exit_code == EXIT_INVALID_LINES, summary
+    assert summary.made == 5 and summary.invalid_lines == 1 and summary.failed == 1
     refused = read_json(remote_out / "errors" / "line-00000006.json")
     assert refused["kind"] == "remote_error" and "clip_skip" in refused["error"] and not refused["retriable"]
     assert read_json(remote_out / "errors" / "line-00000005.json")["kind"] == "invalid_request"  # never sent
@@ -52,7 +52,7 @@ def test_remote_mode_makes_the_same_outputs_as_a_local_run(dev_model_dir: Path, 
 
     with one_torch_thread():  # the server runs with one thread too
         local_summary = run_shard(RunOptions(source, local_out, progress=False), LocalEngineOptions(engine=engine))
-    assert local_summary["made"] == 5
+    assert local_summary.made == 5
     local = sidecars(local_out)
     assert set(local) == set(remote)
     remote_images, local_images = image_files(remote_out), image_files(local_out)
@@ -76,7 +76,7 @@ def test_remote_mode_stops_at_once_when_the_endpoint_refuses(worker_api_server: 
         # 404 on /runsync: a wrong URL, not a busy server
         EndpointOptions(worker_api_server + "/v2/no-such-endpoint", retries=12, backoff_s=0.5),
     )
-    assert summary["exit_code"] == EXIT_USAGE and summary["made"] == 0
+    assert summary.exit_code == EXIT_USAGE and summary.made == 0
     assert not list((tmp_path / "out").glob("*.json"))
 
 

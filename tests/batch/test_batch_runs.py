@@ -235,8 +235,8 @@ def test_bad_lines_get_error_sidecars_and_the_run_goes_on(reference: Reference, 
 
     with one_torch_thread():  # in process, on the engine loaded here; the thread count of the reference run
         summary = run_shard(options, local)
-    assert summary["exit_code"] == EXIT_INVALID_LINES
-    assert summary["made"] == 3 and summary["invalid_lines"] == 8 and summary["failed"] == 1
+    assert summary.exit_code == EXIT_INVALID_LINES
+    assert summary.made == 3 and summary.invalid_lines == 8 and summary.failed == 1
     errors = {path.name: read_json(path) for path in (out / "errors").iterdir()}
     kinds = {int(name[5:13]): error["kind"] for name, error in errors.items()}
     assert kinds == {
@@ -260,8 +260,8 @@ def test_bad_lines_get_error_sidecars_and_the_run_goes_on(reference: Reference, 
     torn.write_bytes(torn.read_bytes()[:-30] + (json.dumps(complete_last) + "\n").encode())
     with one_torch_thread():
         summary = run_shard(options, local)
-    assert summary["exit_code"] == EXIT_INVALID_LINES  # the other invalid lines are still there
-    assert summary["made"] == 1 and summary["already_done"] == 3
+    assert summary.exit_code == EXIT_INVALID_LINES  # the other invalid lines are still there
+    assert summary.made == 1 and summary.already_done == 3
     assert not (out / "errors" / "line-00000012.json").exists()
     assert len(sidecars(out)) == 4 and leftovers(out) == []
 
@@ -271,11 +271,11 @@ def test_a_changed_line_under_a_used_id_is_refused_not_overwritten(engine, tmp_p
     source = write_jsonl(tmp_path / "jobs.jsonl", [line])
     options = RunOptions(source, tmp_path / "out", progress=False)
     with one_torch_thread():
-        assert run_shard(options, LocalEngineOptions(engine=engine))["exit_code"] == EXIT_OK
+        assert run_shard(options, LocalEngineOptions(engine=engine)).exit_code == EXIT_OK
     before = (tmp_path / "out" / "cover.json").read_bytes()
     write_jsonl(source, [{**line, "prompt": "a harbour at night"}])
     summary = run_shard(options, LocalEngineOptions(engine=engine))
-    assert summary["exit_code"] == EXIT_INVALID_LINES and summary["made"] == 0
+    assert summary.exit_code == EXIT_INVALID_LINES and summary.made == 0
     error = read_json(tmp_path / "out" / "errors" / "line-00000001.json")
     assert error["kind"] == "changed_line" and "new id" in error["error"]
     assert (tmp_path / "out" / "cover.json").read_bytes() == before
