@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from worker.request.samplers import PER_CALL_NOISE_SCHEDULERS
-
 if TYPE_CHECKING:
     from worker.request.schema import GenerationRequest
 
@@ -86,7 +84,7 @@ class Job:
 
     @property
     def per_call_noise(self) -> bool:
-        return self.request.scheduler in PER_CALL_NOISE_SCHEDULERS
+        return self.request.sampling.per_call_noise
 
 
 @dataclass(frozen=True)

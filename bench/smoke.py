@@ -10,6 +10,9 @@ etc.), one JSON line per check, exit status 1 if any failed:
 - ``long_prompt``: a weighted prompt of several hundred tokens with BREAK returns an image;
 - ``lora``: a random LoRA file in LORA_DIR changes the image, and the next job without it equals the
   first job without it byte for byte (nothing leaks between jobs);
+- ``sampling_*``: one job per sampling mode (the SDXL-Lightning recipe: Euler, SGM Uniform, guidance 0; A1111's
+  sampler + Automatic schedule; Align Your Steps; LCM; TCD; custom timesteps; guidance_rescale) with its time beside
+  the plain job's, and the timesteps it ran;
 - ``refiner``: with the full-size refiner loaded beside the base (converted by ``model_build`` from its
   random single-file checkpoint), the official worker's refiner job (``strength``) and the ensemble of experts
   (``high_noise_frac``) each return an image that the refiner made; ``--no-refiner`` skips it;
@@ -175,6 +178,7 @@ def main() -> None:
     if refiner_dir is not None:  # the base-only checks stay base-only; the refiner has checks of its own below
         base["refiner"] = False
     first, seconds = run_job(worker, "square", **base, seed=7)
+    plain_seconds = seconds
     report(
         "square",
         "error" not in first and len(first.get("images", [])) == 1,
@@ -203,6 +207,31 @@ def main() -> None:
         lora_changes_image=lora_ok and with_lora["images"][0] != first["images"][0],
         no_lora_after_equals_before=lora_ok and again["images"][0] == first["images"][0],
     )
+
+    # Sampling modes (README "Samplers and schedules"): each beside the plain job's time.
+    for check, fields in (
+        (
+            "lightning",
+            {"sampler_name": "Euler", "scheduler": "SGM Uniform", "num_inference_steps": 4, "guidance_scale": 0},
+        ),
+        ("a1111_automatic", {"sampler_name": "DPM++ 2M", "scheduler": "Automatic"}),
+        ("align_your_steps", {"sampler_name": "DPM++ 2M", "scheduler": "Align Your Steps"}),
+        ("lcm", {"sampler_name": "LCM", "num_inference_steps": 4, "guidance_scale": 1.0}),
+        ("tcd", {"sampler_name": "TCD", "num_inference_steps": 4, "guidance_scale": 0, "eta": 0.3}),
+        ("custom_timesteps", {"scheduler": "Euler", "timesteps": [999, 749, 499, 249], "num_inference_steps": 4}),
+        ("guidance_rescale", {"sampler_name": "Euler a", "guidance_rescale": 0.7}),
+    ):
+        output, seconds = run_job(worker, f"sampling-{check}", **{**base, **fields}, seed=7)
+        metadata = output.get("metadata", {})
+        report(
+            f"sampling_{check}",
+            "error" not in output and len(output.get("images", [])) == 1,
+            seconds=round(seconds, 2),
+            plain_seconds=round(plain_seconds, 2),
+            error=output.get("error"),
+            sampling=metadata.get("sampling"),
+            timesteps=metadata.get("stages", [{}])[0].get("timesteps"),
+        )
 
     if refiner_dir is not None:
         for check, fields in (

@@ -27,7 +27,7 @@ from tests.support.prompt_reference import (
     a1111_text_at_call,
 )
 from worker.generation.schedulers import build_scheduler
-from worker.request.samplers import SCHEDULE_STEPS_PER_STEP, SCHEDULERS, schedule_steps
+from worker.request.samplers import SAMPLERS, schedule_steps
 from worker.request.schema import parse_request
 
 one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
@@ -48,11 +48,17 @@ def model_calls(name: str, steps: int) -> int:
     return len(scheduler.timesteps)
 
 
-@pytest.mark.parametrize("name", list(SCHEDULERS))
-def test_each_scheduler_counts_a1111_steps_as_diffusers_makes_model_calls(name: str) -> None:
-    """A scheduler counts 2 schedule steps per step exactly when diffusers makes two model calls per step (2N - 1
+def stage_counts(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A stage's steps and model calls (its spacing and timesteps are tests/worker/test_sampling_jobs.py's)."""
+    assert all(len(stage["timesteps"]) == stage["model_calls"] for stage in stages)  # one timestep per model call
+    return [{key: stage[key] for key in ("model", "num_inference_steps", "steps", "model_calls")} for stage in stages]
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_each_sampler_counts_a1111_steps_as_diffusers_makes_model_calls(name: str) -> None:
+    """A sampler counts 2 schedule steps per step exactly when diffusers makes two model calls per step (2N - 1
     for N steps) and A1111 1.10 declares the sampler second-order; its DPM++ 2S and PNDM are the documented others."""
-    per_step = SCHEDULE_STEPS_PER_STEP[name]
+    per_step = SAMPLERS[name].calls_per_step
     for steps in (1, 2, 5, 10):
         calls = model_calls(name, steps)
         if name == "PNDM":
@@ -60,11 +66,11 @@ def test_each_scheduler_counts_a1111_steps_as_diffusers_makes_model_calls(name: 
         else:
             assert calls == per_step * steps - (per_step - 1), (name, steps, calls)
         assert schedule_steps(name, steps) == per_step * steps
-    a1111_name = name.removesuffix(" Karras")
-    if a1111_name in A1111_SECOND_ORDER_SAMPLERS | A1111_FIRST_ORDER_SAMPLERS:
+    if name in A1111_SECOND_ORDER_SAMPLERS | A1111_FIRST_ORDER_SAMPLERS:
         assert schedule_steps(name, 7) == a1111_schedule_steps(name, 7)
+        assert schedule_steps(f"{name} Karras", 7) == a1111_schedule_steps(f"{name} Karras", 7)  # combined names
     else:
-        assert per_step == 1  # DPM++ 2S (N calls: not A1111's ancestral "DPM++ 2S a"), DDPM, PNDM, DEIS
+        assert per_step == 1  # DPM++ 2S (N calls: not A1111's ancestral "DPM++ 2S a"), DDPM, PNDM, DEIS, TCD
 
 
 # ---- recording what the UNets receive --------------------------------------------------------------------------------
@@ -142,8 +148,11 @@ def test_every_model_call_reads_a1111s_text(engine, sampler: str, prompt: str) -
     # diffusers' DPM++ 2S makes one call per step: what A1111 does for a first-order sampler such as Euler.
     expected = a1111_texts(prompt, "Euler" if sampler == "DPM++ 2S" else sampler, 4, range(len(calls)))
     assert texts_read(engine, calls, candidates(prompt, schedule_steps(sampler, 4))) == expected
-    assert len(calls) == 4 * SCHEDULE_STEPS_PER_STEP[sampler] - (SCHEDULE_STEPS_PER_STEP[sampler] - 1)
-    assert metadata["stages"] == [{"model": "base", "num_inference_steps": 4, "steps": 4, "model_calls": len(calls)}]
+    per_step = schedule_steps(sampler, 1)
+    assert len(calls) == 4 * per_step - (per_step - 1)
+    assert stage_counts(metadata["stages"]) == [
+        {"model": "base", "num_inference_steps": 4, "steps": 4, "model_calls": len(calls)}
+    ]
     if prompt == "a [red:blue:0.5] cube" and sampler == "Heun":
         assert expected == ["a red cube"] * 5 + ["a blue cube"] * 2
 
@@ -242,7 +251,7 @@ def test_refiner_metadata_reports_what_ran(engine) -> None:
         "steps": len(refined),
         "model_calls": len(refined),
     }
-    assert ensemble["stages"] == [
+    assert stage_counts(ensemble["stages"]) == [
         {"model": "base", "num_inference_steps": 4, "steps": len(base), "model_calls": len(base)},
         {"model": "refiner", "num_inference_steps": 4, "steps": len(refined), "model_calls": len(refined)},
     ]
@@ -254,11 +263,13 @@ def test_refiner_metadata_reports_what_ran(engine) -> None:
     assert img2img["refiner"]["mode"] == "img2img" and img2img["refiner"]["strength"] == 0.5
     assert img2img["refiner"]["high_noise_frac"] is None and img2img["refiner"]["steps"] == 2 == len(refined)
     assert img2img["refiner"]["ignored"]["high_noise_frac"] == 0.8
-    assert img2img["stages"] == [{"model": "refiner", "num_inference_steps": 4, "steps": 2, "model_calls": 2}]
+    assert stage_counts(img2img["stages"]) == [
+        {"model": "refiner", "num_inference_steps": 4, "steps": 2, "model_calls": 2}
+    ]
 
     # Second-order: steps begun are half the model calls, rounded up.
     heun, base, _ = run(engine, {**job, "scheduler": "Heun", "refiner": False})
-    assert heun["stages"] == [{"model": "base", "num_inference_steps": 4, "steps": 4, "model_calls": 7}]
+    assert stage_counts(heun["stages"]) == [{"model": "base", "num_inference_steps": 4, "steps": 4, "model_calls": 7}]
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from core.settings import load_settings
 from worker.handler import Worker
 from worker.output.images import read_parameters
 from worker.request.fields import MAX_RANDOM_SEED
-from worker.request.samplers import canonical_scheduler_name
+from worker.request.samplers import combined_name, split_combined
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"prompt": "a lighthouse at dawn", "height": 256, "width": 256, "num_inference_steps": 3}
@@ -98,7 +98,7 @@ def test_schedulers_run_and_are_deterministic(engine_loaded, scheduler: str) -> 
     first, second = run(payload), run(payload)
     assert "error" not in first, first
     assert first["images"] == second["images"]
-    assert first["metadata"]["scheduler"] == canonical_scheduler_name(scheduler)
+    assert first["metadata"]["scheduler"] == combined_name(*split_combined(scheduler))
 
 
 def test_invalid_input_is_an_error_string_never_a_traceback(engine_loaded) -> None:

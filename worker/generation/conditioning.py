@@ -67,14 +67,15 @@ class Stage:
 
     model: str  # "base" or "refiner"
     num_inference_steps: int  # the steps its scheduler was set to
-    scheduler: str
+    sampler: str  # a sampler label (worker.request.samplers)
     steps: StageSteps
+    spacing: str = ""  # what placed its timesteps (worker.generation.schedulers.Schedule.spacing)
     counter: CallCounter = field(default_factory=CallCounter)
 
     @property
     def steps_run(self) -> int:
         """Denoising steps begun: model calls, or half of them rounded up for a two-call-per-step scheduler."""
-        return math.ceil(self.counter.calls / schedule_steps(self.scheduler, 1))
+        return math.ceil(self.counter.calls / schedule_steps(self.sampler, 1))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -82,4 +83,6 @@ class Stage:
             "num_inference_steps": self.num_inference_steps,
             "steps": self.steps_run,
             "model_calls": self.counter.calls,
+            "spacing": self.spacing,
+            "timesteps": self.counter.timesteps,  # of each model call, as the scheduler handed them to the UNet
         }

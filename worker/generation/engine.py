@@ -34,7 +34,13 @@ from worker.generation.acceleration import accelerate
 from worker.generation.conditioning import Embeddings, Stage
 from worker.generation.decode import decode_latents
 from worker.generation.grouping import group_key
-from worker.generation.metadata import ServingFacts, describe_schedule_calls, job_metadata, refiner_metadata
+from worker.generation.metadata import (
+    ServingFacts,
+    describe_schedule_calls,
+    job_metadata,
+    refiner_metadata,
+    sampling_metadata,
+)
 from worker.generation.seeds import image_seeds, resolve_seed
 from worker.generation.stages import ProgressCallback, StageRunner
 from worker.model.loading import PhaseClock, load_refiner, require_family
@@ -222,6 +228,7 @@ class Engine:
         """Model-dependent limits the schema cannot know."""
         self.prompt_encoder.check_clip_skip(request.clip_skip)  # before any LoRA or GPU work
         refine = self.uses_refiner(request)
+        self.stages.check_sampling(request, refine)
         if request.is_img2img or (refine and request.high_noise_frac is None):
             field = "refiner_inference_steps" if refine else "num_inference_steps"
             steps = request.refiner_inference_steps if refine else request.num_inference_steps
@@ -253,7 +260,7 @@ class Engine:
         schedulers that make two model calls per step (:func:`worker.request.samplers.schedule_steps`)."""
         refiner_first = request.is_img2img and self.uses_refiner(request)
         steps = request.refiner_inference_steps if refiner_first else request.num_inference_steps
-        return schedule_steps(request.scheduler, steps)
+        return schedule_steps(request.sampling.sampler, steps)
 
     def generate(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
         return self.generate_group([request], progress)[0]
@@ -291,7 +298,7 @@ class Engine:
             latents, size, mode_info, stages = self.stages.img2img(first, own, all_seeds, refine, progress)
             times["denoising_s"] = self._clock() - started
         else:
-            stages = [Stage("base", first.num_inference_steps, first.scheduler, SAME_STEPS)]
+            stages = [Stage("base", first.num_inference_steps, first.sampling.sampler, SAME_STEPS)]
             latents = self.stages.text_to_latents(first, embeds, all_seeds, refine, progress, stages[0])
             size, mode_info = (first.width, first.height), {"mode": "txt2img"}
             times["denoising_s"] = self._clock() - started
@@ -311,6 +318,7 @@ class Engine:
         run_info = {
             **mode_info,
             **refiner_metadata(first, refine, stages, self.facts),
+            "sampling": sampling_metadata(first, stages, self.scheduler_config),
             "stages": [s.describe() for s in stages],
         }
         results, offset = [], 0

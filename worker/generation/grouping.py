@@ -21,6 +21,6 @@ def group_key(request: GenerationRequest, encoded: EncodedPrompts) -> tuple:
         if name == "image_url" and value is not None:
             value = hashlib.sha256(value.encode()).hexdigest()  # data URIs can be megabytes
         elif isinstance(value, list):
-            value = tuple(tuple(item.model_dump().items()) for item in value)
+            value = tuple(tuple(item.model_dump().items()) if hasattr(item, "model_dump") else item for item in value)
         values.append(value)
     return (*values, encoded.num_chunks, request.size_given)

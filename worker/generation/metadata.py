@@ -67,6 +67,25 @@ def refiner_metadata(
     return {"refiner": {"used": False, "reason": reason}}
 
 
+def sampling_metadata(
+    request: GenerationRequest, stages: Sequence[Stage], model_scheduler_config: dict[str, Any]
+) -> dict[str, Any]:
+    """What sampled: the sampler, the schedule type (Automatic resolved) or custom list, what placed the timesteps
+    (each stage lists the timesteps its model calls ran), eta, and what the model's config says about the model."""
+    sampling = request.sampling
+    custom = "timesteps" if request.timesteps is not None else "sigmas" if request.sigmas is not None else None
+    spec_eta = sampling.spec.eta
+    return {
+        "sampler": sampling.sampler,
+        "schedule": f"custom {custom}" if custom else sampling.schedule,
+        "schedule_requested": sampling.requested,
+        "spacing": stages[0].spacing,
+        "eta": None if spec_eta is None else (spec_eta if request.eta is None else request.eta),
+        "prediction_type": model_scheduler_config.get("prediction_type", "epsilon"),
+        "rescale_betas_zero_snr": bool(model_scheduler_config.get("rescale_betas_zero_snr", False)),
+    }
+
+
 def describe_schedule_calls(encoded: EncodedPrompts, stages: Sequence[Stage]) -> None:
     """Add to an edited prompt's metadata which text each stage's model calls read."""
     schedule = encoded.info.get("schedule")
@@ -96,6 +115,7 @@ def job_metadata(
         "height": size[1],
         "num_inference_steps": request.num_inference_steps,
         "guidance_scale": request.guidance_scale,
+        "guidance_rescale": request.guidance_rescale,
         "scheduler": request.scheduler,
         "clip_skip": request.clip_skip,
         "prompt": prompt_info,

@@ -18,7 +18,7 @@ from PIL import Image
 from core.errors import InvalidRequest
 from core.settings import Settings
 from worker.generation.conditioning import Embeddings, Stage
-from worker.generation.schedulers import build_scheduler
+from worker.generation.schedulers import Schedule, build_schedule
 from worker.generation.seeds import refiner_seed
 from worker.model.placement import Placement
 from worker.prompting.stepping import SAME_STEPS, CallCounter, StageSteps, pipeline_callback_kwargs
@@ -51,20 +51,49 @@ class StageRunner:
             embeds.encoded, images, embeds.cfg, stage.counter, stage.steps, embeds.first_feature
         )
 
-    def _refiner_scheduler(self, request: GenerationRequest, seed: int) -> Any:
-        """A fresh refiner scheduler from the refiner's own config as loaded (each job replaces the pipeline's, so
-        reading it back from the pipeline would carry one job's overrides, such as Karras sigmas, into the next)."""
-        return build_scheduler(request.scheduler, self.refiner_scheduler_config, noise_seed=seed)
+    def _refiner_schedule(self, request: GenerationRequest, seed: int) -> Schedule:
+        """A fresh refiner schedule from the refiner's own config as loaded (each job replaces the pipeline's, so
+        reading it back from the pipeline would carry one job's overrides, such as Karras sigmas, into the next).
+        A request's own timesteps or sigmas are for the base's steps (:meth:`check_sampling` refuses them here)."""
+        return self._schedule(request, self.refiner_scheduler_config, request.refiner_inference_steps, seed, False)
+
+    @staticmethod
+    def _schedule(
+        request: GenerationRequest, config: dict[str, Any], steps: int, seed: int | None, custom: bool = True
+    ) -> Schedule:
+        return build_schedule(
+            request.sampling,
+            config,
+            steps,
+            noise_seed=seed,
+            timesteps=request.timesteps if custom else None,
+            sigmas=request.sigmas if custom else None,
+            eta=request.eta,
+            field_name="sampler_name" if request.sampler_name is not None else "scheduler",
+        )
+
+    def check_sampling(self, request: GenerationRequest, refine: bool) -> None:
+        """Refuse, before any work, a sampler this model's config cannot run (v-prediction, zero terminal SNR) and
+        a custom list the refiner would have to run too."""
+        self._schedule(request, self.scheduler_config, request.num_inference_steps, None)
+        if refine:
+            if request.timesteps is not None or request.sigmas is not None:
+                name = "timesteps" if request.timesteps is not None else "sigmas"
+                raise InvalidRequest(
+                    f"{name}: a custom list is for the base model's num_inference_steps, but this job runs the "
+                    "refiner too; send refiner: false, or a schedule type instead of the list"
+                )
+            self._refiner_schedule(request, 0)
 
     @staticmethod
     def _img2img_calls(
-        pipeline_class: Any, scheduler: Any, steps: int, strength: float, denoising_start: float | None
+        pipeline_class: Any, schedule: Schedule, steps: int, strength: float, denoising_start: float | None
     ) -> tuple[int, int]:
         """(model calls of the full ``steps``-step schedule, calls an img2img-pipeline call leaves out before its
-        first one for ``strength`` or ``denoising_start``), by diffusers' own ``get_timesteps`` on a copy of
-        ``scheduler``: known before the call, so the refiner's first call gets its conditioning as an argument."""
-        probe = type(scheduler).from_config(scheduler.config)
-        probe.set_timesteps(steps, device="cpu")
+        first one for ``strength`` or ``denoising_start``), by diffusers' own ``get_timesteps`` on a copy of the
+        schedule's scheduler: known before the call, so the refiner's first call gets its conditioning as an
+        argument."""
+        probe = schedule.probe()
         holder = SimpleNamespace(scheduler=probe)
         timesteps, _ = pipeline_class.get_timesteps(holder, steps, strength, "cpu", denoising_start=denoising_start)
         return len(probe.timesteps), len(probe.timesteps) - len(timesteps)
@@ -73,14 +102,13 @@ class StageRunner:
         """Refuse a ``high_noise_frac`` that leaves the base or the refiner no model call (issue 24: 0.999999 ran no
         refiner step and reported it used)."""
         frac = request.high_noise_frac
-        base = build_scheduler(request.scheduler, self.scheduler_config)
-        base.set_timesteps(request.num_inference_steps, device="cpu")
+        base = self._schedule(request, self.scheduler_config, request.num_inference_steps, None).probe()
         # diffusers' StableDiffusionXLPipeline (8.1, denoising_end): the base runs the timesteps at or above this.
         train = base.config.num_train_timesteps
         base_calls = int((base.timesteps >= round(train - frac * train)).sum())
         steps = request.refiner_inference_steps
-        scheduler = self._refiner_scheduler(request, 0)
-        total, skipped = self._img2img_calls(type(self.refiner), scheduler, steps, request.strength, frac)
+        schedule = self._refiner_schedule(request, 0)
+        total, skipped = self._img2img_calls(type(self.refiner), schedule, steps, request.strength, frac)
         refiner_calls = total - skipped
         if base_calls < 1:
             raise InvalidRequest(
@@ -95,8 +123,8 @@ class StageRunner:
                 "refine the finished image at strength"
             )
 
-    def _scheduler(self, request: GenerationRequest, seeds: list[int]) -> Any:
-        return build_scheduler(request.scheduler, self.scheduler_config, noise_seed=seeds[0])
+    def _base_schedule(self, request: GenerationRequest, seeds: list[int]) -> Schedule:
+        return self._schedule(request, self.scheduler_config, request.num_inference_steps, seeds[0])
 
     @staticmethod
     def _generators(seeds: list[int]) -> list[torch.Generator]:
@@ -115,6 +143,10 @@ class StageRunner:
 
         return callback
 
+    @staticmethod
+    def _per_step(request: GenerationRequest) -> int:
+        return calls_per_step(request.sampling.sampler)
+
     def _total_steps(self, request: GenerationRequest, refine: bool) -> int:
         base = request.num_inference_steps
         if not refine or request.is_img2img:
@@ -131,19 +163,23 @@ class StageRunner:
         stage: Stage,
     ) -> torch.Tensor:
         pipe = self.placement.use(self.pipe)
-        pipe.scheduler = self._scheduler(request, seeds)
+        schedule = self._base_schedule(request, seeds)
+        pipe.scheduler = schedule.scheduler
+        stage.spacing = schedule.spacing
         return pipe(
             **embeds.base(),
+            **schedule.call_kwargs(),
             height=request.height,
             width=request.width,
             num_inference_steps=request.num_inference_steps,
             denoising_end=request.high_noise_frac if refine else None,
             guidance_scale=request.guidance_scale,
+            guidance_rescale=request.guidance_rescale,
             generator=self._generators(seeds),
             output_type="latent",
             **self._callbacks(
                 embeds,
-                self._step_callback(progress, 0, self._total_steps(request, refine), calls_per_step(request.scheduler)),
+                self._step_callback(progress, 0, self._total_steps(request, refine), self._per_step(request)),
                 stage,
             ),
         ).images
@@ -165,20 +201,22 @@ class StageRunner:
         the prompt-editing schedule where its own schedule stands (:mod:`worker.prompting.stepping`).
         """
         refiner = self.placement.use(self.refiner)
-        refiner.scheduler = self._refiner_scheduler(request, seeds[0])
+        schedule = self._refiner_schedule(request, seeds[0])
+        refiner.scheduler = schedule.scheduler
         steps = request.refiner_inference_steps
-        _, skipped = self._img2img_calls(
-            type(refiner), refiner.scheduler, steps, request.strength, request.high_noise_frac
-        )
-        mapping = StageSteps(skipped, prompt_schedule_steps, schedule_steps(request.scheduler, steps))
-        stage = Stage("refiner", steps, request.scheduler, mapping)
+        _, skipped = self._img2img_calls(type(refiner), schedule, steps, request.strength, request.high_noise_frac)
+        sampler = request.sampling.sampler
+        mapping = StageSteps(skipped, prompt_schedule_steps, schedule_steps(sampler, steps))
+        stage = Stage("refiner", steps, sampler, mapping, spacing=schedule.spacing)
         latents = refiner(
             **embeds.at(mapping.schedule_step(0)),
+            **schedule.call_kwargs(),
             image=latents,
             num_inference_steps=steps,
             denoising_start=request.high_noise_frac,
             strength=request.strength,
             guidance_scale=request.guidance_scale,
+            guidance_rescale=request.guidance_rescale,
             generator=self._generators([refiner_seed(seed) for seed in seeds]),
             output_type="latent",
             **self._callbacks(
@@ -187,7 +225,7 @@ class StageRunner:
                     progress,
                     request.num_inference_steps,
                     self._total_steps(request, True),
-                    calls_per_step(request.scheduler),
+                    self._per_step(request),
                 ),
                 stage,
             ),
@@ -208,23 +246,24 @@ class StageRunner:
         image = source if source.size == size else source.resize(size, Image.Resampling.LANCZOS)
         pipe = self.placement.use(self.refiner if refine else self.img2img_pipe)
         # A fresh scheduler from the model's own config (the pipeline's current one is the previous job's).
-        pipe.scheduler = self._refiner_scheduler(request, seeds[0]) if refine else self._scheduler(request, seeds)
+        schedule = self._refiner_schedule(request, seeds[0]) if refine else self._base_schedule(request, seeds)
+        pipe.scheduler = schedule.scheduler
         steps = request.refiner_inference_steps if refine else request.num_inference_steps
         # A1111's img2img: the schedule spans the requested steps and its counter starts at the first call that runs.
-        stage = Stage("refiner" if refine else "base", steps, request.scheduler, SAME_STEPS)
+        stage = Stage("refiner" if refine else "base", steps, request.sampling.sampler, SAME_STEPS, schedule.spacing)
         latents = pipe(
             **embeds.at(0),
+            **schedule.call_kwargs(),
             image=[image] * len(seeds),
             strength=request.strength,
             num_inference_steps=steps,
             guidance_scale=request.guidance_scale,
+            guidance_rescale=request.guidance_rescale,
             generator=self._generators(seeds),
             output_type="latent",
             **self._callbacks(
                 embeds,
-                self._step_callback(
-                    progress, 0, max(1, int(steps * request.strength)), calls_per_step(request.scheduler)
-                ),
+                self._step_callback(progress, 0, max(1, int(steps * request.strength)), self._per_step(request)),
                 stage,
             ),
         ).images

@@ -33,7 +33,8 @@ def a1111_parameters(request: Any, seed: int, model_name: str, model_hash: str, 
     """The settings text A1111 writes into its images (prompt, negative, then one settings line)."""
     settings = [
         f"Steps: {request.num_inference_steps}",
-        f"Sampler: {request.scheduler}",
+        f"Sampler: {request.sampling.sampler}",
+        *_schedule_type(request),
         f"CFG scale: {request.guidance_scale:g}",
         f"Seed: {seed}",
         f"Size: {request.width}x{request.height}",
@@ -48,6 +49,16 @@ def a1111_parameters(request: Any, seed: int, model_name: str, model_hash: str, 
     if request.negative_prompt:
         text += f"\nNegative prompt: {request.negative_prompt}"
     return text + "\n" + ", ".join(settings)
+
+
+def _schedule_type(request: Any) -> list[str]:
+    """A1111 1.10 writes "Schedule type" beside the sampler (omitted for the sampler's Automatic)."""
+    sampling = request.sampling
+    if request.timesteps is not None or request.sigmas is not None:
+        return ["Schedule type: custom"]
+    if sampling.schedule == sampling.spec.automatic:
+        return []
+    return [f"Schedule type: {sampling.schedule}"]
 
 
 # Control characters: the PNG spec forbids NUL in text chunks (strict decoders such as pngcheck reject the file)

@@ -23,7 +23,7 @@ in a schedule computed over ``steps x step_multiplier``), given per pipeline cal
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import torch
@@ -57,9 +57,12 @@ class CallCounter:
 
     then: StepCallback | None = None
     calls: int = 0
+    timesteps: list[float | int] = field(default_factory=list)
 
     def __call__(self, pipe: Any, call: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         self.calls = call + 1
+        value = round(float(timestep), 3)
+        self.timesteps.append(int(value) if value.is_integer() else value)
         return tensors if self.then is None else self.then(pipe, call, timestep, tensors)
 
 

@@ -1,128 +1,294 @@
-"""The scheduler names a request may give (A1111, diffusers and the official RunPod worker's), as data.
+"""The samplers and schedule types a request may name, as data: the one table.
 
-:data:`SCHEDULERS` is the one table of what a request may name: canonical A1111-style names, then
-:data:`ALIASES` (the official worker's ``PNDM``, ``KLMS``, ``DDIM``, ``K_EULER``, ``K_EULER_ANCESTRAL``,
-``DPMSolverMultistep``, ``DPMSolverSinglestep`` and diffusers' class names). Nothing here imports diffusers: the
-schema validates names with it; :mod:`worker.generation.schedulers` builds the instances.
+A request names a sampler and a schedule in one of two ways (:mod:`worker.request.sampling` holds the rule):
+
+- A1111 1.9+ / Forge: ``sampler_name`` (:data:`SAMPLERS`, or an alias) + ``scheduler`` = a schedule type
+  (:data:`SCHEDULES`). ``Automatic`` is what A1111 1.10 picks for that sampler (``Sampler.automatic``).
+- the official RunPod worker: ``scheduler`` alone, a combined name: a sampler (``DDIM``, ``K_EULER``,
+  ``DPMSolverMultistep``, ...), optionally followed by a schedule type (``DPM++ 2M Karras``, as A1111 < 1.9 and
+  A1111 1.10's own parser split them). A bare sampler runs the model folder's own scheduler config
+  (:data:`MODEL_SCHEDULE`), as the official worker and diffusers do.
+
+Each sampler is one diffusers scheduler class with config overrides, and says what that class can do (diffusers
+0.42.1: ``timestep_spacing``, ``use_karras/exponential/beta_sigmas``, custom ``timesteps``/``sigmas`` in
+``set_timesteps``, ``eta`` in ``step``); a sampler/schedule pair exists when the class can run the schedule
+(:func:`pair_problem`). ``tests/worker/test_samplers_table.py`` checks these claims against diffusers itself.
+Nothing here imports diffusers: :mod:`worker.generation.schedulers` builds the instances.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-# canonical A1111-style name -> (diffusers class, config overrides)
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "Euler": ("EulerDiscreteScheduler", {}),
-    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
-    "Euler Karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
-    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
-    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "DPM++ 2M SDE Karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+MODEL_SCHEDULE = "model config"  # the model folder's scheduler_config.json as it is (the official worker's)
+AUTOMATIC = "Automatic"
+
+
+@dataclass(frozen=True)
+class Sampler:
+    diffusers_class: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    # A1111 1.10's "Automatic" for this sampler (modules/sd_samplers_kdiffusion.py: its `scheduler` option, else
+    # Uniform, k-diffusion's get_sigmas). Samplers A1111 runs on its own timestep loop (DDIM, PLMS, UniPC) or lacks
+    # (DDPM, DEIS, DPM++ 2S) and LCM/TCD (their own schedules) run the model's config.
+    automatic: str = MODEL_SCHEDULE
+    # Model calls per step; A1111 1.10 counts prompt-editing steps over steps x this (its `second_order` samplers:
+    # two model calls per step, 2N - 1 in all, in diffusers too; tests/worker/test_prompt_stages.py checks).
+    calls_per_step: int = 1
+    spacing: bool = True  # the class reads timestep_spacing (Uniform, Normal, SGM Uniform, DDIM)
+    sigma_schedules: bool = False  # use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas
+    custom: frozenset[str] = frozenset()  # what set_timesteps takes: "timesteps", "sigmas"
+    eta: float | None = None  # the step takes eta: its default here (None: it takes none)
+    own_schedule: bool = False  # LCM/TCD place their own timesteps and ignore timestep_spacing
+    aliases: tuple[str, ...] = ()
+
+
+_TIMESTEPS, _BOTH = frozenset({"timesteps"}), frozenset({"timesteps", "sigmas"})
+_SDE = {"algorithm_type": "sde-dpmsolver++"}
+
+# A1111 1.10's names where it has the sampler (its aliases too), then the official worker's and diffusers' class
+# names. "DPM++ 2S" is diffusers' single-step solver (one model call per step), not A1111's ancestral "DPM++ 2S a".
+SAMPLERS: dict[str, Sampler] = {
+    "Euler": Sampler(
+        "EulerDiscreteScheduler", automatic="Uniform", sigma_schedules=True, custom=_BOTH, aliases=("K_EULER",)
     ),
-    "DPM++ 3M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
-    "DPM++ 3M SDE Karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_karras_sigmas": True},
+    "Euler a": Sampler("EulerAncestralDiscreteScheduler", automatic="Uniform", aliases=("K_EULER_ANCESTRAL",)),
+    "LMS": Sampler("LMSDiscreteScheduler", automatic="Uniform", sigma_schedules=True, aliases=("KLMS", "k_lms")),
+    "Heun": Sampler(
+        "HeunDiscreteScheduler", automatic="Uniform", calls_per_step=2, sigma_schedules=True, custom=_TIMESTEPS
     ),
-    "DPM++ 2S": ("DPMSolverSinglestepScheduler", {}),
-    "DPM++ 2S Karras": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}),
-    "DPM++ SDE": ("DPMSolverSDEScheduler", {}),
-    "DPM++ SDE Karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
-    "DPM2": ("KDPM2DiscreteScheduler", {}),
-    "DPM2 Karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
-    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "DPM2 a Karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
-    "Heun": ("HeunDiscreteScheduler", {}),
-    "LMS": ("LMSDiscreteScheduler", {}),
-    "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
-    "DDIM": ("DDIMScheduler", {}),
-    "DDPM": ("DDPMScheduler", {}),
-    "PNDM": ("PNDMScheduler", {}),
-    "UniPC": ("UniPCMultistepScheduler", {}),
-    "DEIS": ("DEISMultistepScheduler", {}),
+    "DPM2": Sampler("KDPM2DiscreteScheduler", automatic="Karras", calls_per_step=2, sigma_schedules=True),
+    "DPM2 a": Sampler("KDPM2AncestralDiscreteScheduler", automatic="Karras", calls_per_step=2, sigma_schedules=True),
+    "DPM++ 2M": Sampler(
+        "DPMSolverMultistepScheduler",
+        automatic="Karras",
+        sigma_schedules=True,
+        custom=_TIMESTEPS,
+        aliases=("DPMSolverMultistep",),
+    ),
+    "DPM++ 2M SDE": Sampler(
+        "DPMSolverMultistepScheduler", _SDE, automatic="Exponential", sigma_schedules=True, custom=_TIMESTEPS
+    ),
+    "DPM++ 3M SDE": Sampler(
+        "DPMSolverMultistepScheduler",
+        {**_SDE, "solver_order": 3},
+        automatic="Exponential",
+        sigma_schedules=True,
+        custom=_TIMESTEPS,
+    ),
+    "DPM++ SDE": Sampler("DPMSolverSDEScheduler", automatic="Karras", calls_per_step=2, sigma_schedules=True),
+    "DPM++ 2S": Sampler(
+        "DPMSolverSinglestepScheduler",
+        spacing=False,
+        sigma_schedules=True,
+        custom=_TIMESTEPS,
+        aliases=("DPMSolverSinglestep",),
+    ),
+    "DDIM": Sampler("DDIMScheduler", eta=0.0),  # A1111's eta_ddim default, diffusers' too
+    "DDPM": Sampler("DDPMScheduler", custom=_TIMESTEPS),
+    "PNDM": Sampler("PNDMScheduler", aliases=("PLMS",)),  # skip_prk_steps (SDXL's config): PLMS
+    "UniPC": Sampler("UniPCMultistepScheduler", sigma_schedules=True),
+    "DEIS": Sampler("DEISMultistepScheduler", sigma_schedules=True),
+    "LCM": Sampler("LCMScheduler", custom=_TIMESTEPS, own_schedule=True),
+    # TCD's gamma: 0.3, the TCD paper's and ComfyUI's SamplerTCD default (diffusers' pipelines would pass 0).
+    "TCD": Sampler("TCDScheduler", custom=_TIMESTEPS, eta=0.3, own_schedule=True),
 }
 
-# Other spellings that clients send: the official worker's names and diffusers' class names.
-ALIASES: dict[str, str] = {
-    "K_EULER": "Euler",
-    "K_EULER_ANCESTRAL": "Euler a",
-    "KLMS": "LMS",
-    "DPMSolverMultistep": "DPM++ 2M",
-    "DPMSolverSinglestep": "DPM++ 2S",
-    "DPMSolverSinglestepScheduler": "DPM++ 2S",
-    "DDPMScheduler": "DDPM",
-    "EulerDiscreteScheduler": "Euler",
-    "EulerAncestralDiscreteScheduler": "Euler a",
-    "DPMSolverMultistepScheduler": "DPM++ 2M",
-    "DPMSolverSDEScheduler": "DPM++ SDE",
-    "KDPM2DiscreteScheduler": "DPM2",
-    "KDPM2AncestralDiscreteScheduler": "DPM2 a",
-    "HeunDiscreteScheduler": "Heun",
-    "LMSDiscreteScheduler": "LMS",
-    "DDIMScheduler": "DDIM",
-    "PNDMScheduler": "PNDM",
-    "UniPCMultistepScheduler": "UniPC",
-    "DEISMultistepScheduler": "DEIS",
+# A1111 1.10's k-diffusion aliases ("k_euler_a", "k_dpmpp_2m", ...), spelled from the labels where they follow them.
+A1111_ALIASES = {
+    "Euler a": ("k_euler_a", "k_euler_ancestral"),
+    "Heun": ("k_heun",),
+    "DPM2": ("k_dpm_2",),
+    "DPM2 a": ("k_dpm_2_a",),
+    "DPM++ 2M": ("k_dpmpp_2m",),
+    "DPM++ 2M SDE": ("k_dpmpp_2m_sde",),
+    "DPM++ 3M SDE": ("k_dpmpp_3m_sde",),
+    "DPM++ SDE": ("k_dpmpp_sde",),
+    "LCM": ("k_lcm",),
+}
+
+ScheduleKind = Literal["model", "spacing", "sigma_flag", "timesteps", "sigmas"]
+
+
+@dataclass(frozen=True)
+class ScheduleType:
+    kind: ScheduleKind
+    value: str | None  # the timestep_spacing, the use_*_sigmas flag, or the list's name
+    does: str  # what it runs, for the README
+    aliases: tuple[str, ...] = ()
+
+
+# A1111 1.10's schedule types (modules/sd_schedulers.py: labels, names and aliases) that diffusers can run.
+# Sigma-shaped ones take k-diffusion's range (sigma at t=0 to sigma at t=999): diffusers reads it from the
+# spaced timesteps, so they run on linspace spacing (tests/worker/test_samplers_table.py compares with A1111's
+# formulas). "KL Optimal" and "Karras Exponential" are not offered.
+SCHEDULES: dict[str, ScheduleType] = {
+    AUTOMATIC: ScheduleType("model", None, "the sampler's own: A1111 1.10's choice (the table's `Automatic` column)"),
+    "Uniform": ScheduleType("spacing", "linspace", "timesteps evenly from 999 to 0 (k-diffusion's get_sigmas)"),
+    "Karras": ScheduleType("sigma_flag", "use_karras_sigmas", "Karras et al. sigmas, rho 7"),
+    "Exponential": ScheduleType("sigma_flag", "use_exponential_sigmas", "sigmas evenly in log space"),
+    "Polyexponential": ScheduleType(
+        "sigma_flag", "use_exponential_sigmas", "A1111's default rho 1: Exponential's sigmas exactly"
+    ),
+    "SGM Uniform": ScheduleType(
+        "spacing",
+        "trailing",
+        "diffusers' trailing spacing: whole timesteps from 999 down by 1000/steps (SDXL-Lightning, Hyper-SD)",
+        ("SGMUniform",),
+    ),
+    "Beta": ScheduleType("sigma_flag", "use_beta_sigmas", "beta-distribution sigmas, alpha = beta = 0.6"),
+    "Align Your Steps": ScheduleType(
+        "sigmas",
+        "align_your_steps",
+        "NVIDIA's SDXL sigmas (10 steps as published, log-linear for others; whole timesteps for samplers that "
+        "take no sigmas)",
+        ("AYS",),
+    ),
+    "Simple": ScheduleType("timesteps", "simple", "every (1000/steps)th training timestep from 999"),
+    "Normal": ScheduleType("spacing", "linspace", "as Uniform (A1111 1.10's normal_scheduler)"),
+    "DDIM": ScheduleType(
+        "spacing", "leading", "diffusers' leading spacing with the model's steps_offset", ("ddim_uniform",)
+    ),
+}
+SCHEDULE_NAMES = {  # A1111's internal names ("karras", "align_your_steps", ...), then other spellings
+    label: tuple(dict.fromkeys((label.lower().replace(" ", "_"), *spec.aliases))) for label, spec in SCHEDULES.items()
 }
 
 
-# How many of A1111's prompt-editing steps one requested step counts: A1111 1.10 computes a prompt's schedule over
-# steps x step_multiplier (processing.setup_conds), 2 for the samplers it declares second_order, and its denoiser's
-# counter counts every model call. diffusers' step callback also fires after every model call, so its index is that
-# counter when the schedule is computed over schedule_steps(name, steps). Checked against each diffusers class's number
-# of model calls (tests/worker/test_prompt_samplers.py):
-# - Heun, DPM2, DPM2 a, DPM++ SDE and their Karras forms: second_order in A1111 1.10 ("Karras" is a schedule type
-#   there), and 2N - 1 model calls for N steps in diffusers too (two per step, one for the last): 2.
-# - DPM++ 2S (diffusers' DPMSolverSinglestepScheduler): N model calls, each step one call (its second-order updates
-#   reuse the previous call). A1111's second-order "DPM++ 2S a" is another sampler (ancestral, 2N - 1 calls); counting
-#   2 here would leave the second half of every schedule unread, so it counts 1, like every multistep solver.
-# - PNDM: N + 1 calls (the PLMS warm-up evaluates one timestep twice), as A1111's PLMS makes N + 1 on a schedule of
-#   N; both count 1, and the extra call reads the schedule's last segment.
-# - every other scheduler: N calls, 1.
-_TWO_CALLS_PER_STEP = frozenset(
-    {"HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler"}
-)
-SCHEDULE_STEPS_PER_STEP: dict[str, int] = {
-    name: 2 if class_name in _TWO_CALLS_PER_STEP else 1 for name, (class_name, _) in SCHEDULERS.items()
-}
+@dataclass(frozen=True)
+class Sampling:
+    """A resolved sampler/schedule pair: what runs."""
+
+    sampler: str  # a key of SAMPLERS
+    schedule: str  # a key of SCHEDULES other than Automatic, or MODEL_SCHEDULE
+    requested: str  # the schedule as asked for (Automatic, a label, or MODEL_SCHEDULE for a bare combined name)
+
+    @property
+    def spec(self) -> Sampler:
+        return SAMPLERS[self.sampler]
+
+    @property
+    def schedule_type(self) -> ScheduleType | None:
+        return None if self.schedule == MODEL_SCHEDULE else SCHEDULES[self.schedule]
+
+    @property
+    def per_call_noise(self) -> bool:
+        """Its noise comes from one seed per pipeline call (DPMSolverSDEScheduler's Brownian tree), not from the
+        per-image generators: an image then depends on its batch mates."""
+        return self.spec.diffusers_class == "DPMSolverSDEScheduler"
 
 
-def schedule_steps(name: str, steps: int) -> int:
-    """The steps A1111 1.10 computes a prompt-editing schedule over for ``steps`` requested steps of scheduler ``name``
-    (any accepted spelling): ``steps`` times :data:`SCHEDULE_STEPS_PER_STEP`."""
-    canonical = canonical_scheduler_name(name)
-    if canonical is None:
-        raise ValueError(f"unknown scheduler {name!r}; use one of: {', '.join(SCHEDULERS)}")
-    return steps * SCHEDULE_STEPS_PER_STEP[canonical]
-
-
-def calls_per_step(name: str) -> int:
-    """Model calls per requested step of scheduler ``name`` (2 for the second-order ones, else 1)."""
-    canonical = canonical_scheduler_name(name)
-    return SCHEDULE_STEPS_PER_STEP[canonical] if canonical is not None else 1
-
-
-# Schedulers that draw their noise from one seed per pipeline call (diffusers' DPMSolverSDEScheduler and its
-# Brownian tree), not from the per-image generators: an image then depends on its batch mates.
-PER_CALL_NOISE_SCHEDULERS: tuple[str, ...] = tuple(
-    name for name, (class_name, _) in SCHEDULERS.items() if class_name == "DPMSolverSDEScheduler"
-)
+PER_CALL_NOISE_SAMPLERS = tuple(name for name in SAMPLERS if Sampling(name, MODEL_SCHEDULE, "").per_call_noise)
 
 
 def _fold(name: str) -> str:
     return " ".join(name.replace("_", " ").split()).casefold()
 
 
-_LOOKUP = {_fold(name): name for name in SCHEDULERS} | {_fold(alias): name for alias, name in ALIASES.items()}
+_SAMPLER_LOOKUP: dict[str, str] = {}
+for _label, _spec in SAMPLERS.items():  # a class name means the first sampler of that class (DPM++ 2M, not 3M SDE)
+    for _alias in (_label, *_spec.aliases, *A1111_ALIASES.get(_label, ()), _spec.diffusers_class):
+        _SAMPLER_LOOKUP.setdefault(_fold(_alias), _label)
+_SCHEDULE_LOOKUP = {_fold(name): label for label, names in SCHEDULE_NAMES.items() for name in (label, *names)}
+# Longest first, so "Euler SGM Uniform" splits at "SGM Uniform", not "Uniform".
+_SUFFIXES = sorted(((" " + key, label) for key, label in _SCHEDULE_LOOKUP.items()), key=lambda item: -len(item[0]))
 
 
-def scheduler_names() -> list[str]:
-    return list(SCHEDULERS)
+def sampler_label(name: str) -> str | None:
+    """The sampler a name means (any case, ``_`` or space), else None."""
+    return _SAMPLER_LOOKUP.get(_fold(name)) if isinstance(name, str) else None
 
 
-def canonical_scheduler_name(name: str) -> str | None:
-    """The canonical name for any accepted spelling (case and `_`/space insensitive), else None."""
-    return _LOOKUP.get(_fold(name)) if isinstance(name, str) else None
+def schedule_label(name: str) -> str | None:
+    """The schedule type a name means (label, A1111's internal name or an alias; any case), else None."""
+    return _SCHEDULE_LOOKUP.get(_fold(name)) if isinstance(name, str) else None
+
+
+@functools.lru_cache(maxsize=512)
+def split_combined(name: str) -> tuple[str, str | None] | None:
+    """``(sampler, schedule or None)`` for a combined name (``DPM++ 2M Karras``, ``K_EULER``), else None.
+
+    As A1111 1.10's get_sampler_and_scheduler: a trailing schedule type is split off; a whole sampler name wins.
+    """
+    if not isinstance(name, str):
+        return None
+    whole = sampler_label(name)
+    if whole is not None:
+        return whole, None
+    folded = _fold(name)
+    for suffix, schedule in _SUFFIXES:
+        if folded.endswith(suffix) and schedule != AUTOMATIC:
+            sampler = sampler_label(folded[: -len(suffix)])
+            if sampler is not None:
+                return sampler, schedule
+    return None
+
+
+def combined_name(sampler: str, schedule: str | None) -> str:
+    return sampler if schedule in (None, MODEL_SCHEDULE) else f"{sampler} {schedule}"
+
+
+def resolve(sampler: str, schedule: str) -> Sampling:
+    """The pair that runs for a sampler label and a schedule label (Automatic becomes the sampler's own)."""
+    concrete = SAMPLERS[sampler].automatic if schedule == AUTOMATIC else schedule
+    return Sampling(sampler, concrete, schedule)
+
+
+def samplers_taking(schedule: str) -> list[str]:
+    return [name for name in SAMPLERS if pair_problem(name, schedule) is None]
+
+
+def schedules_of(sampler: str) -> list[str]:
+    return [name for name in SCHEDULES if pair_problem(sampler, name) is None]
+
+
+def pair_problem(sampler: str, schedule: str) -> str | None:
+    """Why diffusers cannot run ``schedule`` with ``sampler`` (both labels), or None when the pair exists."""
+    spec = SAMPLERS[sampler]
+    if schedule in (AUTOMATIC, MODEL_SCHEDULE):
+        return None
+    kind = SCHEDULES[schedule].kind
+    cls = f"diffusers' {spec.diffusers_class}"
+    if kind == "spacing" and (spec.own_schedule or not spec.spacing):
+        return f"{cls} places its own timesteps (it has no timestep spacing)"
+    if kind == "sigma_flag" and not spec.sigma_schedules:
+        return f"{cls} cannot take {schedule} sigmas"
+    if kind == "timesteps" and "timesteps" not in spec.custom:
+        return f"{cls} takes no custom timesteps"
+    if kind == "sigmas" and not spec.custom:
+        return f"{cls} takes neither custom sigmas nor custom timesteps"
+    return None
+
+
+def custom_list_problem(sampler: str, kind: Literal["timesteps", "sigmas"]) -> str | None:
+    """Why ``sampler`` cannot take a request's own ``timesteps`` or ``sigmas`` list, or None."""
+    spec = SAMPLERS[sampler]
+    if kind in spec.custom:
+        return None
+    takers = ", ".join(name for name, other in SAMPLERS.items() if kind in other.custom)
+    return f"diffusers' {spec.diffusers_class} takes no custom {kind}; samplers that do: {takers}"
+
+
+def schedule_steps(name: str, steps: int) -> int:
+    """The steps A1111 1.10 computes a prompt-editing schedule over for ``steps`` requested steps of sampler
+    ``name`` (a label, an alias or a combined name): ``steps`` times :attr:`Sampler.calls_per_step`."""
+    return steps * calls_per_step(name)
+
+
+def calls_per_step(name: str) -> int:
+    """Model calls per requested step of sampler ``name`` (2 for the second-order ones, else 1)."""
+    parts = split_combined(name)
+    if parts is None:
+        raise ValueError(f"unknown sampler {name!r}; use one of: {', '.join(SAMPLERS)}")
+    return SAMPLERS[parts[0]].calls_per_step
+
+
+def sampler_names() -> list[str]:
+    return list(SAMPLERS)
+
+
+def schedule_names() -> list[str]:
+    return list(SCHEDULES)

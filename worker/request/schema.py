@@ -48,7 +48,7 @@ from worker.request.fields import (
     Side,
     number_from_int,
 )
-from worker.request.samplers import canonical_scheduler_name, scheduler_names
+from worker.request.sampling import SamplingFields
 
 
 class LoraRequest(BaseModel):
@@ -62,7 +62,7 @@ class LoraRequest(BaseModel):
     _int_scale_is_fine = field_validator("scale", mode="before")(number_from_int)
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(SamplingFields):
     """A RunPod job's `input`, or one JSONL line of the batch runner (minus its `id`).
 
     Each field declares its bounds, its :class:`Scope` and its meaning (``description``), from which the README's
@@ -98,9 +98,6 @@ class GenerationRequest(BaseModel):
             description="-1 or none: random below 2^32 (JavaScript-safe); image k uses seed + k",
         ),
     ] = None
-    scheduler: Annotated[str, GROUP, Field(description="a name of the scheduler table (the official default DDIM)")] = (
-        "DDIM"
-    )
     num_inference_steps: Annotated[int, GROUP, Field(ge=1, le=MAX_STEPS, description="denoising steps")] = 25
     guidance_scale: Annotated[
         float,
@@ -118,7 +115,7 @@ class GenerationRequest(BaseModel):
         list[LoraRequest],
         GROUP,
         Field(max_length=MAX_LORAS, description='[{"name": file under LORA_DIR, "scale": -5..5}]'),
-    ] = []
+    ] = []  # noqa: RUF012 (pydantic copies field defaults; ruff cannot see the BaseModel behind a field group)
     # The official worker's refiner and img2img fields, with its defaults.
     refiner: Annotated[
         bool | None,
@@ -173,14 +170,6 @@ class GenerationRequest(BaseModel):
     def _whole_base_run_is_null(cls, value: float | None) -> float | None:
         return None if value == 1.0 else value
 
-    @field_validator("scheduler")
-    @classmethod
-    def _known_scheduler(cls, value: str) -> str:
-        canonical = canonical_scheduler_name(value)
-        if canonical is None:
-            raise ValueError(f"unknown scheduler; use one of: {', '.join(scheduler_names())}")
-        return canonical
-
     @field_validator("image_url")
     @classmethod
     def _image_url_kind(cls, value: str | None) -> str | None:
@@ -199,6 +188,19 @@ class GenerationRequest(BaseModel):
                 f"width x height x num_images = {self.width}x{self.height}x{self.num_images} = {pixels} pixels "
                 f"exceeds this worker's budget of {budget}; lower the size or num_images"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _one_custom_value_per_step(self) -> GenerationRequest:
+        steps = self.num_inference_steps
+        for name, wanted in (("timesteps", steps), ("sigmas", steps + 1)):
+            values = getattr(self, name)
+            if values is not None and len(values) != wanted:
+                per = "one per step" if name == "timesteps" else "one per step and the final noise level"
+                raise ValueError(
+                    f"{name}: {len(values)} values for num_inference_steps {steps}; give {wanted} ({per}), "
+                    f"or set num_inference_steps to {len(values) - (name == 'sigmas')}"
+                )
         return self
 
     @model_validator(mode="after")
@@ -244,7 +246,9 @@ def _describe(error: dict[str, Any]) -> str:
     if error.get("type") == "missing":
         return f"{location}: required field is missing"
     if not location_parts:
-        return f"{location}: {message}"
+        # Checks across fields name their fields first ("scheduler: ...", "sampler_name 'X' with scheduler ...").
+        named = message.split(":")[0].split(" ")[0].rstrip(",") in GenerationRequest.model_fields
+        return message if named else f"{location}: {message}"
     shown = repr(error.get("input"))
     if len(shown) > 80:
         shown = shown[:77] + "..."

@@ -57,7 +57,8 @@ def request_table() -> str:
     """The README's request table, generated from :class:`GenerationRequest`'s declarations."""
     rows = ["| field | type, bounds | default | meaning |", "| --- | --- | --- | --- |"]
     for name, spec in GenerationRequest.model_fields.items():
-        bounds = _bounds(spec.metadata, "items" if get_origin(spec.annotation) is list else "characters")
+        kinds = (spec.annotation, *get_args(spec.annotation))  # list[...] or list[...] | None
+        bounds = _bounds(spec.metadata, "items" if any(get_origin(kind) is list for kind in kinds) else "characters")
         kind = _kind(spec.annotation) + (f" ({bounds})" if bounds else "")
         default = json.dumps(spec.default) if spec.default is not None else "null"
         rows.append(f"| `{name}` | {kind} | `{default}` | {spec.description} |")
