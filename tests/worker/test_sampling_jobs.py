@@ -234,7 +234,7 @@ def test_the_batch_runner_runs_each_mode_and_writes_an_error_for_a_pair_that_doe
     out = tmp_path / "out"
     with one_torch_thread():
         summary = run_shard(RunOptions(source, out, progress=False), LocalEngineOptions(2, engine=handler.engine))
-    assert summary["made"] == len(MODES) + 1, summary
+    assert summary.made == len(MODES) + 1, summary
     made = sidecars(out)
     for line in lines[:-1]:
         request = parse_request({key: value for key, value in line.items() if key != "id"})

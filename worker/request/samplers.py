@@ -181,7 +181,6 @@ class Sampling:
         return self.spec.diffusers_class == "DPMSolverSDEScheduler"
 
 
-PER_CALL_NOISE_SAMPLERS = tuple(name for name in SAMPLERS if Sampling(name, MODEL_SCHEDULE, "").per_call_noise)
 
 
 def _fold(name: str) -> str:
