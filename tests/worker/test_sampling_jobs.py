@@ -119,6 +119,32 @@ def test_what_a_mode_records(worker) -> None:
     assert ays["sampling"]["spacing"] == "Align Your Steps timesteps"  # DPM++ 2M takes timesteps, not sigmas
 
 
+def png_data_uri(size: int = 64) -> str:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.radial_gradient("L").resize((size, size)).convert("RGB").save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_img2img_runs_the_tail_of_the_schedule_type_or_the_custom_list(worker) -> None:
+    handler, fresh = worker
+    image = {"image_url": png_data_uri(), "strength": 0.5, "guidance_scale": 3.0, "guidance_rescale": 0.5}
+    with one_torch_thread():
+        lightning = run(handler, {**SMALL, **image, **LIGHTNING, "guidance_scale": 0})
+        custom = run(
+            handler,
+            {**SMALL, **image, "scheduler": "Euler", "timesteps": [999, 600, 300, 100], "num_inference_steps": 4},
+        )
+        after = run(handler, PLAIN)
+    assert lightning["metadata"]["stages"][0]["timesteps"] == [499, 249]  # strength 0.5: the last 2 of 4
+    assert custom["metadata"]["stages"][0]["timesteps"] == [300, 100]
+    assert custom["metadata"]["mode"] == "img2img" and custom["metadata"]["guidance_rescale"] == 0.5
+    assert image_bytes(after) == fresh
+
+
 def test_guidance_rescale_changes_the_guided_image(worker) -> None:
     handler, _ = worker
     job = {**SMALL, "scheduler": "Euler", "num_inference_steps": 2, "guidance_scale": 6.0}
