@@ -181,8 +181,6 @@ class Sampling:
         return self.spec.diffusers_class == "DPMSolverSDEScheduler"
 
 
-
-
 def _fold(name: str) -> str:
     return " ".join(name.replace("_", " ").split()).casefold()
 
@@ -283,11 +281,3 @@ def calls_per_step(name: str) -> int:
     if parts is None:
         raise ValueError(f"unknown sampler {name!r}; use one of: {', '.join(SAMPLERS)}")
     return SAMPLERS[parts[0]].calls_per_step
-
-
-def sampler_names() -> list[str]:
-    return list(SAMPLERS)
-
-
-def schedule_names() -> list[str]:
-    return list(SCHEDULES)
