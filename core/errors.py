@@ -89,6 +89,12 @@ class LoraFailed(InvalidRequest):
     code = "lora"
 
 
+class ControlNetFailed(InvalidRequest):
+    """A requested ControlNet could not be used (its folder is damaged or would not load)."""
+
+    code = "controlnet"
+
+
 class ImageQualityFailed(WorkerError):
     """The VAE produced NaN or an all-black image: an error, never an image."""
 

@@ -49,6 +49,7 @@ class Timings:
     """Seconds spent in each stage of one job (or one shared GPU call)."""
 
     lora_s: float = 0.0
+    controlnet_s: float | None = None  # resolving, fetching and loading the job's ControlNets
     text_encoding_s: float = 0.0
     denoising_s: float = 0.0
     vae_decode_s: float = 0.0

@@ -25,6 +25,7 @@ VOLUME = Path("/runpod-volume")  # RunPod's network volume, mounted in every wor
 VOLUME_MODELS = VOLUME / "models"
 BAKED_MODELS = Path("/models")  # models converted at image build time
 BAKED_LORAS = Path("/loras")
+BAKED_CONTROLNETS = Path("/controlnets")
 OFFLOAD_MODES = ("auto", "none", "model", "sequential")
 
 
@@ -204,6 +205,20 @@ class Settings:
     lora_fuse: bool = _setting(
         "LORA_FUSE", "1", _flag, "merge a job's LoRAs into the UNet's weights (no cost per step, compile kept)"
     )
+    # -- ControlNets
+    controlnet_dirs: tuple[Path, ...] = _setting(
+        "CONTROLNET_DIR",
+        "/runpod-volume/controlnets",
+        _paths,
+        "folder(s) of converted ControlNets (python -m model_build convert), ':'-separated; the baked /controlnets "
+        "is added",
+    )
+    controlnet_cache_size: int = _setting(
+        "CONTROLNET_CACHE_SIZE",
+        "2",
+        _whole_number(1, 16),
+        "ControlNets kept loaded between jobs (memory planning reserves room for this many of the largest)",
+    )
     # -- outputs
     bucket_endpoint_url: str | None = _setting(
         "BUCKET_ENDPOINT_URL",
@@ -342,6 +357,12 @@ class Settings:
     def lora_roots(self) -> tuple[Path, ...]:
         """The LoRA folders in search order, with the image's baked folder last."""
         return self.lora_dirs if BAKED_LORAS in self.lora_dirs else (*self.lora_dirs, BAKED_LORAS)
+
+    @property
+    def controlnet_roots(self) -> tuple[Path, ...]:
+        """The ControlNet folders in search order, with the image's baked folder last."""
+        dirs = self.controlnet_dirs
+        return dirs if BAKED_CONTROLNETS in dirs else (*dirs, BAKED_CONTROLNETS)
 
     @property
     def bucket_configured(self) -> bool:

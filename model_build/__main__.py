@@ -1,4 +1,4 @@
-"""Command line: ``python -m model_build {convert,verify,inspect,dev-checkpoint,dev-lora} ...``.
+"""Command line: ``python -m model_build {convert,verify,inspect,dev-checkpoint,dev-lora,dev-controlnet} ...``.
 
     python -m model_build convert SOURCE --output models/NAME [--dtype fp16|bf16|fp32] [--vae PATH] [--force]
                                   [--sha256 HEX] [--vae-sha256 HEX] [--cache-dir DIR] [--lock-timeout S]
@@ -6,6 +6,10 @@
     python -m model_build inspect SOURCE
     python -m model_build dev-checkpoint OUT.safetensors [--full-size] [--refiner | --inpainting]
     python -m model_build dev-lora OUT.safetensors --model models/sdxl-dev [--kohya] [--kind loha|lokr] [--rank R]
+    python -m model_build dev-controlnet OUT.safetensors [--full-size] [--diffusers-layout]
+
+SOURCE is an SDXL checkpoint or an SDXL ControlNet (told apart by its tensors; a ControlNet converts into a
+ControlNetModel folder for CONTROLNET_DIR).
 
 SOURCE is a local .safetensors path, hf://<owner>/<repo>/<file>@<40-hex commit>, or an https:// URL.
 
@@ -77,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     lora.add_argument("--rank", type=int, default=4)
     lora.add_argument("--seed", type=int, default=0)
+    net = commands.add_parser("dev-controlnet", help="write a random SDXL ControlNet sized for the dev model")
+    net.add_argument("output", type=Path, help="the .safetensors file to write")
+    net.add_argument("--full-size", action="store_true", help="the real SDXL ControlNet architecture (~2.5 GB, fp16)")
+    net.add_argument("--diffusers-layout", action="store_true", help="diffusers' tensor names, not control_model.*")
     return parser
 
 
@@ -93,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             from model_build.source import fetch
 
             source = fetch(args.source, args.sha256, cache_dir)
+            if _is_controlnet(source.path, args.vae):
+                print(_convert_controlnet(args, source).message)
+                return EXIT_OK
             vae = fetch(args.vae, args.vae_sha256, cache_dir) if args.vae else None
             result = convert(
                 source.path,
@@ -119,6 +130,16 @@ def main(argv: list[str] | None = None) -> int:
             from model_build.source import fetch
 
             source = fetch(args.source, args.sha256, cache_dir)
+            if _is_controlnet(source.path, None):
+                from model_build.controlnet import inspect_controlnet
+
+                net = inspect_controlnet(source.path)
+                print(
+                    f"{source.name}: SDXL ControlNet ({net.layout} layout), config {net.config_name}, "
+                    f"{len(net.keys)} tensors, dtypes {', '.join(net.dtypes)}"
+                    + (" [dev model: random weights]" if net.is_dev_model else "")
+                )
+                return EXIT_OK
             info = inspect_checkpoint(source.path)
             counts = ", ".join(f"{component} {len(keys)}" for component, keys in info.component_keys.items())
             print(
@@ -146,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
                 path = write_dev_lycoris(args.model, args.output, args.kind, rank=args.rank, seed=args.seed)
             kind = {"lora": "LoRA", "loha": "LyCORIS LoHa", "lokr": "LyCORIS LoKr"}[args.kind]
             print(f"wrote {path}: a random {kind} for {args.model} (its images are noise, as the dev model's)")
+        elif args.command == "dev-controlnet":
+            from model_build.dev_controlnet import write_dev_controlnet
+
+            layout = "diffusers" if args.diffusers_layout else "original"
+            path = write_dev_controlnet(args.output, full_size=args.full_size, layout=layout)
+            print(f"wrote {path}: a random SDXL ControlNet ({layout} layout; its images are noise, as the dev model's)")
     except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIGURATION
@@ -156,6 +183,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(error).__name__}: {first_line(error)}", file=sys.stderr)
         return EXIT_REFUSED
     return EXIT_OK
+
+
+def _is_controlnet(path: Path, vae: str | None) -> bool:
+    from model_build.checkpoint_file import check_file_format
+    from model_build.controlnet import is_controlnet_file
+
+    check_file_format(path)  # a pickle is refused before its header is read
+    if not is_controlnet_file(path):
+        return False
+    if vae:
+        raise ConfigurationError("--vae applies to SDXL checkpoints; a ControlNet has no VAE (leave --vae out)")
+    return True
+
+
+def _convert_controlnet(args: argparse.Namespace, source):
+    from model_build.controlnet import convert_controlnet
+
+    return convert_controlnet(
+        source.path,
+        args.output,
+        dtype=args.dtype,
+        force=args.force,
+        source_name=source.name,
+        source_sha256=source.sha256,
+        lock_timeout=args.lock_timeout,
+    )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from core.settings import Settings
 from model_build.dev_model import DEV_MODEL_NOTICE
 from model_build.layout import BASE_FAMILY
 from model_build.manifest import manifest_hash, verify
+from worker.adapters.controlnet.manager import ControlNetManager, controlnet_reserve
 from worker.adapters.lora.manager import AppliedLora
 from worker.generation.acceleration import accelerate
 from worker.generation.conditioning import Embeddings, Stage
@@ -105,7 +106,8 @@ class Engine:
                 Path(refiner_dir), self.pipe, self.manifest, self.dtype, StableDiffusionXLImg2ImgPipeline
             )
             clock.lap("load_refiner_s")
-        self.placement = Placement(self.pipe, self.refiner, offload or self.settings.offload, cuda)
+        reserved = controlnet_reserve(self.settings, self.dtype)  # room for the ControlNets jobs will load
+        self.placement = Placement(self.pipe, self.refiner, offload or self.settings.offload, cuda, reserved)
         self.plan = self.placement.plan
         clock.lap("to_device_s")
         self.accelerator = accelerate(self.pipe, self.settings)  # COMPILE etc.: compiles now, never in a job
@@ -130,6 +132,7 @@ class Engine:
         self.prompt_encoder = self._prompt_encoder(self.pipe)
         self.refiner_prompt_encoder = self._refiner_prompt_encoder(StableDiffusionXLPipeline)
         self.loras = self._lora_manager()
+        self.controlnets = ControlNetManager(self.pipe.unet.config, self.dtype, self.settings, self.placement.adopt)
         clock.lap("prompt_encoders_s")
         if cuda and self.settings.warmup and self.plan.offload in ("none", "model"):  # sequential: minutes
             try:
@@ -227,6 +230,7 @@ class Engine:
     def check_request(self, request: GenerationRequest) -> None:
         """Model-dependent limits the schema cannot know."""
         self.prompt_encoder.check_clip_skip(request.clip_skip)  # before any LoRA or GPU work
+        self.controlnets.check(request.controlnets)  # names and fit: JSON only, before anything loads
         refine = self.uses_refiner(request)
         self.stages.check_sampling(request, refine)
         if request.is_img2img or (refine and request.high_noise_frac is None):
@@ -277,6 +281,11 @@ class Engine:
         times: dict[str, float] = {}
 
         started = self._clock()
+        control = self.controlnets.prepare(first.controlnets)  # a shared call's requests have equal controlnets
+        if control is not None:
+            times["controlnet_s"] = self._clock() - started
+
+        started = self._clock()
         loras = self.activate_loras(first)
         times["lora_s"] = self._clock() - started
 
@@ -295,11 +304,11 @@ class Engine:
         started = self._clock()
         if first.is_img2img:
             own = self._refiner_embeddings(embeds) if refine else embeds  # the whole call's requests
-            latents, size, mode_info, stages = self.stages.img2img(first, own, all_seeds, refine, progress)
+            latents, size, mode_info, stages = self.stages.img2img(first, own, all_seeds, refine, progress, control)
             times["denoising_s"] = self._clock() - started
         else:
             stages = [Stage("base", first.num_inference_steps, first.sampling.sampler, SAME_STEPS)]
-            latents = self.stages.text_to_latents(first, embeds, all_seeds, refine, progress, stages[0])
+            latents = self.stages.text_to_latents(first, embeds, all_seeds, refine, progress, stages[0], control)
             size, mode_info = (first.width, first.height), {"mode": "txt2img"}
             times["denoising_s"] = self._clock() - started
             if refine:
@@ -320,13 +329,15 @@ class Engine:
             **refiner_metadata(first, refine, stages, self.facts),
             "sampling": sampling_metadata(first, stages, self.scheduler_config),
             "stages": [s.describe() for s in stages],
+            "controlnets": control.stable() if control is not None else [],
         }
+        volatile = {"controlnets": control.volatile()} if control is not None else {}
         results, offset = [], 0
         for request, enc, seeds in zip(requests, encoded, seeds_per_request, strict=True):
             own_images = images[offset : offset + len(seeds)]
             offset += len(seeds)
             describe_schedule_calls(enc, stages)
-            metadata = job_metadata(request, enc, seeds, loras, timings, size, run_info, self.facts)
+            metadata = job_metadata(request, enc, seeds, loras, timings, size, run_info, self.facts, volatile)
             results.append(GenerationResult(request, own_images, seeds, metadata))
         return results
 

@@ -21,6 +21,14 @@ def group_key(request: GenerationRequest, encoded: EncodedPrompts) -> tuple:
         if name == "image_url" and value is not None:
             value = hashlib.sha256(value.encode()).hexdigest()  # data URIs can be megabytes
         elif isinstance(value, list):
-            value = tuple(tuple(item.model_dump().items()) if hasattr(item, "model_dump") else item for item in value)
+            value = tuple(
+                tuple((k, _short(v)) for k, v in item.model_dump().items()) if hasattr(item, "model_dump") else item
+                for item in value
+            )
         values.append(value)
     return (*values, encoded.num_chunks, request.size_given)
+
+
+def _short(value: object) -> object:
+    """A long string (a control image's data URI) by its hash, so a key stays small."""
+    return hashlib.sha256(value.encode()).hexdigest() if isinstance(value, str) and len(value) > 256 else value

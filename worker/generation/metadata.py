@@ -105,6 +105,7 @@ def job_metadata(
     size: tuple[int, int],
     run_info: dict[str, Any],
     facts: ServingFacts,
+    cache_info: dict[str, Any] | None = None,
 ) -> GenerationMetadata:
     """One request's metadata (a request of a shared call gets its own seeds and prompt facts, the call's run)."""
     prompt_info = dict(encoded.info)
@@ -128,6 +129,7 @@ def job_metadata(
         stable["warning"] = DEV_MODEL_NOTICE
     volatile: dict[str, Any] = {
         "device": {"device": facts.device, "offload": facts.offload, "dtype": facts.dtype, "speedups": facts.speedups},
-        "cache": {"prompt": cache_hit, "loras": [lora.volatile() for lora in loras]},
+        # cache_info: other adapters' cache facts (the ControlNets loaded or reused), by kind
+        "cache": {"prompt": cache_hit, "loras": [lora.volatile() for lora in loras], **(cache_info or {})},
     }
     return GenerationMetadata(stable=stable, timings=timings, volatile=volatile)

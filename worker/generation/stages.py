@@ -8,6 +8,7 @@ progress callback, runs one diffusers pipeline call with a fresh scheduler built
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -17,6 +18,7 @@ from PIL import Image
 
 from core.errors import InvalidRequest
 from core.settings import Settings
+from worker.adapters.controlnet.manager import ControlInputs
 from worker.generation.conditioning import Embeddings, Stage
 from worker.generation.schedulers import Schedule, build_schedule
 from worker.generation.seeds import refiner_seed
@@ -28,6 +30,10 @@ from worker.request.samplers import calls_per_step, schedule_steps
 from worker.request.schema import GenerationRequest
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
+
+
+def _unet_context(control: ControlInputs | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if control is None else control.unet_context()
 
 
 class StageRunner:
@@ -161,28 +167,37 @@ class StageRunner:
         refine: bool,
         progress: ProgressCallback | None,
         stage: Stage,
+        control: ControlInputs | None = None,
     ) -> torch.Tensor:
-        pipe = self.placement.use(self.pipe)
+        """The base's text-to-image call; with ``control``, diffusers' ControlNet pipeline over the same modules."""
+        pipe = self.placement.use(self.pipe if control is None else control.pipeline(self.pipe, img2img=False))
         schedule = self._base_schedule(request, seeds)
         pipe.scheduler = schedule.scheduler
         stage.spacing = schedule.spacing
-        return pipe(
+        arguments = {
             **embeds.base(),
             **schedule.call_kwargs(),
-            height=request.height,
-            width=request.width,
-            num_inference_steps=request.num_inference_steps,
-            denoising_end=request.high_noise_frac if refine else None,
-            guidance_scale=request.guidance_scale,
-            guidance_rescale=request.guidance_rescale,
-            generator=self._generators(seeds),
-            output_type="latent",
-            **self._callbacks(
-                embeds,
-                self._step_callback(progress, 0, self._total_steps(request, refine), self._per_step(request)),
-                stage,
-            ),
-        ).images
+            "height": request.height,
+            "width": request.width,
+            "num_inference_steps": request.num_inference_steps,
+            "denoising_end": request.high_noise_frac if refine else None,
+            "guidance_scale": request.guidance_scale,
+            "guidance_rescale": request.guidance_rescale,
+            "generator": self._generators(seeds),
+            "output_type": "latent",
+        }
+        if control is not None:
+            control.check_arguments(pipe, arguments)  # what the ControlNet pipeline lacks is refused, not dropped
+            arguments.update(control.call_kwargs((request.width, request.height), img2img=False))
+        with _unet_context(control):
+            return pipe(
+                **arguments,
+                **self._callbacks(
+                    embeds,
+                    self._step_callback(progress, 0, self._total_steps(request, refine), self._per_step(request)),
+                    stage,
+                ),
+            ).images
 
     def refine(
         self,
@@ -239,34 +254,46 @@ class StageRunner:
         seeds: list[int],
         refine: bool,
         progress: ProgressCallback | None,
+        control: ControlInputs | None = None,
     ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any], list[Stage]]:
-        """img2img on the base's own modules, or through the refiner (``embeds`` are then the refiner's)."""
+        """img2img on the base's own modules (with ``control``, diffusers' ControlNet img2img pipeline over them), or
+        through the refiner (``embeds`` are then the refiner's; the schema refuses ControlNets there)."""
         source = load_input_image(request.image_url or "", self.settings)
         size = self._img2img_size(request, source.size)
         image = source if source.size == size else source.resize(size, Image.Resampling.LANCZOS)
-        pipe = self.placement.use(self.refiner if refine else self.img2img_pipe)
+        if control is not None and not refine:
+            pipe = self.placement.use(control.pipeline(self.img2img_pipe, img2img=True))
+        else:
+            pipe = self.placement.use(self.refiner if refine else self.img2img_pipe)
         # A fresh scheduler from the model's own config (the pipeline's current one is the previous job's).
         schedule = self._refiner_schedule(request, seeds[0]) if refine else self._base_schedule(request, seeds)
         pipe.scheduler = schedule.scheduler
         steps = request.refiner_inference_steps if refine else request.num_inference_steps
         # A1111's img2img: the schedule spans the requested steps and its counter starts at the first call that runs.
         stage = Stage("refiner" if refine else "base", steps, request.sampling.sampler, SAME_STEPS, schedule.spacing)
-        latents = pipe(
+        arguments = {
             **embeds.at(0),
             **schedule.call_kwargs(),
-            image=[image] * len(seeds),
-            strength=request.strength,
-            num_inference_steps=steps,
-            guidance_scale=request.guidance_scale,
-            guidance_rescale=request.guidance_rescale,
-            generator=self._generators(seeds),
-            output_type="latent",
-            **self._callbacks(
-                embeds,
-                self._step_callback(progress, 0, max(1, int(steps * request.strength)), self._per_step(request)),
-                stage,
-            ),
-        ).images
+            "image": [image] * len(seeds),
+            "strength": request.strength,
+            "num_inference_steps": steps,
+            "guidance_scale": request.guidance_scale,
+            "guidance_rescale": request.guidance_rescale,
+            "generator": self._generators(seeds),
+            "output_type": "latent",
+        }
+        if control is not None and not refine:
+            control.check_arguments(pipe, arguments)
+            arguments.update(control.call_kwargs(size, img2img=True))
+        with _unet_context(control):
+            latents = pipe(
+                **arguments,
+                **self._callbacks(
+                    embeds,
+                    self._step_callback(progress, 0, max(1, int(steps * request.strength)), self._per_step(request)),
+                    stage,
+                ),
+            ).images
         info = {
             "mode": "img2img",
             "img2img": {

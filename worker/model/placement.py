@@ -82,11 +82,14 @@ class Placement:
     the refiner share modules: :meth:`use` moves the hooks to a pipeline before it runs.
     """
 
-    def __init__(self, pipe: Any, refiner: Any | None, offload: str, cuda: bool) -> None:
+    def __init__(
+        self, pipe: Any, refiner: Any | None, offload: str, cuda: bool, reserved: dict[str, int] | None = None
+    ) -> None:
         import torch
 
         free = torch.cuda.mem_get_info()[0] if cuda else None
-        self.plan = plan_device(offload, cuda, free, component_bytes(pipe, refiner))
+        # ``reserved``: modules loaded later (ControlNets) that share the GPU with the pipeline, planned for now.
+        self.plan = plan_device(offload, cuda, free, {**component_bytes(pipe, refiner), **(reserved or {})})
         vae = pipe.vae
         if pipe.unet.dtype == torch.float16 and vae.config.get("force_upcast", False):
             # The stock SDXL VAE overflows in fp16 (NaN/black images); keep it in fp32 for good
@@ -102,6 +105,20 @@ class Placement:
             for each in pipes:
                 each.enable_sequential_cpu_offload()
         self._owner: Any = pipe
+
+    def adopt(self, module: Any) -> None:
+        """Place a module loaded after start-up (a ControlNet) as the plan places the pipeline's.
+
+        With model offload it stays on the CPU: the ControlNet pipeline's own offload hooks (:meth:`use`) move it to
+        the GPU while it runs, as diffusers does for every module outside its offload sequence.
+        """
+        if self.plan.offload == "none":
+            module.to(self.plan.device)
+        elif self.plan.offload == "sequential":
+            import torch
+            from accelerate import cpu_offload
+
+            cpu_offload(module, torch.device("cuda", torch.cuda.current_device()))
 
     def use(self, pipe: Any) -> Any:
         """``pipe``, with the model-offload hooks moved to it when offloading by model."""

@@ -39,6 +39,12 @@ def draw_seed() -> int:
     return secrets.randbelow(MAX_RANDOM_SEED + 1)
 
 
+def check_image_reference(value: str) -> None:
+    """An input image is an http(s) URL, a data URI or bare base64; any other scheme (a local path) is refused."""
+    if "://" in value[:16] and not value.lower().startswith(("http://", "https://")):
+        raise ValueError("only http(s) URLs, data URIs or bare base64 are accepted; local paths are never read")
+
+
 def number_from_int(value: Any) -> Any:
     # strict mode would refuse `1` for a float field; a JSON integer is a perfectly good float.
     return float(value) if isinstance(value, int) and not isinstance(value, bool) else value

@@ -19,7 +19,8 @@ faithfully rather than by Pillow's ``convert("RGB")`` alone, which clips 16-bit 
   AUTOMATIC1111 flattens img2img inputs (its default background), so transparent areas read as white paper
   rather than whatever colour the encoder left under them.
 
-Every failure is an :class:`core.errors.InvalidRequest` starting ``image_url:`` with what to send instead.
+Every failure is an :class:`core.errors.InvalidRequest` starting with the field's name (``image_url:``, or
+``controlnets[0].image:`` for a control image) and saying what to send instead.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ _SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
 )
 
 
-def _error(message: str) -> InvalidRequest:
-    return InvalidRequest(f"{FIELD}: {message}")
+def _error(message: str, field: str = FIELD) -> InvalidRequest:
+    return InvalidRequest(f"{field}: {message}")
 
 
 def _mb(size: int) -> str:
@@ -86,30 +87,30 @@ def image_url_policy(settings: Settings) -> UrlPolicy:
     return UrlPolicy.from_settings(settings, max_bytes=MAX_IMAGE_BYTES, max_redirects=MAX_REDIRECTS)
 
 
-def _decode_base64(text: str) -> bytes:
+def _decode_base64(text: str, field: str) -> bytes:
     try:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise _error("is neither an http(s) URL, a data URI nor valid base64") from None
+        raise _error("is neither an http(s) URL, a data URI nor valid base64", field) from None
 
 
-def fetch_image_bytes(image_url: str, policy: UrlPolicy) -> bytes:
+def fetch_image_bytes(image_url: str, policy: UrlPolicy, field: str = FIELD) -> bytes:
     """The raw bytes behind ``image_url``: downloaded under ``policy``, or decoded from a data URI / bare base64
-    (bounded by ``policy.max_bytes`` too)."""
+    (bounded by ``policy.max_bytes`` too). ``field`` names the request field in errors."""
     scheme = urllib.parse.urlsplit(image_url[:2048]).scheme.lower() if "://" in image_url[:16] else ""
     if scheme in ("http", "https"):
-        return fetch_url(image_url, policy, field=FIELD, accept="image/png,image/jpeg,image/webp;q=0.9,*/*;q=0.5")
+        return fetch_url(image_url, policy, field=field, accept="image/png,image/jpeg,image/webp;q=0.9,*/*;q=0.5")
     if scheme:
-        raise _error(f"scheme {scheme!r} is not accepted; send an http(s) URL, a data URI or base64")
+        raise _error(f"scheme {scheme!r} is not accepted; send an http(s) URL, a data URI or base64", field)
     match = _DATA_URI.match(image_url[:512])
     if image_url[:5].lower() == "data:":
         if match is None or not match.group("b64"):
-            raise _error("a data URI must be base64-encoded (data:image/png;base64,...)")
-        data = _decode_base64(image_url[match.end() :])
+            raise _error("a data URI must be base64-encoded (data:image/png;base64,...)", field)
+        data = _decode_base64(image_url[match.end() :], field)
     else:
-        data = _decode_base64(image_url)
+        data = _decode_base64(image_url, field)
     if len(data) > policy.max_bytes:
-        raise _error(f"the image is {_mb(len(data))}, larger than the {_mb(policy.max_bytes)} limit")
+        raise _error(f"the image is {_mb(len(data))}, larger than the {_mb(policy.max_bytes)} limit", field)
     return data
 
 
@@ -160,17 +161,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, field: str = FIELD) -> Image.Image:
     """Bytes -> an upright RGB image; only PNG, JPEG and WebP, refusing images over ``max_pixels`` before
-    decoding them."""
+    decoding them. ``field`` names the request field in errors."""
     sniffed = _sniff(data)
     if sniffed is not None and sniffed not in ("PNG", "JPEG", "WebP"):
-        raise _error(f"this is {sniffed}; only PNG, JPEG and WebP images are accepted (convert it first)")
+        raise _error(f"this is {sniffed}; only PNG, JPEG and WebP images are accepted (convert it first)", field)
     try:
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
             width, height = image.size
             if width * height > max_pixels:
-                raise _error(f"the image is {width}x{height}; at most {max_pixels} pixels are accepted")
+                raise _error(f"the image is {width}x{height}; at most {max_pixels} pixels are accepted", field)
             image.load()
             try:
                 upright = ImageOps.exif_transpose(image)
@@ -180,14 +181,16 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image
     except InvalidRequest:
         raise
     except Image.DecompressionBombError:  # Pillow's own guard, for images far past ours
-        raise _error(f"the image is a decompression bomb; at most {max_pixels} pixels are accepted") from None
+        raise _error(f"the image is a decompression bomb; at most {max_pixels} pixels are accepted", field) from None
     except UnidentifiedImageError:
-        raise _error("not a readable image; send a PNG, JPEG or WebP") from None
+        raise _error("not a readable image; send a PNG, JPEG or WebP", field) from None
     except Exception as error:  # Pillow's decoders raise many types on malformed files
         what = f"{sniffed} image" if sniffed else "image"
-        raise _error(f"not a readable {what} ({first_line(error, 120)}); send a PNG, JPEG or WebP") from None
+        raise _error(f"not a readable {what} ({first_line(error, 120)}); send a PNG, JPEG or WebP", field) from None
 
 
-def load_input_image(image_url: str, settings: Settings) -> Image.Image:
-    """``image_url`` -> an upright RGB image, under ``settings``' URL policy and every bound of this module."""
-    return decode_image(fetch_image_bytes(image_url, image_url_policy(settings)))
+def load_input_image(image_url: str, settings: Settings, field: str = FIELD) -> Image.Image:
+    """``image_url`` -> an upright RGB image, under ``settings``' URL policy and every bound of this module;
+    ``field`` names the request field the image came in (``image_url``, ``controlnets[0].image``) in errors."""
+    policy = image_url_policy(settings)
+    return decode_image(fetch_image_bytes(image_url, policy, field), MAX_IMAGE_PIXELS, field)

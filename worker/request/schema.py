@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from core.errors import InvalidRequest
+from worker.request.controlnet import ControlNetFields, ControlNetUnit
 from worker.request.fields import (
     DEFAULT_MAX_JOB_PIXELS,
     GROUP,
@@ -46,6 +47,7 @@ from worker.request.fields import (
     OptionalText,
     Scope,
     Side,
+    check_image_reference,
     number_from_int,
 )
 from worker.request.sampling import SamplingFields
@@ -62,7 +64,7 @@ class LoraRequest(BaseModel):
     _int_scale_is_fine = field_validator("scale", mode="before")(number_from_int)
 
 
-class GenerationRequest(SamplingFields):
+class GenerationRequest(ControlNetFields, SamplingFields):
     """A RunPod job's `input`, or one JSONL line of the batch runner (minus its `id`).
 
     Each field declares its bounds, its :class:`Scope` and its meaning (``description``), from which the README's
@@ -175,8 +177,7 @@ class GenerationRequest(SamplingFields):
     def _image_url_kind(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None  # the official samples send null; an empty string means the same
-        if "://" in value[:16] and not value.lower().startswith(("http://", "https://")):
-            raise ValueError("only http(s) URLs, data URIs or bare base64 are accepted; local paths are never read")
+        check_image_reference(value)
         return value
 
     @model_validator(mode="after")
@@ -211,6 +212,15 @@ class GenerationRequest(SamplingFields):
             raise ValueError(f"loras: {', '.join(duplicates)} listed more than once; give each LoRA once")
         return self
 
+    @model_validator(mode="after")
+    def _controlnets_fit_the_base(self) -> GenerationRequest:
+        if self.controlnets and self.image_url is not None and self.refiner:
+            raise ValueError(
+                "controlnets: img2img through the refiner (refiner: true) cannot use ControlNets, which fit the base "
+                "model's UNet; leave refiner out to run img2img on the base with them"
+            )
+        return self
+
     @property
     def is_img2img(self) -> bool:
         return self.image_url is not None
@@ -234,15 +244,22 @@ def _allowed_range(model: type[BaseModel], location: tuple) -> str:
     return f"; allowed {low:g}..{high:g}" if isinstance(high, float) else f"; allowed {low}..{high}"
 
 
+# List fields whose items are models of their own: an error inside one is described by that model's fields.
+_NESTED: dict[str, tuple[type[BaseModel], str]] = {
+    "loras": (LoraRequest, "LoRA entry"),
+    "controlnets": (ControlNetUnit, "ControlNet entry"),
+}
+
+
 def _describe(error: dict[str, Any]) -> str:
     location_parts = tuple(error.get("loc", ()))
     location = ".".join(str(part) for part in location_parts) or "input"
     message = error.get("msg", "invalid").removeprefix("Value error, ")
-    in_lora = len(location_parts) >= 2 and location_parts[0] == "loras"
-    model = LoraRequest if in_lora else GenerationRequest
+    nested = _NESTED.get(str(location_parts[0])) if len(location_parts) >= 2 else None
+    model, what = nested or (GenerationRequest, "request")
     if error.get("type") == "extra_forbidden":
         fields = ", ".join(model.model_fields)
-        return f"{location}: unknown field (a {'LoRA entry' if in_lora else 'request'} takes: {fields})"
+        return f"{location}: unknown field (a {what} takes: {fields})"
     if error.get("type") == "missing":
         return f"{location}: required field is missing"
     if not location_parts:
