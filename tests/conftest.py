@@ -71,6 +71,24 @@ def dev_inpaint_model_dir(dev_inpaint_checkpoint: Path, tmp_path_factory: pytest
 
 
 @pytest.fixture(scope="session")
+def dev_controlnet_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dev ControlNet (SDXL's ControlNet scaled to the dev UNet, random weights) as one original-layout file."""
+    from model_build.dev_controlnet import write_dev_controlnet
+
+    return write_dev_controlnet(tmp_path_factory.mktemp("controlnet-file") / "dev-controlnet.safetensors")
+
+
+@pytest.fixture(scope="session")
+def dev_controlnet_root(dev_controlnet_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CONTROLNET_DIR holding the dev ControlNet, converted, under the name ``dev-controlnet``."""
+    from model_build.controlnet import convert_controlnet
+
+    root = tmp_path_factory.mktemp("controlnets")
+    convert_controlnet(dev_controlnet_file, root / "dev-controlnet")
+    return root
+
+
+@pytest.fixture(scope="session")
 def worker_api_server(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The worker's local RunPod API server (``--rp_serve_api``) on a free loopback port; yields its base URL.
 

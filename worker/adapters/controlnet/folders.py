@@ -136,6 +136,8 @@ def largest_weights(roots: tuple[Path, ...], count: int) -> list[int]:
         for root in roots:
             if (root / name / MANIFEST_NAME).is_file():
                 with contextlib.suppress(ModelFolderError):  # refused by name when a job asks for it
-                    sizes.append(_weight_bytes(verify(root / name)))
+                    manifest = verify(root / name)
+                    if _manifest_field(manifest, "family") == CONTROLNET_FAMILY:
+                        sizes.append(_weight_bytes(manifest))
                 break
     return sorted(sizes, reverse=True)[:count]
