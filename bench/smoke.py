@@ -16,6 +16,9 @@ etc.), one JSON line per check, exit status 1 if any failed:
 - ``refiner``: with the full-size refiner loaded beside the base (converted by ``model_build`` from its
   random single-file checkpoint), the official worker's refiner job (``strength``) and the ensemble of experts
   (``high_noise_frac``) each return an image that the refiner made; ``--no-refiner`` skips it;
+- ``controlnet``: a random SDXL ControlNet (``model_build dev-controlnet``, converted by ``model_build convert``)
+  with the canny preprocessor changes the image, its time beside the plain job's, and the next job without it
+  equals the first job byte for byte;
 - ``out_of_memory``: with this process capped to a little more GPU memory than the weights take
   (``torch.cuda.set_per_process_memory_fraction``), a job fails with an error that sets ``refresh_worker``,
   and with the cap lifted the next job succeeds.
@@ -87,6 +90,34 @@ def build_refiner(work: Path, full_size: bool) -> Path:
     return work / "sdxl-refiner"
 
 
+def build_controlnet(work: Path, full_size: bool) -> Path:
+    """A random SDXL ControlNet as a user makes one: one original-layout file, converted into CONTROLNET_DIR."""
+    single_file, root = work / "controlnet.safetensors", work / "controlnets"
+    for command in (
+        ["dev-controlnet", str(single_file), *(["--full-size"] if full_size else [])],
+        ["convert", str(single_file), "--output", str(root / "smoke-controlnet")],
+    ):
+        subprocess.run([sys.executable, "-m", "model_build", "-q", *command], check=True, cwd=ROOT)
+    single_file.unlink()
+    return root
+
+
+def control_image(size: int) -> str:
+    """A PNG data URI with shapes for canny to find."""
+    import base64
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), (30, 60, 90))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((size // 8, size // 8, size // 2, size // 2), fill=(240, 200, 40))
+    draw.ellipse((size // 2, size // 3, size - size // 10, size - size // 10), fill=(200, 30, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def run_job(worker: Any, name: str, **fields: Any) -> tuple[dict[str, Any], float]:
     started = time.perf_counter()
     output = worker.handle({"id": f"smoke-{name}", "input": fields})
@@ -123,6 +154,7 @@ def main() -> None:
     if device == "cuda":
         torch.cuda.empty_cache()
     refiner_dir = None if args.no_refiner else build_refiner(work, args.full_size)
+    controlnet_root = build_controlnet(work, args.full_size)
     report(
         "setup",
         True,
@@ -132,6 +164,7 @@ def main() -> None:
     )
 
     os.environ["LORA_DIR"] = str(lora_dir)  # the engine's LoRA manager reads its settings from the environment
+    os.environ["CONTROLNET_DIR"] = str(controlnet_root)
     settings = load_settings(None, offload="none")
     started = time.perf_counter()
     worker = Worker(settings)
@@ -232,6 +265,21 @@ def main() -> None:
             sampling=metadata.get("sampling"),
             timesteps=metadata.get("stages", [{}])[0].get("timesteps"),
         )
+
+    unit = {"name": "smoke-controlnet", "image": control_image(size), "preprocessor": "canny"}
+    controlled, seconds = run_job(worker, "controlnet", **base, seed=7, controlnets=[unit])
+    again, _ = run_job(worker, "after-controlnet", **base, seed=7)
+    controlnet_ok = "error" not in controlled and "error" not in again and "error" not in first
+    report(
+        "controlnet",
+        controlnet_ok and controlled["images"][0] != first["images"][0] and again["images"][0] == first["images"][0],
+        seconds=round(seconds, 2),
+        plain_seconds=round(plain_seconds, 2),
+        error=controlled.get("error") or again.get("error"),
+        controlnets=controlled.get("metadata", {}).get("controlnets"),
+        timings=controlled.get("metadata", {}).get("timings"),
+        no_controlnet_after_equals_before=controlnet_ok and again["images"][0] == first["images"][0],
+    )
 
     if refiner_dir is not None:
         for check, fields in (

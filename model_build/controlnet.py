@@ -40,6 +40,9 @@ from model_build.controlnet_layout import (
     to_layout,
 )
 from model_build.errors import CheckpointError, CompletenessError, ConversionError, shown_names
+from model_build.manifest import CONVERTER_VERSION, MANIFEST_FORMAT, Manifest, describe_files, write_manifest
+from model_build.output_folder import check_output_location, conversion_lock, fsync_dir, fsync_tree, remove_leftovers
+from model_build.output_state import FileIdentity, output_state
 
 log = logging.getLogger("model_build")
 
@@ -169,11 +172,10 @@ def _prove(folder: Path, info: ControlNetInfo, dtype: torch.dtype) -> int:
     return len(info.keys)
 
 
-def _build(info: ControlNetInfo, source, output: Path, dtype_name: str) -> None:
+def _build(info: ControlNetInfo, source: FileIdentity, output: Path, dtype_name: str) -> None:
     from model_build import convert as checkpoint_convert
     from model_build.completeness import assert_materialized
     from model_build.dev_model import DEV_MODEL_NOTICE
-    from model_build.manifest import MANIFEST_FORMAT, describe_files, write_manifest
     from model_build.single_file import quiet_libraries
 
     dtype = checkpoint_convert.DTYPES[dtype_name]
@@ -194,27 +196,27 @@ def _build(info: ControlNetInfo, source, output: Path, dtype_name: str) -> None:
             log.info("reloading %s with from_pretrained to prove it holds exactly the file", output.name)
             proven = _prove(staging, info, dtype)
         checkpoint_convert._stage("proved")
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "converter_version": checkpoint_convert.CONVERTER_VERSION,
-            "source": source.record(),
-            "config": info.config_name,
-            "family": CONTROLNET_FAMILY,
-            "layout": info.layout,  # how the file named its tensors: diffusers or original (control_model.*)
-            "dev_model": info.is_dev_model,
+        manifest = Manifest(
+            format=MANIFEST_FORMAT,
+            converter_version=CONVERTER_VERSION,
+            source=source.record(),
+            config=info.config_name,
+            family=CONTROLNET_FAMILY,
+            layout=info.layout,  # how the file named its tensors: diffusers or original (control_model.*)
+            dev_model=info.is_dev_model,
             **({"notice": DEV_MODEL_NOTICE} if info.is_dev_model else {}),
-            "dtype": dtype_name,
-            "source_dtypes": list(info.dtypes),
-            "tensors": {"controlnet": proven},
-            "versions": checkpoint_convert.library_versions(),
-            "files": describe_files(staging),
-        }
+            dtype=dtype_name,
+            source_dtypes=info.dtypes,
+            tensors={"controlnet": proven},
+            versions=checkpoint_convert.library_versions(),
+            files=describe_files(staging),
+        )
         write_manifest(staging, manifest)
-        checkpoint_convert._fsync_tree(staging)
+        fsync_tree(staging)
         if output.exists():
             output.rename(work / "previous")  # --force: the old folder goes with the work folder
         staging.rename(output)
-        checkpoint_convert._fsync_dir(output.parent)
+        fsync_dir(output.parent)
         checkpoint_convert._stage("renamed into place")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -242,7 +244,7 @@ def convert_controlnet(
     if dtype not in checkpoint_convert.DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(checkpoint_convert.DTYPES)}")
     check_file_format(path)
-    source = checkpoint_convert._FileIdentity(path, source_name or path.name, source_sha256)
+    source = FileIdentity(path, source_name or path.name, source_sha256)
 
     def result(converted: bool, waited: float) -> checkpoint_convert.ConversionResult:
         seconds = time.perf_counter() - started
@@ -255,19 +257,19 @@ def convert_controlnet(
             )
         return checkpoint_convert.ConversionResult(output, converted, seconds, message, source.sha256, waited)
 
-    if not force and checkpoint_convert._folder_state(output, source, None, dtype)[0] == "current":
+    if not force and output_state(output, source, None, dtype)[0] == "current":
         return result(False, 0.0)
-    checkpoint_convert._check_output_location(output)
+    check_output_location(output)
     info = inspect_controlnet(path)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with checkpoint_convert._conversion_lock(output, lock_timeout) as waited:
-        state, why = checkpoint_convert._folder_state(output, source, None, dtype)
+    with conversion_lock(output, lock_timeout) as waited:
+        state, why = output_state(output, source, None, dtype)
         if state == "current" and not force:
             return result(False, waited)
         if state == "foreign":
             raise ConversionError(f"{output} {why}; move it away or choose another --output")
         if state in ("outdated", "damaged") and not force:
             raise ConversionError(f"{output} {why}; pass --force to replace it")
-        checkpoint_convert._remove_leftovers(output)
+        remove_leftovers(output)
         _build(info, source, output, dtype)
     return result(True, waited)
