@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from core.settings import load_settings
@@ -142,9 +144,11 @@ def test_img2img_with_two_controlnets_a_long_prompt_and_a_lora(worker) -> None:
     assert metadata["mode"] == "img2img" and len(metadata["controlnets"]) == 2
     assert metadata["prompt"]["num_chunks"] >= 2
     assert metadata["loras"][0]["name"] == "style"
-    assert not np.array_equal(
-        pixels(out["images"][0]), pixels(run(worker, {**payload, "controlnets": []})["images"][0])
-    )
+    plain = run(worker, {**payload, "controlnets": []})["images"][0]
+    assert not np.array_equal(pixels(out["images"][0]), pixels(plain))
+    # diffusers' ControlNet img2img pipeline is the img2img pipeline but for the residuals: at scale 0, the same bytes
+    silent = run(worker, {**payload, "controlnets": [unit(conditioning_scale=0)]})
+    assert silent["images"][0] == plain
 
 
 BAD = [
@@ -208,3 +212,67 @@ def test_compile_unet_runs_controlnet_calls_eagerly(worker, roots: dict) -> None
     with ControlInputs([], eager_unet=True).unet_context():
         assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 3.0))
     assert counters["stats"]["unique_graphs"] == before
+
+
+UNIT_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-300, 300),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "name",
+                "image",
+                "conditioning_scale",
+                "control_guidance_start",
+                "control_guidance_end",
+                "preprocessor",
+                "low_threshold",
+                "high_threshold",
+                "weight",
+                "module",
+            ]
+        ),
+        UNIT_VALUES,
+        max_size=6,
+    ),
+    st.integers(0, 5),
+)
+def test_any_controlnet_entry_parses_or_is_an_error_naming_controlnets(entry: dict, count: int) -> None:
+    """Whatever a client sends as units, the schema answers with a request or an InvalidRequest that names the
+    controlnets field: never another exception."""
+    from core.errors import InvalidRequest
+    from worker.request.schema import parse_request
+
+    try:
+        request = parse_request({"prompt": "x", "controlnets": [entry] * count})
+    except InvalidRequest as error:
+        assert "controlnets" in str(error)
+        return
+    assert len(request.controlnets) == count
+    for item in request.controlnets:
+        assert 0 <= item.conditioning_scale <= 2 and item.control_guidance_start < item.control_guidance_end
+        assert item.preprocessor in ("none", "canny") and item.low_threshold <= item.high_threshold
+
+
+def test_with_a_refiner_the_controlnets_steer_the_base_stage(dev_model_dir, dev_refiner_dir, roots: dict) -> None:
+    """The ensemble of experts with a ControlNet: the base runs diffusers' ControlNet pipeline up to high_noise_frac
+    (its denoising_end), the refiner the rest without it; the metadata says both."""
+    settings = load_settings({"CONTROLNET_DIR": str(roots["controlnets"])})
+    with_refiner = Worker(settings)
+    with_refiner.start(dev_model_dir, dev_refiner_dir)
+    payload = {**JOB, "num_inference_steps": 4, "refiner_inference_steps": 4, "high_noise_frac": 0.5}
+    out = run(with_refiner, {**payload, "controlnets": [unit(preprocessor="canny")]})
+    assert "error" not in out, out
+    metadata = out["metadata"]
+    assert metadata["refiner"]["used"] and metadata["refiner"]["mode"] == "ensemble"
+    assert [stage["model"] for stage in metadata["stages"]] == ["base", "refiner"]
+    assert metadata["stages"][0]["model_calls"] == 2 and metadata["controlnets"][0]["applied_to"] == "base"
+    assert out["images"][0] != run(with_refiner, payload)["images"][0]
