@@ -169,6 +169,7 @@ class EndpointRefused(WorkerError):
 # Every kind, most specific first (error_kind_of matches prefixes in this order).
 ERROR_KINDS: tuple[type[WorkerError], ...] = (
     LoraFailed,
+    ControlNetFailed,
     OutputTooLarge,
     InvalidRequest,
     ModelMissing,

@@ -60,7 +60,7 @@ def runs(dev_model_dir: Path, dev_controlnet_root: Path, tmp_path_factory: pytes
         out = folder / f"out-{batch_size}"
         with one_torch_thread():
             summary = run_shard(RunOptions(source, out, progress=False), LocalEngineOptions(batch_size, engine=engine))
-        assert summary["made"] == 5 and summary["failed"] == 1, summary
+        assert summary.made == 5 and summary.failed == 1, summary
         made[batch_size] = out
     return made
 
