@@ -165,6 +165,20 @@ BAD = [
         {"controlnets": [unit()], "image_url": png(shapes_image()), "refiner": True},
         r"controlnets: img2img through the refiner",
     ),
+    (
+        {"controlnets": [unit()], "guidance_rescale": 0.7},
+        r"controlnets: diffusers' StableDiffusionXLControlNetPipeline has no guidance_rescale argument",
+    ),
+    (
+        {
+            "controlnets": [unit()],
+            "image_url": png(shapes_image()),
+            "strength": 1,
+            "scheduler": "Euler",
+            "timesteps": [999, 499],
+        },
+        r"controlnets: diffusers' StableDiffusionXLControlNetImg2ImgPipeline has no timesteps argument",
+    ),
 ]
 
 
