@@ -231,6 +231,10 @@ class Engine:
         """Model-dependent limits the schema cannot know."""
         self.prompt_encoder.check_clip_skip(request.clip_skip)  # before any LoRA or GPU work
         self.controlnets.check(request.controlnets)  # names and fit: JSON only, before anything loads
+        if request.controlnets and getattr(request, "is_inpainting", False):  # a mode that takes none yet
+            raise InvalidRequest(
+                "controlnets: inpainting with ControlNets is not available yet; send the job without controlnets"
+            )
         refine = self.uses_refiner(request)
         self.stages.check_sampling(request, refine)
         if request.is_img2img or (refine and request.high_noise_frac is None):
@@ -319,6 +323,8 @@ class Engine:
                 stages.append(refined)
                 times["refiner_s"] = self._clock() - started
 
+        if control is not None and not control.used:  # never drop a job's ControlNets without a word
+            raise InvalidRequest("controlnets: this job's mode does not take ControlNets; send it without them")
         started = self._clock()
         images = self.decode(latents, loras)
         times["vae_decode_s"] = self._clock() - started

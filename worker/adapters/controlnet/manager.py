@@ -77,6 +77,7 @@ class ControlInputs:
 
     applied: list[AppliedControlNet]
     eager_unet: bool  # run the UNet eagerly in these calls (COMPILE=unet: residuals are new inputs of its graph)
+    used: bool = False  # whether a pipeline call took them (the engine refuses a job whose mode did not)
     _pipelines: dict[bool, Any] = field(default_factory=dict)
 
     @property
@@ -121,6 +122,7 @@ class ControlInputs:
 
     def call_kwargs(self, size: tuple[int, int], img2img: bool) -> dict[str, Any]:
         """The pipeline call's ControlNet arguments, the control images fitted and preprocessed at ``size``."""
+        self.used = True
         for applied in self.applied:
             applied.control = control_image(applied.source, size, applied.unit)
         images = [applied.control.image for applied in self.applied if applied.control is not None]
