@@ -5,8 +5,7 @@ Every weighted run of a text is tokenized on its own, as A1111 does (attention s
 
 What is read from the vocabularies once, not per text: each tokenizer's comma id (for the chunker's comma backtrack)
 and which tokenizers give the same ids for which texts. SDXL's two tokenizers are the same BPE and differ only in "!"
-(tokenizer_2's pad token, an added token), so for a text without it one tokenizer call serves both encoders
-(``bench/prompt_encode.py`` measures the saving).
+(tokenizer_2's pad token, an added token), so for a text without it one tokenizer call serves both encoders.
 
 When the vocabularies change
     Tokens added to a tokenizer (textual-inversion embeddings, issue 20) make that derived state stale: a token added
