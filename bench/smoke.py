@@ -10,6 +10,8 @@ etc.), one JSON line per check, exit status 1 if any failed:
 - ``long_prompt``: a weighted prompt of several hundred tokens with BREAK returns an image;
 - ``lora``: a random LoRA file in LORA_DIR changes the image, and the next job without it equals the
   first job without it byte for byte (nothing leaks between jobs);
+- ``lycoris``: the same for a random LyCORIS LoKr (Tucker convolutions), merged into the UNet and both text
+  encoders (its ``cache`` entry's ``load_s`` is reading and checking the file; the merge is in the job's time);
 - ``sampling_*``: one job per sampling mode (the SDXL-Lightning recipe: Euler, SGM Uniform, guidance 0; A1111's
   sampler + Automatic schedule; Align Your Steps; LCM; TCD; custom timesteps; guidance_rescale) with its time beside
   the plain job's, and the timesteps it ran;
@@ -141,6 +143,7 @@ def main() -> None:
     from bench.fullsize import build_random_pipeline, save_as_model_dir
     from core.settings import load_settings
     from model_build.dev_lora import random_lora, save_diffusers_lora
+    from model_build.dev_lycoris import random_lycoris, save_lycoris
     from worker.handler import Worker
 
     work = Path(tempfile.mkdtemp(prefix="smoke-"))
@@ -149,6 +152,8 @@ def main() -> None:
     lora_dir = work / "loras"
     lora_dir.mkdir()
     save_diffusers_lora(random_lora(pipe, rank=16, device=device), lora_dir / "smoke-lora.safetensors")
+    lokr = random_lycoris(pipe, "lokr", rank=8, strength=0.3, tucker=True, device=device)
+    save_lycoris(lokr, pipe, lora_dir / "smoke-lokr.safetensors")
     model_dir = Path(args.model_dir) if args.model_dir else save_as_model_dir(pipe, work / "sdxl-random")
     del pipe
     if device == "cuda":
@@ -229,17 +234,19 @@ def main() -> None:
         prompt=output.get("metadata", {}).get("prompt"),
     )
 
-    with_lora, seconds = run_job(worker, "lora", **base, seed=7, loras=[{"name": "smoke-lora", "scale": 0.8}])
-    again, _ = run_job(worker, "after-lora", **base, seed=7)
-    lora_ok = "error" not in with_lora and "error" not in again and "error" not in first
-    report(
-        "lora",
-        lora_ok and with_lora["images"][0] != first["images"][0] and again["images"][0] == first["images"][0],
-        seconds=round(seconds, 2),
-        error=with_lora.get("error") or again.get("error"),
-        lora_changes_image=lora_ok and with_lora["images"][0] != first["images"][0],
-        no_lora_after_equals_before=lora_ok and again["images"][0] == first["images"][0],
-    )
+    for check, name in (("lora", "smoke-lora"), ("lycoris", "smoke-lokr")):
+        with_lora, seconds = run_job(worker, check, **base, seed=7, loras=[{"name": name, "scale": 0.8}])
+        again, _ = run_job(worker, f"after-{check}", **base, seed=7)
+        lora_ok = "error" not in with_lora and "error" not in again and "error" not in first
+        report(
+            check,
+            lora_ok and with_lora["images"][0] != first["images"][0] and again["images"][0] == first["images"][0],
+            seconds=round(seconds, 2),
+            error=with_lora.get("error") or again.get("error"),
+            lora_changes_image=lora_ok and with_lora["images"][0] != first["images"][0],
+            no_lora_after_equals_before=lora_ok and again["images"][0] == first["images"][0],
+            cache=with_lora.get("metadata", {}).get("cache", {}).get("loras"),
+        )
 
     # Sampling modes (README "Samplers and schedules"): each beside the plain job's time.
     for check, fields in (

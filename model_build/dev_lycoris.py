@@ -64,15 +64,17 @@ def random_lycoris(
     unet_targets: tuple[str, ...] = UNET_LYCORIS_TARGETS,
     text_targets: tuple[str, ...] = TEXT_KOHYA_TARGETS,
     components: tuple[str, ...] = ("unet", *TEXT_ENCODERS),
+    device: str = "cpu",
 ) -> RandomLycoris:
     """Random LoHa (``kind="loha"``) or LoKr (``"lokr"``) factors for ``pipe``'s layers.
 
     Each layer's ΔW·alpha/rank has rows of norm about ``strength`` (a visible change on the dev model). ``tucker``
-    stores k x k convolutions in the Tucker form, ``decompose_both`` stores LoKr's small factor as a product.
+    stores k x k convolutions in the Tucker form, ``decompose_both`` stores LoKr's small factor as a product. The
+    factors are drawn on ``device`` (fast on a GPU for a full-size model) and returned on the CPU, ready to save.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     lycoris = RandomLycoris(kind=kind, rank=rank, alpha=float(alpha if alpha is not None else rank))
     for component in components:
         targets = unet_targets if component == "unet" else text_targets
@@ -84,19 +86,20 @@ def random_lycoris(
             if kind == "lokr" and decompose_both:
                 w1 = tensors.pop("lokr_w1")
                 tensors["lokr_w1_a"] = w1.clone()
-                tensors["lokr_w1_b"] = torch.eye(w1.shape[1])  # w1_a @ w1_b == w1: the same update, decomposed
+                # w1_a @ w1_b == w1: the same update, decomposed
+                tensors["lokr_w1_b"] = torch.eye(w1.shape[1], device=device)
             rows = shape[0]
             scale = strength * math.sqrt(rows) / (float(product.norm()) * lycoris.alpha / rank)
             first = "hada_w2_a" if kind == "loha" else "lokr_w2_a"
             tensors[first] = tensors[first] * scale  # ΔW is linear in this factor
             tensors["alpha"] = torch.tensor(lycoris.alpha)
-            part[name] = tensors
+            part[name] = {key: tensor.cpu() for key, tensor in tensors.items()}
         lycoris.layers[component] = part
     return lycoris
 
 
 def _randn(generator: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.randn(shape, generator=generator)
+    return torch.randn(shape, generator=generator, device=generator.device)
 
 
 def _loha(shape: tuple[int, ...], rank: int, generator: torch.Generator, tucker: bool):
