@@ -84,7 +84,10 @@ class Job:
 
     @property
     def per_call_noise(self) -> bool:
-        return self.request.sampling.per_call_noise
+        from worker.request.hires import hires_sampling  # pydantic: only where requests exist
+
+        request = self.request
+        return request.sampling.per_call_noise or (request.enable_hr and hires_sampling(request).per_call_noise)
 
 
 @dataclass(frozen=True)

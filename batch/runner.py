@@ -50,7 +50,6 @@ from core.errors import (
 from core.results import EncodedImage, GenerationMetadata
 from core.settings import Settings
 from worker.generation.engine import Engine, GenerationResult
-from worker.generation.grouping import group_key
 from worker.output.images import a1111_parameters
 
 log = logging.getLogger(__name__)
@@ -225,7 +224,7 @@ class LocalRunner:
         self.failed_calls_in_a_row = 0
 
     def _key(self, unit: Unit) -> Hashable:
-        return group_key(unit.request, self.engine.encode(unit.request))
+        return self.engine.group_key(unit.request)
 
     def run(self) -> None:
         writer = ImageWriter(self.session, self.engine, ImageEncoder(self.encode_workers))

@@ -21,6 +21,9 @@ etc.), one JSON line per check, exit status 1 if any failed:
 - ``controlnet``: a random SDXL ControlNet (``model_build dev-controlnet``, converted by ``model_build convert``)
   with the canny preprocessor changes the image, its time beside the plain job's, and the next job without it
   equals the first job byte for byte;
+- ``hires``: A1111's hires fix in one job (1024² -> 1536², latent upscale, 10 hires steps), its time beside the
+  plain job's; ``hires_tiled``: 1024² -> 2048² with a Lanczos resize, above ``VAE_TILE_PIXELS`` (set to 1536² here
+  unless the environment sets it), so the VAE decodes and encodes in tiles; each reports its peak GPU memory;
 - ``out_of_memory``: with this process capped to a little more GPU memory than the weights take
   (``torch.cuda.set_per_process_memory_fraction``), a job fails with an error that sets ``refresh_worker``,
   and with the cap lifted the next job succeeds.
@@ -170,6 +173,7 @@ def main() -> None:
 
     os.environ["LORA_DIR"] = str(lora_dir)  # the engine's LoRA manager reads its settings from the environment
     os.environ["CONTROLNET_DIR"] = str(controlnet_root)
+    os.environ.setdefault("VAE_TILE_PIXELS", str((size * 3 // 2) ** 2))  # hires_tiled's 2x is over it, 1.5x is not
     settings = load_settings(None, offload="none")
     started = time.perf_counter()
     worker = Worker(settings)
@@ -303,6 +307,30 @@ def main() -> None:
                 refiner=output.get("metadata", {}).get("refiner"),
                 timings=output.get("metadata", {}).get("timings"),
             )
+
+    for check, fields in (
+        ("hires", {"hr_scale": 1.5, "hr_upscaler": "Latent"}),
+        ("hires_tiled", {"hr_scale": 2.0, "hr_upscaler": "Lanczos"}),
+    ):
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        hires = {"enable_hr": True, "hr_second_pass_steps": min(steps, 10), "denoising_strength": 0.5, **fields}
+        output, seconds = run_job(worker, check, **base, **hires, seed=7)
+        metadata = output.get("metadata", {})
+        side = int(size * fields["hr_scale"])
+        report(
+            check,
+            "error" not in output
+            and (metadata.get("width"), metadata.get("height")) == (side, side)
+            and metadata.get("vae_tiling", {}).get("decode") == (check == "hires_tiled"),
+            seconds=round(seconds, 2),
+            plain_job_s=round(first.get("metadata", {}).get("timings", {}).get("total_s", 0.0), 2),
+            error=output.get("error"),
+            hires=metadata.get("hires"),
+            vae_tiling=metadata.get("vae_tiling"),
+            timings=metadata.get("timings"),
+            peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+        )
 
     if device != "cuda":
         report("out_of_memory", True, skipped="no CUDA device: the memory cap needs one")

@@ -54,6 +54,8 @@ class Timings:
     denoising_s: float = 0.0
     vae_decode_s: float = 0.0
     refiner_s: float | None = None
+    hires_s: float | None = None  # the hires fix's second pass, its upscale included
+    hires_upscale_s: float | None = None
     image_encoding_s: float | None = None
     total_s: float | None = None
 

@@ -314,6 +314,12 @@ class Settings:
         _choice("", "fp16", "bf16", "fp32"),
         "VAE dtype (default: fp32 when its config asks, else fp16)",
     )
+    vae_tile_pixels: int = _setting(
+        "VAE_TILE_PIXELS",
+        "4194304",
+        _whole_number(0, 8 * 4096 * 4096),
+        "images of more pixels are VAE-decoded and encoded in tiles (the VAE's own size, 25% overlap); 0: never",
+    )
     prompt_cache_mb: float = _setting(
         "PROMPT_CACHE_MB", "256", _number(0, 1 << 20), "memory for recent prompts' embeddings (LRU, on the GPU), MiB"
     )

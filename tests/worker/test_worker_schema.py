@@ -250,7 +250,11 @@ def test_group_key_changes_with_every_group_field_and_no_request_field() -> None
     encoded = SimpleNamespace(num_chunks=1)
     base = parse_request({"prompt": "x", "width": 512, "height": 512, "image_url": "aGk=", "scheduler": "TCD"})
     # TCD takes eta and timesteps; only Euler takes sigmas; with sampler_name, scheduler is a schedule type.
-    contexts: dict[str, dict] = {"sigmas": {"scheduler": "Euler"}}
+    contexts: dict[str, dict] = {
+        "sigmas": {"scheduler": "Euler"},
+        "enable_hr": {"image_url": None},  # the hires fix is txt2img's; denoising_strength is its strength
+        "denoising_strength": {"image_url": None},
+    }
     alongside: dict[str, dict] = {"sampler_name": {"scheduler": "Automatic"}}
     other_values = {
         "height": 256,
@@ -280,6 +284,17 @@ def test_group_key_changes_with_every_group_field_and_no_request_field() -> None
         "output_format": "webp",
         "quality": 50,
         "return_type": "base64",
+        "enable_hr": True,
+        "hr_scale": 1.5,
+        "hr_resize_x": 1024,
+        "hr_resize_y": 768,
+        "hr_second_pass_steps": 5,
+        "denoising_strength": 0.5,
+        "hr_upscaler": "Lanczos",
+        "hr_sampler_name": "Euler",
+        "hr_scheduler": "Karras",
+        "hr_prompt": "h",  # each request's own: requests with other hires prompts share a call when shapes agree
+        "hr_negative_prompt": "hn",
     }
     assert set(other_values) == set(GenerationRequest.model_fields)  # a new field needs a row here too
     for name, value in other_values.items():

@@ -71,6 +71,7 @@ class Stage:
     steps: StageSteps
     spacing: str = ""  # what placed its timesteps (worker.generation.schedulers.Schedule.spacing)
     counter: CallCounter = field(default_factory=CallCounter)
+    name: str = ""  # which pass of the job, where the model alone does not say ("hires")
 
     @property
     def steps_run(self) -> int:
@@ -79,6 +80,7 @@ class Stage:
 
     def describe(self) -> dict[str, Any]:
         return {
+            **({"pass": self.name} if self.name else {}),
             "model": self.model,
             "num_inference_steps": self.num_inference_steps,
             "steps": self.steps_run,

@@ -1,4 +1,5 @@
-"""Latents to images through the VAE, refusing what must not be returned: NaN images and all-black ones."""
+"""Latents to images through the VAE (in tiles above a size, :mod:`.vae_tiling`), refusing what must not be
+returned: NaN images and all-black ones, whether the VAE ran whole or tiled."""
 
 from __future__ import annotations
 
@@ -10,14 +11,21 @@ from PIL import Image
 
 from core.errors import ImageQualityFailed
 from worker.adapters.lora.manager import AppliedLora
+from worker.generation.vae_tiling import vae_tiling
 
 
 def decode_latents(
-    pipe: Any, latents: torch.Tensor, device: torch.device | None, loras: Sequence[AppliedLora] = ()
-) -> list[Image.Image]:
-    """``latents`` -> PIL images with ``pipe``'s VAE (on ``device``, or where the latents are when offloading)."""
+    pipe: Any,
+    latents: torch.Tensor,
+    device: torch.device | None,
+    loras: Sequence[AppliedLora] = (),
+    tile_pixels: int = 0,
+) -> tuple[list[Image.Image], bool]:
+    """``latents`` -> (PIL images, whether the VAE decoded in tiles) with ``pipe``'s VAE (on ``device``, or where the
+    latents are when offloading); images of more than ``tile_pixels`` pixels are decoded in tiles (0: never)."""
     vae = pipe.vae
-    with torch.inference_mode():
+    height, width = (side * pipe.vae_scale_factor for side in latents.shape[-2:])
+    with torch.inference_mode(), vae_tiling(vae, width, height, tile_pixels) as tiled:
         latents = latents.to(device=device if device is not None else latents.device)
         latents = latents.to(vae.dtype) / vae.config.scaling_factor
         decoded = vae.decode(latents, return_dict=False)[0]
@@ -35,4 +43,4 @@ def decode_latents(
     black = [i for i in range(decoded.shape[0]) if bool((decoded[i] <= -1.0).all())]
     if black:
         raise ImageQualityFailed(f"image(s) {black} came out all black; no image was returned")
-    return pipe.image_processor.postprocess(decoded.float(), output_type="pil")
+    return pipe.image_processor.postprocess(decoded.float(), output_type="pil"), tiled

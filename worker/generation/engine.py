@@ -35,6 +35,7 @@ from worker.generation.acceleration import accelerate
 from worker.generation.conditioning import Embeddings, Stage
 from worker.generation.decode import decode_latents
 from worker.generation.grouping import group_key
+from worker.generation.hires import HiresPass, HiresRun, hires_view, offset_progress
 from worker.generation.metadata import (
     ServingFacts,
     describe_schedule_calls,
@@ -132,6 +133,7 @@ class Engine:
         self.prompt_encoder = self._prompt_encoder(self.pipe)
         self.refiner_prompt_encoder = self._refiner_prompt_encoder(StableDiffusionXLPipeline)
         self.loras = self._lora_manager()
+        self.hires = HiresPass(self.stages, self.encode, self.decode, self._clock)
         self.controlnets = ControlNetManager(self.pipe.unet.config, self.dtype, self.settings, self.placement.adopt)
         clock.lap("prompt_encoders_s")
         if cuda and self.settings.warmup and self.plan.offload in ("none", "model"):  # sequential: minutes
@@ -237,7 +239,10 @@ class Engine:
             )
         refine = self.uses_refiner(request)
         self.stages.check_sampling(request, refine)
-        if request.is_img2img or (refine and request.high_noise_frac is None):
+        frac = None if request.enable_hr else request.high_noise_frac  # after a hires pass the refiner refines
+        if request.enable_hr:
+            self.hires.check(request)
+        if request.is_img2img or (refine and frac is None):
             field = "refiner_inference_steps" if refine else "num_inference_steps"
             steps = request.refiner_inference_steps if refine else request.num_inference_steps
             if int(steps * request.strength) < 1:
@@ -245,7 +250,7 @@ class Engine:
                     f"strength: {request.strength:g} x {field} {steps} leaves no denoising step "
                     f"(img2img runs int(steps x strength) steps); raise strength or {field}"
                 )
-        elif refine and request.high_noise_frac is not None:
+        elif refine and frac is not None:
             self.stages.check_ensemble_split(request)
 
     def activate_loras(self, request: GenerationRequest) -> list[AppliedLora]:
@@ -261,6 +266,11 @@ class Engine:
             do_classifier_free_guidance=request.guidance_scale > 1.0,
             steps=self.prompt_schedule_steps(request),  # A1111 prompt editing ([a:b:when], [a|b]) counts these
         )
+
+    def group_key(self, request: GenerationRequest, encoded: EncodedPrompts | None = None) -> tuple:
+        """:func:`.grouping.group_key`, with the hires pass's prompt shape when the request has one."""
+        hires = self.encode(hires_view(request)) if request.enable_hr else None
+        return group_key(request, encoded if encoded is not None else self.encode(request), hires)
 
     def prompt_schedule_steps(self, request: GenerationRequest) -> int:
         """The steps A1111 1.10 computes the prompt-editing schedule over: those of the model that runs first (the
@@ -296,7 +306,7 @@ class Engine:
         started = self._clock()
         encoded = [self.encode(request) for request in requests]
         times["text_encoding_s"] = self._clock() - started
-        keys = {group_key(request, enc) for request, enc in zip(requests, encoded, strict=True)}
+        keys = {self.group_key(request, enc) for request, enc in zip(requests, encoded, strict=True)}
         if len(keys) != 1:
             raise InternalError("requests of different shapes cannot share one pipeline call")
 
@@ -305,49 +315,81 @@ class Engine:
         refine = self.uses_refiner(first)
         embeds = Embeddings(encoded, requests, cfg=first.guidance_scale > 1.0)
 
-        started = self._clock()
+        hires: HiresRun | None = None
         if first.is_img2img:
+            started = self._clock()
             own = self._refiner_embeddings(embeds) if refine else embeds  # the whole call's requests
             latents, size, mode_info, stages = self.stages.img2img(first, own, all_seeds, refine, progress, control)
             times["denoising_s"] = self._clock() - started
         else:
-            stages = [Stage("base", first.num_inference_steps, first.sampling.sampler, SAME_STEPS)]
-            latents = self.stages.text_to_latents(first, embeds, all_seeds, refine, progress, stages[0], control)
-            size, mode_info = (first.width, first.height), {"mode": "txt2img"}
-            times["denoising_s"] = self._clock() - started
-            if refine:
-                started = self._clock()
-                schedule = self.prompt_schedule_steps(first)
-                refiner_embeds = self._refiner_embeddings(embeds)
-                latents, refined = self.stages.refine(first, refiner_embeds, latents, all_seeds, progress, schedule)
-                stages.append(refined)
-                times["refiner_s"] = self._clock() - started
+            latents, stages, hires = self._text_to_image(embeds, all_seeds, refine, progress, times, loras, control)
+            size, mode_info = hires.size if hires else (first.width, first.height), {"mode": "txt2img"}
 
         if control is not None and not control.used:  # never drop a job's ControlNets without a word
             raise InvalidRequest("controlnets: this job's mode does not take ControlNets; send it without them")
         started = self._clock()
-        images = self.decode(latents, loras)
+        images, decode_tiled = self.decode(latents, loras)
         times["vae_decode_s"] = self._clock() - started
 
-        timings = Timings(**{key: value for key, value in times.items()})
+        timings = Timings(**times)
         run_info = {
             **mode_info,
             **refiner_metadata(first, refine, stages, self.facts),
             "sampling": sampling_metadata(first, stages, self.scheduler_config),
             "stages": [s.describe() for s in stages],
             "controlnets": control.stable() if control is not None else [],
+            "vae_tiling": {**mode_info.get("vae_tiling", {}), "decode": decode_tiled},
         }
         volatile = {"controlnets": control.volatile()} if control is not None else {}
         results, offset = [], 0
-        for request, enc, seeds in zip(requests, encoded, seeds_per_request, strict=True):
+        for index, (request, enc, seeds) in enumerate(zip(requests, encoded, seeds_per_request, strict=True)):
             own_images = images[offset : offset + len(seeds)]
             offset += len(seeds)
-            describe_schedule_calls(enc, stages)
-            metadata = job_metadata(request, enc, seeds, loras, timings, size, run_info, self.facts, volatile)
+            describe_schedule_calls(enc, stages if hires is None else stages[:1])
+            info = run_info if hires is None else {**run_info, "hires": hires.describe(index, stages[2:])}
+            metadata = job_metadata(request, enc, seeds, loras, timings, size, info, self.facts, volatile)
             results.append(GenerationResult(request, own_images, seeds, metadata))
         return results
 
     # -- the pipeline calls ----------------------------------------------------------------------
+
+    def _text_to_image(
+        self,
+        embeds: Embeddings,
+        seeds: list[int],
+        refine: bool,
+        progress: ProgressCallback | None,
+        times: dict[str, float],
+        loras: Sequence[AppliedLora],
+        control: Any,
+    ) -> tuple[torch.Tensor, list[Stage], HiresRun | None]:
+        """The base's pass, the hires pass (``enable_hr``), then the refiner: after the base it continues the base's
+        schedule (ensemble, or refining at strength); after a hires pass it refines that pass's result at strength,
+        where A1111 applies a refiner by default (its "second pass")."""
+        first, hires_on = embeds.requests[0], embeds.requests[0].enable_hr
+        stages = [Stage("base", first.num_inference_steps, first.sampling.sampler, SAME_STEPS)]
+        total = first.num_inference_steps + first.hr_steps * hires_on + first.refiner_inference_steps * refine
+        started = self._clock()
+        base_progress = offset_progress(progress, 0, total) if hires_on else progress
+        latents = self.stages.text_to_latents(
+            first, embeds, seeds, refine and not hires_on, base_progress, stages[0], control
+        )
+        times["denoising_s"] = self._clock() - started
+        hires, later, later_embeds = None, first, embeds
+        if hires_on:
+            progress = offset_progress(progress, first.num_inference_steps, total)
+            hires = self.hires.run(embeds, latents, seeds, progress, loras)
+            latents, later, later_embeds = hires.latents, hires.views[0], hires.embeds
+            stages.append(hires.stage)
+            times.update(hires.times)
+        if refine:
+            started = self._clock()
+            schedule = self.prompt_schedule_steps(later)
+            refiner_embeds = self._refiner_embeddings(later_embeds)
+            latents, refined = self.stages.refine(later, refiner_embeds, latents, seeds, progress, schedule)
+            stages.append(refined)
+            times["refiner_s"] = self._clock() - started
+        return latents, stages, hires
 
     def _refiner_embeddings(self, embeds: Embeddings) -> Embeddings:
         """The refiner's conditioning for the requests of ``embeds`` (the whole call), with their full schedules."""
@@ -357,10 +399,10 @@ class Engine:
             encoded = [self.encode(request, self.refiner_prompt_encoder) for request in embeds.requests]
         return Embeddings(encoded, embeds.requests, embeds.cfg, self.pipe.text_encoder.config.hidden_size)
 
-    def decode(self, latents: torch.Tensor, loras: Sequence[AppliedLora] = ()) -> list[Image.Image]:
-        """Latents -> PIL images through the VAE, refusing NaN and all-black results."""
+    def decode(self, latents: torch.Tensor, loras: Sequence[AppliedLora] = ()) -> tuple[list[Image.Image], bool]:
+        """Latents -> (PIL images, whether the VAE tiled), refusing NaN and all-black results."""
         device = self.execution_device if self.plan.offload == "none" else None
-        return decode_latents(self.pipe, latents, device, loras)
+        return decode_latents(self.pipe, latents, device, loras, self.settings.vae_tile_pixels)
 
     def _clock(self) -> float:
         if self.plan.device == "cuda":

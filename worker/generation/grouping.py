@@ -8,12 +8,13 @@ from worker.prompting.encoded import EncodedPrompts
 from worker.request.schema import GROUP_FIELDS, GenerationRequest
 
 
-def group_key(request: GenerationRequest, encoded: EncodedPrompts) -> tuple:
+def group_key(request: GenerationRequest, encoded: EncodedPrompts, hires: EncodedPrompts | None = None) -> tuple:
     """Requests with equal keys can share one pipeline call (same latent shape, schedule, weights and inputs).
 
     Built from every field the schema declares ``Scope.GROUP`` (a call runs with its first request's values of
     those), plus what follows from them: the prompt's chunk count (the embeddings' shape) and whether the size
-    was given (img2img follows the input image otherwise).
+    was given (img2img follows the input image otherwise); with a hires pass, its prompts' chunk count too
+    (``hires``: their encoding; ``hr_prompt`` is each request's own).
     """
     values = []
     for name in GROUP_FIELDS:
@@ -26,7 +27,7 @@ def group_key(request: GenerationRequest, encoded: EncodedPrompts) -> tuple:
                 for item in value
             )
         values.append(value)
-    return (*values, encoded.num_chunks, request.size_given)
+    return (*values, encoded.num_chunks, request.size_given, hires.num_chunks if hires is not None else None)
 
 
 def _short(value: object) -> object:

@@ -38,7 +38,7 @@ def refiner_metadata(
         ran = stages[-1]
         if request.is_img2img:
             mode, frac, strength = "img2img", None, request.strength
-        elif request.high_noise_frac is not None:
+        elif request.high_noise_frac is not None and not request.enable_hr:
             mode, frac, strength = "ensemble", request.high_noise_frac, None
         else:
             mode, frac, strength = "refine", None, request.strength
@@ -52,10 +52,12 @@ def refiner_metadata(
             "steps": ran.steps_run,
             "model_calls": ran.counter.calls,
         }
-        if request.is_img2img and request.high_noise_frac is not None:
+        if (request.is_img2img or request.enable_hr) and request.high_noise_frac is not None:
             info["ignored"] = {
                 "high_noise_frac": request.high_noise_frac,
-                "reason": "img2img through the refiner starts at strength, not at a fraction of a base run",
+                "reason": "img2img through the refiner starts at strength, not at a fraction of a base run"
+                if request.is_img2img
+                else "after the hires pass the refiner refines its result at strength",
             }
         return {"refiner": info}
     if request.refiner is False:

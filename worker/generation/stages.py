@@ -22,6 +22,7 @@ from worker.adapters.controlnet.manager import ControlInputs
 from worker.generation.conditioning import Embeddings, Stage
 from worker.generation.schedulers import Schedule, build_schedule
 from worker.generation.seeds import refiner_seed
+from worker.generation.vae_tiling import vae_tiling
 from worker.model.placement import Placement
 from worker.prompting.stepping import SAME_STEPS, CallCounter, StageSteps, pipeline_callback_kwargs
 from worker.request.fields import MIN_SIDE, SIDE_MULTIPLE
@@ -261,39 +262,12 @@ class StageRunner:
         source = load_input_image(request.image_url or "", self.settings)
         size = self._img2img_size(request, source.size)
         image = source if source.size == size else source.resize(size, Image.Resampling.LANCZOS)
-        if control is not None and not refine:
-            pipe = self.placement.use(control.pipeline(self.img2img_pipe, img2img=True))
-        else:
-            pipe = self.placement.use(self.refiner if refine else self.img2img_pipe)
-        # A fresh scheduler from the model's own config (the pipeline's current one is the previous job's).
-        schedule = self._refiner_schedule(request, seeds[0]) if refine else self._base_schedule(request, seeds)
-        pipe.scheduler = schedule.scheduler
         steps = request.refiner_inference_steps if refine else request.num_inference_steps
         # A1111's img2img: the schedule spans the requested steps and its counter starts at the first call that runs.
-        stage = Stage("refiner" if refine else "base", steps, request.sampling.sampler, SAME_STEPS, schedule.spacing)
-        arguments = {
-            **embeds.at(0),
-            **schedule.call_kwargs(),
-            "image": [image] * len(seeds),
-            "strength": request.strength,
-            "num_inference_steps": steps,
-            "guidance_scale": request.guidance_scale,
-            "guidance_rescale": request.guidance_rescale,
-            "generator": self._generators(seeds),
-            "output_type": "latent",
-        }
-        if control is not None and not refine:
-            control.check_arguments(pipe, arguments)
-            arguments.update(control.call_kwargs(size, img2img=True))
-        with _unet_context(control):
-            latents = pipe(
-                **arguments,
-                **self._callbacks(
-                    embeds,
-                    self._step_callback(progress, 0, max(1, int(steps * request.strength)), self._per_step(request)),
-                    stage,
-                ),
-            ).images
+        stage = Stage("refiner" if refine else "base", steps, request.sampling.sampler, SAME_STEPS)
+        latents, encode_tiled = self.img2img_call(
+            request, embeds, seeds, [image] * len(seeds), request.strength, stage, progress, refine, control=control
+        )
         info = {
             "mode": "img2img",
             "img2img": {
@@ -303,8 +277,68 @@ class StageRunner:
                 "num_inference_steps": steps,  # the schedule strength cuts: int(steps x strength) of it ran
                 "steps": stage.steps_run,
             },
+            "vae_tiling": {"encode": encode_tiled},
         }
         return latents, size, info, [stage]
+
+    def img2img_call(
+        self,
+        request: GenerationRequest,
+        embeds: Embeddings,
+        seeds: list[int],
+        image: list[Image.Image] | torch.Tensor,
+        strength: float,
+        stage: Stage,
+        progress: ProgressCallback | None,
+        refine: bool = False,
+        size_conditioning: tuple[int, int] | None = None,
+        control: ControlInputs | None = None,
+    ) -> tuple[torch.Tensor, bool | None]:
+        """One img2img pipeline call: a schedule of ``stage.num_inference_steps`` steps from ``request``'s sampler,
+        cut at ``strength``, over ``image`` (PIL images, encoded by the VAE, in tiles above VAE_TILE_PIXELS; or
+        latents, used as they are), on the base's modules or the refiner; ``size_conditioning`` (height, width)
+        replaces SDXL's original/target-size conditioning. The img2img mode and the hires pass both run here.
+        Returns the latents and whether the VAE encode was tiled (None: latents need no encode)."""
+        if control is not None and not refine:
+            pipe = self.placement.use(control.pipeline(self.img2img_pipe, img2img=True))
+        else:
+            pipe = self.placement.use(self.refiner if refine else self.img2img_pipe)
+        steps = stage.num_inference_steps
+        # A fresh scheduler from the model's own config (the pipeline's current one is the previous job's).
+        if refine:
+            schedule = self._refiner_schedule(request, seeds[0])
+        else:
+            schedule = self._schedule(request, self.scheduler_config, steps, seeds[0])
+        pipe.scheduler = schedule.scheduler
+        stage.spacing = schedule.spacing
+        arguments = {
+            **embeds.at(0),
+            **schedule.call_kwargs(),
+            "image": image,
+            "strength": strength,
+            "num_inference_steps": steps,
+            "guidance_scale": request.guidance_scale,
+            "guidance_rescale": request.guidance_rescale,
+            "generator": self._generators(seeds),
+            "output_type": "latent",
+        }
+        if size_conditioning is not None:
+            arguments.update(original_size=size_conditioning, target_size=size_conditioning)
+        if control is not None and not refine:
+            control.check_arguments(pipe, arguments)
+            arguments.update(control.call_kwargs(image[0].size, img2img=True))
+        encodes = not isinstance(image, torch.Tensor)
+        width, height = image[0].size if encodes else (0, 0)  # latents need no encode: nothing to tile
+        with _unet_context(control), vae_tiling(pipe.vae, width, height, self.settings.vae_tile_pixels) as tiled:
+            latents = pipe(
+                **arguments,
+                **self._callbacks(
+                    embeds,
+                    self._step_callback(progress, 0, max(1, int(steps * strength)), self._per_step(request)),
+                    stage,
+                ),
+            ).images
+        return latents, tiled if encodes else None
 
     @staticmethod
     def _img2img_size(request: GenerationRequest, source_size: tuple[int, int]) -> tuple[int, int]:

@@ -12,6 +12,7 @@ smaller file: ``bench/handler_overhead.py`` measures image encoding), on every c
 from __future__ import annotations
 
 import io
+import json
 import re
 from typing import Any
 
@@ -43,6 +44,8 @@ def a1111_parameters(request: Any, seed: int, model_name: str, model_hash: str, 
     ]
     if request.clip_skip:
         settings.append(f"Clip skip: {request.clip_skip + 1}")  # A1111 counts the default layer as 1
+    if getattr(request, "enable_hr", False):
+        settings += hires_parameters(request)
     if loras:
         settings.append("Lora weights: " + ", ".join(f"{lora['name']}: {lora['scale']:g}" for lora in loras))
     text = request.prompt
@@ -59,6 +62,31 @@ def _schedule_type(request: Any) -> list[str]:
     if sampling.schedule == sampling.spec.automatic:
         return []
     return [f"Schedule type: {sampling.schedule}"]
+
+
+def hires_parameters(request: Any) -> list[str]:
+    """The hires fix's entries of A1111 1.10's settings line (its ``extra_generation_params`` for the pass)."""
+    items = [f"Denoising strength: {request.denoising_strength:g}"]
+    if request.hr_resize_x or request.hr_resize_y:
+        items.append(f"Hires resize: {request.hr_resize_x}x{request.hr_resize_y}")
+    else:
+        items.append(f"Hires upscale: {request.hr_scale:g}")
+    if request.hr_second_pass_steps:
+        items.append(f"Hires steps: {request.hr_second_pass_steps}")
+    items.append(f"Hires upscaler: {request.hr_upscaler}")
+    if request.hr_sampler_name and request.hr_sampler_name != request.sampling.sampler:
+        items.append(f"Hires sampler: {request.hr_sampler_name}")
+    if request.hr_scheduler:
+        items.append(f"Hires schedule type: {request.hr_scheduler}")
+    for label, text in (("Hires prompt", request.hr_prompt), ("Hires negative prompt", request.hr_negative_prompt)):
+        if text:
+            items.append(f"{label}: {_quote(text)}")
+    return items
+
+
+def _quote(text: str) -> str:
+    """A1111's infotext quoting (generation_parameters_copypaste.quote): JSON for text with , : or newlines."""
+    return text if not any(mark in text for mark in ",:\n") else json.dumps(text, ensure_ascii=False)
 
 
 # Control characters: the PNG spec forbids NUL in text chunks (strict decoders such as pngcheck reject the file)

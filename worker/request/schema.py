@@ -50,6 +50,7 @@ from worker.request.fields import (
     check_image_reference,
     number_from_int,
 )
+from worker.request.hires import HiresFields, HiresSize, check_hires_sampling, check_hires_size, hires_size
 from worker.request.sampling import SamplingFields
 
 
@@ -64,7 +65,7 @@ class LoraRequest(BaseModel):
     _int_scale_is_fine = field_validator("scale", mode="before")(number_from_int)
 
 
-class GenerationRequest(ControlNetFields, SamplingFields):
+class GenerationRequest(HiresFields, ControlNetFields, SamplingFields):
     """A RunPod job's `input`, or one JSONL line of the batch runner (minus its `id`).
 
     Each field declares its bounds, its :class:`Scope` and its meaning (``description``), from which the README's
@@ -205,6 +206,23 @@ class GenerationRequest(ControlNetFields, SamplingFields):
         return self
 
     @model_validator(mode="after")
+    def _hires(self, info: ValidationInfo) -> GenerationRequest:
+        if self.enable_hr:
+            if self.image_url is not None:
+                raise ValueError(
+                    "enable_hr: the hires fix follows a text-to-image pass (A1111's txt2img); with image_url, leave "
+                    "enable_hr out and give img2img the width and height you want"
+                )
+            check_hires_size(self, (info.context or {}).get("max_job_pixels", DEFAULT_MAX_JOB_PIXELS))
+            check_hires_sampling(self)
+        elif self.image_url is not None and "denoising_strength" in self.model_fields_set:
+            raise ValueError(
+                "denoising_strength: is the hires pass's strength (with enable_hr); img2img's is strength (the "
+                "official worker's name)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _distinct_lora_names(self) -> GenerationRequest:
         names = [lora.name for lora in self.loras]
         duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -224,6 +242,16 @@ class GenerationRequest(ControlNetFields, SamplingFields):
     @property
     def is_img2img(self) -> bool:
         return self.image_url is not None
+
+    @property
+    def hires(self) -> HiresSize:
+        """The hires pass's size arithmetic (meaningful with ``enable_hr``)."""
+        return hires_size(self.width, self.height, self.hr_scale, self.hr_resize_x, self.hr_resize_y)
+
+    @property
+    def hr_steps(self) -> int:
+        """The steps the hires pass runs (A1111: hr_second_pass_steps, 0 meaning num_inference_steps)."""
+        return self.hr_second_pass_steps or self.num_inference_steps
 
     @property
     def size_given(self) -> bool:

@@ -1,0 +1,44 @@
+"""Tiled VAE decode and encode for large images, with diffusers' own ``AutoencoderKL`` tiling.
+
+Above ``VAE_TILE_PIXELS`` pixels per image the VAE works in tiles of its config's ``sample_size`` (1024 px for SDXL:
+128 latent pixels) that overlap by a quarter and are blended linearly (diffusers 0.42.1 ``tiled_decode`` /
+``_tiled_encode``), so its memory follows the tile, not the image. diffusers tiles only an image with a side longer
+than one tile, so images up to 1024 a side are never tiled whatever the setting. Tiling changes the result a little
+(each tile's GroupNorm statistics and mid-block attention see only that tile; ``bench/vae_tiling.py`` measures by how
+much), which is why it is a threshold and not always on.
+
+``use_tiling`` is state on the shared VAE module: :func:`vae_tiling` sets it for one call and restores it, so one
+job's tiling never reaches the next job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+
+def tile_side(vae: Any) -> int:
+    """The VAE's tile side in pixels (diffusers' ``tile_sample_min_size``: its config's ``sample_size``)."""
+    side = vae.tile_sample_min_size
+    return int(side[0] if isinstance(side, list | tuple) else side)
+
+
+def tiles(vae: Any, width: int, height: int, threshold_pixels: int) -> bool:
+    """Whether an image of ``width`` x ``height`` goes through the VAE in tiles: over the threshold (0: never), and
+    with a side longer than one tile (diffusers' own condition; otherwise it decodes whole anyway)."""
+    if threshold_pixels <= 0 or width * height <= threshold_pixels:
+        return False
+    return max(width, height) > tile_side(vae)
+
+
+@contextlib.contextmanager
+def vae_tiling(vae: Any, width: int, height: int, threshold_pixels: int) -> Iterator[bool]:
+    """Tile ``vae``'s decodes and encodes inside the block when an image of this size should be; yields whether."""
+    tiled = tiles(vae, width, height, threshold_pixels)
+    before = vae.use_tiling
+    vae.use_tiling = tiled
+    try:
+        yield tiled
+    finally:
+        vae.use_tiling = before
