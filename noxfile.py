@@ -64,7 +64,8 @@ def make_dev_model(session: nox.Session, python: str) -> None:
 
 @nox.session(venv_backend="none")
 def convert(session: nox.Session) -> None:
-    """Convert: nox -s convert -- SOURCE --output models/NAME [--dtype D] [--vae PATH] [--sha256 HEX] [--force]."""
+    """Convert: nox -s convert -- SOURCE --output models/NAME [--dtype D] [--vae PATH] [--sha256 HEX] [--force]
+    [--prediction-type epsilon|v_prediction] [--zero-terminal-snr] (python -m model_build convert --help)."""
     python = environment(session)
     session.run(python, "-m", "model_build", "convert", *session.posargs, external=True)
 

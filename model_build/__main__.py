@@ -2,9 +2,10 @@
 
     python -m model_build convert SOURCE --output models/NAME [--dtype fp16|bf16|fp32] [--vae PATH] [--force]
                                   [--sha256 HEX] [--vae-sha256 HEX] [--cache-dir DIR] [--lock-timeout S]
+                                  [--prediction-type epsilon|v_prediction] [--[no-]zero-terminal-snr]
     python -m model_build verify models/NAME [--full]
     python -m model_build inspect SOURCE
-    python -m model_build dev-checkpoint OUT.safetensors [--full-size] [--refiner | --inpainting]
+    python -m model_build dev-checkpoint OUT.safetensors [--full-size] [--refiner | --inpainting] [--v-prediction]
     python -m model_build dev-lora OUT.safetensors --model models/sdxl-dev [--kohya] [--kind loha|lokr] [--rank R]
     python -m model_build dev-controlnet OUT.safetensors [--full-size] [--diffusers-layout]
 
@@ -27,6 +28,7 @@ from pathlib import Path
 from core.errors import ConfigurationError, WorkerError, first_line
 from core.quiet_logs import drop_unactionable_warnings
 from core.settings import CONVERT, load_settings
+from model_build.prediction import PREDICTION_TYPES
 from model_build.source import default_cache_dir
 
 EXIT_OK, EXIT_REFUSED, EXIT_CONFIGURATION = 0, 1, 2
@@ -53,6 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--force", action="store_true", help="convert again even if the output is up to date")
     conv.add_argument("--cache-dir", type=Path, help="download cache (default $MODEL_BUILD_CACHE or ~/.cache/...)")
     conv.add_argument("--lock-timeout", type=float, help="seconds to wait for another conversion into OUTPUT")
+    conv.add_argument(
+        "--prediction-type",
+        choices=PREDICTION_TYPES,
+        help="what the UNet predicts, for files without the v_pred marker (default: the file's markers, else epsilon)",
+    )
+    conv.add_argument(
+        "--zero-terminal-snr",
+        action=argparse.BooleanOptionalAction,
+        help="v-prediction trained on a zero-terminal-SNR schedule (default: the file's ztsnr marker)",
+    )
 
     ver = commands.add_parser("verify", help="check a converted folder against its manifest")
     ver.add_argument("folder", type=Path)
@@ -69,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     kind = dev.add_mutually_exclusive_group()
     kind.add_argument("--refiner", action="store_true", help="the matching refiner (same VAE and OpenCLIP encoder)")
     kind.add_argument("--inpainting", action="store_true", help="the matching inpainting model (9-channel UNet)")
+    dev.add_argument(
+        "--v-prediction", action="store_true", help="mark it v-prediction, zero terminal SNR (v_pred, ztsnr)"
+    )
     lora = commands.add_parser("dev-lora", help="write a random LoRA that fits a converted model (e.g. the dev model)")
     lora.add_argument("output", type=Path, help="the .safetensors file to write")
     lora.add_argument("--model", type=Path, required=True, help="the converted model folder it must fit")
@@ -116,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                 source_sha256=source.sha256,
                 vae_sha256=vae.sha256 if vae else None,
                 lock_timeout=args.lock_timeout,
+                prediction_type=args.prediction_type,
+                zero_terminal_snr=args.zero_terminal_snr,
             )
             print(result.message)
         elif args.command == "verify":
@@ -127,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "inspect":
             from model_build.architectures import FAMILIES
             from model_build.checkpoint import inspect_checkpoint
+            from model_build.prediction import decide_prediction, describe
             from model_build.source import fetch
 
             source = fetch(args.source, args.sha256, cache_dir)
@@ -146,13 +164,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"{source.name}: {FAMILIES[info.family].description.removeprefix('an ')}, config {info.config_name}, "
                 f"{info.num_tensors} tensors "
                 f"({counts}; {len(info.ignored)} ignored), dtypes {', '.join(info.dtypes)}"
+                + f"; predicts {describe(decide_prediction(info.markers))}"
+                + (f" (markers: {', '.join(info.markers)})" if info.markers else "")
                 + (" [dev model: random weights]" if info.is_dev_model else "")
             )
         elif args.command == "dev-checkpoint":
             from model_build.dev_model import DEV_MODEL_NOTICE, write_dev_checkpoint
 
             path = write_dev_checkpoint(
-                args.output, full_size=args.full_size, refiner=args.refiner, inpainting=args.inpainting
+                args.output,
+                full_size=args.full_size,
+                refiner=args.refiner,
+                inpainting=args.inpainting,
+                v_prediction=args.v_prediction,
             )
             print(f"wrote {path} ({DEV_MODEL_NOTICE})")
         elif args.command == "dev-lora":

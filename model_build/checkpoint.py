@@ -40,6 +40,7 @@ from model_build.layout import (
     REFINER_FAMILY,
     component_prefixes,
 )
+from model_build.prediction import MARKER_KEYS, markers_in, refuse_edm
 
 # Tensors that real SDXL checkpoints carry besides the weights, known to be harmless to drop.
 # They are listed in the manifest as ignored. Anything else unknown is an error.
@@ -86,6 +87,7 @@ class CheckpointInfo:
     ignored: tuple[str, ...] = ()  # known harmless non-weight tensors that are dropped
     replaced: tuple[str, ...] = ()  # checkpoint tensors of a component replaced by another file (--vae)
     dtypes: tuple[str, ...] = ()  # the checkpoint's tensor dtypes, e.g. ("F16",)
+    markers: tuple[str, ...] = ()  # v_pred, ztsnr: what the UNet predicts (model_build.prediction)
 
 
 # --- 4. every tensor accounted for, per component, before diffusers sees any of them ---
@@ -143,6 +145,8 @@ def account_for_tensors(
     ignored, replaced, stray = [], [], []
     for key in sorted(shapes):
         component = _component_of(key, prefixes)
+        if key in MARKER_KEYS:
+            continue  # read as markers, never converted
         if _is_ignored(key):
             ignored.append(key)
         elif component == "vae" and vae_replaced:
@@ -195,6 +199,7 @@ def inspect_checkpoint(path: Path, vae_replaced: bool = False) -> CheckpointInfo
     shapes = {key: entry.shape for key, entry in header.tensors.items()}
     family = identify_family(shapes)
     refuse_family(path, family, shapes)
+    refuse_edm(path, shapes)
     config_name = choose_config(path, shapes, vae_replaced, family)
     component_keys, ignored, replaced = account_for_tensors(path, shapes, config_name, vae_replaced)
     refuse_non_float_weights(path.name, header.tensors, (key for keys in component_keys.values() for key in keys))
@@ -211,7 +216,8 @@ def inspect_checkpoint(path: Path, vae_replaced: bool = False) -> CheckpointInfo
         component_keys=component_keys,
         ignored=ignored,
         replaced=replaced,
-        dtypes=tuple(sorted({entry.dtype for entry in header.tensors.values()})),
+        dtypes=tuple(sorted({entry.dtype for key, entry in header.tensors.items() if key not in MARKER_KEYS})),
+        markers=markers_in(shapes),
     )
 
 

@@ -10,8 +10,9 @@ Steps, each in its own module:
    folder beside the output and freed before the next one (the UNet alone is 5 GB in fp16);
 3. prove (completeness.py): reload the folder with ``from_pretrained`` and compare every tensor of
    every component with the checkpoint's, by name, exactly;
-4. record (manifest.py): sha256 and size of every file, the source, versions; then rename the
-   folder into place.
+4. record (manifest.py): sha256 and size of every file, the source, versions, what the UNet
+   predicts (prediction.py: the checkpoint's v_pred/ztsnr markers or --prediction-type, also
+   written into the scheduler config); then rename the folder into place.
 
 Killed at any moment it leaves no output folder or a complete one: the output only ever appears by
 a rename of a finished, proven and fsynced folder (:mod:`.output_folder`: the lock that makes
@@ -44,6 +45,7 @@ from model_build.manifest import (
     CONVERTER_VERSION,
     MANIFEST_FORMAT,
     Manifest,
+    Prediction,
     ReplacedTensors,
     describe_files,
     write_manifest,
@@ -58,6 +60,7 @@ from model_build.output_folder import (
     remove_leftovers_if_idle,
 )
 from model_build.output_state import FileIdentity, output_state
+from model_build.prediction import decide_prediction, describe, scheduler_overrides
 from model_build.tensor_checks import check_cast, read_tensors
 from model_build.vae_file import VaeFile, load_vae_file
 
@@ -202,6 +205,7 @@ def _build(
     vae: FileIdentity | None,
     output: Path,
     dtype: str,
+    prediction: Prediction,
 ) -> None:
     from model_build.architectures import materialize
     from model_build.completeness import assert_materialized
@@ -226,7 +230,7 @@ def _build(
                 if nbytes > BIG_COMPONENT_BYTES:
                     _release_memory()
                 _stage(f"saved {component}")
-            tokenizers = write_pipeline_files(config_folder, staging)
+            tokenizers = write_pipeline_files(config_folder, staging, scheduler_overrides(prediction))
             _stage("saved pipeline files")
             log.info("reloading %s with from_pretrained to prove it holds exactly the checkpoint", output.name)
             proofs = _prove_folder(staging, info, vae_file, dtype, tokenizers)
@@ -245,6 +249,7 @@ def _build(
             tensors=proofs,
             ignored_tensors=info.ignored,
             replaced_tensors=ReplacedTensors(count=len(info.replaced), by="--vae") if info.replaced else None,
+            prediction=prediction,
             versions=library_versions(),
             files=describe_files(staging),
         )
@@ -276,6 +281,8 @@ def convert(
     vae_sha256: str | None = None,
     lock_timeout: float | None = None,
     replace_outdated: bool = False,
+    prediction_type: str | None = None,
+    zero_terminal_snr: bool | None = None,
 ) -> ConversionResult:
     """Convert a local single-file SDXL checkpoint into a verified Diffusers folder at ``output``.
 
@@ -285,6 +292,8 @@ def convert(
     checkpoint's VAE with a separate file. ``source_name``/``vae_name`` are recorded in the manifest
     (e.g. the hf:// URI); ``source_sha256``/``vae_sha256`` are hashes already computed by the caller.
     ``lock_timeout`` bounds the wait for another conversion into the same output (None: no bound).
+    ``prediction_type`` (epsilon | v_prediction) and ``zero_terminal_snr`` override what the checkpoint's
+    markers say (None: the markers decide; :mod:`model_build.prediction`).
     """
     started = time.perf_counter()
     checkpoint, output = Path(checkpoint), Path(output)
@@ -307,17 +316,19 @@ def convert(
 
     # A finished folder only ever appears by rename, so an up-to-date one can be trusted without the
     # lock; and its source is byte for byte the one that passed every check when it was converted.
-    if not force and output_state(output, source, vae_identity, dtype)[0] == "current":
+    wanted = (prediction_type, zero_terminal_snr)
+    if not force and output_state(output, source, vae_identity, dtype, *wanted)[0] == "current":
         remove_leftovers_if_idle(output)
         return up_to_date(0.0)
     check_output_location(output)
     log.info("checking %s", checkpoint)
     info = inspect_checkpoint(checkpoint, vae_replaced=vae_path is not None)
     vae_file = load_vae_file(vae_path, info.config_name) if vae_path is not None else None
+    prediction = decide_prediction(info.markers, prediction_type, zero_terminal_snr)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         with conversion_lock(output, lock_timeout) as waited:
-            state, why = output_state(output, source, vae_identity, dtype)
+            state, why = output_state(output, source, vae_identity, dtype, *wanted)
             if state == "current" and not force:
                 return up_to_date(waited)  # another process converted it while this one waited
             if state == "foreign":
@@ -327,12 +338,13 @@ def convert(
             if state != "missing":
                 log.info("replacing %s: it %s", output, why or "is replaced (--force)")
             remove_leftovers(output)
-            _build(info, vae_file, source, vae_identity, output, dtype)
+            _build(info, vae_file, source, vae_identity, output, dtype, prediction)
     except (OSError, SafetensorError) as error:
         raise_output_problem(error, output, lambda: _weights_bytes(info, dtype))
         raise
     seconds = time.perf_counter() - started
-    message = f"converted {source.name} -> {output} ({dtype}, {info.config_name}) in {seconds:.1f} s"
+    what = f"{dtype}, {info.config_name}, {describe(prediction)}"
+    message = f"converted {source.name} -> {output} ({what}) in {seconds:.1f} s"
     return ConversionResult(output, True, seconds, message, source.sha256, waited)
 
 

@@ -17,6 +17,9 @@ noisy latents, the mask and the masked image's latents), in the same key layout 
 diffusers/stable-diffusion-xl-1.0-inpainting-0.1's single file. Its VAE and text encoders are the
 dev base's, its UNet differs from the base's only in that first convolution.
 
+``--v-prediction`` adds the two marker tensors v-prediction SDXL files carry (``v_pred`` and ``ztsnr``,
+empty, as ComfyUI writes them): the same weights, converted as a zero-terminal-SNR v-prediction model.
+
 Its weights are random: every image it makes is noise. The file says so in its metadata.
 """
 
@@ -32,6 +35,7 @@ from safetensors.torch import save_file
 
 from model_build.architectures import empty_component, family_of_config, load_component_config
 from model_build.layout import to_original_layout
+from model_build.prediction import MARKER_KEYS
 
 DEV_MODEL_NOTICE = "sdxl-worker dev model: seeded RANDOM weights, every image it makes is noise"
 DEV_METADATA_KEY = "sdxl_worker.dev_model"
@@ -78,13 +82,20 @@ def dev_config_name(full_size: bool = False, refiner: bool = False, inpainting: 
 
 
 def write_dev_checkpoint(
-    output: Path, full_size: bool = False, seed: int = 0, refiner: bool = False, inpainting: bool = False
+    output: Path,
+    full_size: bool = False,
+    seed: int = 0,
+    refiner: bool = False,
+    inpainting: bool = False,
+    v_prediction: bool = False,
 ) -> Path:
-    """Write the dev base (``refiner``: the dev refiner, ``inpainting``: the dev inpainting model) as one single-file
-    checkpoint; the same bytes every time."""
+    """Write the dev base (``refiner``: the dev refiner, ``inpainting``: the dev inpainting model; ``v_prediction``:
+    with the v_pred and ztsnr markers) as one single-file checkpoint; the same bytes every time."""
     config_name = dev_config_name(full_size, refiner, inpainting)
     dtype = torch.float16 if full_size else torch.float32
     state_dict = dev_state_dict(config_name, dtype, seed)
+    if v_prediction:
+        state_dict |= {marker: torch.tensor([]) for marker in MARKER_KEYS}
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
     save_file(

@@ -20,6 +20,7 @@ from model_build.manifest import (
     sha256_file,
     verify,
 )
+from model_build.prediction import describe, matches
 
 log = logging.getLogger("model_build")
 
@@ -60,8 +61,18 @@ class FileIdentity:
         return VaeRecord(**self.record().model_dump(), layout=layout, ignored=ignored)
 
 
-def output_state(output: Path, source: FileIdentity, vae: FileIdentity | None, dtype: str) -> tuple[State, str]:
-    """(state, why) for an existing output; why completes "OUTPUT ..." in a message."""
+def output_state(
+    output: Path,
+    source: FileIdentity,
+    vae: FileIdentity | None,
+    dtype: str,
+    prediction_type: str | None = None,
+    zero_terminal_snr: bool | None = None,
+) -> tuple[State, str]:
+    """(state, why) for an existing output; why completes "OUTPUT ..." in a message.
+
+    ``prediction_type``/``zero_terminal_snr``: the options given (None: not given, the recorded decision stands).
+    """
     if not output.exists():
         return "missing", ""
     if not output.is_dir():
@@ -88,4 +99,7 @@ def output_state(output: Path, source: FileIdentity, vae: FileIdentity | None, d
     if vae is not None and not vae.same_as(recorded_vae):
         other = f"with another VAE ({recorded_vae.name})" if recorded_vae else "without --vae"
         return "outdated", f"was converted {other}"
+    recorded = manifest.effective_prediction
+    if not matches(recorded, prediction_type, zero_terminal_snr):
+        return "outdated", f"was converted as {describe(recorded)}"
     return "current", ""

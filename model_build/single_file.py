@@ -97,9 +97,12 @@ def load_component(
     raise ValueError(f"unknown component {component!r}")
 
 
-def write_pipeline_files(config_folder: Path, staging: Path) -> dict[str, Any]:
+def write_pipeline_files(
+    config_folder: Path, staging: Path, scheduler_overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The weightless parts of the pipeline folder: model_index.json, scheduler and the tokenizers.
 
+    ``scheduler_overrides`` change the family's scheduler config (v-prediction: :mod:`model_build.prediction`).
     Returns the tokenizers (both for a base, tokenizer_2 alone for a refiner), so the proof's
     reload need not parse their 3.6 MB JSON files again.
     """
@@ -111,9 +114,10 @@ def write_pipeline_files(config_folder: Path, staging: Path) -> dict[str, Any]:
     tokenizers = {}
     with offline():
         shutil.copyfile(config_folder / "model_index.json", staging / "model_index.json")
-        EulerDiscreteScheduler.from_pretrained(config_folder, subfolder="scheduler").save_pretrained(
-            staging / "scheduler"
+        scheduler = EulerDiscreteScheduler.from_pretrained(
+            config_folder, subfolder="scheduler", **(scheduler_overrides or {})
         )
+        scheduler.save_pretrained(staging / "scheduler")
         for name in ("tokenizer", "tokenizer_2"):
             if not (config_folder / name).is_dir():
                 continue  # the refiner has no CLIP-L, so no first tokenizer

@@ -89,6 +89,24 @@ def dev_controlnet_root(dev_controlnet_file: Path, tmp_path_factory: pytest.Temp
 
 
 @pytest.fixture(scope="session")
+def dev_vpred_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dev base's weights with the v_pred and ztsnr markers: a zero-terminal-SNR v-prediction checkpoint."""
+    from model_build.dev_model import write_dev_checkpoint
+
+    return write_dev_checkpoint(tmp_path_factory.mktemp("checkpoint") / "sdxl-dev-vpred.safetensors", v_prediction=True)
+
+
+@pytest.fixture(scope="session")
+def dev_vpred_model_dir(dev_vpred_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dev v-prediction model, converted: its scheduler config says v_prediction, zero terminal SNR, trailing."""
+    from model_build.convert import convert
+
+    output = tmp_path_factory.mktemp("models") / "sdxl-dev-vpred"
+    convert(dev_vpred_checkpoint, output)
+    return output
+
+
+@pytest.fixture(scope="session")
 def worker_api_server(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The worker's local RunPod API server (``--rp_serve_api``) on a free loopback port; yields its base URL.
 

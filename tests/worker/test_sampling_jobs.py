@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -180,30 +177,13 @@ def test_bad_sampling_input_is_a_clear_error_and_harms_no_later_job(worker, fiel
 # ---- v-prediction / zero terminal SNR --------------------------------------------------------------------------------
 
 
-def v_prediction_copy(model_dir: Path, folder: Path) -> Path:
-    """The dev model with the scheduler config a v-prediction, zero-terminal-SNR checkpoint converts to (its
-    manifest updated to match; the weights are hard links)."""
-    target = folder / "sdxl-dev-vpred"
-    shutil.copytree(model_dir, target, copy_function=os.link)
-    config_path = target / "scheduler" / "scheduler_config.json"
-    config = json.loads(config_path.read_text())
-    config.update(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    config_path.unlink()  # a hard link: write a new file, not through the link into the original
-    config_path.write_text(json.dumps(config, indent=2))
-    manifest_path = target / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    entry = manifest["files"]["scheduler/scheduler_config.json"]
-    entry.update(size=config_path.stat().st_size, sha256=hashlib.sha256(config_path.read_bytes()).hexdigest())
-    manifest_path.unlink()
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-    return target
-
-
 @pytest.fixture(scope="module")
-def vpred_worker(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Worker:
+def vpred_worker(dev_vpred_model_dir: Path) -> Worker:
+    """The dev v-pred model: the dev base's weights converted from a file with the v_pred and ztsnr markers, so its
+    scheduler config says v_prediction, rescale_betas_zero_snr and trailing spacing (see test_mb_vpred.py)."""
     with one_torch_thread():
         made = Worker(load_settings({}))
-        made.start(v_prediction_copy(dev_model_dir, tmp_path_factory.mktemp("vpred")))
+        made.start(dev_vpred_model_dir)
         assert made.startup_error is None, made.startup_error
         yield made
 
