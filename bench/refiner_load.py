@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from model_build.manifest import read_manifest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,13 +50,13 @@ def prepare(work: Path, dev: bool) -> tuple[Path, Path]:
         log(step=f"write {name} checkpoint", seconds=seconds, gb=round(checkpoint.stat().st_size / 1e9, 2))
         models[name] = work / "models" / name
         seconds = run("convert", str(checkpoint), "--output", str(models[name]))
-        manifest = json.loads((models[name] / "manifest.json").read_text())
+        manifest = read_manifest(models[name])
         log(
             step=f"convert {name}",
             seconds=seconds,
-            family=manifest["family"],
-            config=manifest["config"],
-            tensors=manifest["tensors"],
+            family=manifest.family,
+            config=manifest.config,
+            tensors=manifest.tensors,
         )
         checkpoint.unlink()  # disk: the folder is what is measured from here on
     log(step="verify --full refiner", seconds=run("verify", "--full", str(models["refiner"])))

@@ -18,7 +18,7 @@ from typing import Any
 
 from core.errors import InvalidRequest
 from model_build.controlnet_layout import CONTROLNET_FAMILY
-from model_build.manifest import MANIFEST_NAME, ModelFolderError, manifest_hash, verify
+from model_build.manifest import MANIFEST_NAME, Manifest, ModelFolderError, manifest_hash, verify
 
 # The ControlNet config values that must equal the UNet's for its residuals and conditioning to fit.
 MATCHING_CONFIG = (
@@ -51,18 +51,8 @@ class ControlNetFolder:
         return (str(self.path), self.manifest_hash)
 
 
-def _manifest_field(manifest: Any, name: str) -> Any:
-    """A manifest value, whether the manifest is typed (model_build.manifest.Manifest) or a plain dict."""
-    return manifest.get(name) if isinstance(manifest, Mapping) else getattr(manifest, name, None)
-
-
-def _weight_bytes(manifest: Any) -> int:
-    files = _manifest_field(manifest, "files") or {}
-    return sum(
-        entry["size"] if isinstance(entry, Mapping) else entry.size
-        for name, entry in files.items()
-        if name.endswith(".safetensors")
-    )
+def _weight_bytes(manifest: Manifest) -> int:
+    return sum(entry.size for name, entry in manifest.files.items() if name.endswith(".safetensors"))
 
 
 def available(roots: tuple[Path, ...]) -> list[str]:
@@ -92,7 +82,7 @@ def _checked(name: str, folder: Path, field: str) -> ControlNetFolder:
         manifest = verify(folder)
     except ModelFolderError as error:
         raise InvalidRequest(f"{field}: {name!r} is not a usable converted ControlNet: {error}") from None
-    family = _manifest_field(manifest, "family") or "sdxl-base"
+    family = manifest.family or "sdxl-base"
     if family != CONTROLNET_FAMILY:
         raise InvalidRequest(
             f"{field}: {folder} holds a converted {family} model, not an SDXL ControlNet; put ControlNets converted "
@@ -102,9 +92,9 @@ def _checked(name: str, folder: Path, field: str) -> ControlNetFolder:
         name=name,
         path=folder,
         manifest_hash=manifest_hash(folder),
-        config_name=str(_manifest_field(manifest, "config")),
+        config_name=str(manifest.config),
         weight_bytes=_weight_bytes(manifest),
-        dev_model=bool(_manifest_field(manifest, "dev_model")),
+        dev_model=manifest.dev_model,
     )
 
 
@@ -137,7 +127,7 @@ def largest_weights(roots: tuple[Path, ...], count: int) -> list[int]:
             if (root / name / MANIFEST_NAME).is_file():
                 with contextlib.suppress(ModelFolderError):  # refused by name when a job asks for it
                     manifest = verify(root / name)
-                    if _manifest_field(manifest, "family") == CONTROLNET_FAMILY:
+                    if manifest.family == CONTROLNET_FAMILY:
                         sizes.append(_weight_bytes(manifest))
                 break
     return sorted(sizes, reverse=True)[:count]
