@@ -15,6 +15,8 @@ etc.), one JSON line per check, exit status 1 if any failed:
 - ``sampling_*``: one job per sampling mode (the SDXL-Lightning recipe: Euler, SGM Uniform, guidance 0; A1111's
   sampler + Automatic schedule; Align Your Steps; LCM; TCD; custom timesteps; guidance_rescale) with its time beside
   the plain job's, and the timesteps it ran;
+- ``inpaint``: the square job's image with a centred mask (A1111's API defaults) returns one image of its size whose
+  pixels outside the blurred mask are the input's; its time beside the plain job's;
 - ``refiner``: with the full-size refiner loaded beside the base (converted by ``model_build`` from its
   random single-file checkpoint), the official worker's refiner job (``strength``) and the ensemble of experts
   (``high_noise_frac``) each return an image that the refiner made; ``--no-refiner`` skips it;
@@ -127,6 +129,41 @@ def run_job(worker: Any, name: str, **fields: Any) -> tuple[dict[str, Any], floa
     started = time.perf_counter()
     output = worker.handle({"id": f"smoke-{name}", "input": fields})
     return output, time.perf_counter() - started
+
+
+def inpaint_check(worker: Any, base: dict[str, Any], first: dict[str, Any], size: int) -> dict[str, Any]:
+    """Inpaint a centred square of the first job's image (A1111's API defaults: only masked, fill, blur 4): one image
+    of the input's size whose pixels outside the blurred mask are the input's."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    if "error" in first:
+        return {"ok": False, "error": "the square job failed"}
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 4, size // 4, size * 3 // 4, size * 3 // 4))
+    buffer = io.BytesIO()
+    mask.save(buffer, "PNG")
+    fields = {**base, "image_url": first["images"][0], "mask": base64.b64encode(buffer.getvalue()).decode()}
+    output, seconds = run_job(worker, "inpaint", **fields, seed=11)
+    if "error" in output:
+        return {"ok": False, "error": output["error"], "seconds": round(seconds, 2)}
+
+    def pixels(uri: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"))
+
+    keep = np.asarray(mask.filter(ImageFilter.GaussianBlur(4))) == 0
+    result, source = pixels(output["images"][0]), pixels(first["images"][0])
+    kept = result.shape == source.shape and bool(np.array_equal(result[keep], source[keep]))
+    return {
+        "ok": kept,
+        "seconds": round(seconds, 2),
+        "unmasked_pixels_kept": kept,
+        "inpainting": output["metadata"].get("inpainting"),
+        "timings": output["metadata"].get("timings"),
+    }
 
 
 def main() -> None:
@@ -290,6 +327,12 @@ def main() -> None:
         controlnets=controlled.get("metadata", {}).get("controlnets"),
         timings=controlled.get("metadata", {}).get("timings"),
         no_controlnet_after_equals_before=controlnet_ok and again["images"][0] == first["images"][0],
+    )
+
+    report(
+        "inpaint",
+        **inpaint_check(worker, base, first, size),
+        plain_seconds=round(plain_seconds, 2),
     )
 
     if refiner_dir is not None:

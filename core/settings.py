@@ -254,7 +254,7 @@ class Settings:
         _whole_number(64 * 64, 8 * 4096 * 4096),
         "width x height x num_images a job may ask for (8 x 1024²)",
     )
-    # -- user-supplied URLs (image_url today; masks, LoRAs and embeddings by URL next)
+    # -- user-supplied URLs (image_url and masks today; LoRAs and embeddings by URL next)
     allow_private_urls: bool = _setting(
         "ALLOW_PRIVATE_URLS",
         "0",

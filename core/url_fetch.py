@@ -1,7 +1,7 @@
 """One HTTP(S) GET of a user-supplied URL: public addresses only, one deadline, bounded bytes and redirects.
 
-A job's URL (``image_url`` today; masks, LoRAs and embeddings by URL next) is fetched by :func:`fetch_url` under a
-:class:`UrlPolicy` built from the settings:
+A job's URL (``image_url`` and ``mask`` today; LoRAs and embeddings by URL next) is fetched by :func:`fetch_url`
+under a :class:`UrlPolicy` built from the settings:
 
 - **Addresses.** The host is resolved once per hop and every address it resolves to is checked (a name resolving
   to one public and one private address is refused); the connection goes to a checked address, never to a second

@@ -295,6 +295,14 @@ def test_group_key_changes_with_every_group_field_and_no_request_field() -> None
         "hr_scheduler": "Karras",
         "hr_prompt": "h",  # each request's own: requests with other hires prompts share a call when shapes agree
         "hr_negative_prompt": "hn",
+        "mask": "aGVsbG8=",
+        "mask_url": "aGVsbG8=",
+        "mask_blur": 8,
+        "inpainting_fill": 1,
+        "inpaint_full_res": False,
+        "inpaint_full_res_padding": 32,
+        "inpainting_mask_invert": True,
+        "outpaint": {"left": 64},
     }
     assert set(other_values) == set(GenerationRequest.model_fields)  # a new field needs a row here too
     for name, value in other_values.items():

@@ -36,6 +36,7 @@ from worker.generation.conditioning import Embeddings, Stage
 from worker.generation.decode import decode_latents
 from worker.generation.grouping import group_key
 from worker.generation.hires import HiresPass, HiresRun, hires_view, offset_progress
+from worker.generation.inpainting import plan_inpainting
 from worker.generation.metadata import (
     ServingFacts,
     describe_schedule_calls,
@@ -80,7 +81,11 @@ class Engine:
         clock = PhaseClock(self.startup_phases)
         import diffusers
         import transformers
-        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+        from diffusers import (
+            StableDiffusionXLImg2ImgPipeline,
+            StableDiffusionXLInpaintPipeline,
+            StableDiffusionXLPipeline,
+        )
 
         # Loading bars would interleave with the worker's and the batch runner's own output.
         diffusers.utils.logging.disable_progress_bar()
@@ -128,7 +133,11 @@ class Engine:
         # dtype it casts every shared module to float32 (an fp32 UNet on the GPU ran 3.5x slower, H200 2026-11-30).
         self.img2img = StableDiffusionXLImg2ImgPipeline(**self.pipe.components)
         self.img2img.set_progress_bar_config(disable=True)
-        self.stages = StageRunner(self.pipe, self.img2img, self.refiner, self.placement, self.settings)
+        self.inpaint = StableDiffusionXLInpaintPipeline(**self.pipe.components)  # likewise: masked jobs
+        self.inpaint.set_progress_bar_config(disable=True)
+        # A 9-channel inpainting UNet reads the mask and the masked image beside the latents: only masked jobs.
+        self.is_inpainting_model = self.pipe.unet.config.in_channels == 9
+        self.stages = StageRunner(self.pipe, self.img2img, self.inpaint, self.refiner, self.placement, self.settings)
         self.scheduler_config = self.stages.scheduler_config
         self.prompt_encoder = self._prompt_encoder(self.pipe)
         self.refiner_prompt_encoder = self._refiner_prompt_encoder(StableDiffusionXLPipeline)
@@ -233,9 +242,15 @@ class Engine:
         """Model-dependent limits the schema cannot know."""
         self.prompt_encoder.check_clip_skip(request.clip_skip)  # before any LoRA or GPU work
         self.controlnets.check(request.controlnets)  # names and fit: JSON only, before anything loads
-        if request.controlnets and getattr(request, "is_inpainting", False):  # a mode that takes none yet
+        if request.controlnets and request.is_inpainting:  # a mode that takes none yet
             raise InvalidRequest(
                 "controlnets: inpainting with ControlNets is not available yet; send the job without controlnets"
+            )
+        if self.is_inpainting_model and not request.is_inpainting:
+            raise InvalidRequest(
+                f"mask: this worker serves {self.model_name}, an SDXL inpainting model (9-channel UNet), which only "
+                "repaints masked areas; send image_url with a mask (or outpaint), or use a normal SDXL checkpoint "
+                "for text-to-image and img2img"
             )
         refine = self.uses_refiner(request)
         self.stages.check_sampling(request, refine)
@@ -316,7 +331,15 @@ class Engine:
         embeds = Embeddings(encoded, requests, cfg=first.guidance_scale > 1.0)
 
         hires: HiresRun | None = None
-        if first.is_img2img:
+        plan = None
+        if first.is_inpainting:
+            started = self._clock()
+            most_images = max(request.num_images for request in requests)
+            plan = plan_inpainting(first, self.settings, most_images, self.is_inpainting_model)
+            latents, mode_info, stages = self.stages.inpaint(first, embeds, all_seeds, plan, progress)
+            size = plan.output_size
+            times["denoising_s"] = self._clock() - started
+        elif first.is_img2img:
             started = self._clock()
             own = self._refiner_embeddings(embeds) if refine else embeds  # the whole call's requests
             latents, size, mode_info, stages = self.stages.img2img(first, own, all_seeds, refine, progress, control)
@@ -329,6 +352,8 @@ class Engine:
             raise InvalidRequest("controlnets: this job's mode does not take ControlNets; send it without them")
         started = self._clock()
         images, decode_tiled = self.decode(latents, loras)
+        if plan is not None:
+            images = [plan.composite(image) for image in images]  # the unmasked pixels are the input's own
         times["vae_decode_s"] = self._clock() - started
 
         timings = Timings(**times)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import hashlib
 
+from pydantic import BaseModel
+
 from worker.prompting.encoded import EncodedPrompts
 from worker.request.schema import GROUP_FIELDS, GenerationRequest
+
+INLINE_IMAGE_FIELDS = frozenset({"image_url", "mask", "mask_url"})
 
 
 def group_key(request: GenerationRequest, encoded: EncodedPrompts, hires: EncodedPrompts | None = None) -> tuple:
@@ -19,13 +23,15 @@ def group_key(request: GenerationRequest, encoded: EncodedPrompts, hires: Encode
     values = []
     for name in GROUP_FIELDS:
         value = getattr(request, name)
-        if name == "image_url" and value is not None:
+        if name in INLINE_IMAGE_FIELDS and value is not None:
             value = hashlib.sha256(value.encode()).hexdigest()  # data URIs can be megabytes
         elif isinstance(value, list):
             value = tuple(
                 tuple((k, _short(v)) for k, v in item.model_dump().items()) if hasattr(item, "model_dump") else item
                 for item in value
             )
+        elif isinstance(value, BaseModel):
+            value = tuple(value.model_dump().items())
         values.append(value)
     return (*values, encoded.num_chunks, request.size_given, hires.num_chunks if hires is not None else None)
 

@@ -64,6 +64,8 @@ def refiner_metadata(
         reason = "the request set refiner: false"
     elif not facts.refiner_loaded:
         reason = "no refiner is loaded on this worker (set REFINER_DIR or REFINER_NAME to use one)"
+    elif request.is_inpainting:
+        reason = "inpainting runs on the base model (A1111's hand-over to the refiner mid-way is not done here)"
     else:
         reason = "img2img runs on the base model unless the request sets refiner: true"
     return {"refiner": {"used": False, "reason": reason}}

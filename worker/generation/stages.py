@@ -1,4 +1,4 @@
-"""The pipeline calls of a job: text to latents on the base, the refiner after it, img2img on either.
+"""The pipeline calls of a job: text to latents on the base, the refiner after it, img2img on either, inpainting.
 
 Each takes the request, the group's conditioning (:class:`.conditioning.Embeddings`), the images' seeds and a
 progress callback, runs one diffusers pipeline call with a fresh scheduler built from the model's own config
@@ -20,6 +20,7 @@ from core.errors import InvalidRequest
 from core.settings import Settings
 from worker.adapters.controlnet.manager import ControlInputs
 from worker.generation.conditioning import Embeddings, Stage
+from worker.generation.inpainting import InpaintPlan, latent_start
 from worker.generation.schedulers import Schedule, build_schedule
 from worker.generation.seeds import refiner_seed
 from worker.generation.vae_tiling import vae_tiling
@@ -38,10 +39,13 @@ def _unet_context(control: ControlInputs | None) -> contextlib.AbstractContextMa
 
 
 class StageRunner:
-    """Runs the stages of a job on loaded pipelines: the base, its img2img twin on the same modules, the refiner."""
+    """Runs the stages of a job on loaded pipelines: the base, its img2img and inpainting twins on the same modules,
+    the refiner."""
 
-    def __init__(self, pipe: Any, img2img: Any, refiner: Any | None, placement: Placement, settings: Settings) -> None:
-        self.pipe, self.img2img_pipe, self.refiner = pipe, img2img, refiner
+    def __init__(
+        self, pipe: Any, img2img: Any, inpaint: Any, refiner: Any | None, placement: Placement, settings: Settings
+    ) -> None:
+        self.pipe, self.img2img_pipe, self.inpaint_pipe, self.refiner = pipe, img2img, inpaint, refiner
         self.placement, self.settings = placement, settings
         self.scheduler_config = dict(pipe.scheduler.config)
         # The refiner's own config as loaded (each job replaces the pipeline's scheduler, so reading it back from
@@ -339,6 +343,57 @@ class StageRunner:
                 ),
             ).images
         return latents, tiled if encodes else None
+
+    def inpaint(
+        self,
+        request: GenerationRequest,
+        embeds: Embeddings,
+        seeds: list[int],
+        plan: InpaintPlan,
+        progress: ProgressCallback | None,
+    ) -> tuple[torch.Tensor, dict[str, Any], list[Stage]]:
+        """Masked img2img on the base's own modules (a 9-channel inpainting UNet reads the mask and the masked image
+        too); the latents of ``plan``'s generation size, before :meth:`InpaintPlan.composite` pastes them back."""
+        pipe = self.placement.use(self.inpaint_pipe)
+        schedule = self._base_schedule(request, seeds)  # fresh, from the model's own config
+        pipe.scheduler = schedule.scheduler
+        steps = request.num_inference_steps
+        # Counted as A1111's img2img: the schedule spans the requested steps, from the first call that runs.
+        stage = Stage("base", steps, request.sampling.sampler, SAME_STEPS, schedule.spacing)
+        generators = self._generators(seeds)
+        width, height = plan.size
+        with vae_tiling(pipe.vae, width, height, self.settings.vae_tile_pixels) as tiled:  # the encodes, large
+            start = latent_start(pipe, plan, request.inpainting_fill, seeds, generators)
+            latents = pipe(
+                **embeds.at(0),
+                **schedule.call_kwargs(),
+                **start,
+                mask_image=plan.mask,
+                height=height,
+                width=width,
+                strength=request.strength,
+                num_inference_steps=steps,
+                guidance_scale=request.guidance_scale,
+                guidance_rescale=request.guidance_rescale,
+                generator=generators,
+                output_type="latent",
+                **self._callbacks(
+                    embeds,
+                    self._step_callback(progress, 0, max(1, int(steps * request.strength)), self._per_step(request)),
+                    stage,
+                ),
+            ).images
+        info = {
+            "mode": "outpaint" if request.outpaint is not None else "inpaint",
+            "inpainting": {
+                **plan.info,
+                "strength": request.strength,
+                "num_inference_steps": steps,
+                "steps": stage.steps_run,
+            },
+            "vae_tiling": {"encode": tiled},
+        }
+        return latents, info, [stage]
 
     @staticmethod
     def _img2img_size(request: GenerationRequest, source_size: tuple[int, int]) -> tuple[int, int]:

@@ -161,9 +161,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, field: str = FIELD) -> Image.Image:
-    """Bytes -> an upright RGB image; only PNG, JPEG and WebP, refusing images over ``max_pixels`` before
-    decoding them. ``field`` names the request field in errors."""
+def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, field: str = FIELD) -> Image.Image:
+    """Bytes -> an upright image in its own mode; only PNG, JPEG and WebP, refusing images over ``max_pixels``
+    before decoding them."""
     sniffed = _sniff(data)
     if sniffed is not None and sniffed not in ("PNG", "JPEG", "WebP"):
         raise _error(f"this is {sniffed}; only PNG, JPEG and WebP images are accepted (convert it first)", field)
@@ -177,7 +177,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, field: str = F
                 upright = ImageOps.exif_transpose(image)
             except Exception:  # an unreadable EXIF block: the stored orientation is the best there is
                 upright = image
-            return to_rgb(upright)
+            return upright if upright is not image else image.copy()  # the opened image is closed on return
     except InvalidRequest:
         raise
     except Image.DecompressionBombError:  # Pillow's own guard, for images far past ours
@@ -189,8 +189,33 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, field: str = F
         raise _error(f"not a readable {what} ({first_line(error, 120)}); send a PNG, JPEG or WebP", field) from None
 
 
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, field: str = FIELD) -> Image.Image:
+    """Bytes -> an upright RGB image (see :func:`open_image` and :func:`to_rgb`); ``field`` names the request
+    field in errors."""
+    return to_rgb(open_image(data, max_pixels, field))
+
+
 def load_input_image(image_url: str, settings: Settings, field: str = FIELD) -> Image.Image:
     """``image_url`` -> an upright RGB image, under ``settings``' URL policy and every bound of this module;
     ``field`` names the request field the image came in (``image_url``, ``controlnets[0].image``) in errors."""
     policy = image_url_policy(settings)
     return decode_image(fetch_image_bytes(image_url, policy, field), MAX_IMAGE_PIXELS, field)
+
+
+def to_mask(image: Image.Image) -> Image.Image:
+    """``image`` (any mode) as an 8-bit grey mask, white = repaint, as A1111 1.10 reads an img2img mask
+    (``create_binary_mask``): an image with transparency gives its alpha channel, cut at 128 (the opaque part is the
+    mask: a painted stroke); any other image gives its grey levels (high-bit grey scaled by its range), kept soft."""
+    if image.mode in _HIGH_BIT_MODES:
+        return Image.fromarray(_grey_to_8bit(image)[0])
+    if "A" in image.mode or "a" in image.mode or image.info.get("transparency") is not None:
+        alpha = image.convert("RGBA").getchannel("A")
+        if alpha.getextrema() != (255, 255):
+            return alpha.point(lambda value: 255 if value > 128 else 0)
+    return image.convert("L")
+
+
+def load_input_mask(mask: str, settings: Settings, field: str) -> Image.Image:
+    """A mask sent as ``field`` (URL, data URI or base64) -> an upright 8-bit grey mask (:func:`to_mask`), under
+    the same URL policy and bounds as ``image_url``."""
+    return to_mask(open_image(fetch_image_bytes(mask, image_url_policy(settings), field), field=field))

@@ -51,7 +51,12 @@ from worker.request.fields import (
     number_from_int,
 )
 from worker.request.hires import HiresFields, HiresSize, check_hires_sampling, check_hires_size, hires_size
+from worker.request.inpainting import InpaintingFields, Outpaint
 from worker.request.sampling import SamplingFields
+
+# A1111 1.10's img2img API default denoising_strength: a masked job that does not give strength gets it (the
+# official worker's 0.3 is for its refiner pass and leaves a filled mask a blur).
+INPAINT_STRENGTH = 0.75
 
 
 class LoraRequest(BaseModel):
@@ -65,8 +70,11 @@ class LoraRequest(BaseModel):
     _int_scale_is_fine = field_validator("scale", mode="before")(number_from_int)
 
 
-class GenerationRequest(HiresFields, ControlNetFields, SamplingFields):
+class GenerationRequest(HiresFields, ControlNetFields, SamplingFields, InpaintingFields):
     """A RunPod job's `input`, or one JSONL line of the batch runner (minus its `id`).
+
+    Field groups are its bases (:class:`worker.request.inpainting.InpaintingFields`, ...); checks across them live
+    here.
 
     Each field declares its bounds, its :class:`Scope` and its meaning (``description``), from which the README's
     request table is generated (``python -m worker.request.table --write README.md``; a test keeps them equal).
@@ -141,7 +149,12 @@ class GenerationRequest(HiresFields, ControlNetFields, SamplingFields):
         ),
     ] = None
     strength: Annotated[
-        Fraction, GROUP, Field(description="img2img, and the refiner without high_noise_frac: how much to change")
+        Fraction,
+        GROUP,
+        Field(
+            description="img2img, and the refiner without high_noise_frac: how much to change; with a mask or "
+            f"outpaint and not given: {INPAINT_STRENGTH} (A1111's img2img default)"
+        ),
     ] = 0.3
     image_url: Annotated[
         str | None,
@@ -162,6 +175,14 @@ class GenerationRequest(HiresFields, ControlNetFields, SamplingFields):
     ] = None
 
     _floats_from_ints = field_validator("guidance_scale", "high_noise_frac", "strength", mode="before")(number_from_int)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inpainting_strength(cls, data: Any) -> Any:
+        masked = isinstance(data, dict) and any(data.get(key) for key in ("mask", "mask_url", "outpaint"))
+        if masked and "strength" not in data:
+            return {**data, "strength": INPAINT_STRENGTH}
+        return data
 
     @field_validator("seed")
     @classmethod
@@ -223,6 +244,18 @@ class GenerationRequest(HiresFields, ControlNetFields, SamplingFields):
         return self
 
     @model_validator(mode="after")
+    def _inpainting_needs_an_image(self) -> GenerationRequest:
+        field = "outpaint" if self.mask_source is None else self.mask_source[0]
+        if self.is_inpainting and self.image_url is None:
+            raise ValueError(f"{field}: inpainting needs the image to paint into; send image_url with it")
+        if self.is_inpainting and self.refiner:
+            raise ValueError(
+                "refiner: inpainting runs on the base model (A1111 1.10 would hand over to the refiner at "
+                "refiner_switch_at, which this worker does not do); leave refiner out or set it false"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _distinct_lora_names(self) -> GenerationRequest:
         names = [lora.name for lora in self.loras]
         duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -276,6 +309,7 @@ def _allowed_range(model: type[BaseModel], location: tuple) -> str:
 _NESTED: dict[str, tuple[type[BaseModel], str]] = {
     "loras": (LoraRequest, "LoRA entry"),
     "controlnets": (ControlNetUnit, "ControlNet entry"),
+    "outpaint": (Outpaint, "outpaint object"),
 }
 
 
@@ -286,8 +320,9 @@ def _describe(error: dict[str, Any]) -> str:
     nested = _NESTED.get(str(location_parts[0])) if len(location_parts) >= 2 else None
     model, what = nested or (GenerationRequest, "request")
     if error.get("type") == "extra_forbidden":
-        fields = ", ".join(model.model_fields)
-        return f"{location}: unknown field (a {what} takes: {fields})"
+        fields = ", ".join(field_names() if model is GenerationRequest else model.model_fields)
+        article = "an" if what[0] in "aeiou" else "a"
+        return f"{location}: unknown field ({article} {what} takes: {fields})"
     if error.get("type") == "missing":
         return f"{location}: required field is missing"
     if not location_parts:
@@ -309,6 +344,13 @@ def parse_request(payload: Any, max_job_pixels: int = DEFAULT_MAX_JOB_PIXELS) ->
     except ValidationError as error:
         problems = [_describe(item) for item in error.errors(include_url=False)]
         raise InvalidRequest("; ".join(problems)) from None
+
+
+def field_names() -> list[str]:
+    """The request's fields in reading order: its own first, then each field group's (pydantic lists a base
+    class's fields first)."""
+    own = [name for name in GenerationRequest.model_fields if name in GenerationRequest.__annotations__]
+    return own + [name for name in GenerationRequest.model_fields if name not in own]
 
 
 def field_scope(name: str) -> Scope:

@@ -9,7 +9,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from worker.request.schema import GenerationRequest
+from pydantic import BaseModel
+
+from worker.request.schema import GenerationRequest, field_names
 
 
 def _kind(annotation: Any) -> str:
@@ -22,6 +24,8 @@ def _kind(annotation: Any) -> str:
         return f"{_kind(inner[0])}, or null"
     if origin is list:
         return "list"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "object"
     return {str: "string", int: "integer", float: "number", bool: "`true` / `false`"}.get(annotation, str(annotation))
 
 
@@ -56,7 +60,8 @@ def _bounds(metadata: list[Any], unit: str) -> str:
 def request_table() -> str:
     """The README's request table, generated from :class:`GenerationRequest`'s declarations."""
     rows = ["| field | type, bounds | default | meaning |", "| --- | --- | --- | --- |"]
-    for name, spec in GenerationRequest.model_fields.items():
+    for name in field_names():
+        spec = GenerationRequest.model_fields[name]
         kinds = (spec.annotation, *get_args(spec.annotation))  # list[...] or list[...] | None
         bounds = _bounds(spec.metadata, "items" if any(get_origin(kind) is list for kind in kinds) else "characters")
         kind = _kind(spec.annotation) + (f" ({bounds})" if bounds else "")
