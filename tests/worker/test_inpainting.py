@@ -62,8 +62,8 @@ def lora_dir(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture(scope="module")
-def worker(dev_model_dir: Path, lora_dir: Path) -> Worker:
-    worker = Worker(load_settings({"LORA_DIR": str(lora_dir)}))
+def worker(dev_model_dir: Path, lora_dir: Path, dev_controlnet_root: Path) -> Worker:
+    worker = Worker(load_settings({"LORA_DIR": str(lora_dir), "CONTROLNET_DIR": str(dev_controlnet_root)}))
     worker.start(dev_model_dir)
     assert worker.startup_error is None, worker.startup_error
     return worker
@@ -240,6 +240,10 @@ BAD = {
     "outpaint without a size": (
         {"mask": None, "outpaint": {"right": 2048}},
         "outpaint: the picture to paint is 2208x128; without width/height the model runs at its size",
+    ),
+    "controlnets": (
+        {"controlnets": [{"name": "dev-controlnet", "image": data_uri(picture())}]},
+        "controlnets: inpainting with ControlNets is not available yet",
     ),
     "fill out of range": ({"inpainting_fill": 4}, "inpainting_fill: Input should be less than or equal to 3"),
 }
