@@ -29,7 +29,13 @@ from model_build.completeness import prove_component
 from model_build.convert import convert
 from model_build.dev_model import write_dev_checkpoint
 from model_build.errors import CheckpointError, CompletenessError
-from model_build.layout import COMPONENT_PREFIXES, INPAINT_FAMILY, REFINER_COMPONENT_PREFIXES, to_original_layout
+from model_build.layout import (
+    COMPONENT_PREFIXES,
+    INPAINT_FAMILY,
+    REFINER_COMPONENT_PREFIXES,
+    REFINER_FAMILY,
+    to_original_layout,
+)
 from model_build.manifest import read_manifest
 
 UNET = COMPONENT_PREFIXES["unet"]
@@ -286,11 +292,16 @@ def test_the_proof_catches_an_inpaint_conv_in_that_differs(dev_inpaint_model_dir
         prove_component("unet", unet, keys, read, torch.float16, INPAINT_FAMILY)
 
 
-def test_the_worker_refuses_an_inpaint_folder_as_its_model_by_name(dev_inpaint_model_dir: Path) -> None:
-    """Until the worker's mask fields land, MODEL_DIR must be a base: said at start-up, not a wrong pipeline."""
+def test_the_worker_takes_an_inpaint_folder_as_its_model_and_refuses_it_as_the_refiner(
+    dev_inpaint_model_dir: Path,
+) -> None:
+    """MODEL_DIR may be a base or an inpainting model (tests/worker/test_inpainting_model.py serves one); anywhere
+    else the family is refused by name at start-up, not met as a wrong pipeline."""
     from core.errors import ConfigurationError
     from model_build.layout import BASE_FAMILY
     from worker.model.loading import require_family
 
-    with pytest.raises(ConfigurationError, match=r"MODEL_DIR .* holds a converted sdxl-inpaint model, not sdxl-base"):
-        require_family(read_manifest(dev_inpaint_model_dir), dev_inpaint_model_dir, BASE_FAMILY, "MODEL_DIR")
+    manifest = read_manifest(dev_inpaint_model_dir)
+    assert require_family(manifest, dev_inpaint_model_dir, (BASE_FAMILY, INPAINT_FAMILY), "MODEL_DIR") == INPAINT_FAMILY
+    with pytest.raises(ConfigurationError, match=r"REFINER_DIR .* holds a converted sdxl-inpaint model, not sdxl-ref"):
+        require_family(manifest, dev_inpaint_model_dir, REFINER_FAMILY, "REFINER_DIR")

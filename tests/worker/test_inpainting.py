@@ -7,8 +7,6 @@ both inpaint areas. Mask arithmetic without a model is in tests/worker/test_inpa
 
 from __future__ import annotations
 
-import base64
-import io
 from pathlib import Path
 from typing import Any
 
@@ -20,38 +18,12 @@ from PIL import Image, ImageFilter
 from core.settings import load_settings
 from model_build.dev_lora import write_dev_lora
 from tests.support.dev_pipes import one_torch_thread
+from tests.support.inpainting_images import BOX, JOB, SIZE, data_uri, decoded, picture, rectangle
 from tests.support.prompt_reference import a1111_prompt_schedule, a1111_schedule_steps, a1111_text_at_call
 from worker.generation import masks
 from worker.handler import Worker
 
 one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
-
-SIZE = (160, 128)  # not square: the crop grows to this aspect
-BOX = (56, 40, 104, 88)  # the masked rectangle
-JOB = {"prompt": "a red door", "num_inference_steps": 4, "seed": 21, "guidance_scale": 3.0, "negative_prompt": "blur"}
-
-
-def picture(size: tuple[int, int] = SIZE) -> Image.Image:
-    """An RGB image with structure everywhere, so a changed pixel shows."""
-    y, x = np.indices((size[1], size[0]))
-    return Image.fromarray(np.stack([(x * 3) % 256, (y * 5) % 256, ((x + y) * 2) % 256], -1).astype(np.uint8))
-
-
-def rectangle(size: tuple[int, int] = SIZE, box: tuple[int, int, int, int] = BOX, level: int = 255) -> Image.Image:
-    mask = Image.new("L", size, 0)
-    mask.paste(level, box)
-    return mask
-
-
-def data_uri(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def decoded(out: dict[str, Any], index: int = 0) -> np.ndarray:
-    assert "error" not in out, out
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(out["images"][index].split(",", 1)[1]))).convert("RGB"))
 
 
 @pytest.fixture(scope="module")

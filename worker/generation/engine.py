@@ -27,7 +27,7 @@ from core.errors import InternalError, InvalidRequest
 from core.results import GenerationMetadata, Timings
 from core.settings import Settings
 from model_build.dev_model import DEV_MODEL_NOTICE
-from model_build.layout import BASE_FAMILY
+from model_build.layout import BASE_FAMILY, INPAINT_FAMILY
 from model_build.manifest import manifest_hash, verify
 from worker.adapters.controlnet.manager import ControlNetManager, controlnet_reserve
 from worker.adapters.lora.manager import AppliedLora
@@ -36,7 +36,7 @@ from worker.generation.conditioning import Embeddings, Stage
 from worker.generation.decode import decode_latents
 from worker.generation.grouping import group_key
 from worker.generation.hires import HiresPass, HiresRun, hires_view, offset_progress
-from worker.generation.inpainting import plan_inpainting
+from worker.generation.inpainting import check_inpainting, check_inpainting_model, plan_inpainting, warm_up_fields
 from worker.generation.metadata import (
     ServingFacts,
     describe_schedule_calls,
@@ -94,7 +94,10 @@ class Engine:
         self.settings = settings if settings is not None else Settings()  # defaults: commands read the environment
         self.model_dir = Path(model_dir)
         self.manifest = verify(self.model_dir)  # raises ModelFolderError with the command to run
-        require_family(self.manifest, self.model_dir, BASE_FAMILY, "MODEL_DIR")
+        # An SDXL inpainting folder (9-channel UNet) serves masked jobs only (worker.generation.inpainting).
+        family = require_family(self.manifest, self.model_dir, (BASE_FAMILY, INPAINT_FAMILY), "MODEL_DIR")
+        self.is_inpainting_model = family == INPAINT_FAMILY
+        check_inpainting_model(self.is_inpainting_model, self.settings)
         self.model_name = self.model_dir.name
         self.model_hash = manifest_hash(self.model_dir)
         self.is_dev_model = self.manifest.dev_model
@@ -135,8 +138,6 @@ class Engine:
         self.img2img.set_progress_bar_config(disable=True)
         self.inpaint = StableDiffusionXLInpaintPipeline(**self.pipe.components)  # likewise: masked jobs
         self.inpaint.set_progress_bar_config(disable=True)
-        # A 9-channel inpainting UNet reads the mask and the masked image beside the latents: only masked jobs.
-        self.is_inpainting_model = self.pipe.unet.config.in_channels == 9
         self.stages = StageRunner(self.pipe, self.img2img, self.inpaint, self.refiner, self.placement, self.settings)
         self.scheduler_config = self.stages.scheduler_config
         self.prompt_encoder = self._prompt_encoder(self.pipe)
@@ -181,6 +182,8 @@ class Engine:
         width, height = size or (self.settings.warmup_sizes[0] if self.settings.warmup_sizes else (1024, 1024))
         fields = {"prompt": "warm-up", "negative_prompt": "warm-up", "width": width, "height": height}
         # 4 refiner steps: at the default strength 0.3 that is one step (2 would be none, an error).
+        if self.is_inpainting_model:  # it serves masked jobs only
+            fields.update(warm_up_fields(width, height))
         request = parse_request({**fields, "num_inference_steps": steps, "refiner_inference_steps": 4, "seed": 0})
         try:
             self.generate(request)
@@ -242,16 +245,7 @@ class Engine:
         """Model-dependent limits the schema cannot know."""
         self.prompt_encoder.check_clip_skip(request.clip_skip)  # before any LoRA or GPU work
         self.controlnets.check(request.controlnets)  # names and fit: JSON only, before anything loads
-        if request.controlnets and request.is_inpainting:  # a mode that takes none yet
-            raise InvalidRequest(
-                "controlnets: inpainting with ControlNets is not available yet; send the job without controlnets"
-            )
-        if self.is_inpainting_model and not request.is_inpainting:
-            raise InvalidRequest(
-                f"mask: this worker serves {self.model_name}, an SDXL inpainting model (9-channel UNet), which only "
-                "repaints masked areas; send image_url with a mask (or outpaint), or use a normal SDXL checkpoint "
-                "for text-to-image and img2img"
-            )
+        check_inpainting(request, self.model_name, self.is_inpainting_model)
         refine = self.uses_refiner(request)
         self.stages.check_sampling(request, refine)
         frac = None if request.enable_hr else request.high_noise_frac  # after a hires pass the refiner refines

@@ -16,6 +16,8 @@ The denoising itself is :meth:`worker.generation.stages.StageRunner.inpaint` (di
 
 from __future__ import annotations
 
+import base64
+import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +26,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from core.errors import InvalidRequest
+from core.errors import ConfigurationError, InvalidRequest
 from core.settings import Settings
 from worker.generation import masks
 from worker.request.fields import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
@@ -56,6 +58,44 @@ class InpaintPlan:
             canvas.paste(generated.resize((x2 - x1, y2 - y1), Image.Resampling.LANCZOS), (x1, y1))
             generated = canvas
         return masks.composite(self.original, generated, self.paste_mask)
+
+
+def check_inpainting_model(is_inpainting_model: bool, settings: Settings) -> None:
+    """Start-up: the speed-ups that warm up with a text-to-image call (COMPILE, COMPILE_VAE) cannot run on an
+    inpainting model, which takes masked calls only; refused rather than left to fail inside the warm-up."""
+    if is_inpainting_model and (settings.compile != "off" or settings.compile_vae):
+        raise ConfigurationError(
+            "COMPILE / COMPILE_VAE: compiling is not available with an SDXL inpainting model as MODEL_DIR yet (its "
+            "warm-up runs text-to-image, which a 9-channel UNet does not take); set COMPILE=off and COMPILE_VAE=0"
+        )
+
+
+def warm_up_fields(width: int, height: int) -> dict[str, Any]:
+    """The image and mask a start-up warm-up job sends to an inpainting model: grey, with the middle masked."""
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (width // 4, height // 4, width * 3 // 4, height * 3 // 4))
+    return {"image_url": _data_uri(Image.new("RGB", (width, height), (128, 128, 128))), "mask": _data_uri(mask)}
+
+
+def _data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def check_inpainting(request: GenerationRequest, model_name: str, is_inpainting_model: bool) -> None:
+    """What the loaded model refuses: a 9-channel inpainting UNet takes only masked jobs; ControlNets do not run
+    with a mask yet (diffusers' ControlNet inpainting pipeline is not wired in)."""
+    if request.controlnets and request.is_inpainting:
+        raise InvalidRequest(
+            "controlnets: inpainting with ControlNets is not available yet; send the job without controlnets"
+        )
+    if is_inpainting_model and not request.is_inpainting:
+        raise InvalidRequest(
+            f"mask: this worker serves {model_name}, an SDXL inpainting model (9-channel UNet), which only repaints "
+            "masked areas; send image_url with a mask (or outpaint), or use a normal SDXL checkpoint for "
+            "text-to-image and img2img"
+        )
 
 
 def generation_size(request: GenerationRequest, picture: tuple[int, int], field: str) -> tuple[int, int]:

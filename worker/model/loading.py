@@ -13,17 +13,21 @@ from model_build.layout import REFINER_FAMILY
 from model_build.manifest import Manifest, manifest_hash, verify
 
 
-def require_family(manifest: Manifest, folder: Path, family: str, setting: str) -> None:
-    """A folder converted from another family (a refiner as the base, a base as the refiner) is refused by name."""
+def require_family(manifest: Manifest, folder: Path, family: str | tuple[str, ...], setting: str) -> str:
+    """A folder converted from another family (a refiner as the base, a base as the refiner) is refused by name;
+    returns the folder's family (one of ``family``)."""
     try:
         found = family_of_manifest(manifest).name
     except ValueError as error:
         raise ConfigurationError(f"{setting} {folder}: {error}") from None
-    if found != family:
+    families = (family,) if isinstance(family, str) else family
+    if found not in families:
+        wanted = " or ".join(families)
         raise ConfigurationError(
-            f"{setting} {folder} holds a converted {found} model, not {family}; point {setting} at a folder converted "
-            f"from an {family} checkpoint (python -m model_build convert CHECKPOINT.safetensors --output DIR)"
+            f"{setting} {folder} holds a converted {found} model, not {wanted}; point {setting} at a folder converted "
+            f"from an {wanted} checkpoint (python -m model_build convert CHECKPOINT.safetensors --output DIR)"
         )
+    return found
 
 
 def load_refiner(
