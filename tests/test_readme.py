@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.settings import SETTINGS_FIELDS, settings_table
+from core.settings import SETTINGS_FIELDS
+from core.settings_table import settings_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
@@ -16,7 +17,7 @@ def readme_settings_table() -> str:
 
 
 def test_readme_lists_every_setting_as_the_code_declares_it() -> None:
-    # Regenerate with: python -m core.settings --write README.md
+    # Regenerate with: python -m core.settings_table --write README.md
     assert readme_settings_table() == settings_table()
     for spec in SETTINGS_FIELDS:
         assert f"`{spec.metadata['env']}`" in readme_settings_table()

@@ -17,11 +17,9 @@ from worker.generation.acceleration import (
     SpeedupOptions,
     _FloatTimestepUNet,
     apply_speedups,
-    compile_cache_file,
-    compile_cache_key,
-    load_compile_cache,
     options_from_settings,
 )
+from worker.generation.compile_cache import compile_cache_file, compile_cache_key, load_compile_cache
 
 
 @pytest.fixture(scope="module")

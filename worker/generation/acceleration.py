@@ -42,11 +42,9 @@ are integers below 1000, and the UNet's time embedding casts them to float32 fir
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -54,13 +52,18 @@ from typing import Any
 
 import torch
 
+from worker.generation.compile_cache import (
+    compile_cache_file,
+    load_compile_cache,
+    save_compile_cache,
+)
+
 log = logging.getLogger(__name__)
 
 COMPILE_TARGETS = ("off", "unet", "regional")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 QUANTIZE_MODES = ("off", "fp8")
 VAE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-CACHE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -352,71 +355,3 @@ def _run_dummy_generation(pipe: Any, width: int, height: int, batch: int, steps:
 
 
 # -- the persistent compile cache ------------------------------------------------------------------------------
-
-
-def compile_cache_key(pipe: Any, options: SpeedupOptions) -> str:
-    """What the compiled code depends on: torch, the GPU, the architecture (not the weights), dtypes, options."""
-    device = pipe.unet.device
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    parts = {
-        "format": CACHE_FORMAT,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "gpu": gpu,
-        "unet": _config_digest(pipe.unet.config),
-        "vae": _config_digest(pipe.vae.config),
-        "unet_dtype": str(pipe.unet.dtype),
-        "vae_dtype": str(pipe.vae.dtype),
-        "options": {k: v for k, v in asdict(options).items() if k != "cache_dir"},
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def compile_cache_file(pipe: Any, options: SpeedupOptions) -> Path | None:
-    if options.cache_dir is None:
-        return None
-    return Path(options.cache_dir) / f"sdxl-compile-{compile_cache_key(pipe, options)}.bin"
-
-
-def load_compile_cache(path: Path) -> tuple[bool, float, int]:
-    """Load cache artifacts from ``path`` into torch's local caches: (hit, seconds, bytes). A bad file is a miss."""
-    started = time.perf_counter()
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return False, 0.0, 0
-    except OSError as error:
-        log.warning("compile cache %s unreadable (%s); compiling from scratch", path, error)
-        return False, 0.0, 0
-    try:
-        info = torch.compiler.load_cache_artifacts(data)
-    except Exception as error:  # a file from another torch build: compile afresh rather than fail start-up
-        log.warning("compile cache %s not loadable (%s: %s); compiling from scratch", path, type(error).__name__, error)
-        return False, time.perf_counter() - started, len(data)
-    return info is not None, time.perf_counter() - started, len(data)
-
-
-def save_compile_cache(path: Path) -> tuple[float, int]:
-    """Write this process's cache artifacts to ``path`` atomically (temporary file + rename): (seconds, bytes)."""
-    started = time.perf_counter()
-    artifacts = torch.compiler.save_cache_artifacts()
-    if artifacts is None:
-        return time.perf_counter() - started, 0
-    data = artifacts[0]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except OSError as error:  # a read-only or full volume costs the next start a compile, not this one its jobs
-        log.warning("compile cache not saved to %s: %s", path, error)
-        return time.perf_counter() - started, 0
-    return time.perf_counter() - started, len(data)
-
-
-def _config_digest(config: Any) -> str:
-    items = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]

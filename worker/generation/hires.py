@@ -175,7 +175,7 @@ class HiresPass:
                 "does not take them yet; send the job without enable_hr or without controlnets"
             )
         check_hires(request, self.stages.scheduler_config)
-        self.stages.check_sampling(hires_view(request), False)
+        self.stages.schedules.check_sampling(hires_view(request), False)
 
     def run(
         self,

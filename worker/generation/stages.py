@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -21,8 +20,8 @@ from core.settings import Settings
 from worker.adapters.controlnet.manager import ControlInputs
 from worker.generation.conditioning import Embeddings, Stage
 from worker.generation.inpainting import InpaintPlan, latent_start
-from worker.generation.schedulers import Schedule, build_schedule
 from worker.generation.seeds import refiner_seed
+from worker.generation.stage_schedules import StageSchedules, img2img_calls
 from worker.generation.vae_tiling import vae_tiling
 from worker.model.placement import Placement
 from worker.prompting.stepping import SAME_STEPS, CallCounter, StageSteps, pipeline_callback_kwargs
@@ -38,6 +37,46 @@ def _unet_context(control: ControlInputs | None) -> contextlib.AbstractContextMa
     return contextlib.nullcontext() if control is None else control.unet_context()
 
 
+def stage_callbacks(embeds: Embeddings, progress_callback: Any, stage: Stage) -> dict[str, Any]:
+    """A pipeline call's step callback: it counts the stage's model calls, reports progress and switches edited
+    prompts' conditioning at the schedule steps the stage's calls map to."""
+    images = [request.num_images for request in embeds.requests]
+    stage.counter = CallCounter(progress_callback)
+    return pipeline_callback_kwargs(
+        embeds.encoded, images, embeds.cfg, stage.counter, stage.steps, embeds.first_feature
+    )
+
+
+def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+def step_callback(progress: ProgressCallback | None, done_before: int, total: int, per_step: int = 1) -> Any:
+    """Reports steps, not model calls: diffusers calls back after every model call, and the second-order
+    schedulers make two per step (Heun's 4 steps are 7 calls)."""
+    if progress is None:
+        return None
+
+    def callback(pipe: Any, call: int, timestep: Any, tensors: dict) -> dict:
+        progress(min(total, done_before + call // per_step + 1), total)
+        return tensors
+
+    return callback
+
+
+def img2img_size(request: GenerationRequest, source_size: tuple[int, int]) -> tuple[int, int]:
+    """The output size: the request's, or the input image's rounded down to a multiple of 8."""
+    if request.size_given:
+        return request.width, request.height
+    width, height = (side - side % SIDE_MULTIPLE for side in source_size)
+    if min(width, height) < MIN_SIDE or max(width, height) > 2048:
+        raise InvalidRequest(
+            f"image_url: the image is {source_size[0]}x{source_size[1]}; without width/height the output "
+            f"follows it, which must be {MIN_SIDE}..2048 a side: give width and height to resize it"
+        )
+    return width, height
+
+
 class StageRunner:
     """Runs the stages of a job on loaded pipelines: the base, its img2img and inpainting twins on the same modules,
     the refiner."""
@@ -47,116 +86,8 @@ class StageRunner:
     ) -> None:
         self.pipe, self.img2img_pipe, self.inpaint_pipe, self.refiner = pipe, img2img, inpaint, refiner
         self.placement, self.settings = placement, settings
-        self.scheduler_config = dict(pipe.scheduler.config)
-        # The refiner's own config as loaded (each job replaces the pipeline's scheduler, so reading it back from
-        # the pipeline would carry one job's overrides, such as Karras sigmas, into the next).
-        self.refiner_scheduler_config = dict(refiner.scheduler.config) if refiner is not None else None
-
-    @staticmethod
-    def _callbacks(embeds: Embeddings, progress_callback: Any, stage: Stage) -> dict[str, Any]:
-        """A pipeline call's step callback: it counts the stage's model calls, reports progress and switches edited
-        prompts' conditioning at the schedule steps the stage's calls map to."""
-        images = [request.num_images for request in embeds.requests]
-        stage.counter = CallCounter(progress_callback)
-        return pipeline_callback_kwargs(
-            embeds.encoded, images, embeds.cfg, stage.counter, stage.steps, embeds.first_feature
-        )
-
-    def _refiner_schedule(self, request: GenerationRequest, seed: int) -> Schedule:
-        """A fresh refiner schedule from the refiner's own config as loaded (each job replaces the pipeline's, so
-        reading it back from the pipeline would carry one job's overrides, such as Karras sigmas, into the next).
-        A request's own timesteps or sigmas are for the base's steps (:meth:`check_sampling` refuses them here)."""
-        return self._schedule(request, self.refiner_scheduler_config, request.refiner_inference_steps, seed, False)
-
-    @staticmethod
-    def _schedule(
-        request: GenerationRequest, config: dict[str, Any], steps: int, seed: int | None, custom: bool = True
-    ) -> Schedule:
-        return build_schedule(
-            request.sampling,
-            config,
-            steps,
-            noise_seed=seed,
-            timesteps=request.timesteps if custom else None,
-            sigmas=request.sigmas if custom else None,
-            eta=request.eta,
-            field_name="sampler_name" if request.sampler_name is not None else "scheduler",
-        )
-
-    def check_sampling(self, request: GenerationRequest, refine: bool) -> None:
-        """Refuse, before any work, a sampler this model's config cannot run (v-prediction, zero terminal SNR) and
-        a custom list the refiner would have to run too."""
-        self._schedule(request, self.scheduler_config, request.num_inference_steps, None)
-        if refine:
-            if request.timesteps is not None or request.sigmas is not None:
-                name = "timesteps" if request.timesteps is not None else "sigmas"
-                raise InvalidRequest(
-                    f"{name}: a custom list is for the base model's num_inference_steps, but this job runs the "
-                    "refiner too; send refiner: false, or a schedule type instead of the list"
-                )
-            self._refiner_schedule(request, 0)
-
-    @staticmethod
-    def _img2img_calls(
-        pipeline_class: Any, schedule: Schedule, steps: int, strength: float, denoising_start: float | None
-    ) -> tuple[int, int]:
-        """(model calls of the full ``steps``-step schedule, calls an img2img-pipeline call leaves out before its
-        first one for ``strength`` or ``denoising_start``), by diffusers' own ``get_timesteps`` on a copy of the
-        schedule's scheduler: known before the call, so the refiner's first call gets its conditioning as an
-        argument."""
-        probe = schedule.probe()
-        holder = SimpleNamespace(scheduler=probe)
-        timesteps, _ = pipeline_class.get_timesteps(holder, steps, strength, "cpu", denoising_start=denoising_start)
-        return len(probe.timesteps), len(probe.timesteps) - len(timesteps)
-
-    def check_ensemble_split(self, request: GenerationRequest) -> None:
-        """Refuse a ``high_noise_frac`` that leaves the base or the refiner no model call (issue 24: 0.999999 ran no
-        refiner step and reported it used)."""
-        frac = request.high_noise_frac
-        base = self._schedule(request, self.scheduler_config, request.num_inference_steps, None).probe()
-        # diffusers' StableDiffusionXLPipeline (8.1, denoising_end): the base runs the timesteps at or above this.
-        train = base.config.num_train_timesteps
-        base_calls = int((base.timesteps >= round(train - frac * train)).sum())
-        steps = request.refiner_inference_steps
-        schedule = self._refiner_schedule(request, 0)
-        total, skipped = self._img2img_calls(type(self.refiner), schedule, steps, request.strength, frac)
-        refiner_calls = total - skipped
-        if base_calls < 1:
-            raise InvalidRequest(
-                f"high_noise_frac: {frac:g} with num_inference_steps {request.num_inference_steps} leaves the base "
-                "model no denoising step (it would hand pure noise to the refiner); raise high_noise_frac or "
-                "num_inference_steps"
-            )
-        if refiner_calls < 1:
-            raise InvalidRequest(
-                f"high_noise_frac: {frac:g} with refiner_inference_steps {steps} leaves the refiner no denoising "
-                "step; lower high_noise_frac, raise refiner_inference_steps, or leave high_noise_frac out to "
-                "refine the finished image at strength"
-            )
-
-    def _base_schedule(self, request: GenerationRequest, seeds: list[int]) -> Schedule:
-        return self._schedule(request, self.scheduler_config, request.num_inference_steps, seeds[0])
-
-    @staticmethod
-    def _generators(seeds: list[int]) -> list[torch.Generator]:
-        return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-
-    @staticmethod
-    def _step_callback(progress: ProgressCallback | None, done_before: int, total: int, per_step: int = 1) -> Any:
-        """Reports steps, not model calls: diffusers calls back after every model call, and the second-order
-        schedulers make two per step (Heun's 4 steps are 7 calls)."""
-        if progress is None:
-            return None
-
-        def callback(pipe: Any, call: int, timestep: Any, tensors: dict) -> dict:
-            progress(min(total, done_before + call // per_step + 1), total)
-            return tensors
-
-        return callback
-
-    @staticmethod
-    def _per_step(request: GenerationRequest) -> int:
-        return calls_per_step(request.sampling.sampler)
+        self.schedules = StageSchedules(dict(pipe.scheduler.config), refiner)
+        self.scheduler_config = self.schedules.base_config
 
     def _total_steps(self, request: GenerationRequest, refine: bool) -> int:
         base = request.num_inference_steps
@@ -176,7 +107,7 @@ class StageRunner:
     ) -> torch.Tensor:
         """The base's text-to-image call; with ``control``, diffusers' ControlNet pipeline over the same modules."""
         pipe = self.placement.use(self.pipe if control is None else control.pipeline(self.pipe, img2img=False))
-        schedule = self._base_schedule(request, seeds)
+        schedule = self.schedules.base(request, request.num_inference_steps, seeds[0])
         pipe.scheduler = schedule.scheduler
         stage.spacing = schedule.spacing
         arguments = {
@@ -188,7 +119,7 @@ class StageRunner:
             "denoising_end": request.high_noise_frac if refine else None,
             "guidance_scale": request.guidance_scale,
             "guidance_rescale": request.guidance_rescale,
-            "generator": self._generators(seeds),
+            "generator": seeded_generators(seeds),
             "output_type": "latent",
         }
         if control is not None:
@@ -197,9 +128,11 @@ class StageRunner:
         with _unet_context(control):
             return pipe(
                 **arguments,
-                **self._callbacks(
+                **stage_callbacks(
                     embeds,
-                    self._step_callback(progress, 0, self._total_steps(request, refine), self._per_step(request)),
+                    step_callback(
+                        progress, 0, self._total_steps(request, refine), calls_per_step(request.sampling.sampler)
+                    ),
                     stage,
                 ),
             ).images
@@ -221,10 +154,10 @@ class StageRunner:
         the prompt-editing schedule where its own schedule stands (:mod:`worker.prompting.stepping`).
         """
         refiner = self.placement.use(self.refiner)
-        schedule = self._refiner_schedule(request, seeds[0])
+        schedule = self.schedules.refiner(request, seeds[0])
         refiner.scheduler = schedule.scheduler
         steps = request.refiner_inference_steps
-        _, skipped = self._img2img_calls(type(refiner), schedule, steps, request.strength, request.high_noise_frac)
+        _, skipped = img2img_calls(type(refiner), schedule, steps, request.strength, request.high_noise_frac)
         sampler = request.sampling.sampler
         mapping = StageSteps(skipped, prompt_schedule_steps, schedule_steps(sampler, steps))
         stage = Stage("refiner", steps, sampler, mapping, spacing=schedule.spacing)
@@ -237,15 +170,15 @@ class StageRunner:
             strength=request.strength,
             guidance_scale=request.guidance_scale,
             guidance_rescale=request.guidance_rescale,
-            generator=self._generators([refiner_seed(seed) for seed in seeds]),
+            generator=seeded_generators([refiner_seed(seed) for seed in seeds]),
             output_type="latent",
-            **self._callbacks(
+            **stage_callbacks(
                 embeds,
-                self._step_callback(
+                step_callback(
                     progress,
                     request.num_inference_steps,
                     self._total_steps(request, True),
-                    self._per_step(request),
+                    calls_per_step(request.sampling.sampler),
                 ),
                 stage,
             ),
@@ -264,7 +197,7 @@ class StageRunner:
         """img2img on the base's own modules (with ``control``, diffusers' ControlNet img2img pipeline over them), or
         through the refiner (``embeds`` are then the refiner's; the schema refuses ControlNets there)."""
         source = load_input_image(request.image_url or "", self.settings)
-        size = self._img2img_size(request, source.size)
+        size = img2img_size(request, source.size)
         image = source if source.size == size else source.resize(size, Image.Resampling.LANCZOS)
         steps = request.refiner_inference_steps if refine else request.num_inference_steps
         # A1111's img2img: the schedule spans the requested steps and its counter starts at the first call that runs.
@@ -310,9 +243,9 @@ class StageRunner:
         steps = stage.num_inference_steps
         # A fresh scheduler from the model's own config (the pipeline's current one is the previous job's).
         if refine:
-            schedule = self._refiner_schedule(request, seeds[0])
+            schedule = self.schedules.refiner(request, seeds[0])
         else:
-            schedule = self._schedule(request, self.scheduler_config, steps, seeds[0])
+            schedule = self.schedules.base(request, steps, seeds[0])
         pipe.scheduler = schedule.scheduler
         stage.spacing = schedule.spacing
         arguments = {
@@ -323,7 +256,7 @@ class StageRunner:
             "num_inference_steps": steps,
             "guidance_scale": request.guidance_scale,
             "guidance_rescale": request.guidance_rescale,
-            "generator": self._generators(seeds),
+            "generator": seeded_generators(seeds),
             "output_type": "latent",
         }
         if size_conditioning is not None:
@@ -336,9 +269,9 @@ class StageRunner:
         with _unet_context(control), vae_tiling(pipe.vae, width, height, self.settings.vae_tile_pixels) as tiled:
             latents = pipe(
                 **arguments,
-                **self._callbacks(
+                **stage_callbacks(
                     embeds,
-                    self._step_callback(progress, 0, max(1, int(steps * strength)), self._per_step(request)),
+                    step_callback(progress, 0, max(1, int(steps * strength)), calls_per_step(request.sampling.sampler)),
                     stage,
                 ),
             ).images
@@ -355,12 +288,12 @@ class StageRunner:
         """Masked img2img on the base's own modules (a 9-channel inpainting UNet reads the mask and the masked image
         too); the latents of ``plan``'s generation size, before :meth:`InpaintPlan.composite` pastes them back."""
         pipe = self.placement.use(self.inpaint_pipe)
-        schedule = self._base_schedule(request, seeds)  # fresh, from the model's own config
-        pipe.scheduler = schedule.scheduler
         steps = request.num_inference_steps
+        schedule = self.schedules.base(request, steps, seeds[0])  # fresh, from the model's own config
+        pipe.scheduler = schedule.scheduler
         # Counted as A1111's img2img: the schedule spans the requested steps, from the first call that runs.
         stage = Stage("base", steps, request.sampling.sampler, SAME_STEPS, schedule.spacing)
-        generators = self._generators(seeds)
+        generators = seeded_generators(seeds)
         width, height = plan.size
         with vae_tiling(pipe.vae, width, height, self.settings.vae_tile_pixels) as tiled:  # the encodes, large
             start = latent_start(pipe, plan, request.inpainting_fill, seeds, generators)
@@ -377,9 +310,11 @@ class StageRunner:
                 guidance_rescale=request.guidance_rescale,
                 generator=generators,
                 output_type="latent",
-                **self._callbacks(
+                **stage_callbacks(
                     embeds,
-                    self._step_callback(progress, 0, max(1, int(steps * request.strength)), self._per_step(request)),
+                    step_callback(
+                        progress, 0, max(1, int(steps * request.strength)), calls_per_step(request.sampling.sampler)
+                    ),
                     stage,
                 ),
             ).images
@@ -394,16 +329,3 @@ class StageRunner:
             "vae_tiling": {"encode": tiled},
         }
         return latents, info, [stage]
-
-    @staticmethod
-    def _img2img_size(request: GenerationRequest, source_size: tuple[int, int]) -> tuple[int, int]:
-        """The output size: the request's, or the input image's rounded down to a multiple of 8."""
-        if request.size_given:
-            return request.width, request.height
-        width, height = (side - side % SIDE_MULTIPLE for side in source_size)
-        if min(width, height) < MIN_SIDE or max(width, height) > 2048:
-            raise InvalidRequest(
-                f"image_url: the image is {source_size[0]}x{source_size[1]}; without width/height the output "
-                f"follows it, which must be {MIN_SIDE}..2048 a side: give width and height to resize it"
-            )
-        return width, height

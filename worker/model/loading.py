@@ -9,8 +9,7 @@ from typing import Any
 
 from core.errors import ConfigurationError
 from model_build.architectures import family_of_manifest
-from model_build.layout import REFINER_FAMILY
-from model_build.manifest import Manifest, manifest_hash, verify
+from model_build.manifest import Manifest, manifest_hash
 
 
 def require_family(manifest: Manifest, folder: Path, family: str | tuple[str, ...], setting: str) -> str:
@@ -30,19 +29,32 @@ def require_family(manifest: Manifest, folder: Path, family: str | tuple[str, ..
     return found
 
 
-def load_refiner(
-    refiner_dir: Path, base: Any, base_manifest: Manifest, dtype: Any, pipeline_class: Any
-) -> tuple[Any, dict[str, Any]]:
-    """The refiner pipeline, sharing the base's VAE and second text encoder when their files are identical."""
-    manifest = verify(refiner_dir)
-    require_family(manifest, refiner_dir, REFINER_FAMILY, "REFINER_DIR")
-    shared: dict[str, Any] = {}
+def shared_with_base(refiner_manifest: Manifest, base_manifest: Manifest) -> list[str]:
+    """The components (VAE, second text encoder) whose weight files the refiner and the base share byte for byte:
+    the refiner takes the base's loaded modules instead of a second copy."""
+    shared = []
     for component in ("vae", "text_encoder_2"):
         weights = f"{component}/{'diffusion_pytorch_model' if component == 'vae' else 'model'}.safetensors"
-        if manifest.file_sha256(weights) and manifest.file_sha256(weights) == base_manifest.file_sha256(weights):
-            shared[component] = getattr(base, component)
+        digest = refiner_manifest.file_sha256(weights)
+        if digest and digest == base_manifest.file_sha256(weights):
+            shared.append(component)
+    return shared
+
+
+def load_refiner(
+    refiner_dir: Path,
+    manifest: Manifest,
+    base: Any,
+    shares: list[str],
+    dtype: Any,
+    pipeline_class: Any,
+    load_options: dict[str, Any] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """The refiner pipeline from its verified folder (of the refiner family), with the base's modules for the
+    components in ``shares``."""
+    shared = {component: getattr(base, component) for component in shares}
     refiner = pipeline_class.from_pretrained(
-        refiner_dir, dtype=dtype, local_files_only=True, use_safetensors=True, **shared
+        refiner_dir, dtype=dtype, local_files_only=True, use_safetensors=True, **shared, **(load_options or {})
     )
     refiner.set_progress_bar_config(disable=True)
     info = {"name": refiner_dir.name, "manifest_hash": manifest_hash(refiner_dir), "shares_with_base": sorted(shared)}

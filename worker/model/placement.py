@@ -8,10 +8,14 @@ The decision is a pure function of the figures, so it is tested with made-up fre
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigurationError
+from core.safetensors_files import read_header
 from core.settings import OFFLOAD_MODES
 
 GIB = 1 << 30
@@ -24,6 +28,12 @@ class DevicePlan:
     device: str  # "cuda" or "cpu"
     offload: str  # "none", "model" or "sequential"
     reason: str
+
+    @property
+    def loads_on_device(self) -> bool:
+        """Whether weights can be read straight into GPU memory (``from_pretrained(device_map=...)``): they stay
+        there, so no copy in CPU memory and no second copy pass (a faster cold start)."""
+        return self.device == "cuda" and self.offload == "none"
 
 
 def plan_device(
@@ -62,44 +72,58 @@ def plan_device(
     )
 
 
-def component_bytes(pipe: Any, refiner: Any | None) -> dict[str, int]:
-    """Parameter bytes per component of the base and the refiner (a module they share counted once)."""
+def folder_component_bytes(folder: Path, components: Sequence[str], itemsize: int) -> dict[str, int]:
+    """Bytes each component's floating-point weights take once loaded at ``itemsize`` bytes a value, read from the
+    folder's safetensors headers (two small reads a file): the plan is known before a weight is read, so weights
+    that will live on the GPU can be loaded straight into it."""
+    sizes: dict[str, int] = {}
+    for component in components:
+        headers = [read_header(path) for path in sorted((folder / component).glob("*.safetensors"))]
+        values = sum(
+            math.prod(entry.shape) for header in headers for entry in header.tensors.values() if entry.is_float
+        )
+        if values:
+            sizes[component] = values * itemsize
+    return sizes
+
+
+def model_component_bytes(
+    model_dir: Path, refiner_dir: Path | None, refiner_shares: Sequence[str], itemsize: int
+) -> dict[str, int]:
+    """Bytes per component of the base and the refiner, a component the refiner shares with the base counted once."""
     from model_build.architectures import COMPONENTS, REFINER_COMPONENTS
 
-    modules: dict[str, Any] = {name: getattr(pipe, name) for name in COMPONENTS}
-    if refiner is not None:
-        for name in REFINER_COMPONENTS:
-            module = getattr(refiner, name)
-            if all(module is not other for other in modules.values()):
-                modules[f"refiner.{name}"] = module
-    return {name: sum(p.numel() * p.element_size() for p in module.parameters()) for name, module in modules.items()}
+    sizes = folder_component_bytes(model_dir, COMPONENTS, itemsize)
+    if refiner_dir is not None:
+        own = [name for name in REFINER_COMPONENTS if name not in refiner_shares]
+        sizes.update(
+            {f"refiner.{name}": size for name, size in folder_component_bytes(refiner_dir, own, itemsize).items()}
+        )
+    return sizes
 
 
 class Placement:
-    """Puts the pipelines where :func:`plan_device` says, and hands the model-offload hooks to the pipeline that runs.
+    """Puts the pipelines where the plan says, and hands the model-offload hooks to the pipeline that runs.
 
     With model offload, accelerate's hooks follow one pipeline's component order, and the base, its img2img twin and
-    the refiner share modules: :meth:`use` moves the hooks to a pipeline before it runs.
+    the refiner share modules: :meth:`use` moves the hooks to a pipeline before it runs. Pipelines loaded with
+    ``device_map`` set to the plan's device (:attr:`DevicePlan.loads_on_device`) are already in place.
     """
 
-    def __init__(
-        self, pipe: Any, refiner: Any | None, offload: str, cuda: bool, reserved: dict[str, int] | None = None
-    ) -> None:
+    def __init__(self, plan: DevicePlan, pipe: Any, refiner: Any | None) -> None:
         import torch
 
-        free = torch.cuda.mem_get_info()[0] if cuda else None
-        # ``reserved``: modules loaded later (ControlNets) that share the GPU with the pipeline, planned for now.
-        self.plan = plan_device(offload, cuda, free, {**component_bytes(pipe, refiner), **(reserved or {})})
+        self.plan = plan
         vae = pipe.vae
         if pipe.unet.dtype == torch.float16 and vae.config.get("force_upcast", False):
             # The stock SDXL VAE overflows in fp16 (NaN/black images); keep it in fp32 for good
             # instead of casting back and forth on every job as the stock pipeline does.
             vae.to(torch.float32)
         pipes = [pipe] + ([refiner] if refiner is not None else [])
-        if self.plan.offload == "none":
+        if plan.offload == "none":
             for each in pipes:
-                each.to(self.plan.device)
-        elif self.plan.offload == "model":
+                each.to(plan.device)  # a no-op for weights loaded on the device
+        elif plan.offload == "model":
             pipe.enable_model_cpu_offload()  # the other pipelines take the hooks when they run (use)
         else:
             for each in pipes:

@@ -1,0 +1,72 @@
+"""The worker's prompt encoders: the base's, and the refiner's when its bigG text encoder differs from the base's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from core.settings import Settings
+from worker.generation.conditioning import Embeddings
+from worker.generation.routing import prompt_schedule_steps
+from worker.prompting.encoded import EncodedPrompts
+from worker.prompting.encoding import PromptEncoder
+from worker.request.schema import GenerationRequest
+
+
+def prompt_encoder(pipe: Any, settings: Settings) -> PromptEncoder:
+    return PromptEncoder(
+        pipe,
+        cuda_graphs=settings.prompt_encoder_cuda_graphs,
+        cache_bytes=int(settings.prompt_cache_mb * 1024 * 1024),
+        weighting=settings.prompt_weighting,
+    )
+
+
+@dataclass
+class PromptEncoders:
+    """A request's prompts encoded for the base and, for the refiner, with the refiner's own bigG encoder."""
+
+    base: PromptEncoder
+    refiner: PromptEncoder | None  # None: the refiner shares the base's bigG encoder, so the base's embeddings serve
+    refiner_loaded: bool
+    clip_l_width: int  # where the refiner's part of a concatenated embedding starts
+
+    def encode(self, request: GenerationRequest, encoder: PromptEncoder | None = None) -> EncodedPrompts:
+        return (encoder or self.base).encode(
+            request.prompt,
+            prompt_2=request.prompt_2,
+            negative_prompt=request.negative_prompt,
+            negative_prompt_2=request.negative_prompt_2,
+            clip_skip=request.clip_skip,
+            do_classifier_free_guidance=request.guidance_scale > 1.0,
+            # A1111 prompt editing ([a:b:when], [a|b]) counts these
+            steps=prompt_schedule_steps(request, self.refiner_loaded),
+        )
+
+    def refiner_embeddings(self, embeds: Embeddings) -> Embeddings:
+        """The refiner's conditioning for the requests of ``embeds`` (the whole call), with their full schedules."""
+        if self.refiner is None:
+            encoded = embeds.encoded  # the refiner shares the base's bigG encoder: its part of the same embeddings
+        else:
+            encoded = [self.encode(request, self.refiner) for request in embeds.requests]
+        return Embeddings(encoded, embeds.requests, embeds.cfg, self.clip_l_width)
+
+    def clear_caches(self) -> None:
+        for encoder in (self.base, self.refiner):
+            if encoder is not None:
+                encoder.clear_cache()
+
+
+def build_prompt_encoders(pipe: Any, refiner: Any | None, settings: Settings) -> PromptEncoders:
+    """The refiner's encoder runs the same chunking and weighting over the base's CLIP-L and the refiner's bigG, so
+    its bigG part is the refiner's own conditioning for long and weighted prompts."""
+    from diffusers import StableDiffusionXLPipeline
+
+    base = prompt_encoder(pipe, settings)
+    loaded, width = refiner is not None, pipe.text_encoder.config.hidden_size
+    if refiner is None or refiner.text_encoder_2 is pipe.text_encoder_2:
+        return PromptEncoders(base, None, loaded, width)
+    components = {**pipe.components, "text_encoder_2": refiner.text_encoder_2}
+    if getattr(refiner, "tokenizer_2", None) is not None:
+        components["tokenizer_2"] = refiner.tokenizer_2
+    return PromptEncoders(base, prompt_encoder(StableDiffusionXLPipeline(**components), settings), loaded, width)
