@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the worker (repeatable)")
     parser.add_argument("--timeout", type=float, default=240)
     parser.add_argument("--keep-page-cache", action="store_true", help="do not drop it (a shared machine)")
+    parser.add_argument("--warm-rounds", type=int, default=0, help="then starts with the page cache kept (warm)")
     parser.add_argument("--size", type=int, default=1024, help="the job's width and height")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, help="also append the lines to this file")
@@ -168,6 +169,10 @@ def main(argv: list[str] | None = None) -> None:
         for name, root in order:
             record = start_once(root, model_dir, extra, False, args.timeout, drop, the_job)
             emit(bench="cold_start", variant=name, round=round_index, **record)
+    for round_index in range(args.warm_rounds):  # the floor: every file already in memory (a restarted worker)
+        for name, root in roots.items():
+            record = start_once(root, model_dir, extra, False, args.timeout, False, the_job)
+            emit(bench="cold_start_warm_cache", variant=name, round=round_index, **record)
     if args.importtime:
         record = start_once(ROOT, model_dir, extra, True, args.timeout, drop, the_job)
         emit(bench="cold_start_importtime", variant="after", **record)
