@@ -176,6 +176,18 @@ class Settings:
         _optional_sha256,
         "sha256 of CHECKPOINT (required for a URL), checked before converting",
     )
+    checkpoint_prediction_type: str = _setting(
+        "CHECKPOINT_PREDICTION_TYPE",
+        "",
+        _choice("", "epsilon", "v_prediction"),
+        "convert CHECKPOINT as this (a v-pred file without v_pred marker); empty: its markers decide",
+    )
+    checkpoint_zero_terminal_snr: str = _setting(
+        "CHECKPOINT_ZERO_TERMINAL_SNR",
+        "",
+        _choice("", "1", "0"),
+        "1: CHECKPOINT was trained at zero terminal SNR (v-prediction only); empty: its ztsnr marker decides",
+    )
     refiner_dir: Path | None = _setting(
         "REFINER_DIR",
         "",

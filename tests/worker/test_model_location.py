@@ -7,6 +7,7 @@ HTTP by a real server on the loopback interface (the converter allows plain http
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -123,6 +124,15 @@ def test_a_checkpoint_names_its_folder_on_the_volume(volume: Path) -> None:
         ({"CHECKPOINT": "https://x.org/m.safetensors?token=SECRET"}, r"without CHECKPOINT_SHA256.*sha256sum"),
         ({"CHECKPOINT_SHA256": "0" * 64}, r"CHECKPOINT is not"),
         ({"CHECKPOINT": "/runpod-volume/a.safetensors", "CHECKPOINT_PATH": "/b.safetensors"}, r"different"),
+        ({"CHECKPOINT_PREDICTION_TYPE": "v_prediction"}, r"CHECKPOINT, which is not set"),
+        (
+            {
+                "CHECKPOINT": "/v/a.safetensors",
+                "CHECKPOINT_PREDICTION_TYPE": "epsilon",
+                "CHECKPOINT_ZERO_TERMINAL_SNR": "1",
+            },
+            r"needs a v-prediction model.*CHECKPOINT_PREDICTION_TYPE=v_prediction",
+        ),
     ],
 )
 def test_settings_that_cannot_work_are_configuration_errors(env: dict, message: str, volume: Path) -> None:
@@ -167,6 +177,42 @@ def test_checkpoint_on_the_volume_is_converted_on_first_start_once(dev_checkpoin
     before = (model_dir / "manifest.json").stat().st_mtime_ns
     assert prepare_model_dir(env, tmp_path / "no-volume") == model_dir  # the second start finds it done
     assert (model_dir / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_checkpoint_prediction_settings_convert_it_as_v_prediction_and_a_change_converts_again(
+    dev_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A v-prediction checkpoint without marker keys, served by CHECKPOINT: the settings are the converter's
+    --prediction-type / --zero-terminal-snr, recorded in the manifest and the scheduler config."""
+    model_dir = tmp_path / "models" / "dev"
+    vpred = settings(
+        CHECKPOINT_PATH=str(dev_checkpoint),
+        MODEL_DIR=str(model_dir),
+        CHECKPOINT_PREDICTION_TYPE="v_prediction",
+        CHECKPOINT_ZERO_TERMINAL_SNR="1",
+    )
+    prepare_model_dir(vpred, tmp_path / "no-volume")
+    scheduler = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
+    prediction = read_manifest(model_dir).effective_prediction
+    assert (prediction.prediction_type, prediction.zero_terminal_snr, prediction.decided_by) == (
+        "v_prediction",
+        True,
+        "option",
+    )
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"] is True
+    before = (model_dir / "manifest.json").stat().st_mtime_ns
+    prepare_model_dir(vpred, tmp_path / "no-volume")  # the same settings: nothing to do
+    assert (model_dir / "manifest.json").stat().st_mtime_ns == before
+    # Unset, what the folder records stands (the file carries no markers; nothing says epsilon now).
+    prepare_model_dir(settings(CHECKPOINT_PATH=str(dev_checkpoint), MODEL_DIR=str(model_dir)), tmp_path / "v")
+    assert (model_dir / "manifest.json").stat().st_mtime_ns == before
+    epsilon = settings(
+        CHECKPOINT_PATH=str(dev_checkpoint), MODEL_DIR=str(model_dir), CHECKPOINT_PREDICTION_TYPE="epsilon"
+    )
+    prepare_model_dir(epsilon, tmp_path / "no-volume")  # asked otherwise: converted again
+    assert read_manifest(model_dir).effective_prediction.prediction_type == "epsilon"
+    scheduler = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler.get("prediction_type", "epsilon") == "epsilon"
 
 
 def test_a_missing_volume_checkpoint_is_named(volume: Path) -> None:

@@ -55,6 +55,8 @@ class ModelPlan:
     sha256: str | None = None
     cache_dir: Path | None = None  # download cache for a remote source
     keep_download: bool = True  # False: delete the download after converting (no volume to keep it on)
+    prediction_type: str | None = None  # the converter's --prediction-type / --zero-terminal-snr (None: markers)
+    zero_terminal_snr: bool | None = None
 
 
 def source_model_name(source: str) -> str:
@@ -84,6 +86,23 @@ def _checkpoint_source(settings: Settings) -> str | None:
     return source or path
 
 
+def _prediction_options(settings: Settings, source: str | None) -> tuple[str | None, bool | None]:
+    """CHECKPOINT_PREDICTION_TYPE / CHECKPOINT_ZERO_TERMINAL_SNR, for the conversion of CHECKPOINT only."""
+    prediction_type = settings.checkpoint_prediction_type or None
+    ztsnr = {"1": True, "0": False}.get(settings.checkpoint_zero_terminal_snr)
+    if (prediction_type or ztsnr is not None) and not source:
+        raise ConfigurationError(
+            "CHECKPOINT_PREDICTION_TYPE / CHECKPOINT_ZERO_TERMINAL_SNR say how to convert CHECKPOINT, which is not "
+            "set; a converted folder already records its prediction (model_build convert --prediction-type)"
+        )
+    if ztsnr and prediction_type == "epsilon":
+        raise ConfigurationError(
+            "CHECKPOINT_ZERO_TERMINAL_SNR=1 needs a v-prediction model, but CHECKPOINT_PREDICTION_TYPE=epsilon; "
+            "set CHECKPOINT_PREDICTION_TYPE=v_prediction or leave CHECKPOINT_ZERO_TERMINAL_SNR empty"
+        )
+    return prediction_type, ztsnr
+
+
 def plan_model(settings: Settings, volume: Path = VOLUME, baked: Path = BAKED_MODELS) -> ModelPlan:
     """Decide the model folder from the settings, without touching the network or converting anything."""
     source = _checkpoint_source(settings)
@@ -101,11 +120,13 @@ def plan_model(settings: Settings, volume: Path = VOLUME, baked: Path = BAKED_MO
     # Without a volume a download lands on the container's disk, used once and then deleted.
     cache_dir = settings.model_build_cache or (volume / "cache" / "model_build" if on_volume else TEMP_DOWNLOADS)
     keep_download = on_volume or settings.model_build_cache is not None
+    prediction = _prediction_options(settings, source)
     if settings.model_dir is not None:
-        return ModelPlan(settings.model_dir, source, sha256, cache_dir if source else None, keep_download)
+        return ModelPlan(settings.model_dir, source, sha256, cache_dir if source else None, keep_download, *prediction)
     if source:
         # No volume: the container's own disk (slow: every new worker downloads and converts again; logged).
-        return ModelPlan((volume_models if on_volume else baked) / name, source, sha256, cache_dir, keep_download)
+        folder = (volume_models if on_volume else baked) / name
+        return ModelPlan(folder, source, sha256, cache_dir, keep_download, *prediction)
     if (volume_models / name).exists():
         return ModelPlan(volume_models / name)
     return ModelPlan(baked / name)
@@ -154,7 +175,9 @@ def converted_from(plan: ModelPlan) -> bool:
     any) match; a local file when its size and modification time match, as make and rsync decide, so
     a restarted worker reads neither the network nor 7 GB off the volume.
     """
+    from model_build.errors import ConversionError
     from model_build.manifest import CONVERTER_VERSION, MANIFEST_NAME, ModelFolderError, verify
+    from model_build.prediction import matches
     from model_build.source import display_url
 
     if plan.source is None or not (plan.model_dir / MANIFEST_NAME).is_file():
@@ -177,12 +200,18 @@ def converted_from(plan: ModelPlan) -> bool:
             return False
         same_file = (recorded.size, recorded.mtime_ns) == (stat.st_size, stat.st_mtime_ns)
     pin = plan.sha256  # normalized when the settings were read
+    try:
+        # a changed CHECKPOINT_PREDICTION_TYPE converts again; unset, what the markers decided stands
+        same_prediction = matches(manifest.effective_prediction, plan.prediction_type, plan.zero_terminal_snr)
+    except ConversionError:
+        return False  # options this checkpoint cannot take: the conversion says why
     return (
         same_file
         and (pin is None or recorded.sha256 == pin)
         and manifest.converter_version == CONVERTER_VERSION
         and manifest.dtype == "fp16"
         and manifest.vae is None
+        and same_prediction
     )
 
 
@@ -231,6 +260,8 @@ def _fetch_and_convert(plan: ModelPlan) -> None:
             source_sha256=fetched.sha256,
             lock_timeout=None,  # this process holds the model lock: nobody else converts into this folder
             replace_outdated=True,
+            prediction_type=plan.prediction_type,
+            zero_terminal_snr=plan.zero_terminal_snr,
         )
     except ConversionError as error:
         if _no_space(error):
