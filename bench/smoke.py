@@ -353,7 +353,8 @@ def main() -> None:
 
     for check, fields in (
         ("hires", {"hr_scale": 1.5, "hr_upscaler": "Latent"}),
-        ("hires_tiled", {"hr_scale": 2.0, "hr_upscaler": "Lanczos"}),
+        # JPEG: a 2048² PNG of noise is over the 10 MB payload limit (the worker says so, correctly)
+        ("hires_tiled", {"hr_scale": 2.0, "hr_upscaler": "Lanczos", "output_format": "jpeg"}),
     ):
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -374,6 +375,16 @@ def main() -> None:
             timings=metadata.get("timings"),
             peak_gpu_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
         )
+
+    # Every mode above shares the base's modules: a plain job after them all must still give the first job's bytes
+    # (the VAE left in fp16 by diffusers' img2img encode broke this on the GPU; worker.generation.vae_tiling).
+    after_modes, _ = run_job(worker, "after-modes", **base, seed=7)
+    report(
+        "plain_after_modes",
+        "error" not in after_modes and "error" not in first and after_modes["images"][0] == first["images"][0],
+        error=after_modes.get("error"),
+        vae_dtype=str(worker.engine.pipe.vae.dtype),
+    )
 
     if device != "cuda":
         report("out_of_memory", True, skipped="no CUDA device: the memory cap needs one")

@@ -8,7 +8,11 @@ than one tile, so images up to 1024 a side are never tiled whatever the setting.
 much), which is why it is a threshold and not always on.
 
 ``use_tiling`` is state on the shared VAE module: :func:`vae_tiling` sets it for one call and restores it, so one
-job's tiling never reaches the next job.
+job's tiling never reaches the next job. So is the VAE's dtype: diffusers' img2img and inpainting pipelines (0.42.1,
+``prepare_latents`` / ``_encode_vae_image``) upcast a ``force_upcast`` VAE to fp32 to encode and then cast it to the
+latents' dtype, fp16 on the GPU, for good; every later decode would then run in fp16, where the stock SDXL VAE
+overflows (NaN, black images; on the H200 smoke run of 2026-12-03 a plain job after an inpainting job no longer
+matched its earlier bytes). The block restores the dtype the engine chose.
 """
 
 from __future__ import annotations
@@ -34,11 +38,14 @@ def tiles(vae: Any, width: int, height: int, threshold_pixels: int) -> bool:
 
 @contextlib.contextmanager
 def vae_tiling(vae: Any, width: int, height: int, threshold_pixels: int) -> Iterator[bool]:
-    """Tile ``vae``'s decodes and encodes inside the block when an image of this size should be; yields whether."""
+    """Tile ``vae``'s decodes and encodes inside the block when an image of this size should be; yields whether.
+    Its tiling and dtype are what they were before the block once it ends."""
     tiled = tiles(vae, width, height, threshold_pixels)
-    before = vae.use_tiling
+    before, dtype = vae.use_tiling, vae.dtype
     vae.use_tiling = tiled
     try:
         yield tiled
     finally:
         vae.use_tiling = before
+        if vae.dtype != dtype:
+            vae.to(dtype=dtype)
