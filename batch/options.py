@@ -54,9 +54,12 @@ class RunOptions:
             raise ConfigurationError(f"--min-free-mb {self.min_free_mb:g}: must be 0 or more")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LocalEngineOptions:
-    """Run the lines on a model loaded here. ``engine``: one already loaded (tests, benchmarks) instead of loading."""
+    """Run the lines on a model loaded here. ``engine``: one already loaded (tests, benchmarks) instead of loading.
+
+    Keyword-only: ``LocalEngineOptions(3, engine=e)`` once passed the 3 as ``model_dir``, silently at batch size 1.
+    """
 
     model_dir: Path | None = None  # None: MODEL_DIR, or the worker's volume/baked default
     refiner_dir: Path | None = None  # None: REFINER_DIR / REFINER_NAME, as the worker; without one, no refiner

@@ -5,6 +5,13 @@ Each job is split into single-image units (image k of a request is the same requ
 with equal keys (the engine's ``group_key``: size, steps, scheduler, guidance, LoRA set, prompt
 chunk count) are collected and emitted as calls of ``batch_size`` units.
 
+Order. A shard's lines are taken group by group (:func:`order_jobs`, on the part of the key the
+request alone gives: no prompt is encoded to order them), each group in line order, oldest group
+first; when the next group starts, the earlier one's last partial call is emitted
+(:meth:`Planner.start_group`). So each key has at most one partial call per pass, whatever the mix
+of lines. Taken in line order instead, a file of many keys kept pushing partial calls out of the
+waiting window, each padded to ``batch_size`` (``bench/batch_padding.py`` measures both).
+
 Determinism. The engine gives every image its own CPU generator, so the noise of an image does
 not depend on its batch mates; the arithmetic may. On CPU, the Linear layers whose GEMM M
 dimension is the batch (time/text-time embeddings, every ResNet's ``time_emb_proj``) and Conv2d at
@@ -22,10 +29,11 @@ runs as one call of its own, exactly as the worker runs it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from batch.jobs import Job
+from worker.generation.grouping import fields_key
 from worker.generation.seeds import image_seeds
 from worker.request.schema import GenerationRequest
 
@@ -50,6 +58,19 @@ def split_job(job: Job) -> list[Unit]:
     return [
         Unit(job, k, job.request.model_copy(update={"seed": seed, "num_images": 1})) for k, seed in enumerate(seeds)
     ]
+
+
+def group_of(job: Job) -> Hashable:
+    """The group :func:`order_jobs` puts ``job`` in: the part of its key its request alone gives."""
+    return fields_key(job.request)
+
+
+def order_jobs(jobs: Iterable[Job]) -> list[Job]:
+    """``jobs`` group by group (groups in order of their first job, each in its given order): the runner's order."""
+    groups: dict[Hashable, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(group_of(job), []).append(job)
+    return [job for group in groups.values() for job in group]
 
 
 @dataclass
@@ -81,6 +102,7 @@ class Planner:
         self.key_of = key_of
         self.window = window if window is not None else 8 * batch_size
         self._pending: dict[Hashable, list[Unit]] = {}  # insertion order: oldest key first
+        self._group: Hashable = None
 
     @property
     def pending_units(self) -> int:
@@ -100,6 +122,14 @@ class Planner:
             fullest = max(self._pending, key=lambda k: len(self._pending[k]))  # first such key = oldest
             calls.append(self._emit(fullest))
         return calls
+
+    def start_group(self, group: Hashable) -> list[Call]:
+        """Units of ``group`` (an :func:`order_jobs` group) come next: the earlier groups' waiting units get no more
+        batch mates, so their calls are emitted now (each key's last, partial call) rather than held."""
+        if group == self._group:
+            return []
+        self._group = group
+        return self.flush()
 
     def flush(self) -> list[Call]:
         """Every waiting unit, as (possibly padded) calls, oldest key first."""

@@ -21,6 +21,7 @@ from core.results import GenerationMetadata
 
 SIDECAR_FORMAT = "sdxl-batch-item/1"
 ERROR_FORMAT = "sdxl-batch-error/1"
+PADDING_HINT_SHARE = 0.25  # padding above this share of the work is worth a line at the end of a run
 
 
 def json_bytes(value: Any, indent: int | None = 2) -> bytes:
@@ -205,6 +206,14 @@ class ShardSummary(_Record):
         ]
         if self.stopped:
             lines.append(f"stopped: {self.stopped}")
+        computed = self.images + self.padded_images
+        if self.deterministic and computed and self.padded_images / computed >= PADDING_HINT_SHARE:
+            lines.append(
+                f"{self.padded_images} of the {computed} images computed were padding: with --deterministic each call "
+                f"holds --batch-size {self.batch_size} images so an image never depends on its batch mates, and this "
+                "input has few images per shape; a smaller --batch-size pads less, --no-deterministic not at all "
+                "(images may then differ by float rounding between runs)"
+            )
         if failed:
             lines.append("see errors/line-*.json in the output folder for each failed line")
         if self.remaining or self.failed_retriable:

@@ -36,7 +36,7 @@ from batch.encoding import ImageEncoder
 from batch.exit_codes import EXIT_RETRIABLE
 from batch.jobs import Job
 from batch.options import LocalEngineOptions
-from batch.planner import Call, Planner, Unit, split_job
+from batch.planner import Call, Planner, Unit, group_of, order_jobs, split_job
 from batch.session import ShardSession
 from core.errors import (
     ConfigurationError,
@@ -230,11 +230,11 @@ class LocalRunner:
         writer = ImageWriter(self.session, self.engine, ImageEncoder(self.encode_workers))
         self.writer = writer
         try:
-            for job in self.session.first_pass():
+            for job in self.session.first_pass(order_jobs):
                 self._plan(job)
             self._flush()
             for jobs in self.session.deferred_rounds():
-                for job in jobs:
+                for job in order_jobs(jobs):
                     self._plan(job)
                 self._flush()
         except BaseException:
@@ -244,6 +244,9 @@ class LocalRunner:
         writer.close()
 
     def _plan(self, job: Job) -> None:
+        # Jobs come group by group (order_jobs): a new group ends the last one, whose partial calls go now.
+        for call in self.planner.start_group(group_of(job)):
+            self._execute(call)
         units = split_job(job)
         try:
             self.engine.check_request(job.request)

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -165,10 +165,11 @@ class ShardSession:
         with self._lock:
             return len(self._done_ids) + len(self.counters.failed_ids), self.counters.made
 
-    def first_pass(self) -> Iterator[Job]:
-        """The shard's unfinished jobs in line order, each claimed; those held by a live process are deferred."""
+    def first_pass(self, order: Callable[[list[Job]], list[Job]] | None = None) -> Iterator[Job]:
+        """The shard's unfinished jobs in line order (or as ``order`` arranges them), each claimed when it is handed
+        out; those held by a live process are deferred."""
         self.begin()
-        for job in self.jobs:
+        for job in self.jobs if order is None else order(self.jobs):
             if self.stopping.is_set():
                 return
             if job.id in self._done_ids:

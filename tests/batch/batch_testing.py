@@ -94,6 +94,31 @@ def stable(sidecar: dict[str, Any]) -> dict[str, Any]:
     return {key: sidecar[key] for key in STABLE_SIDECAR_KEYS}
 
 
+def assert_batch_sizes_agree(single: Path, batched: Path, batch_size: int, max_changed: float) -> None:
+    """The same lines made at ``--batch-size 1`` (into ``single``) and at ``batch_size`` (``batched``) agree: every
+    stable sidecar field but the image hashes, and every pixel up to the README's 1/255, on at most ``max_changed`` of
+    the pixels (batched kernels round differently on the CPU). First, each call of the batched run really held
+    ``batch_size`` images: a run silently at batch 1 (the options' batch size passed as the model folder, once) would
+    make this comparison vacuous."""
+    import numpy as np
+    from PIL import Image
+
+    small, large = sidecars(single), sidecars(batched)
+    assert set(small) == set(large)
+    assert {item["generation"]["batch"]["images_in_call"] for item in small.values()} == {1}
+    assert {item["generation"]["batch"]["images_in_call"] for item in large.values()} == {batch_size}
+    for item_id, sidecar in small.items():
+        other = large[item_id]
+        files = [(image["file_name"], image["seed"]) for image in sidecar["images"]]
+        assert files == [(image["file_name"], image["seed"]) for image in other["images"]], item_id
+        assert {**stable(sidecar), "images": None} == {**stable(other), "images": None}, item_id
+        for name, _ in files:
+            one = np.asarray(Image.open(single / name)).astype(int)
+            many = np.asarray(Image.open(batched / name)).astype(int)
+            changed = float((one != many).mean())
+            assert np.abs(one - many).max() <= 1 and changed <= max_changed, (item_id, changed)
+
+
 def read_json(path: Path) -> Any:
     return json.loads(path.read_bytes())
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from batch_testing import one_torch_thread, read_json, sidecars, stable, write_jsonl
+from batch_testing import assert_batch_sizes_agree, one_torch_thread, read_json, sidecars, write_jsonl
 from PIL import Image
 
 from batch.execute import run_shard
@@ -59,7 +59,9 @@ def runs(dev_model_dir: Path, dev_controlnet_root: Path, tmp_path_factory: pytes
     for batch_size in (1, 3):
         out = folder / f"out-{batch_size}"
         with one_torch_thread():
-            summary = run_shard(RunOptions(source, out, progress=False), LocalEngineOptions(batch_size, engine=engine))
+            summary = run_shard(
+                RunOptions(source, out, progress=False), LocalEngineOptions(batch_size=batch_size, engine=engine)
+            )
         assert summary.made == 5 and summary.failed == 1, summary
         made[batch_size] = out
     return made
@@ -78,10 +80,6 @@ def test_controlnet_lines_are_made_and_report_their_controlnets(runs) -> None:
 
 
 def test_batch_size_1_and_3_give_the_same_images(runs) -> None:
-    small, large = sidecars(runs[1]), sidecars(runs[3])
-    for item_id, sidecar in small.items():
-        assert stable(sidecar) == stable(large[item_id]), item_id
-        for image, other in zip(sidecar["images"], large[item_id]["images"], strict=True):
-            one = np.asarray(Image.open(runs[1] / image["file_name"]))
-            three = np.asarray(Image.open(runs[3] / other["file_name"]))
-            assert np.array_equal(one, three), item_id
+    """Each line's images do not depend on its batch mates: the same at either batch size, up to the README's 1/255 on
+    a few CPU pixels (batched kernels round differently)."""
+    assert_batch_sizes_agree(runs[1], runs[3], 3, max_changed=0.001)

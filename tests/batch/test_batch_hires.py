@@ -10,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from batch_testing import one_torch_thread, read_json, sidecars, stable, write_jsonl
+from batch_testing import assert_batch_sizes_agree, one_torch_thread, read_json, sidecars, write_jsonl
 from PIL import Image
 
 from batch.execute import run_shard
@@ -54,7 +53,9 @@ def runs(engine, tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[An
     for batch_size in (1, 3):
         out = folder / f"out-{batch_size}"
         with one_torch_thread():
-            summary = run_shard(RunOptions(source, out, progress=False), LocalEngineOptions(batch_size, engine=engine))
+            summary = run_shard(
+                RunOptions(source, out, progress=False), LocalEngineOptions(batch_size=batch_size, engine=engine)
+            )
         made[batch_size] = (summary, out)
     return made
 
@@ -94,11 +95,7 @@ def test_each_line_reports_its_passes(runs) -> None:
 
 
 def test_batch_size_1_and_3_give_the_same_images(runs) -> None:
-    small, large = sidecars(runs[1][1]), sidecars(runs[3][1])
-    assert set(small) == set(large)
-    for item_id, sidecar in small.items():
-        assert stable(sidecar) == stable(large[item_id]), item_id
-        for image, other in zip(sidecar["images"], large[item_id]["images"], strict=True):
-            one = np.asarray(Image.open(runs[1][1] / image["file_name"]))
-            three = np.asarray(Image.open(runs[3][1] / other["file_name"]))
-            assert np.array_equal(one, three), item_id
+    """Each line's images do not depend on its batch mates: the same at either batch size, up to the README's 1/255 on
+    a few CPU pixels (batched kernels round differently; measured: at most 0.22 % of the values, on a pixel-upscaled
+    line, whose resampling spreads a base-pass rounding over its neighbours; under 0.02 % on the others)."""
+    assert_batch_sizes_agree(runs[1][1], runs[3][1], 3, max_changed=0.005)

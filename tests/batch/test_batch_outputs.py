@@ -14,7 +14,7 @@ from batch.claims import ClaimBook
 from batch.imagefolder import ShardMetadata, image_rows, read_jsonl_tolerant
 from batch.jobs import InvalidLine, Shard, load_shard
 from batch.outputs import OutputDir
-from batch.planner import Planner, split_job
+from batch.planner import Planner, group_of, order_jobs, split_job
 from batch.records import ErrorRecord, ImageRecord, Sidecar
 from core.results import GenerationMetadata, Timings
 
@@ -199,6 +199,48 @@ def test_planner_groups_same_shapes_pads_and_never_groups_sde(tmp_path: Path) ->
     assert [len(call.units) for call in calls] == [3] and not calls[0].padding  # the window pushed a call out
 
 
+def test_lines_taken_group_by_group_are_padded_once_per_key(tmp_path: Path) -> None:
+    """The runner's order (issue 23): lines of 3 shapes, interleaved, come group by group, and each shape's last partial
+    call is emitted when the next group starts; in line order the waiting window pushed partial calls out instead."""
+    sizes = [(256, 256), (320, 256), (256, 320)]
+    lines = [{"prompt": f"p{n}", "width": sizes[n % 3][0], "height": sizes[n % 3][1]} for n in range(15)]
+    jobs = jobs_from(tmp_path, lines)
+    ordered = order_jobs(jobs)
+    assert [job.line for job in ordered] == [1, 4, 7, 10, 13, 2, 5, 8, 11, 14, 3, 6, 9, 12, 15]
+
+    def size(unit) -> tuple[int, int]:
+        return unit.request.width, unit.request.height
+
+    def plan(jobs: list, grouped: bool) -> list:
+        planner = Planner(3, pad=True, key_of=size, window=4)  # many keys for its window, as in a large file
+        calls = []
+        for job in jobs:
+            if grouped:
+                calls += planner.start_group(group_of(job))
+            calls += [call for unit in split_job(job) for call in planner.add(unit)]
+        return calls + planner.flush()
+
+    calls = plan(ordered, grouped=True)
+    # 5 images of each size at batch 3: a full call, then two images padded by 1, before the next size's first call.
+    assert [(size(call.units[0]), len(call.units), len(call.padding)) for call in calls] == [
+        (shape, units, padding) for shape in sizes for units, padding in ((3, 0), (2, 1))
+    ]
+    in_line_order = plan(jobs, grouped=False)
+    assert sum(len(call.padding) for call in in_line_order) == 6 > sum(len(call.padding) for call in calls) == 3
+
+
+def test_the_padding_benchmark_finds_the_grouped_planner_at_the_floor(capsys) -> None:
+    """bench/batch_padding.py: the runner's order pads exactly what strict identity needs (each key's images rounded
+    up to whole calls, counted without the planner), and less than line order on a file of many keys."""
+    from bench.batch_padding import main
+
+    main(["--lines", "150", "--scenarios", "sizes+loras", "--batch-sizes", "4"])
+    rows = {row["order"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows["grouped"]["images_computed"] == rows["floor"]["images_computed"]
+    assert rows["grouped"]["padding_images"] < rows["line"]["padding_images"]
+    assert rows["line"]["images_requested"] == rows["grouped"]["images_requested"] == rows["floor"]["images_requested"]
+
+
 def test_an_output_folder_keeps_to_one_model(tmp_path: Path) -> None:
     outputs = OutputDir(tmp_path / "out").create()
     first, other = {"name": "a", "manifest_hash": "1"}, {"name": "b", "manifest_hash": "2"}
@@ -255,3 +297,21 @@ def test_the_records_read_and_write_the_files_of_earlier_runs_byte_for_byte(tmp_
     assert outputs.item_state(job).done
     outputs.sidecar_path("boat").write_bytes(json.dumps({**earlier_sidecar, "images": [{"size": 5}]}).encode())
     assert outputs.read_done("boat") is None and len(list(outputs.quarantine.iterdir())) == 1
+
+
+def test_the_end_of_a_run_says_when_padding_was_most_of_the_work() -> None:
+    """A new user's 5-image file at --batch-size 8 computed 24 images: the summary says why and what to change."""
+    from batch.records import ShardSummary
+
+    counts = dict.fromkeys(("lines", "items", "invalid_lines", "already_done", "made", "done_by_other", "failed"), 0)
+    counts.update(dict.fromkeys(("failed_retriable", "remaining", "claims_taken_over", "commits_lost", "exit_code"), 0))
+    common = {"shard": "0/1", "mode": "local", "input": "jobs.jsonl", **counts, "seconds": 1.0, "setup_seconds": None}
+    common.update(items_per_s=None, images_per_s=None, stopped=None, pipeline_calls=3, batch_size=8)
+    wasteful = ShardSummary(**common, images=5, padded_images=19, deterministic=True)
+    assert "19 of the 24 images computed were padding" in wasteful.describe()
+    assert "--no-deterministic" in wasteful.describe()
+    for quiet in (
+        ShardSummary(**common, images=60, padded_images=4, deterministic=True),  # 6 %: the price of identity
+        ShardSummary(**common, images=5, padded_images=0, deterministic=False),
+    ):
+        assert "padding:" not in quiet.describe() and "were padding" not in quiet.describe()

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from batch_testing import one_torch_thread, sidecars, stable, write_jsonl
+from batch_testing import assert_batch_sizes_agree, one_torch_thread, sidecars, write_jsonl
 from PIL import Image
 
 from batch.execute import run_shard
@@ -72,7 +72,9 @@ def runs(engine, tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[di
     for batch_size in (1, 3):
         out = folder / f"out-{batch_size}"
         with one_torch_thread():
-            summary = run_shard(RunOptions(source, out, progress=False), LocalEngineOptions(batch_size, engine=engine))
+            summary = run_shard(
+                RunOptions(source, out, progress=False), LocalEngineOptions(batch_size=batch_size, engine=engine)
+            )
         made[batch_size] = (summary, out)
     return made
 
@@ -122,14 +124,6 @@ def test_each_mode_reports_what_ran(runs) -> None:
 
 
 def test_batch_size_1_and_3_give_the_same_images(runs) -> None:
-    """The same lines give the same images and sidecars at either batch size. Batched kernels could round
-    differently (the README allows +-1/255 on a few CPU pixels); measured on the dev model at one thread they do not:
-    every pixel and every stable sidecar field is equal, so equality is what is asserted."""
-    small, large = sidecars(runs[1][1]), sidecars(runs[3][1])
-    assert set(small) == set(large)
-    for item_id, sidecar in small.items():
-        assert stable(sidecar) == stable(large[item_id]), item_id  # seeds, metadata, image hashes and sizes
-        for image, other in zip(sidecar["images"], large[item_id]["images"], strict=True):
-            one = np.asarray(Image.open(runs[1][1] / image["file_name"]))
-            three = np.asarray(Image.open(runs[3][1] / other["file_name"]))
-            assert np.array_equal(one, three), item_id
+    """The same lines give the same sidecars and images at either batch size, up to the README's 1/255 on a few CPU
+    pixels (batched kernels round differently; measured: under 0.04 % of the values, one level each)."""
+    assert_batch_sizes_agree(runs[1][1], runs[3][1], 3, max_changed=0.001)

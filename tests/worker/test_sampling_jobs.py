@@ -239,7 +239,9 @@ def test_the_batch_runner_runs_each_mode_and_writes_an_error_for_a_pair_that_doe
     source = write_jsonl(tmp_path / "jobs.jsonl", lines)
     out = tmp_path / "out"
     with one_torch_thread():
-        summary = run_shard(RunOptions(source, out, progress=False), LocalEngineOptions(2, engine=handler.engine))
+        summary = run_shard(
+            RunOptions(source, out, progress=False), LocalEngineOptions(batch_size=2, engine=handler.engine)
+        )
     assert summary.made == len(MODES) + 1, summary
     made = sidecars(out)
     for line in lines[:-1]:

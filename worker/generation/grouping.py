@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from worker.prompting.encoded import EncodedPrompts
 from worker.request.schema import GROUP_FIELDS, GenerationRequest
+
+if TYPE_CHECKING:  # the planner orders lines by fields_key without loading torch
+    from worker.prompting.encoded import EncodedPrompts
 
 INLINE_IMAGE_FIELDS = frozenset({"image_url", "mask", "mask_url"})
 
@@ -20,6 +23,13 @@ def group_key(request: GenerationRequest, encoded: EncodedPrompts, hires: Encode
     was given (img2img follows the input image otherwise); with a hires pass, its prompts' chunk count too
     (``hires``: their encoding; ``hr_prompt`` is each request's own).
     """
+    return (*fields_key(request), encoded.num_chunks, hires.num_chunks if hires is not None else None)
+
+
+def fields_key(request: GenerationRequest) -> tuple:
+    """The part of :func:`group_key` the request alone gives (no prompt encoded): requests whose keys differ here
+    never share a call, and those equal here almost always do (unless their prompts' chunk counts differ). The batch
+    runner orders its lines by it, so each group's images come together and only its last call is partial."""
     values = []
     for name in GROUP_FIELDS:
         value = getattr(request, name)
@@ -33,7 +43,7 @@ def group_key(request: GenerationRequest, encoded: EncodedPrompts, hires: Encode
         elif isinstance(value, BaseModel):
             value = tuple(value.model_dump().items())
         values.append(value)
-    return (*values, encoded.num_chunks, request.size_given, hires.num_chunks if hires is not None else None)
+    return (*values, request.size_given)
 
 
 def _short(value: object) -> object:
