@@ -31,7 +31,7 @@ from worker.generation.conditioning import Embeddings, Stage
 from worker.generation.decode import decode_latents
 from worker.generation.grouping import group_key
 from worker.generation.hires import HiresPass, HiresRun, hires_view, offset_progress
-from worker.generation.inpainting import check_inpainting, check_inpainting_model, plan_inpainting
+from worker.generation.inpainting import check_inpainting_model, plan_inpainting
 from worker.generation.metadata import (
     ServingFacts,
     describe_schedule_calls,
@@ -40,6 +40,7 @@ from worker.generation.metadata import (
     sampling_metadata,
 )
 from worker.generation.prompt_encoders import build_prompt_encoders
+from worker.generation.request_checks import RequestChecks
 from worker.generation.routing import prompt_schedule_steps, uses_refiner
 from worker.generation.seeds import image_seeds, resolve_seed
 from worker.generation.stages import ProgressCallback, StageRunner
@@ -110,6 +111,15 @@ class Engine:
         self.loras = self._lora_manager()
         self.hires = HiresPass(self.stages, self.encode, self.decode, self._clock)
         self.controlnets = ControlNetManager(self.pipe.unet.config, self.dtype, self.settings, self.placement.adopt)
+        self.checks = RequestChecks(
+            self.prompt_encoder,
+            self.controlnets,
+            self.hires,
+            self.stages.schedules,
+            self.model_name,
+            self.is_inpainting_model,
+            self.refiner is not None,
+        )
         clock.lap("prompt_encoders_s")
         if (
             self.plan.device == "cuda" and self.settings.warmup and self.plan.offload != "sequential"
@@ -160,25 +170,8 @@ class Engine:
         return uses_refiner(request, self.refiner is not None)
 
     def check_request(self, request: GenerationRequest) -> None:
-        """Model-dependent limits the schema cannot know."""
-        self.prompt_encoder.check_clip_skip(request.clip_skip)  # before any LoRA or GPU work
-        self.controlnets.check(request.controlnets)  # names and fit: JSON only, before anything loads
-        check_inpainting(request, self.model_name, self.is_inpainting_model)
-        refine = self.uses_refiner(request)
-        self.stages.schedules.check_sampling(request, refine)
-        frac = None if request.enable_hr else request.high_noise_frac  # after a hires pass the refiner refines
-        if request.enable_hr:
-            self.hires.check(request)
-        if request.is_img2img or (refine and frac is None):
-            field = "refiner_inference_steps" if refine else "num_inference_steps"
-            steps = request.refiner_inference_steps if refine else request.num_inference_steps
-            if int(steps * request.strength) < 1:
-                raise InvalidRequest(
-                    f"strength: {request.strength:g} x {field} {steps} leaves no denoising step "
-                    f"(img2img runs int(steps x strength) steps); raise strength or {field}"
-                )
-        elif refine and frac is not None:
-            self.stages.schedules.check_ensemble_split(request)
+        """Model-dependent limits the schema cannot know (:mod:`.request_checks`)."""
+        self.checks.check(request)
 
     def activate_loras(self, request: GenerationRequest) -> list[AppliedLora]:
         return self.loras.activate(request.loras)
