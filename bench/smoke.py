@@ -10,6 +10,8 @@ etc.), one JSON line per check, exit status 1 if any failed:
 - ``long_prompt``: a weighted prompt of several hundred tokens with BREAK returns an image;
 - ``lora``: a random LoRA file in LORA_DIR changes the image, and the next job without it equals the
   first job without it byte for byte (nothing leaks between jobs);
+- ``lora_url``: the same LoRA file served over HTTP on this machine (``ALLOW_PRIVATE_URLS=1`` here) and given by URL
+  with its sha256 gives the ``lora`` check's image byte for byte; its time includes the download;
 - ``lycoris``: the same for a random LyCORIS LoKr (Tucker convolutions), merged into the UNet and both text
   encoders (its ``cache`` entry's ``load_s`` is reading and checking the file; the merge is in the job's time);
 - ``sampling_*``: one job per sampling mode (the SDXL-Lightning recipe: Euler, SGM Uniform, guidance 0; A1111's
@@ -125,6 +127,33 @@ def control_image(size: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def serve_file(path: Path) -> tuple[str, str]:
+    """``path`` served by an HTTP server on 127.0.0.1 (a daemon thread); its URL and sha256."""
+    import functools
+    import hashlib
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(path.parent)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{path.name}"
+    return url, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def image_pixels(uri: str | None) -> bytes | None:
+    """An image's decoded pixels (its PNG text, which names the LoRAs, left out)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    return None if uri is None else Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).tobytes()
+
+
 def run_job(worker: Any, name: str, **fields: Any) -> tuple[dict[str, Any], float]:
     started = time.perf_counter()
     output = worker.handle({"id": f"smoke-{name}", "input": fields})
@@ -209,6 +238,8 @@ def main() -> None:
     )
 
     os.environ["LORA_DIR"] = str(lora_dir)  # the engine's LoRA manager reads its settings from the environment
+    lora_url = serve_file(lora_dir / "smoke-lora.safetensors")  # the lora_url check: downloads from this machine
+    os.environ.update(ALLOW_LORA_DOWNLOAD="1", ALLOW_PRIVATE_URLS="1", LORA_DOWNLOAD_DIR=str(work / "downloads"))
     os.environ["CONTROLNET_DIR"] = str(controlnet_root)
     os.environ.setdefault("VAE_TILE_PIXELS", str((size * 3 // 2) ** 2))  # hires_tiled's 2x is over it, 1.5x is not
     settings = load_settings(None, offload="none")
@@ -275,18 +306,29 @@ def main() -> None:
         prompt=output.get("metadata", {}).get("prompt"),
     )
 
-    for check, name in (("lora", "smoke-lora"), ("lycoris", "smoke-lokr")):
-        with_lora, seconds = run_job(worker, check, **base, seed=7, loras=[{"name": name, "scale": 0.8}])
+    images: dict[str, Any] = {}
+    for check, lora in (
+        ("lora", {"name": "smoke-lora"}),
+        ("lora_url", {"name": lora_url[0], "sha256": lora_url[1]}),
+        ("lycoris", {"name": "smoke-lokr"}),
+    ):
+        with_lora, seconds = run_job(worker, check, **base, seed=7, loras=[{**lora, "scale": 0.8}])
+        images[check] = image_pixels(with_lora.get("images", [None])[0])
         again, _ = run_job(worker, f"after-{check}", **base, seed=7)
         lora_ok = "error" not in with_lora and "error" not in again and "error" not in first
+        same_as_lora_dir = check != "lora_url" or images["lora_url"] == images["lora"]
         report(
             check,
-            lora_ok and with_lora["images"][0] != first["images"][0] and again["images"][0] == first["images"][0],
+            lora_ok
+            and with_lora["images"][0] != first["images"][0]
+            and again["images"][0] == first["images"][0]
+            and same_as_lora_dir,
             seconds=round(seconds, 2),
             error=with_lora.get("error") or again.get("error"),
             lora_changes_image=lora_ok and with_lora["images"][0] != first["images"][0],
             no_lora_after_equals_before=lora_ok and again["images"][0] == first["images"][0],
             cache=with_lora.get("metadata", {}).get("cache", {}).get("loras"),
+            **({"equals_lora_dir_image": same_as_lora_dir} if check == "lora_url" else {}),
         )
 
     # Sampling modes (README "Samplers and schedules"): each beside the plain job's time.

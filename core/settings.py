@@ -13,6 +13,7 @@ checked by a test, so the two cannot drift.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -139,6 +140,20 @@ def _paths(raw: str) -> tuple[Path, ...]:
     return tuple(Path(part) for part in raw.split(os.pathsep) if part)
 
 
+_HOST = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+
+
+def _hosts(raw: str) -> frozenset[str]:
+    hosts = [part.strip().lower().rstrip(".") for part in raw.split(",") if part.strip()]
+    for host in hosts:
+        if len(host) > 253 or not _HOST.fullmatch(host):
+            raise ValueError(
+                f"{host[:60]!r} is not a host name; write host names only (no scheme, path or port), "
+                "comma-separated, e.g. huggingface.co,civitai.com"
+            )
+    return frozenset(hosts)
+
+
 # The commands that read settings. ENGINE: the worker and the batch runner, which both run the engine.
 WORKER, BATCH, CONVERT = "worker", "batch", "convert"
 COMMANDS = (WORKER, BATCH, CONVERT)
@@ -205,10 +220,32 @@ class Settings:
         "LORA_DIR", "/runpod-volume/loras", _paths, "LoRA folder(s), separated by ':'; the baked /loras is added"
     )
     allow_lora_download: bool = _setting(
-        "ALLOW_LORA_DOWNLOAD", "0", _flag, "1 allows hf://owner/repo/file.safetensors@<commit> LoRA names"
+        "ALLOW_LORA_DOWNLOAD",
+        "0",
+        _flag,
+        "1 allows LoRAs by hf://owner/repo/file.safetensors@<commit> and by http(s) URL (with a sha256, or from "
+        "LORA_URL_HOSTS)",
+    )
+    lora_url_hosts: frozenset[str] = _setting(
+        "LORA_URL_HOSTS",
+        "",
+        _hosts,
+        "host names whose https LoRA URLs need no sha256, comma-separated (exact names: list each subdomain)",
+    )
+    lora_download_timeout_s: float = _setting(
+        "LORA_DOWNLOAD_TIMEOUT_S",
+        "300",
+        _number(1, 86400),
+        "one deadline for a LoRA URL's download (DNS to last byte), s; a cut download resumes on the next job",
+    )
+    lora_download_max_mb: int = _setting(
+        "LORA_DOWNLOAD_MAX_MB", "2048", _whole_number(1, 1 << 20), "largest LoRA file a URL may bring, MiB"
     )
     lora_download_dir: Path | None = _setting(
-        "LORA_DOWNLOAD_DIR", "", _optional_path, "where hf:// LoRAs are cached (default: on the volume when present)"
+        "LORA_DOWNLOAD_DIR",
+        "",
+        _optional_path,
+        "where downloaded LoRAs (hf:// and URLs) are cached (default: on the volume when present)",
     )
     lora_cache_size: int = _setting(
         "LORA_CACHE_SIZE", "8", _whole_number(0, 1024), "LoRA adapters kept loaded between jobs"
@@ -266,12 +303,13 @@ class Settings:
         _whole_number(64 * 64, 8 * 4096 * 4096),
         "width x height x num_images a job may ask for (8 x 1024²)",
     )
-    # -- user-supplied URLs (image_url and masks today; LoRAs and embeddings by URL next)
+    # -- user-supplied URLs (image_url and masks; LoRA URLs follow ALLOW_PRIVATE_URLS too)
     allow_private_urls: bool = _setting(
         "ALLOW_PRIVATE_URLS",
         "0",
         _flag,
-        "1 lets job URLs reach loopback, private and link-local addresses (private deployments, tests)",
+        "1 lets job URLs (images, masks, LoRAs) reach loopback, private and link-local addresses (private "
+        "deployments, tests)",
     )
     url_timeout_s: float = _setting(
         "URL_TIMEOUT_S", "30", _number(0.1, 3600), "one deadline for a job URL's whole transfer (DNS to last byte), s"

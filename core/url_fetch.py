@@ -1,7 +1,8 @@
 """One HTTP(S) GET of a user-supplied URL: public addresses only, one deadline, bounded bytes and redirects.
 
-A job's URL (``image_url`` and ``mask`` today; LoRAs and embeddings by URL next) is fetched by :func:`fetch_url`
-under a :class:`UrlPolicy` built from the settings:
+A job's URL (``image_url``, ``mask``) is fetched into memory by :func:`fetch_url` under a :class:`UrlPolicy` built
+from the settings; files (LoRAs by URL, the checkpoint) are streamed to disk through :func:`stream_url` by
+:mod:`core.url_download`, under the same rules:
 
 - **Addresses.** The host is resolved once per hop and every address it resolves to is checked (a name resolving
   to one public and one private address is refused); the connection goes to a checked address, never to a second
@@ -12,11 +13,12 @@ under a :class:`UrlPolicy` built from the settings:
   rule (each refusal names the range). ``ALLOW_PRIVATE_URLS=1`` lifts this check (private deployments, the
   tests); the pinning and every other bound stay. Proxy variables (``HTTPS_PROXY``) are not used: a proxy
   resolves the name itself, which would undo the pinning.
-- **Time.** One deadline (``URL_TIMEOUT_S``) covers the whole transfer: DNS resolution (on a thread joined with
-  the time left, since ``getaddrinfo`` has no timeout of its own), connecting, the TLS handshake, sending the
-  request, the status line and headers, the body and every redirect. Every socket operation gets the time left
-  as its timeout and every read is a single ``recv`` (:mod:`core.url_sockets`), so a server dripping one byte at a
-  time is cut at the deadline, not after its whole answer.
+- **Time.** One deadline (``URL_TIMEOUT_S`` for images) covers the whole transfer: DNS resolution (on a thread
+  joined with the time left, since ``getaddrinfo`` has no timeout of its own), connecting, the TLS handshake,
+  sending the request, the status line and headers, the body and every redirect. Every socket operation gets the
+  time left as its timeout and every read is a single ``recv`` (:mod:`core.url_sockets`), so a server dripping one
+  byte at a time is cut at the deadline, not after its whole answer. A policy with ``stall_s`` (a multi-gigabyte
+  checkpoint, where no single deadline fits) also bounds each socket operation by it.
 - **Size and shape.** At most ``max_bytes`` of body (a larger ``Content-Length`` is refused before reading), at
   most ``max_redirects`` redirects, http and https only (also after a redirect). Status line, header and chunk
   parsing is ``http.client``'s, with its bounds (a 64 KiB line, 100 headers); each of its errors, and every
@@ -35,40 +37,57 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
-import re
 import socket
 import ssl
 import threading
 import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-from core.errors import InvalidRequest
-from core.url_addresses import Address, non_public_reason
+from core.url_addresses import non_public_reason
 from core.url_sockets import Deadline, DeadlineReader, ResponseSocket, TimedOut, tls_context
+from core.url_targets import UrlFetchError, UrlTarget, parse_url, shown_url, size_text
+
+__all__ = ["UrlFetchError", "UrlPolicy", "UrlResponse", "fetch_url", "shown_url", "stream_url"]
 
 if TYPE_CHECKING:
     from core.settings import Settings
 
-MAX_URL_CHARS = 8192  # servers refuse longer request lines; a longer "URL" is a mistake (base64 sent as a URL?)
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 USER_AGENT = "sdxl-worker"
-_HOST_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,253}$")
+T = TypeVar("T")
+TRANSPORT_ERRORS = (TimedOut, OSError, http.client.HTTPException, ValueError, UnicodeError)
+
+
+class _ConsumerFailed(Exception):
+    """Carries an exception of a :func:`stream_url` consumer past the transport's error mapping."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 @dataclass(frozen=True)
 class UrlPolicy:
-    """What one fetch may do: reach private addresses, take ``timeout_s`` in all, read ``max_bytes`` of body and
-    follow ``max_redirects`` redirects."""
+    """What one fetch may do: reach private addresses, take ``timeout_s`` in all (each socket operation at most
+    ``stall_s`` when set), read ``max_bytes`` of body and follow ``max_redirects`` redirects. ``timeout_setting``
+    and ``size_setting`` are the settings a message names for the deadline and the byte bound."""
 
     allow_private: bool
     timeout_s: float
     max_bytes: int
     max_redirects: int = 5
+    stall_s: float | None = None
+    timeout_setting: str = "URL_TIMEOUT_S"
+    size_setting: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.timeout_s > 0 or self.max_bytes < 0 or self.max_redirects < 0:
-            raise ValueError(f"UrlPolicy needs timeout_s > 0, max_bytes >= 0 and max_redirects >= 0: {self}")
+        stall_ok = self.stall_s is None or self.stall_s > 0
+        if not self.timeout_s > 0 or self.max_bytes < 0 or self.max_redirects < 0 or not stall_ok:
+            raise ValueError(
+                f"UrlPolicy needs timeout_s > 0, max_bytes >= 0, max_redirects >= 0 and stall_s > 0: {self}"
+            )
 
     @classmethod
     def from_settings(cls, settings: Settings, *, max_bytes: int, max_redirects: int = 5) -> UrlPolicy:
@@ -77,111 +96,67 @@ class UrlPolicy:
         return cls(settings.allow_private_urls, settings.url_timeout_s, max_bytes, max_redirects)
 
 
-class UrlFetchError(InvalidRequest):
-    """A URL of the request could not be fetched: ``field: cause``, with ``kind`` for callers and tests.
+class UrlResponse:
+    """The final answer (2xx) of a fetch, for a :func:`stream_url` consumer: its status and headers, and its body
+    in chunks, each one ``recv`` at most, within the fetch's deadline and byte bound."""
 
-    Kinds: ``url`` (malformed), ``scheme``, ``address`` (non-public), ``timeout``, ``too_large``, ``status``
-    (an HTTP error status), ``redirects``, ``network``, ``tls``, ``protocol`` (not valid HTTP).
-    A caller that reports another error kind (a LoRA's ``lora:``) re-raises with ``message``.
-    """
+    def __init__(self, response: http.client.HTTPResponse, fetch: _Fetch) -> None:
+        self._response = response
+        self._fetch = fetch
+        self.status = response.status
+        self.length = response.length  # the body's declared length; None when chunked or not given
 
-    def __init__(self, field: str, kind: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.kind = kind
-        self.reason = reason
+    def header(self, name: str) -> str | None:
+        return self._response.getheader(name)
 
+    @property
+    def field(self) -> str:
+        return self._fetch.field
 
-def _size(size: int) -> str:
-    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size} bytes"
+    def chunks(self) -> Iterator[bytes]:
+        return self._fetch.body_chunks(self._response)
 
-
-def shown_url(url: str, limit: int = 100) -> str:
-    """``url`` for a message: without its query (presigned URLs carry credentials there) and at most ``limit``
-    characters."""
-    parts = urllib.parse.urlsplit(url)
-    text = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
-    if parts.query:
-        text += "?..."
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    def too_large(self, size: int | None = None) -> UrlFetchError:
+        """The error for a body over the byte bound (a consumer that also counts earlier bytes raises it too)."""
+        return self._fetch.too_large(size)
 
 
-@dataclass(frozen=True)
-class _Target:
-    url: str
-    scheme: str
-    host: str  # ASCII (IDNA) host name or IP literal, no brackets
-    port: int
-    authority: str  # the Host header: host (IPv6 in brackets) and the port when the URL names one
-    path: str  # request target: path and query, percent-encoded
-
-
-def _parse(url: str, field: str, shown: str) -> _Target:
-    def bad(reason: str) -> UrlFetchError:
-        return UrlFetchError(field, "url", f"{shown} is not a usable URL: {reason}")
-
-    if len(url) > MAX_URL_CHARS:
-        raise bad(f"longer than {MAX_URL_CHARS:,} characters")
-    try:
-        parts = urllib.parse.urlsplit(url.strip())
-        port = parts.port
-    except ValueError as error:
-        raise bad(str(error)) from None
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https"):
-        raise UrlFetchError(field, "scheme", f"scheme {scheme or 'none'!r} in {shown} is not fetched; use http(s)")
-    if parts.username is not None or parts.password is not None:
-        raise bad("a user name or password in the URL is not sent; use a URL that needs none (e.g. presigned)")
-    host = parts.hostname or ""
-    if not host:
-        raise bad("no host")
-    try:
-        literal: Address | None = ipaddress.ip_address(host)
-    except ValueError:
-        literal = None
-    if literal is None:
-        try:
-            host = host.encode("idna").decode("ascii") if not host.isascii() else host
-        except UnicodeError:
-            raise bad(f"host {host[:80]!r} is not a valid name") from None
-        if not _HOST_NAME.match(host):
-            raise bad(f"host {host[:80]!r} is not a valid name")
-    authority = f"[{host}]" if literal is not None and literal.version == 6 else host
-    if port is not None:
-        authority += f":{port}"
-    # Spaces and non-ASCII characters percent-encoded as browsers do; existing escapes kept.
-    path = urllib.parse.quote(parts.path or "/", safe="/%:@!$&'()*+,;=~-._")
-    if parts.query:
-        path += "?" + urllib.parse.quote(parts.query, safe="/%:@!$&'()*+,;=?~-._")
-    return _Target(url, scheme, host, port or (443 if scheme == "https" else 80), authority, path)
-
-
-class _Fetch:
+class _Fetch(Generic[T]):
     """One fetch: the hops, the deadline and what to say when it fails."""
 
-    def __init__(self, url: str, policy: UrlPolicy, field: str, accept: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        policy: UrlPolicy,
+        field: str,
+        accept: str,
+        consume: Callable[[UrlResponse], T],
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.original = url
         self.policy = policy
         self.field = field
         self.accept = accept
-        self.deadline = Deadline(policy.timeout_s)
+        self.consume = consume
+        self.headers = dict(headers or {})
+        self.deadline = Deadline(policy.timeout_s, policy.stall_s)
         self.stage = "starting"
         self.received = 0  # body bytes of the final hop
-        self.body = b""
+        self.result: T | None = None
         self.where = shown_url(url)  # the URL being fetched, for messages (with the original after a redirect)
 
-    def error(self, kind: str, reason: str) -> UrlFetchError:
-        return UrlFetchError(self.field, kind, reason)
+    def error(self, kind: str, reason: str, status: int | None = None) -> UrlFetchError:
+        return UrlFetchError(self.field, kind, reason, status)
 
-    def run(self) -> bytes:
+    def run(self) -> T:
         url = self.original
         for hop in range(self.policy.max_redirects + 1):
             if hop:
                 self.where = f"{shown_url(url)} (redirected from {shown_url(self.original)})"
-            target = _parse(url, self.field, self.where)
+            target = parse_url(url, self.field, self.where)
             location = self._get(target)
             if location is None:
-                return self.body
+                return self.result  # type: ignore[return-value]  # set by _get with the final answer
             url = urllib.parse.urljoin(url, location)
             scheme = urllib.parse.urlsplit(url).scheme.lower()
             if scheme not in ("http", "https"):
@@ -191,7 +166,7 @@ class _Fetch:
             f"{shown_url(self.original)} redirects more than {self.policy.max_redirects} times (a redirect loop?)",
         )
 
-    def _resolve(self, target: _Target) -> list[tuple[int, tuple]]:
+    def _resolve(self, target: UrlTarget) -> list[tuple[int, tuple]]:
         self.stage = f"resolving {target.host}"
         try:
             ip = ipaddress.ip_address(target.host)
@@ -225,7 +200,7 @@ class _Fetch:
                 addresses.append((family, sockaddr))
         return addresses
 
-    def _connect(self, target: _Target) -> socket.socket:
+    def _connect(self, target: UrlTarget) -> socket.socket:
         addresses = self._resolve(target)
         if not self.policy.allow_private:
             for _family, sockaddr in addresses:  # all of them: a name with one private address is hostile
@@ -265,14 +240,15 @@ class _Fetch:
             return sock
         raise last if last is not None else OSError(f"no address to connect to for {target.host}")
 
-    def _get(self, target: _Target) -> str | None:
-        """One request; the ``Location`` of a redirect, or None with the body in ``self.body``."""
+    def _get(self, target: UrlTarget) -> str | None:
+        """One request; the ``Location`` of a redirect, or None with the consumer's result in ``self.result``."""
         sock = self._connect(target)
         try:
             self.stage = "sending the request"
+            extra = "".join(f"{name}: {value}\r\n" for name, value in self.headers.items())
             request = (
                 f"GET {target.path} HTTP/1.1\r\nHost: {target.authority}\r\nUser-Agent: {USER_AGENT}\r\n"
-                f"Accept: {self.accept}\r\nAccept-Encoding: identity\r\nConnection: close\r\n\r\n"
+                f"Accept: {self.accept}\r\nAccept-Encoding: identity\r\n{extra}Connection: close\r\n\r\n"
             )
             sock.settimeout(self.deadline.left())
             sock.sendall(request.encode("ascii"))
@@ -288,39 +264,59 @@ class _Fetch:
                 except UnicodeError:
                     return location
             if not 200 <= response.status < 300:
-                raise self.error("status", f"{self.where} answered HTTP {response.status} {response.reason}".rstrip())
-            self.body = self._read_body(response)
+                reason = f"{self.where} answered HTTP {response.status} {response.reason}".rstrip()
+                raise self.error("status", reason, response.status)
+            try:
+                self.result = self.consume(UrlResponse(response, self))
+            except UrlFetchError:
+                raise
+            except Exception as error:  # a full disk is not a network error: stream_url re-raises it as it is
+                raise _ConsumerFailed(error) from error
             return None
         finally:
             sock.close()
 
-    def _read_body(self, response: http.client.HTTPResponse) -> bytes:
+    def too_large(self, size: int | None = None) -> UrlFetchError:
+        """The ``too_large`` error: the body (``size`` when known) is over the policy's byte bound."""
         limit = self.policy.max_bytes
+        named = f" ({self.policy.size_setting})" if self.policy.size_setting else ""
+        what = f"is {size_text(size)}, larger" if size is not None else "is larger"
+        return self.error("too_large", f"{self.where} {what} than the {size_text(limit)} limit{named}")
+
+    def body_chunks(self, response: http.client.HTTPResponse) -> Iterator[bytes]:
         declared = response.length  # None when chunked or not given
-        if declared is not None and declared > limit:
-            raise self.error("too_large", f"{self.where} is {_size(declared)}, larger than the {_size(limit)} limit")
+        if declared is not None and declared > self.policy.max_bytes:
+            raise self.too_large(declared)
         self.stage = "reading the body"
-        chunks: list[bytes] = []
-        while chunk := response.read1(1 << 16):  # one recv at most, so the count is current
+        while True:
+            try:
+                chunk = response.read1(1 << 16)  # one recv at most, so the count is current
+            except TRANSPORT_ERRORS as error:  # here, not in stream_url: the consumer's own errors are its own
+                raise self.fail(error) from None
+            if not chunk:
+                break
             self.received += len(chunk)
-            if self.received > limit:
-                raise self.error("too_large", f"{self.where} is larger than the {_size(limit)} limit")
-            chunks.append(chunk)
+            if self.received > self.policy.max_bytes:
+                raise self.too_large()
+            yield chunk
         if response.length:  # http.client returns b"" instead of raising when a sized body ends early
             raise self.error(
                 "protocol",
                 f"{self.where}: the connection closed after {self.received:,} of {declared:,} bytes of the body",
             )
-        return b"".join(chunks)
 
     def fail(self, error: BaseException) -> UrlFetchError:
         """The message for an error of the transport (anything but our own :class:`UrlFetchError`)."""
         if isinstance(error, (TimedOut, TimeoutError)):
             got = f", {self.received:,} bytes of the body so far" if self.stage == "reading the body" else ""
+            if self.policy.stall_s is not None and not self.deadline.passed():
+                return self.error(
+                    "timeout", f"{self.where} sent nothing for {self.policy.stall_s:g} s while {self.stage}{got}"
+                )
             return self.error(
                 "timeout",
-                f"downloading {self.where} took longer than {self.policy.timeout_s:g} s (URL_TIMEOUT_S); it stopped"
-                f" while {self.stage}{got}",
+                f"downloading {self.where} took longer than {self.policy.timeout_s:g} s "
+                f"({self.policy.timeout_setting}); it stopped while {self.stage}{got}",
             )
         if isinstance(error, ssl.SSLCertVerificationError):
             return self.error(
@@ -361,10 +357,27 @@ class _Fetch:
 def fetch_url(url: str, policy: UrlPolicy, *, field: str, accept: str = "*/*") -> bytes:
     """The body of ``url`` (http or https) under ``policy``; any failure is a :class:`UrlFetchError` whose message
     starts with ``field:`` and says what went wrong in words a user can act on."""
-    fetch = _Fetch(url, policy, field, accept)
+    return stream_url(url, policy, field=field, accept=accept, consume=lambda response: b"".join(response.chunks()))
+
+
+def stream_url(
+    url: str,
+    policy: UrlPolicy,
+    *,
+    field: str,
+    consume: Callable[[UrlResponse], T],
+    headers: Mapping[str, str] | None = None,
+    accept: str = "*/*",
+) -> T:
+    """GET ``url`` under ``policy`` (with extra request ``headers``, e.g. ``Range``) and hand the final 2xx answer
+    to ``consume``, whose result is returned; transport failures, also while ``consume`` reads the body, are
+    :class:`UrlFetchError` as for :func:`fetch_url`, and the consumer's own exceptions pass through."""
+    fetch = _Fetch(url, policy, field, accept, consume, headers)
     try:
         return fetch.run()
     except UrlFetchError:
         raise
-    except (TimedOut, OSError, http.client.HTTPException, ValueError, UnicodeError) as error:
+    except _ConsumerFailed as failed:
+        raise failed.error from None
+    except TRANSPORT_ERRORS as error:
         raise fetch.fail(error) from None

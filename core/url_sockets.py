@@ -18,15 +18,21 @@ class TimedOut(Exception):
 
 
 class Deadline:
-    def __init__(self, seconds: float) -> None:
+    """``seconds`` from now; with ``stall_s``, each wait (:meth:`left`) is also at most that long."""
+
+    def __init__(self, seconds: float, stall_s: float | None = None) -> None:
         self.seconds = seconds
+        self.stall_s = stall_s
         self.at = time.monotonic() + seconds
 
     def left(self) -> float:
         remaining = self.at - time.monotonic()
         if remaining <= 0:
             raise TimedOut
-        return remaining
+        return remaining if self.stall_s is None else min(remaining, self.stall_s)
+
+    def passed(self) -> bool:
+        return time.monotonic() >= self.at
 
 
 class DeadlineReader(io.RawIOBase):

@@ -2,8 +2,9 @@
 
 Only what the user names is downloaded, nothing else (no configs, no other files of the repo).
 Hub files go through huggingface_hub (its cache, resume and progress bar; ``HF_TOKEN`` is read by
-the library and never printed). URLs are downloaded into a cache folder with resume (HTTP Range)
-and a progress bar; plain ``http://`` is allowed only on the loopback interface (tests). An
+the library and never printed). URLs are downloaded into a cache folder through the project's one
+download path (:mod:`core.url_download`: resume by HTTP Range, a lock, a bounded wait for a silent
+server) with a progress bar; plain ``http://`` is allowed only on the loopback interface (tests). An
 optional sha256 pin is checked before the file is used, and a mismatch names both hashes.
 Names shown to the user or written to the manifest never carry a URL's query string, where
 download tokens usually live.
@@ -13,23 +14,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
-from email.message import Message
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from core.hub_names import HubFileName, HubNameError, has_url_scheme, is_hub_name, parse_hub_name
 from core.safetensors_files import pickle_suffix
 from core.sha256_pins import normalize_sha256 as _normalize_pin
+from core.url_download import DownloadInterrupted, download_file, download_lock, safe_filename, validator_path
+from core.url_fetch import UrlFetchError, UrlPolicy
 from model_build.errors import FetchError
 from model_build.manifest import sha256_file
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-CHUNK_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -109,96 +107,95 @@ def fetch_hub_file(hub_file: HubFileName, cache_dir: Path | None = None) -> Path
         ) from error
 
 
-def _content_range_start(value: str | None) -> tuple[int, int | None] | None:
-    """``bytes 100-199/200`` -> (100, 200); None if absent or unparsable."""
-    match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", (value or "").strip())
-    if not match:
-        return None
-    return int(match[1]), None if match[2] == "*" else int(match[2])
+# A checkpoint is set by the endpoint's owner, not by a job: any address, no single deadline (7 GB at a slow
+# link takes hours), but a server that sends nothing for ``timeout`` seconds is given up on.
+CHECKPOINT_DEADLINE_S = 7 * 24 * 3600.0
+MAX_CHECKPOINT_BYTES = 1 << 40
+PARTIAL_NAME = "download.partial"
 
 
-def _filename_from(response_headers: Message, url: str) -> str:
-    disposition = Message()
-    disposition["content-disposition"] = response_headers.get("Content-Disposition", "")
-    name = disposition.get_filename() or unquote(urlsplit(url).path.rsplit("/", 1)[-1]) or "download"
-    name = Path(name.replace("\\", "/")).name  # never a path out of the cache folder
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", name).lstrip(".") or "download"
+class _ProgressBar:
+    """A tqdm bar made at the first report (when the size and the resumed offset are known)."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.bar = None
+
+    def __call__(self, written: int, total: int | None) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            options = {"unit": "B", "unit_scale": True, "unit_divisor": 1024, "leave": False}
+            self.bar = tqdm(total=total, initial=written, desc=self.description, **options)
+        else:
+            self.bar.update(written - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fetch_error(error: UrlFetchError, shown: str) -> FetchError:
+    """The converter's FetchError for a failed download; ``transient`` when running again can succeed."""
+    if isinstance(error, DownloadInterrupted) and error.total is not None:
+        return FetchError(
+            f"{shown}: the download ended after {error.written:,} of {error.total:,} bytes; run the same command "
+            "again to resume it",
+            transient=True,
+        )
+    if isinstance(error, DownloadInterrupted):
+        return FetchError(f"{error.reason}; run the same command again to resume it", transient=True)
+    if error.kind == "status":
+        status = error.status or 0
+        return FetchError(f"{shown}: HTTP {status}", transient=status >= 500 or status in (408, 429))
+    return FetchError(error.reason, transient=error.kind in ("timeout", "network", "protocol", "busy"))
 
 
 def download_url(url: str, cache_dir: Path | None = None, timeout: float = 60.0) -> Path:
     """Download ``url`` into the cache, resuming a partial download; return the complete file.
 
-    A complete download is renamed from ``download.partial`` to its file name only once every byte
-    arrived, so an interrupted run leaves a partial file that the next run resumes (HTTP Range).
+    Through :func:`core.url_download.download_file`, the one download path (LoRAs by URL take it too), under a
+    lock in the URL's cache folder. A complete download is renamed from ``download.partial`` to its file name only
+    once every byte arrived, so an interrupted run leaves a partial file that the next run resumes (HTTP Range).
+    Proxy variables are not used (the connection goes to the address that was resolved, see core.url_fetch).
     """
-    from tqdm import tqdm
-
     shown = display_url(url)
     parts = urlsplit(url)
     if parts.scheme != "https" and not (parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS):
         raise FetchError(f"{shown}: only https:// URLs are downloaded (plain http only from this machine's loopback)")
     _refuse_pickle_name(parts.path, shown)
     folder = (cache_dir or default_cache_dir()) / "downloads" / hashlib.sha256(url.encode()).hexdigest()[:20]
-    folder.mkdir(parents=True, exist_ok=True)
-    complete = [path for path in folder.iterdir() if path.is_file() and path.name != "download.partial"]
-    if complete:
-        return complete[0]
-    partial = folder / "download.partial"
-    offset = partial.stat().st_size if partial.exists() else 0
-
-    request = urllib.request.Request(url, headers={"User-Agent": "model_build", "Accept-Encoding": "identity"})
-    if offset:
-        request.add_header("Range", f"bytes={offset}-")
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as error:
-        if error.code == 416 and offset:  # the partial file is not a prefix the server knows: start over
-            partial.unlink()
-            return download_url(url, cache_dir, timeout)
-        transient = error.code >= 500 or error.code in (408, 429)  # the server's trouble, or ours for a while
-        raise FetchError(f"{shown}: HTTP {error.code} {error.reason}", transient=transient) from error
-    except (urllib.error.URLError, OSError) as error:
-        raise FetchError(f"{shown}: cannot connect ({getattr(error, 'reason', error)})", transient=True) from error
-
-    with response:
-        content_range = _content_range_start(response.headers.get("Content-Range"))
-        if offset and response.status == 206 and content_range and content_range[0] == offset:
-            mode, total = "ab", content_range[1]
-        else:  # no partial file, or the server ignored the Range request: start from the first byte
-            offset, mode = 0, "wb"
-            length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-        filename = _filename_from(response.headers, url)
-        _refuse_pickle_name(filename, f"{shown} ({filename})")
-        written = offset
-        with (
-            open(partial, mode) as handle,
-            tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=filename, leave=False
-            ) as bar,
-        ):
-            try:
-                while chunk := response.read(CHUNK_BYTES):
-                    handle.write(chunk)
-                    written += len(chunk)
-                    bar.update(len(chunk))
-            except (OSError, urllib.error.URLError, ValueError) as error:
-                raise FetchError(
-                    f"{shown}: the download was interrupted after {written:,} bytes ({type(error).__name__}); "
-                    "run the same command again to resume it",
-                    transient=True,
-                ) from error
-            finally:
-                handle.flush()
-                os.fsync(handle.fileno())
-    if total is not None and written != total:
-        raise FetchError(
-            f"{shown}: the download ended after {written:,} of {total:,} bytes; run the same command again to resume "
-            "it",
-            transient=True,
-        )
-    target = folder / filename
-    partial.replace(target)
+    policy = UrlPolicy(
+        allow_private=True,
+        timeout_s=CHECKPOINT_DEADLINE_S,
+        max_bytes=MAX_CHECKPOINT_BYTES,
+        max_redirects=10,
+        stall_s=timeout,
+    )
+    bar = _ProgressBar(safe_filename(None, url))
+    with download_lock(folder / ".download.lock", f"downloading {shown}"):
+        # Hidden files are the lock and the resume validator; download.partial is the file being downloaded.
+        complete = [
+            path for path in folder.iterdir() if path.is_file() and path.name[0] != "." and path.name != PARTIAL_NAME
+        ]
+        if complete:
+            return complete[0]
+        try:
+            done = download_file(
+                url,
+                folder / PARTIAL_NAME,
+                policy,
+                field=shown,
+                progress=bar,
+                before_body=lambda filename: _refuse_pickle_name(filename, f"{shown} ({filename})"),
+            )
+        except UrlFetchError as error:
+            raise _fetch_error(error, shown) from None
+        finally:
+            bar.close()
+        target = folder / done.filename
+        done.path.replace(target)
+        validator_path(done.path).unlink(missing_ok=True)
     return target
 
 

@@ -94,7 +94,7 @@ def test_unknown_keys_are_errors_that_list_the_allowed_ones() -> None:
 def test_unknown_key_in_a_lora_entry_names_the_lora_fields() -> None:
     with pytest.raises(InvalidRequest) as error:
         parse_request({"prompt": "x", "loras": [{"name": "a", "weight": 1}]})
-    assert "loras.0.weight: unknown field (a LoRA entry takes: name, scale)" in str(error.value)
+    assert "loras.0.weight: unknown field (a LoRA entry takes: name, scale, sha256)" in str(error.value)
 
 
 def test_the_official_sample_payload_is_accepted_with_its_meaning() -> None:

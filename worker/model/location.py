@@ -38,6 +38,7 @@ from urllib.parse import unquote, urlsplit
 from core.errors import NO_SPACE_ERRNOS, ConfigurationError, ModelMissing
 from core.hub_names import HF_PREFIX, HubNameError, has_url_scheme, is_hub_name, parse_hub_name
 from core.settings import BAKED_MODELS, VOLUME, Settings
+from core.url_download import download_lock
 
 log = logging.getLogger(__name__)
 
@@ -276,28 +277,11 @@ def _fetch_and_convert(plan: ModelPlan) -> None:
 
 @contextmanager
 def _model_lock(model_dir: Path) -> Iterator[None]:
-    """``NAME.prepare.lock`` beside the model folder: one worker downloads and converts, the others wait."""
-    from filelock import FileLock, Timeout
-
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    """``NAME.prepare.lock`` beside the model folder: one worker downloads and converts, the others wait (the
+    download lock of :mod:`core.url_download`, held across the conversion too)."""
     path = model_dir.with_name(model_dir.name + ".prepare.lock")
-    lock = FileLock(str(path))
-    waited = time.perf_counter()
-    while True:
-        try:
-            lock.acquire(timeout=LOCK_LOG_EVERY_S)
-            break
-        except Timeout:
-            log.info(
-                "another worker is downloading or converting %s; waiting (%.0f s so far, lock %s)",
-                model_dir,
-                time.perf_counter() - waited,
-                path,
-            )
-    try:
+    with download_lock(path, f"downloading or converting {model_dir}", log_every_s=LOCK_LOG_EVERY_S, logger=log):
         yield
-    finally:
-        lock.release()
 
 
 def volume_cache_environment(volume: Path = VOLUME) -> dict[str, str]:

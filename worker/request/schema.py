@@ -21,7 +21,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -52,22 +51,12 @@ from worker.request.fields import (
 )
 from worker.request.hires import HiresFields, HiresSize, check_hires_sampling, check_hires_size, hires_size
 from worker.request.inpainting import InpaintingFields, Outpaint
+from worker.request.loras import LoraRequest
 from worker.request.sampling import SamplingFields
 
 # A1111 1.10's img2img API default denoising_strength: a masked job that does not give strength gets it (the
 # official worker's 0.3 is for its refiner pass and leaves a filled mask a blur).
 INPAINT_STRENGTH = 0.75
-
-
-class LoraRequest(BaseModel):
-    """One LoRA to apply: a file name under LORA_DIR (or hf://repo/file@revision) and its weight."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    name: Annotated[str, Field(min_length=1, max_length=512)]
-    scale: Annotated[float, Field(ge=-5.0, le=5.0, allow_inf_nan=False)] = 1.0
-
-    _int_scale_is_fine = field_validator("scale", mode="before")(number_from_int)
 
 
 class GenerationRequest(HiresFields, ControlNetFields, SamplingFields, InpaintingFields):
@@ -125,7 +114,11 @@ class GenerationRequest(HiresFields, ControlNetFields, SamplingFields, Inpaintin
     loras: Annotated[
         list[LoraRequest],
         GROUP,
-        Field(max_length=MAX_LORAS, description='[{"name": file under LORA_DIR, "scale": -5..5}]'),
+        Field(
+            max_length=MAX_LORAS,
+            description='[{"name": file under LORA_DIR, hf://…@commit or http(s) URL, "scale": -5..5, "sha256": a '
+            "URL's file (64 hex; optional for LORA_URL_HOSTS)}]",
+        ),
     ] = []  # noqa: RUF012 (pydantic copies field defaults; ruff cannot see the BaseModel behind a field group)
     # The official worker's refiner and img2img fields, with its defaults.
     refiner: Annotated[

@@ -44,8 +44,8 @@ class AppliedLora:
     def stable(self) -> dict[str, Any]:
         """What follows from the request and the file: the same on every worker and run."""
         entry: dict[str, Any] = {"name": self.name, "scale": self.scale, "active": self.active}
-        if self.source.origin == "hf":
-            entry["hf"] = self.source.label
+        if self.source.origin in ("hf", "url"):
+            entry[self.source.origin] = self.source.label
         else:
             entry["path"] = str(self.source.path)
         if not self.active:
@@ -91,31 +91,43 @@ class LoraManager:
     # -- public API -----------------------------------------------------------------------------------------------
 
     def activate(self, loras: Sequence[Any]) -> list[AppliedLora]:
-        """Make exactly ``loras`` (objects with ``name`` and ``scale``) active; say what was applied.
+        """Make exactly ``loras`` (objects with ``name``, ``scale`` and maybe ``sha256``) active; say what was applied.
 
         Raises :class:`LoraError` (a :class:`core.errors.LoraFailed`) for anything the caller must fix;
         the pipeline is then left with no LoRA active. ``activate([])`` runs no LoRA (adapters stay
         loaded for later jobs).
         """
-        sources = [self.resolver.resolve(lora.name, field=f"loras[{index}].name") for index, lora in enumerate(loras)]
+        sources = [
+            self.resolver.resolve(
+                lora.name,
+                field=f"loras[{index}].name",
+                sha256=getattr(lora, "sha256", None),
+                sha256_field=f"loras[{index}].sha256",
+            )
+            for index, lora in enumerate(loras)
+        ]
+        # A URL's query may carry a download token: reports (errors, metadata, PNG parameters) show it without.
+        names = [
+            source.label if source.origin == "url" else lora.name for lora, source in zip(loras, sources, strict=True)
+        ]
         seen: dict[str, int] = {}
         for index, source in enumerate(sources):
             first = seen.setdefault(str(source.path), index)
             if first != index:
                 raise LoraError(
-                    f"loras[{index}].name: {loras[index].name!r} is the same file as loras[{first}] "
-                    f"({loras[first].name!r}); list it once with the combined scale"
+                    f"loras[{index}].name: {names[index]!r} is the same file as loras[{first}] "
+                    f"({names[first]!r}); list it once with the combined scale"
                 )
 
         keep = {adapter_name(source) for lora, source in zip(loras, sources, strict=True) if lora.scale != 0.0}
         applied: list[AppliedLora] = []
         try:
-            for lora, source in zip(loras, sources, strict=True):
+            for lora, source, name in zip(loras, sources, names, strict=True):
                 if lora.scale == 0.0:
-                    applied.append(AppliedLora(lora.name, lora.scale, source, self.cache.get(source), False))
+                    applied.append(AppliedLora(name, lora.scale, source, self.cache.get(source), False))
                     continue
                 adapter, hit = self.cache.ensure_loaded(source, keep)
-                applied.append(AppliedLora(lora.name, lora.scale, source, adapter, hit))
+                applied.append(AppliedLora(name, lora.scale, source, adapter, hit))
         except BaseException:
             self._set_active({})  # a failed job leaves no LoRA active
             raise

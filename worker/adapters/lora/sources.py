@@ -1,9 +1,10 @@
-"""Where a LoRA name points: a ``.safetensors`` file under the LoRA folders, or a pinned Hub file.
+"""Where a LoRA name points: a ``.safetensors`` file under the LoRA folders, a pinned Hub file, or a URL.
 
 A request names a LoRA as ``styles/ink`` (``.safetensors`` optional) under one of the LoRA roots
-(``LORA_DIR``, default ``/runpod-volume/loras``, then the image's baked ``/loras``), or as
-``hf://owner/repo/path/file.safetensors@<40-hex commit>``, downloaded once into ``LORA_DOWNLOAD_DIR``
-and only when ``ALLOW_LORA_DOWNLOAD=1``.
+(``LORA_DIR``, default ``/runpod-volume/loras``, then the image's baked ``/loras``), as
+``hf://owner/repo/path/file.safetensors@<40-hex commit>``, or as an http(s) URL with the file's ``sha256``
+(or an https URL of a host in ``LORA_URL_HOSTS``, see :mod:`worker.adapters.downloads`); the last two are
+downloaded once into ``LORA_DOWNLOAD_DIR`` and only when ``ALLOW_LORA_DOWNLOAD=1``.
 
 Nothing here reads a LoRA's contents: resolving costs a few ``stat`` calls, so a cached LoRA is
 used again without touching the disk. Every refusal is a :class:`LoraError` (a
@@ -22,6 +23,8 @@ from core.errors import LoraFailed, first_line
 from core.hub_names import HubFileName, HubNameError, has_url_scheme, is_hub_name, parse_hub_name
 from core.safetensors_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, pickle_suffix
 from core.settings import VOLUME, Settings
+from core.url_fetch import UrlPolicy, shown_url
+from worker.adapters.downloads import UrlDownloads, download_by_url, is_url
 
 MAX_LISTED_NAMES = 20
 MAX_SCANNED_FILES = 10_000  # listing available names is for error messages; never let it crawl a huge volume
@@ -44,6 +47,10 @@ class LoraSettings:
     cache_size: int = 8  # adapters kept loaded (inactive) for reuse
     cache_mb: float = 2048.0  # their parameter memory, in MiB
     fuse_unet: bool = True  # merge the job's LoRAs into the UNet's weights, restored exactly after (see .fusion)
+    url_hosts: frozenset[str] = frozenset()  # LORA_URL_HOSTS
+    allow_private_urls: bool = False  # ALLOW_PRIVATE_URLS
+    url_timeout_s: float = 300.0  # LORA_DOWNLOAD_TIMEOUT_S
+    url_max_mb: int = 2048  # LORA_DOWNLOAD_MAX_MB
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LoraSettings:
@@ -54,6 +61,24 @@ class LoraSettings:
             cache_size=settings.lora_cache_size,
             cache_mb=settings.lora_cache_mb,
             fuse_unet=settings.lora_fuse,
+            url_hosts=settings.lora_url_hosts,
+            allow_private_urls=settings.allow_private_urls,
+            url_timeout_s=settings.lora_download_timeout_s,
+            url_max_mb=settings.lora_download_max_mb,
+        )
+
+    def url_downloads(self) -> UrlDownloads:
+        """The rules for LoRAs by URL, with the settings' names for messages."""
+        policy = UrlPolicy(
+            self.allow_private_urls,
+            self.url_timeout_s,
+            self.url_max_mb << 20,
+            timeout_setting="LORA_DOWNLOAD_TIMEOUT_S",
+            size_setting="LORA_DOWNLOAD_MAX_MB",
+        )
+        cache_dir = self.download_dir or default_download_dir()
+        return UrlDownloads(
+            self.allow_download, self.url_hosts, policy, cache_dir, "ALLOW_LORA_DOWNLOAD", "LORA_URL_HOSTS"
         )
 
 
@@ -69,8 +94,8 @@ class LoraSource:
     """A resolved LoRA file. ``identity`` changes whenever the file is replaced or rewritten."""
 
     name: str  # as the request gave it
-    label: str  # what reports show: the name under its root, or the hf:// address
-    origin: str  # "local" or "hf"
+    label: str  # what reports show: the name under its root, the hf:// address, or the URL without its query
+    origin: str  # "local", "hf" or "url"
     path: Path  # the real file (symlinks resolved)
     identity: str
 
@@ -145,15 +170,38 @@ class LoraResolver:
     def __init__(self, settings: LoraSettings) -> None:
         self.settings = settings
 
-    def resolve(self, name: str, field: str = "name") -> LoraSource:
+    def resolve(
+        self, name: str, field: str = "name", sha256: str | None = None, sha256_field: str = "sha256"
+    ) -> LoraSource:
+        """The file ``name`` means; ``sha256`` (only for a URL) pins the file a URL must bring."""
+        if is_url(name):
+            return self._resolve_url(name, sha256, field, sha256_field)
+        if sha256 is not None:
+            raise LoraError(
+                f"{sha256_field}: pins a LoRA given by URL; {name!r} is not a URL, so leave sha256 out (a file "
+                "under the LoRA folders or an hf:// name at a commit is already fixed)"
+            )
         if is_hub_name(name):
             return self._resolve_hf(name, field)
         if has_url_scheme(name):
             raise LoraError(
-                f"{field}: {name!r}: only file names under the LoRA folders and hf://owner/repo/file.safetensors@"
-                "<commit> addresses are supported"
+                f"{field}: {name[:60]!r}: only file names under the LoRA folders, hf://owner/repo/file.safetensors@"
+                "<commit> addresses and http(s) URLs are supported"
             )
         return self._resolve_local(name, field)
+
+    def _resolve_url(self, url: str, sha256: str | None, field: str, sha256_field: str) -> LoraSource:
+        cached = download_by_url(
+            url,
+            sha256,
+            self.settings.url_downloads(),
+            field=field,
+            sha256_field=sha256_field,
+            what="LoRA",
+            instead=f"put the file under {self._roots_text()}",
+            error=LoraError,
+        )
+        return LoraSource.of(name=url, label=shown_url(url), origin="url", path=cached.path)
 
     # -- local files ----------------------------------------------------------------------------------------------
 
