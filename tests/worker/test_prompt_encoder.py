@@ -548,10 +548,10 @@ def test_the_attack_prompt_is_refused_fast(encoder) -> None:
     import time
 
     prompt = ("x BREAK " * 2500)[:20_000]  # 2,500 chunks: 32 s per job on the dev model before the limit
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: other processes on a busy machine do not count
     with pytest.raises(InvalidRequest, match=r"prompt: 2500 chunks"):
         encoder.encode(prompt)
-    assert time.perf_counter() - started < 2.0
+    assert time.process_time() - started < 2.0
 
 
 def test_overflowing_weights_are_refused_and_extreme_ones_taken_as_written(pipe, encoder) -> None:

@@ -111,9 +111,9 @@ def test_deep_nesting_is_fast() -> None:
     import time
 
     prompt = "(" * 6667 + ")a" * 6666  # 20,000 characters, every bracket enclosing thousands of runs
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: other processes on a busy machine do not count
     runs = parse_prompt_attention(prompt)
-    assert time.perf_counter() - started < 1.0
+    assert time.process_time() - started < 1.0
     assert all(math.isfinite(weight) for _, weight in runs)
 
 
