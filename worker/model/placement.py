@@ -16,7 +16,7 @@ from typing import Any
 
 from core.errors import ConfigurationError
 from core.safetensors_files import read_header
-from core.settings import OFFLOAD_MODES
+from core.setting_values import OFFLOAD_MODES
 
 GIB = 1 << 30
 # Working memory for a 1024x1024 SDXL step at batch 2 (CFG) plus the VAE decode, measured roughly.
