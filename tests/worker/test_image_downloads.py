@@ -8,7 +8,6 @@ from these servers set ``allow_private=True``; the tests of the default policy s
 from __future__ import annotations
 
 import base64
-import datetime
 import io
 import ipaddress
 import socket
@@ -32,6 +31,7 @@ from core.errors import InvalidRequest
 from core.settings import Settings, load_settings
 from core.url_addresses import is_public_address, non_public_reason
 from core.url_fetch import UrlFetchError, UrlPolicy, fetch_url
+from tests.support.tls import self_signed_certificate
 from worker.request.input_images import BACKGROUND, decode_image, fetch_image_bytes, load_input_image, to_rgb
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -335,30 +335,8 @@ def test_malformed_urls_are_refused_before_any_connection(url: str, message: str
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, list[str | None]]]:
     """A TLS server on 127.0.0.1 with a self-signed certificate for ``images.test``; yields its port and the SNI
     names it was sent."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "images.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("images.test")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
     folder = tmp_path_factory.mktemp("tls")
-    (folder / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    self_signed_certificate("images.test", folder)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
     names: list[str | None] = []

@@ -6,7 +6,6 @@ tests of the default; every expectation (bytes, hashes, Range headers) is comput
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import os
 import socket
@@ -25,6 +24,7 @@ from core.settings import load_settings
 from core.url_download import download_file
 from core.url_fetch import UrlFetchError, UrlPolicy
 from tests.support.file_server import FileServer, Served
+from tests.support.tls import self_signed_certificate
 from worker.adapters.lora.sources import LoraError, LoraResolver, LoraSettings
 
 DATA = os.urandom(300_000)  # stands for a LoRA file: the resolver never reads what it downloads
@@ -201,30 +201,7 @@ def test_two_workers_asking_at_once_download_once(server: FileServer, tmp_path: 
 def https_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, list[str]]]:
     """``loras.test`` served over TLS from 127.0.0.1 with a certificate this test's client trusts; yields the
     port and the paths asked for."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "loras.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("loras.test")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    (tmp_path / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    self_signed_certificate("loras.test", tmp_path, certificate_authority=True)
     asked: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
