@@ -6,9 +6,12 @@ job and exits, ``--rp_serve_api --rp_api_port 8000`` serves /runsync, /run and /
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,11 +66,21 @@ def main() -> None:
         sys.exit(2)
     logging.basicConfig(level=settings.log_level or "INFO", format="%(asctime)s %(levelname)s %(message)s")
     apply_volume_caches()  # compile (and later Hub) caches on the network volume when one is mounted
+    # The RunPod SDK (aiohttp, boto3, paramiko...: 1.2 s of a cold start on the H200) is imported while the engine
+    # loads; an import that fails there is simply done again below, where its error is the one to see.
+    sdk = threading.Thread(target=_import_quietly, args=("runpod",), name="import-runpod", daemon=True)
+    sdk.start()
     worker = start_worker(settings)
+    sdk.join()
     import runpod
 
     shorten_images_in_runpod_logs()
     runpod.serverless.start({"handler": worker.handle})
+
+
+def _import_quietly(name: str) -> None:
+    with contextlib.suppress(BaseException):  # a failed or deadlocked import is retried, and reported, by main()
+        importlib.import_module(name)
 
 
 _DATA_URI = re.compile(r"(data:[\w.+-]+/[\w.+-]+;base64,)[A-Za-z0-9+/=]{80,}")
