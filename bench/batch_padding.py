@@ -19,8 +19,8 @@ either well under or well over 75 tokens). Scenarios:
 - ``sizes+loras``: the same with one of 4 LoRA sets (none, A, B, A+B) on each line;
 - ``mixed``: ``sizes+loras`` with 3 samplers, 10 % img2img lines (each its own input image), 8 % hires-fix lines
   and 10 % long (2-chunk) prompts;
-- ``img2img``: one setting (1024², 30 steps) over 1,000 input pictures: the input image is part of the key, so each
-  line is a group of its own.
+- ``img2img``: one setting (1024², 30 steps) over 1,000 input pictures (with width/height given, lines over other
+  pictures share a call; before that change each line was a group of its own).
 """
 
 from __future__ import annotations

@@ -83,6 +83,44 @@ def test_img2img_from_a_data_uri_follows_the_input_size_and_is_reproducible(work
     assert decode(sized["images"][0]).size == (256, 256)
 
 
+def test_img2img_requests_over_their_own_pictures_share_a_call(worker: Worker) -> None:
+    """Issue 23: with width/height given, img2img requests over different pictures share one call, so a batch run over
+    a folder of pictures fills whole calls instead of padding each picture's. Each image is byte for byte the one its
+    picture makes in a call of the same size with copies of itself (what the batch runner's padding gives)."""
+    import torch
+
+    from worker.generation.grouping import fields_key
+    from worker.request.schema import parse_request
+
+    engine = worker.engine
+    pictures = [png_bytes((320, 256), (200, 120, 40)), png_bytes((192, 192), (30, 160, 90))]
+    common = {"strength": 0.5, "num_inference_steps": 4, "width": 128, "height": 128}
+    first, second = (
+        parse_request({**common, "prompt": prompt, "seed": seed, "image_url": base64.b64encode(picture).decode()})
+        for prompt, seed, picture in zip(("a blue fence", "a green gate"), (3, 4), pictures, strict=True)
+    )
+    assert engine.group_key(first) == engine.group_key(second)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread count for every call compared
+    try:
+        shared = engine.generate_group([first, second])
+        alone = [engine.generate_group([request, request])[0] for request in (first, second)]
+    finally:
+        torch.set_num_threads(threads)
+    for together, by_itself in zip(shared, alone, strict=True):
+        assert together.images[0].tobytes() == by_itself.images[0].tobytes()
+        assert together.metadata.stable == by_itself.metadata.stable
+    assert shared[0].images[0].tobytes() != shared[1].images[0].tobytes()
+    assert [result.metadata.stable["img2img"]["input_size"] for result in shared] == [[320, 256], [192, 192]]
+    # The picture still splits calls where it shapes them: no size given (the output follows it), or a mask.
+    unsized = [parse_request({"prompt": "x", "image_url": r.image_url, "strength": 0.5}) for r in (first, second)]
+    masked = [parse_request({**common, "prompt": "x", "image_url": r.image_url, "mask": r.image_url}) for r in unsized]
+    plain = parse_request({**common, "prompt": "x"})
+    for pair in (unsized, masked):
+        assert fields_key(pair[0]) != fields_key(pair[1])
+    assert fields_key(plain) != fields_key(first)  # text-to-image never shares an img2img call
+
+
 def test_img2img_strength_too_small_for_the_steps_is_a_clear_error(worker: Worker) -> None:
     uri = base64.b64encode(png_bytes((256, 256))).decode()
     out = worker.handle({"id": "s", "input": {"prompt": "x", "image_url": uri, "num_inference_steps": 3}})

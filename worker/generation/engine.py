@@ -220,7 +220,7 @@ class Engine:
         embeds = Embeddings(encoded, requests, cfg=first.guidance_scale > 1.0)
 
         hires: HiresRun | None = None
-        plan = None
+        plan, own_modes = None, None
         if first.is_inpainting:
             started = self._clock()
             most_images = max(request.num_images for request in requests)
@@ -231,7 +231,8 @@ class Engine:
         elif first.is_img2img:
             started = self._clock()
             own = self.encoders.refiner_embeddings(embeds) if refine else embeds  # the whole call's requests
-            latents, size, mode_info, stages = self.stages.img2img(first, own, all_seeds, refine, progress, control)
+            latents, size, own_modes, stages = self.stages.img2img(first, own, all_seeds, refine, progress, control)
+            mode_info = own_modes[0]
             times["denoising_s"] = self._clock() - started
         else:
             latents, stages, hires = self._text_to_image(embeds, all_seeds, refine, progress, times, loras, control)
@@ -261,6 +262,8 @@ class Engine:
             offset += len(seeds)
             describe_schedule_calls(enc, stages if hires is None else stages[:1])
             info = run_info if hires is None else {**run_info, "hires": hires.describe(index, stages[2:])}
+            if own_modes is not None:  # img2img: each request's own picture
+                info = {**info, "img2img": own_modes[index]["img2img"]}
             metadata = job_metadata(request, enc, seeds, loras, timings, size, info, self.facts, volatile)
             results.append(GenerationResult(request, own_images, seeds, metadata))
         return results

@@ -12,16 +12,16 @@ from worker.request.schema import GROUP_FIELDS, GenerationRequest
 if TYPE_CHECKING:  # the planner orders lines by fields_key without loading torch
     from worker.prompting.encoded import EncodedPrompts
 
-INLINE_IMAGE_FIELDS = frozenset({"image_url", "mask", "mask_url"})
+INLINE_IMAGE_FIELDS = frozenset({"mask", "mask_url"})
 
 
 def group_key(request: GenerationRequest, encoded: EncodedPrompts, hires: EncodedPrompts | None = None) -> tuple:
     """Requests with equal keys can share one pipeline call (same latent shape, schedule, weights and inputs).
 
     Built from every field the schema declares ``Scope.GROUP`` (a call runs with its first request's values of
-    those), plus what follows from them: the prompt's chunk count (the embeddings' shape) and whether the size
-    was given (img2img follows the input image otherwise); with a hires pass, its prompts' chunk count too
-    (``hires``: their encoding; ``hr_prompt`` is each request's own).
+    those), plus what follows from them: the prompt's chunk count (the embeddings' shape), whether the size
+    was given, whether it is img2img and, where it shapes the call, its picture (:func:`_picture_key`); with a hires
+    pass, its prompts' chunk count too (``hires``: their encoding; ``hr_prompt`` is each request's own).
     """
     return (*fields_key(request), encoded.num_chunks, hires.num_chunks if hires is not None else None)
 
@@ -43,7 +43,17 @@ def fields_key(request: GenerationRequest) -> tuple:
         elif isinstance(value, BaseModel):
             value = tuple(value.model_dump().items())
         values.append(value)
-    return (*values, request.size_given)
+    return (*values, request.size_given, _picture_key(request))
+
+
+def _picture_key(request: GenerationRequest) -> tuple[bool, str | None]:
+    """Whether the request is img2img, and its picture where that shapes the call: without width/height the output
+    takes the picture's size, and an inpainting call's mask and crop are planned on it. Otherwise each request of a
+    call starts from its own picture (``image_url`` is a per-request field): an img2img run over many pictures fills
+    whole calls instead of padding each picture's."""
+    if request.image_url is None or (request.size_given and not request.is_inpainting):
+        return request.image_url is not None, None
+    return True, hashlib.sha256(request.image_url.encode()).hexdigest()  # data URIs can be megabytes
 
 
 def _short(value: object) -> object:

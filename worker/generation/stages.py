@@ -193,30 +193,42 @@ class StageRunner:
         refine: bool,
         progress: ProgressCallback | None,
         control: ControlInputs | None = None,
-    ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any], list[Stage]]:
+    ) -> tuple[torch.Tensor, tuple[int, int], list[dict[str, Any]], list[Stage]]:
         """img2img on the base's own modules (with ``control``, diffusers' ControlNet img2img pipeline over them), or
-        through the refiner (``embeds`` are then the refiner's; the schema refuses ControlNets there)."""
-        source = load_input_image(request.image_url or "", self.settings)
-        size = img2img_size(request, source.size)
-        image = source if source.size == size else source.resize(size, Image.Resampling.LANCZOS)
+        through the refiner (``embeds`` are then the refiner's; the schema refuses ControlNets there). Each request
+        of the call (``embeds.requests``) starts from its own picture: pictures of any size share a call once
+        width/height fix the output (:func:`.grouping.fields_key`). Returns each request's mode metadata."""
+        requests = embeds.requests
+        sources = {
+            url: load_input_image(url, self.settings) for url in dict.fromkeys(r.image_url or "" for r in requests)
+        }
+        size = img2img_size(request, sources[request.image_url or ""].size)  # one per call: the group key's
+        resized = {
+            url: source if source.size == size else source.resize(size, Image.Resampling.LANCZOS)
+            for url, source in sources.items()
+        }
+        images = [resized[r.image_url or ""] for r in requests for _ in range(r.num_images)]
         steps = request.refiner_inference_steps if refine else request.num_inference_steps
         # A1111's img2img: the schedule spans the requested steps and its counter starts at the first call that runs.
         stage = Stage("refiner" if refine else "base", steps, request.sampling.sampler, SAME_STEPS)
         latents, encode_tiled = self.img2img_call(
-            request, embeds, seeds, [image] * len(seeds), request.strength, stage, progress, refine, control=control
+            request, embeds, seeds, images, request.strength, stage, progress, refine, control=control
         )
-        info = {
-            "mode": "img2img",
-            "img2img": {
-                "strength": request.strength,
-                "input_size": list(source.size),
-                "model": stage.model,
-                "num_inference_steps": steps,  # the schedule strength cuts: int(steps x strength) of it ran
-                "steps": stage.steps_run,
-            },
-            "vae_tiling": {"encode": encode_tiled},
-        }
-        return latents, size, info, [stage]
+        infos = [
+            {
+                "mode": "img2img",
+                "img2img": {
+                    "strength": request.strength,
+                    "input_size": list(sources[r.image_url or ""].size),
+                    "model": stage.model,
+                    "num_inference_steps": steps,  # the schedule strength cuts: int(steps x strength) of it ran
+                    "steps": stage.steps_run,
+                },
+                "vae_tiling": {"encode": encode_tiled},
+            }
+            for r in requests
+        ]
+        return latents, size, infos, [stage]
 
     def img2img_call(
         self,

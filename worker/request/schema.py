@@ -151,7 +151,7 @@ class GenerationRequest(HiresFields, ControlNetFields, SamplingFields, Inpaintin
     ] = 0.3
     image_url: Annotated[
         str | None,
-        GROUP,
+        REQUEST,  # lines with other pictures share a call when width/height fix its size (grouping.fields_key)
         Field(
             max_length=MAX_IMAGE_URL_CHARS,
             description="img2img input: an http(s) URL (public addresses unless ALLOW_PRIVATE_URLS=1), a data URI "
