@@ -24,7 +24,7 @@ from core.errors import InternalError, InvalidRequest
 from core.results import GenerationMetadata, Timings
 from core.settings import Settings
 from model_build.dev_model import DEV_MODEL_NOTICE
-from worker.adapters.controlnet.manager import ControlNetManager, controlnet_reserve
+from worker.adapters.controlnet.manager import ControlNetManager
 from worker.adapters.lora.manager import AppliedLora
 from worker.generation.acceleration import accelerate
 from worker.generation.conditioning import Embeddings, Stage
@@ -83,7 +83,6 @@ class Engine:
             self.settings,
             offload or self.settings.offload,
             clock,
-            controlnet_reserve(self.settings, torch.float16 if torch.cuda.is_available() else torch.float32),
         )
         self.model_dir, self.manifest, self.model_name, self.model_hash = model.dir_facts()
         self.is_dev_model, self.is_inpainting_model = model.manifest.dev_model, model.is_inpainting_model
@@ -121,9 +120,8 @@ class Engine:
             self.refiner is not None,
         )
         clock.lap("prompt_encoders_s")
-        if (
-            self.plan.device == "cuda" and self.settings.warmup and self.plan.offload != "sequential"
-        ):  # it takes minutes
+        sequential = self.plan.offload == "sequential"  # a warm-up would take minutes
+        if self.plan.device == "cuda" and self.settings.warmup and not sequential:
             try:
                 self.warm_up()
             except Exception as error:  # only a speed-up: a worker that cannot warm up still serves

@@ -32,7 +32,7 @@ class DevicePlan:
     @property
     def loads_on_device(self) -> bool:
         """Whether weights can be read straight into GPU memory (``from_pretrained(device_map=...)``): they stay
-        there, so no copy in CPU memory and no second copy pass (a faster cold start)."""
+        there, so they never take a copy in host memory (no faster, measured: :mod:`worker.model.pipelines`)."""
         return self.device == "cuda" and self.offload == "none"
 
 
