@@ -96,12 +96,25 @@ def _prediction_options(settings: Settings, source: str | None) -> tuple[str | N
             "CHECKPOINT_PREDICTION_TYPE / CHECKPOINT_ZERO_TERMINAL_SNR say how to convert CHECKPOINT, which is not "
             "set; a converted folder already records its prediction (model_build convert --prediction-type)"
         )
-    if ztsnr and prediction_type == "epsilon":
+    if prediction_type is not None and not _prediction_possible(prediction_type, ztsnr):
         raise ConfigurationError(
             "CHECKPOINT_ZERO_TERMINAL_SNR=1 needs a v-prediction model, but CHECKPOINT_PREDICTION_TYPE=epsilon; "
             "set CHECKPOINT_PREDICTION_TYPE=v_prediction or leave CHECKPOINT_ZERO_TERMINAL_SNR empty"
         )
     return prediction_type, ztsnr
+
+
+def _prediction_possible(prediction_type: str, zero_terminal_snr: bool | None) -> bool:
+    """The converter's own rule (:func:`model_build.prediction.decide_prediction`); a given type makes the
+    checkpoint's markers irrelevant, so it can be asked before the file is read."""
+    from model_build.errors import ConversionError
+    from model_build.prediction import decide_prediction
+
+    try:
+        decide_prediction((), prediction_type, zero_terminal_snr)
+    except ConversionError:
+        return False
+    return True
 
 
 def plan_model(settings: Settings, volume: Path = VOLUME, baked: Path = BAKED_MODELS) -> ModelPlan:
