@@ -181,7 +181,7 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=False, default=False)
 def smoke(session: nox.Session) -> None:
-    """The worker on full-size random SDXL on this machine's GPU: 1024², long prompt, LoRA, refiner, out of memory.
+    """The worker on full-size random SDXL on this machine's GPU: every generation mode, other model folders, OOM.
 
     Runs in the current interpreter (the image's, or any with requirements.txt and CUDA torch); COMPILE=unet etc.
     apply as in the worker. `nox -s smoke -- --steps 10` passes options; without a GPU it refuses (dry run:

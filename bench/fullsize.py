@@ -4,18 +4,23 @@ Speed does not depend on weight values, so the benchmarks build the public SDXL 
 from the configs shipped in ``model_build`` (no checkpoint, no Hub), fill it with fan-in scaled
 random weights on the GPU (finite activations end to end), and, where the worker's own loading
 path is measured, save it as a converted folder with a manifest that :class:`worker.generation.engine.Engine`
-accepts. Such a folder is marked ``dev_model`` so everything that reads it says its images are noise.
+accepts. Such a folder is marked ``dev_model`` so everything that reads it says its images are noise. A folder can
+also be saved as the converter saves a v-prediction model (its scheduler config and manifest say so), and the
+inpainting config builds the 9-channel inpainting family.
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from model_build.architectures import COMPONENTS
+
+if TYPE_CHECKING:
+    from model_build.manifest import Prediction
 
 
 @torch.no_grad()
@@ -33,12 +38,13 @@ def random_init(module: torch.nn.Module, generator: torch.Generator) -> None:
 def build_random_pipeline(
     config: str = "sdxl_base", device: str = "cuda", dtype: torch.dtype = torch.float16, seed: int = 0
 ) -> Any:
-    """An SDXL pipeline of architecture ``config`` with random weights, built straight on ``device``."""
-    from diffusers import StableDiffusionXLPipeline
+    """An SDXL pipeline of architecture ``config`` with random weights, built straight on ``device``: the pipeline
+    class of its family (``StableDiffusionXLInpaintPipeline`` for the inpainting configs, as the converter writes)."""
+    import diffusers
     from diffusers.schedulers import EulerDiscreteScheduler
     from transformers import CLIPTokenizer
 
-    from model_build.architectures import empty_component, materialize
+    from model_build.architectures import empty_component, family_of_config, materialize
 
     folder = materialize(config, Path(tempfile.mkdtemp(prefix="sdxl-random-config-")))
     generator = torch.Generator(device).manual_seed(seed)
@@ -60,13 +66,26 @@ def build_random_pipeline(
     components["tokenizer"] = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     components["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
     components["scheduler"] = EulerDiscreteScheduler.from_pretrained(folder / "scheduler")
-    pipe = StableDiffusionXLPipeline(**components)
+    pipe = getattr(diffusers, family_of_config(config).pipeline_class)(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def save_as_model_dir(pipe: Any, destination: Path, dtype_name: str = "fp16") -> Path:
-    """Save ``pipe`` as a converted folder (Diffusers layout + manifest) that the worker can load."""
+def save_as_model_dir(
+    pipe: Any,
+    destination: Path,
+    dtype_name: str = "fp16",
+    *,
+    config: str | None = None,
+    prediction: Prediction | None = None,
+) -> Path:
+    """Save ``pipe`` as a converted folder (Diffusers layout + manifest) that the worker can load.
+
+    ``config``: the shipped config it was built from, recorded with its family (an inpainting folder must say so).
+    ``prediction``: what the converter would have decided; its scheduler config change is the converter's
+    (:func:`model_build.prediction.scheduler_overrides`), and the manifest records it.
+    """
+    from model_build.architectures import family_of_config
     from model_build.convert import library_versions
     from model_build.manifest import (
         CONVERTER_VERSION,
@@ -76,13 +95,20 @@ def save_as_model_dir(pipe: Any, destination: Path, dtype_name: str = "fp16") ->
         describe_files,
         write_manifest,
     )
+    from model_build.prediction import scheduler_overrides
 
     pipe.save_pretrained(destination, safe_serialization=True)
+    if prediction is not None:  # the pipe keeps its own scheduler: only the folder's config changes
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **scheduler_overrides(prediction))
+        scheduler.save_pretrained(destination / "scheduler")
+    family = {"family": family_of_config(config).name} if config else {}
     manifest = Manifest(
         format=MANIFEST_FORMAT,
         converter_version=CONVERTER_VERSION,
         source=SourceRecord(name="random-full-size-sdxl", sha256="", size=0),
-        config=pipe.unet.config.get("_name_or_path") or "random",
+        config=config or pipe.unet.config.get("_name_or_path") or "random",
+        **family,
+        **({"prediction": prediction} if prediction is not None else {}),
         dev_model=True,  # random weights: the worker labels every image as noise
         dtype=dtype_name,
         versions=library_versions(),

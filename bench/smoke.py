@@ -19,6 +19,9 @@ etc.), one JSON line per check, exit status 1 if any failed:
   the plain job's, and the timesteps it ran;
 - ``inpaint``: the square job's image with a centred mask (A1111's API defaults) returns one image of its size whose
   pixels outside the blurred mask are the input's; its time beside the plain job's;
+- ``outpaint``: the square job's image extended by 1/8 of its side left and right (``outpaint``, 128 px at 1024²),
+  generated at the whole new canvas, returns an image of the canvas's size whose pixels away from the new borders
+  are the input's, in place; its time beside the plain job's;
 - ``refiner``: with the full-size refiner loaded beside the base (converted by ``model_build`` from its
   random single-file checkpoint), the official worker's refiner job (``strength``) and the ensemble of experts
   (``high_noise_frac``) each return an image that the refiner made; ``--no-refiner`` skips it;
@@ -30,7 +33,18 @@ etc.), one JSON line per check, exit status 1 if any failed:
   unless the environment sets it), so the VAE decodes and encodes in tiles; each reports its peak GPU memory;
 - ``out_of_memory``: with this process capped to a little more GPU memory than the weights take
   (``torch.cuda.set_per_process_memory_fraction``), a job fails with an error that sets ``refresh_worker``,
-  and with the cap lifted the next job succeeds.
+  and with the cap lifted the next job succeeds;
+- ``v_prediction``: the random weights saved again as the converter saves a v-prediction model
+  (``--prediction-type v_prediction --zero-terminal-snr``: scheduler config and manifest), served as MODEL_DIR by a
+  second worker once the first is gone: the square job's metadata says v_prediction with zero terminal SNR, it starts
+  at timestep 999, and its image differs from the first model's; ``v_prediction_rescale``: the README's v-prediction
+  request (Euler a, ``guidance_rescale`` 0.7) runs and Heun is refused; each with its time (and the worker's start);
+- ``inpaint_model``: a random 9-channel inpainting model (the ``sdxl_inpaint`` config, ``dev_inpaint`` in the dry
+  run) served by a third worker (``COMPILE`` off: refused for such a model): the inpaint check's job keeps the
+  unmasked pixels; ``inpaint_model_unmasked_refused``: a job without a mask is refused naming ``mask`` and the masked
+  job again gives the same bytes.
+
+``bench/smoke_inpainting.py`` and ``bench/smoke_models.py`` hold the inpainting checks and the other model folders.
 """
 
 from __future__ import annotations
@@ -154,45 +168,26 @@ def image_pixels(uri: str | None) -> bytes | None:
     return None if uri is None else Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).tobytes()
 
 
-def run_job(worker: Any, name: str, **fields: Any) -> tuple[dict[str, Any], float]:
-    started = time.perf_counter()
-    output = worker.handle({"id": f"smoke-{name}", "input": fields})
-    return output, time.perf_counter() - started
+def prompt_encoder_check(worker: Any) -> None:
+    """The CUDA-graph encoder replay equals eager CLIP (the CPU suite cannot check it)."""
+    from worker.prompting.encoding import PromptEncoder
 
-
-def inpaint_check(worker: Any, base: dict[str, Any], first: dict[str, Any], size: int) -> dict[str, Any]:
-    """Inpaint a centred square of the first job's image (A1111's API defaults: only masked, fill, blur 4): one image
-    of the input's size whose pixels outside the blurred mask are the input's."""
-    import base64
-    import io
-
-    import numpy as np
-    from PIL import Image, ImageFilter
-
-    if "error" in first:
-        return {"ok": False, "error": "the square job failed"}
-    mask = Image.new("L", (size, size), 0)
-    mask.paste(255, (size // 4, size // 4, size * 3 // 4, size * 3 // 4))
-    buffer = io.BytesIO()
-    mask.save(buffer, "PNG")
-    fields = {**base, "image_url": first["images"][0], "mask": base64.b64encode(buffer.getvalue()).decode()}
-    output, seconds = run_job(worker, "inpaint", **fields, seed=11)
-    if "error" in output:
-        return {"ok": False, "error": output["error"], "seconds": round(seconds, 2)}
-
-    def pixels(uri: str) -> np.ndarray:
-        return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"))
-
-    keep = np.asarray(mask.filter(ImageFilter.GaussianBlur(4))) == 0
-    result, source = pixels(output["images"][0]), pixels(first["images"][0])
-    kept = result.shape == source.shape and bool(np.array_equal(result[keep], source[keep]))
-    return {
-        "ok": kept,
-        "seconds": round(seconds, 2),
-        "unmasked_pixels_kept": kept,
-        "inpainting": output["metadata"].get("inpainting"),
-        "timings": output["metadata"].get("timings"),
-    }
+    eager = PromptEncoder(worker.engine.pipe, cache_bytes=0, cuda_graphs=False)
+    graphed = PromptEncoder(worker.engine.pipe, cache_bytes=0)
+    prompts = ("a cat", "a (cat:1.3) on a mat BREAK at night, " * 6)
+    equal = all(
+        all(
+            torch.equal(a, b)
+            for _ in range(2)  # the first call captures, the second replays
+            for a, b in zip(
+                graphed.encode(p, negative_prompt="dog").tensors(),
+                eager.encode(p, negative_prompt="dog").tensors(),
+                strict=True,
+            )
+        )
+        for p in prompts
+    )
+    report("prompt_encoder_cuda_graphs", equal and graphed._graphs.broken is None, broken=graphed._graphs.broken)
 
 
 def main() -> None:
@@ -210,6 +205,15 @@ def main() -> None:
     dtype = torch.float16 if args.full_size else torch.float32
 
     from bench.fullsize import build_random_pipeline, save_as_model_dir
+    from bench.smoke_inpainting import inpaint_check, inpaint_model_checks, outpaint_check, run_job
+    from bench.smoke_models import (
+        build_inpaint_folder,
+        free_gpu,
+        save_vpred_folder,
+        start_worker,
+        vpred_checks,
+        without_compile,
+    )
     from core.settings import load_settings
     from model_build.dev_lora import random_lora, save_diffusers_lora
     from model_build.dev_lycoris import random_lycoris, save_lycoris
@@ -224,9 +228,10 @@ def main() -> None:
     lokr = random_lycoris(pipe, "lokr", rank=8, strength=0.3, tucker=True, device=device)
     save_lycoris(lokr, pipe, lora_dir / "smoke-lokr.safetensors")
     model_dir = Path(args.model_dir) if args.model_dir else save_as_model_dir(pipe, work / "sdxl-random")
+    vpred_dir = save_vpred_folder(pipe, work / "sdxl-random-vpred")  # the same weights, converted as v-prediction
     del pipe
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    free_gpu(device)
+    inpaint_dir = build_inpaint_folder(work / "sdxl-random-inpaint", args.full_size, device, dtype)
     refiner_dir = None if args.no_refiner else build_refiner(work, args.full_size)
     controlnet_root = build_controlnet(work, args.full_size)
     report(
@@ -235,6 +240,8 @@ def main() -> None:
         seconds=round(time.perf_counter() - started, 1),
         model_dir=str(model_dir),
         refiner_dir=str(refiner_dir) if refiner_dir else None,
+        vpred_dir=str(vpred_dir),
+        inpaint_dir=str(inpaint_dir),
     )
 
     os.environ["LORA_DIR"] = str(lora_dir)  # the engine's LoRA manager reads its settings from the environment
@@ -264,25 +271,8 @@ def main() -> None:
     if worker.engine is None:
         sys.exit(1)
 
-    if device == "cuda":  # the CUDA-graph encoder replay equals eager CLIP (the CPU suite cannot check it)
-        from worker.prompting.encoding import PromptEncoder
-
-        eager = PromptEncoder(worker.engine.pipe, cache_bytes=0, cuda_graphs=False)
-        graphed = PromptEncoder(worker.engine.pipe, cache_bytes=0)
-        prompts = ("a cat", "a (cat:1.3) on a mat BREAK at night, " * 6)
-        equal = all(
-            all(
-                torch.equal(a, b)
-                for _ in range(2)  # the first call captures, the second replays
-                for a, b in zip(
-                    graphed.encode(p, negative_prompt="dog").tensors(),
-                    eager.encode(p, negative_prompt="dog").tensors(),
-                    strict=True,
-                )
-            )
-            for p in prompts
-        )
-        report("prompt_encoder_cuda_graphs", equal and graphed._graphs.broken is None, broken=graphed._graphs.broken)
+    if device == "cuda":
+        prompt_encoder_check(worker)
 
     base = {"prompt": "a lighthouse on a cliff at dawn", "width": size, "height": size, "num_inference_steps": steps}
     if refiner_dir is not None:  # the base-only checks stay base-only; the refiner has checks of its own below
@@ -371,11 +361,8 @@ def main() -> None:
         no_controlnet_after_equals_before=controlnet_ok and again["images"][0] == first["images"][0],
     )
 
-    report(
-        "inpaint",
-        **inpaint_check(worker, base, first, size),
-        plain_seconds=round(plain_seconds, 2),
-    )
+    for check, run_check in (("inpaint", inpaint_check), ("outpaint", outpaint_check)):
+        report(check, **run_check(worker, base, first, size), plain_seconds=round(plain_seconds, 2))
 
     if refiner_dir is not None:
         for check, fields in (
@@ -450,6 +437,26 @@ def main() -> None:
             next_job_equals_first=after.get("images", [None])[0] == first["images"][0],
             next_job_s=round(after_seconds, 2),
         )
+
+    # Other model folders, each served by a worker of its own as MODEL_DIR; one worker holds the GPU at a time.
+    del worker, accelerator
+    vpred_worker, started_details = start_worker(settings, vpred_dir, device)
+    if vpred_worker is None:
+        report("v_prediction", False, **started_details)
+    else:
+        plain, rescale = vpred_checks(vpred_worker, base, first, same_weights=args.model_dir is None)
+        report("v_prediction", **plain, plain_seconds=round(plain_seconds, 2), **started_details)
+        report("v_prediction_rescale", **rescale, plain_seconds=round(plain_seconds, 2))
+    del vpred_worker
+    inpaint_settings, compile_note = without_compile(settings)
+    inpaint_worker, started_details = start_worker(inpaint_settings, inpaint_dir, device)
+    if inpaint_worker is None or "error" in first:
+        report("inpaint_model", False, **{"error": "the square job failed: no image to inpaint", **started_details})
+    else:
+        masked, unmasked = inpaint_model_checks(inpaint_worker, base, first["images"][0], size)
+        details = {**started_details, "compile": compile_note, "plain_seconds": round(plain_seconds, 2)}
+        report("inpaint_model", **masked, **details)
+        report("inpaint_model_unmasked_refused", **unmasked)
     report("summary", not FAILURES, failed=FAILURES)
     sys.exit(1 if FAILURES else 0)
 
