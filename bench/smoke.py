@@ -44,6 +44,9 @@ etc.), one JSON line per check, exit status 1 if any failed:
   unmasked pixels; ``inpaint_model_unmasked_refused``: a job without a mask is refused naming ``mask`` and the masked
   job again gives the same bytes.
 
+Every line carries ``dynamo``: what torch.compile counted since the previous line (graphs, recompiles, guard
+failures); with ``COMPILE`` set, a job at a warmed shape must show no new graph.
+
 ``bench/smoke_inpainting.py`` and ``bench/smoke_models.py`` hold the inpainting checks and the other model folders.
 """
 
@@ -68,10 +71,27 @@ sys.path.insert(0, str(ROOT))
 FAILURES: list[str] = []
 
 
+_DYNAMO_SEEN: dict[str, int] = {}
+
+
+def dynamo_counters_delta() -> dict[str, int]:
+    """What torch.compile did since the last check (new graphs, recompiles, guard failures), from Dynamo's own
+    counters: with COMPILE set, a job at a warmed shape must add nothing here (no compile inside a paid job)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    now = {f"{group}.{key}"[:80]: int(value) for group, values in counters.items() for key, value in values.items()}
+    delta = {key: value - _DYNAMO_SEEN.get(key, 0) for key, value in now.items() if value != _DYNAMO_SEEN.get(key, 0)}
+    _DYNAMO_SEEN.clear()
+    _DYNAMO_SEEN.update(now)
+    return dict(sorted(delta.items())[:12])
+
+
 def report(check: str, ok: bool, **details: Any) -> None:
     if not ok:
         FAILURES.append(check)
-    print(json.dumps({"smoke": check, "ok": ok, **details}), flush=True)
+    print(json.dumps({"smoke": check, "ok": ok, **details, "dynamo": dynamo_counters_delta()}), flush=True)
 
 
 def long_prompt() -> str:
