@@ -81,7 +81,12 @@ def dynamo_counters_delta() -> dict[str, int]:
         from torch._dynamo.utils import counters
     except ImportError:
         return {}
-    now = {f"{group}.{key}"[:80]: int(value) for group, values in counters.items() for key, value in values.items()}
+    now = {
+        f"{group}.{key}"[:80]: int(value)
+        for group, values in counters.items()
+        if group not in ("aot_autograd", "inductor")  # the same events seen from the compiler's later stages
+        for key, value in values.items()
+    }
     delta = {key: value - _DYNAMO_SEEN.get(key, 0) for key, value in now.items() if value != _DYNAMO_SEEN.get(key, 0)}
     _DYNAMO_SEEN.clear()
     _DYNAMO_SEEN.update(now)
