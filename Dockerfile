@@ -1,4 +1,4 @@
-# The RunPod serverless worker: `nox -s build -- [--tag T] [--checkpoint SRC] [--cuda cu128]` (README "Deploy").
+# The RunPod serverless worker: `nox -s build -- [--tag T] [--checkpoint SRC] [--cuda cu130]` (README "Deploy").
 #
 #   builder   uv installs the locked requirements into /opt/venv (requirements-lock-<CUDA>.txt, hashes checked)
 #   converter, app   the code (model_build and core; worker, batch and handler.py), compiled to .pyc
@@ -19,9 +19,11 @@
 ARG BASE_IMAGE=docker.io/library/python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
 
 FROM ${BASE_IMAGE} AS builder
-# The CUDA build of torch: cu130 and cpu install requirements-lock-<CUDA>.txt (every file hash-checked); cu126 and
-# cu128 take torch from https://download.pytorch.org/whl/<CUDA> at the lock's versions (README "Deploy").
-ARG CUDA=cu128
+# The CUDA build of torch. cu130 (PyPI's own Linux torch: CUDA 13.0, NVIDIA driver >= 580) and cpu install
+# requirements-lock-<CUDA>.txt, every file checked against its sha256. cu126 and cu128 (older drivers) take torch
+# from https://download.pytorch.org/whl/<CUDA> and the rest at the cu130 lock's versions, without hashes, until
+# `nox -s lock -- --build cu128` is run where that index is reachable (README "Deploy").
+ARG CUDA=cu130
 ARG UV_VERSION=0.13.9
 # A folder of wheels in the build context for an offline build (`nox -s image_test` passes WHEELHOUSE=wheelhouse);
 # the default, docker/empty, holds none: then the package indexes are used.

@@ -135,7 +135,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none", default=False)
 def build(session: nox.Session) -> None:
-    """Build the image (docker, podman or buildah): nox -s build -- [--tag T] [--checkpoint SRC] [--cuda cu128]
+    """Build the image (docker, podman or buildah): nox -s build -- [--tag T] [--checkpoint SRC] [--cuda cu130]
     [--platform linux/amd64] [--dry-run] (python docker/build.py --help for every option)."""
     session.run("python3", "docker/build.py", *session.posargs)
 

@@ -1,6 +1,6 @@
 """Build the worker's image with docker, podman or buildah, whichever is installed (``nox -s build``).
 
-    python docker/build.py [--tag T] [--checkpoint SRC] [--sha256 HEX] [--cuda cu128] [--model-name NAME]
+    python docker/build.py [--tag T] [--checkpoint SRC] [--sha256 HEX] [--cuda cu130] [--model-name NAME]
                            [--refiner SRC] [--refiner-sha256 HEX] [--refiner-name NAME] [--platform P]
                            [--base IMAGE] [--hf-token-file FILE] [--tool docker|podman|buildah] [--dry-run]
 
@@ -141,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--refiner", help="bake an SDXL refiner in too (same forms as --checkpoint)")
     parser.add_argument("--refiner-sha256", help="expected sha256 of --refiner (required for a URL)")
     parser.add_argument("--refiner-name", default="sdxl-refiner", help="its folder under /models (sdxl-refiner)")
-    parser.add_argument("--cuda", default="cu128", help="PyTorch CUDA build: cu126, cu128, cu130 (default cu128)")
+    parser.add_argument("--cuda", default="cu130", help="PyTorch CUDA build: cu130 (default, locked), cu128, cu126")
     parser.add_argument("--base", help="base image (default: the Dockerfile's python:3.11 slim bookworm, by digest)")
     parser.add_argument("--platform", help="target platform, e.g. linux/amd64 (needed on ARM machines for RunPod)")
     parser.add_argument("--no-compiler", action="store_true", help="leave gcc out (C_COMPILER=0): COMPILE refused")

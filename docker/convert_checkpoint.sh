@@ -9,6 +9,11 @@
 # from a refiner by its tensors). A Hub token is read from the build secret hf_token, exported only to the
 # converter's process, and never written anywhere. The download cache is deleted in the same step, so the layer
 # holds the converted folder only.
+#
+# The manifest records the source file's modification time (a worker recognises a checkpoint on a volume by it
+# without hashing 7 GB again). In an image that time is the build machine's (a download's: the download's), so
+# it is dropped: two builds of the same checkpoint write the same manifest. A baked model is found by its folder,
+# a CHECKPOINT on a volume by its own manifest; neither reads this one's time.
 set -eu
 checkpoint=$1
 sha256=$2
@@ -43,7 +48,20 @@ set -- --output "$output" --cache-dir "$cache"
 if [ -n "$sha256" ]; then
   set -- "$@" --sha256 "$sha256"
 fi
+drop_mtime='
+import json, sys
+path = sys.argv[1]
+with open(path) as handle:
+    manifest = json.load(handle)
+for record in (manifest.get("source"), manifest.get("vae")):
+    if record:
+        record.pop("mtime_ns", None)
+with open(path, "w") as handle:  # as model_build.manifest.Manifest.to_json writes it
+    handle.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+'
 status=0
-python -m model_build convert "$source" "$@" && python -m model_build verify "$output" --full || status=$?
+python -m model_build convert "$source" "$@" \
+  && python -c "$drop_mtime" "$output/manifest.json" \
+  && python -m model_build verify "$output" --full || status=$?
 rm -rf "$cache" /root/.cache
 exit "$status"

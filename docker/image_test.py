@@ -87,6 +87,11 @@ sys.path.insert(0, folder)
 import probe
 print(f"compiled and imported {probe.__file__} with {cc} against {include}/Python.h")
 """
+# worker.generation.compile_prerequisites as the worker runs it on a GPU (cuda=True: a C compiler, Python.h, triton).
+WORKER_CHECK = (
+    "from worker.generation.compile_prerequisites import find_prerequisites; "
+    "print(list(find_prerequisites(cuda=True).missing))"
+)
 UV_VERSION = "0.13.9"  # the Dockerfile's default UV_VERSION
 # A small version of test_input.json: the dev model's images are noise at any size, and the CPU is shared.
 JOB = {
@@ -418,6 +423,15 @@ def check_compile_path(buildah: Buildah, with_compiler: str, without_compiler: s
     done, _ = run_in(buildah, with_compiler, "image-test-probe", ["python", "-c", COMPILE_PROBE], {}, None)
     if done.returncode != 0:
         raise ImageTestError(f"{with_compiler} cannot build a Python extension: {(done.stdout + done.stderr)[-800:]}")
+    # The worker's own start-up check, as it runs on a GPU: only triton may be missing (a CPU build has none; the
+    # CUDA locks hold it, tests/test_container_lock.py).
+    check = ["sh", "-c", f"cd /app && python -c '{WORKER_CHECK}'"]
+    worker_check, _ = run_in(buildah, with_compiler, "image-test-check", check, {}, None)
+    missing = worker_check.stdout.strip().splitlines()[-1:] if worker_check.returncode == 0 else ["(check failed)"]
+    if missing != ["['the triton package']"]:
+        raise ImageTestError(
+            f"the worker's compile check in {with_compiler}: {(worker_check.stdout + worker_check.stderr)[-800:]}"
+        )
     job = ["python", "-u", "/app/handler.py", "--test_input", json.dumps(JOB)]
     refused, seconds = run_in(buildah, without_compiler, "image-test-refuse", job, {"COMPILE": "unet"}, None)
     message = (refused.stdout + refused.stderr).strip().splitlines()
@@ -425,6 +439,7 @@ def check_compile_path(buildah: Buildah, with_compiler: str, without_compiler: s
         raise ImageTestError(f"{without_compiler} with COMPILE=unet did not refuse to start: {message[-5:]}")
     return {
         "probe": done.stdout.strip(),
+        "worker_check_missing_on_gpu": missing[0],
         "refused_without_compiler": {"exit": refused.returncode, "wall_s": round(seconds, 1), "message": message[-1]},
     }
 
@@ -445,6 +460,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "image_test.log"
     log.write_text("")
+    # buildah keeps RUN --mount=type=cache folders (uv's download cache) and its temporary files under TMPDIR
+    # (/var/tmp by default): here they stay in the test's folder and go with it.
+    os.environ["TMPDIR"] = str(work / "tmp")
+    (work / "tmp").mkdir(exist_ok=True)
     buildah = Buildah(work, log)
     summary: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
@@ -588,6 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             subprocess.run(buildah.command("rmi", "--all", "--force"), capture_output=True)
             shutil.rmtree(work / "storage", ignore_errors=True)
             shutil.rmtree(work / "context", ignore_errors=True)
+            shutil.rmtree(work / "tmp", ignore_errors=True)
             say("deleted buildah's storage and the build context (--keep keeps them)")
 
 

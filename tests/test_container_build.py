@@ -146,40 +146,14 @@ def test_dockerignore_lets_every_copied_file_into_the_context() -> None:
         assert needed in allowed
 
 
-def test_the_root_handler_starts_the_same_worker_after_the_compile_check() -> None:
+def test_the_root_handler_is_a_thin_entry_to_the_same_worker() -> None:
+    """RunPod's Hub looks for handler.py at the root; it must start what ``python -m worker`` starts, nothing else
+    (the COMPILE check lives in worker.__main__.main: tests/worker/test_compile_prerequisites.py runs both)."""
     tree = ast.parse((ROOT / "handler.py").read_text())
-    imports = {
-        (node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names
-    }
-    assert ("worker.__main__", "main") in imports and (
-        "worker.generation.acceleration",
-        "check_compile_prerequisites",
-    ) in imports
+    imports = [(node.module, [a.name for a in node.names]) for node in tree.body if isinstance(node, ast.ImportFrom)]
+    assert imports == [("worker.__main__", ["main"])]
     main_block = next(node for node in tree.body if isinstance(node, ast.If))
-    calls = [node.value.func.id for node in main_block.body if isinstance(node, ast.Expr)]
-    assert calls == ["check_speedups", "main"]
-
-
-def test_compile_without_a_compiler_is_a_start_up_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import torch
-
-    from core.errors import ConfigurationError
-    from core.settings import WORKER, load_settings
-    from worker.generation.acceleration import check_compile_prerequisites
-
-    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
-    for name in ("CC", "CXX"):
-        monkeypatch.delenv(name, raising=False)
-    settings = load_settings({"COMPILE": "regional"}, command=WORKER)
-    language = "C" if torch.cuda.is_available() else "C++"
-    with pytest.raises(ConfigurationError, match=rf"COMPILE=regional .*cannot work here: a {re.escape(language)} comp"):
-        check_compile_prerequisites(settings)
-    off = check_compile_prerequisites(load_settings({"COMPILE": "off"}, command=WORKER))
-    assert off.startswith("CHANNELS_LAST=")
-    fake = tmp_path / ("gcc" if torch.cuda.is_available() else "g++")
-    fake.write_text("#!/bin/sh\n")
-    fake.chmod(0o755)
-    assert f"compiler {fake}" in check_compile_prerequisites(settings)
+    assert [ast.unparse(node) for node in main_block.body] == ["main()"]
 
 
 def test_image_test_reads_cache_use_worker_logs_and_shortened_results() -> None:
@@ -227,3 +201,21 @@ def test_hub_pools_include_the_80_gb_cards_and_tests_allow_a_first_start() -> No
     # come before the first job. 20 minutes each, as each test may land on a fresh worker.
     assert all(test["timeout"] >= 20 * 60 * 1000 for test in tests["tests"])
     assert (ROOT / "handler.py").is_file() and (ROOT / "Dockerfile").is_file() and (ROOT / "README.md").is_file()
+
+
+def test_the_hub_asks_for_drivers_that_run_the_default_cuda_build() -> None:
+    """The Hub builds the Dockerfile's defaults: its hosts must have a driver for that CUDA build (a 12.x driver
+    cannot load CUDA 13 libraries), and the README must say which driver that is."""
+    defaults = dict(re.findall(r"^ARG (\w+)=(\S+)$", "\n".join(dockerfile_instructions()), flags=re.MULTILINE))
+    cuda = defaults["CUDA"]
+    assert re.fullmatch(r"cu1\d\d", cuda) and (ROOT / f"requirements-lock-{cuda}.txt").is_file()  # locked, hashed
+    major, minor = int(cuda[2:-1]), int(cuda[-1])
+    for name in ("hub.json", "tests.json"):
+        config = json.loads((ROOT / ".runpod" / name).read_text())["config"]
+        versions = [tuple(map(int, version.split("."))) for version in config["allowedCudaVersions"]]
+        assert versions and min(versions) >= (major, minor), name
+    assert build._parser().parse_args([]).cuda == cuda  # nox -s build's default is the Dockerfile's
+    deploy = (ROOT / "README.md").read_text().split("## 4. Deploy", 1)[1].split("\n## ", 1)[0]
+    # NVIDIA's table of CUDA toolkits and the Linux drivers they need (the release notes, Table 3), GA releases.
+    driver = {"cu126": "560.28.03", "cu128": "570.26", "cu130": "580.65.06"}[cuda]
+    assert f"CUDA {major}.{minor}" in deploy and f"driver ≥ {driver}" in deploy

@@ -57,6 +57,19 @@ def start_worker(settings: Settings) -> Worker:
     return worker
 
 
+def refuse_impossible_compile(settings: Settings) -> None:
+    """COMPILE in an image without a C compiler: exit 2 at once, instead of a worker that serves eagerly."""
+    if settings.compile == "off" and not settings.compile_vae:
+        return  # nothing compiles: torch is not imported here, the prefetch below overlaps its import
+    from worker.generation.compile_prerequisites import check_compile_prerequisites
+
+    try:
+        check_compile_prerequisites(settings)
+    except ConfigurationError as error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
     drop_unactionable_warnings()
     try:
@@ -65,6 +78,7 @@ def main() -> None:
         print(error, file=sys.stderr)
         sys.exit(2)
     logging.basicConfig(level=settings.log_level or "INFO", format="%(asctime)s %(levelname)s %(message)s")
+    refuse_impossible_compile(settings)
     apply_volume_caches()  # compile (and later Hub) caches on the network volume when one is mounted
     # The RunPod SDK (aiohttp, boto3, paramiko...: 1.2 s of a cold start on the H200) is imported while the engine
     # loads; an import that fails there is simply done again below, where its error is the one to see.

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -216,49 +215,8 @@ def accelerate(pipe: Any, settings: Any) -> Accelerator:
     """The engine's one call: apply what ``settings`` asks for and warm up (compiling) before any job."""
     accelerator = apply_speedups(pipe, options_from_settings(settings))
     accelerator.warm_up()
+    log.info("speed-ups active: %s", json.dumps(accelerator.describe()))  # a failed compile shows as compile_error
     return accelerator
-
-
-def check_compile_prerequisites(settings: Any) -> str:
-    """Start-up check of what ``COMPILE``/``COMPILE_VAE`` need, before any model loads (the image's handler.py).
-
-    On a GPU, Triton builds its CUDA launcher at run time: a Python extension compiled with ``$CC``, else gcc or
-    clang, against Python's headers; on the CPU, Inductor's code needs a C++ compiler. Without them every compile
-    fails and the worker would serve eagerly behind one log line, so this raises a ConfigurationError instead.
-    Logs, and returns, the speed-ups asked for and the tools that will compile them.
-    """
-    import importlib.util
-    import shutil
-    import sysconfig
-
-    from core.errors import ConfigurationError
-
-    wanted = [f"COMPILE={settings.compile} ({settings.compile_mode})"] if settings.compile != "off" else []
-    wanted += ["COMPILE_VAE=1"] if settings.compile_vae else []
-    asked = ", ".join(
-        [*wanted, f"CHANNELS_LAST={int(settings.channels_last)}", f"VAE_DTYPE={settings.vae_dtype or 'auto'}"]
-    )
-    if not wanted:
-        log.info("speed-ups asked for: %s; nothing is compiled", asked)
-        return asked
-    cuda = torch.cuda.is_available()
-    compilers = ("CC", ("gcc", "clang")) if cuda else ("CXX", ("g++", "c++", "clang++"))
-    chosen = os.environ.get(compilers[0])  # as Triton and Inductor do: $CC / $CXX first, if set
-    compiler = shutil.which(chosen) if chosen else next(filter(None, map(shutil.which, compilers[1])), None)
-    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
-    language = "C" if cuda else "C++"
-    missing = [] if compiler else [f"a {language} compiler (${compilers[0]}, or {', '.join(compilers[1])})"]
-    missing += [] if headers.is_file() else [f"Python's headers ({headers})"]
-    missing += [] if not cuda or importlib.util.find_spec("triton") else ["the triton package"]
-    if missing:
-        raise ConfigurationError(
-            f"{' and '.join(wanted)} cannot work here: {'; '.join(missing)} missing, which "
-            f"{'Triton needs to build its CUDA launcher' if cuda else 'Inductor needs for CPU code'} at run time. "
-            "Use an image built with the compiler (the default; not --no-compiler), or set COMPILE=off COMPILE_VAE=0"
-        )
-    found = f"{asked}; compiler {compiler}, Python headers {headers.parent}"
-    log.info("speed-ups asked for: %s", found)
-    return found
 
 
 def apply_speedups(pipe: Any, options: SpeedupOptions) -> Accelerator:
