@@ -199,8 +199,8 @@ class ImageWriter:
 
     def _encode(self, job: Job, image: Any, seed: int, metadata: GenerationMetadata) -> Future[EncodedImage]:
         request, engine = job.request, self.engine
-        loras = metadata.stable["loras"]
-        parameters = a1111_parameters(request, seed, engine.model_name, engine.model_hash, loras)
+        loras, embeddings = metadata.stable["loras"], metadata.stable.get("embeddings", [])
+        parameters = a1111_parameters(request, seed, engine.model_name, engine.model_hash, loras, embeddings)
         return self.encoder.submit(image, request.output_format, request.quality, seed, parameters)
 
 

@@ -28,6 +28,11 @@ etc.), one JSON line per check, exit status 1 if any failed:
 - ``controlnet``: a random SDXL ControlNet (``model_build dev-controlnet``, converted by ``model_build convert``)
   with the canny preprocessor changes the image, its time beside the plain job's, and the next job without it
   equals the first job byte for byte;
+- ``embedding``: a random SDXL textual-inversion embedding (``model_build dev-embedding``: clip_l 768 and clip_g 1280
+  wide at full size) named in the prompt and the negative prompt changes the image, is listed in the metadata, its
+  time (loading on first use included) beside the plain job's; the encoding of a prompt naming it from the text
+  encoders' CUDA graphs (captured again after the vocabulary grew) equals the eager one, and the next job without it
+  equals the first job byte for byte;
 - ``hires``: A1111's hires fix in one job (1024² -> 1536², latent upscale, 10 hires steps), its time beside the
   plain job's; ``hires_tiled``: 1024² -> 2048² with a Lanczos resize, above ``VAE_TILE_PIXELS`` (set to 1536² here
   unless the environment sets it), so the VAE decodes and encodes in tiles; each reports its peak GPU memory;
@@ -215,6 +220,38 @@ def prompt_encoder_check(worker: Any) -> None:
     report("prompt_encoder_cuda_graphs", equal and graphed._graphs.broken is None, broken=graphed._graphs.broken)
 
 
+def embedding_check(worker: Any, base: dict[str, Any], first: dict[str, Any]) -> dict[str, Any]:
+    """The ``embedding`` check (module docstring): its image, metadata, CUDA-graph encoding and the job after it."""
+    from bench.smoke_inpainting import run_job
+    from worker.prompting.encoding import PromptEncoder
+
+    fields = {"prompt": base["prompt"] + ", (embedding:smoke-embedding:1.1)", "negative_prompt": "smoke-embedding"}
+    output, seconds = run_job(worker, "embedding", **{**base, **fields}, seed=7)
+    again, _ = run_job(worker, "after-embedding", **base, seed=7)
+    ok = "error" not in output and "error" not in again and "error" not in first
+    listed = [entry["name"] for entry in output.get("metadata", {}).get("embeddings", [])]
+    engine = worker.engine
+    eager = PromptEncoder(engine.pipe, cache_bytes=0, cuda_graphs=False)
+    eager.use_embedding_names(engine.encoders.embeddings)
+    engine.encoders.clear_caches()  # encode from the graphs, not from the cache
+    graphed = engine.prompt_encoder.encode(fields["prompt"], negative_prompt=fields["negative_prompt"])
+    reference = eager.encode(fields["prompt"], negative_prompt=fields["negative_prompt"])
+    graphs_equal = all(torch.equal(a, b) for a, b in zip(graphed.tensors(), reference.tensors(), strict=True))
+    return {
+        "ok": ok
+        and output["images"][0] != first["images"][0]
+        and again["images"][0] == first["images"][0]
+        and listed == ["smoke-embedding"]
+        and graphs_equal,
+        "seconds": round(seconds, 2),
+        "error": output.get("error") or again.get("error"),
+        "embeddings": output.get("metadata", {}).get("embeddings"),
+        "text_encoding_s": output.get("metadata", {}).get("timings", {}).get("text_encoding_s"),
+        "encoders_equal_eager": graphs_equal,
+        "no_embedding_after_equals_before": ok and again["images"][0] == first["images"][0],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full-size", action="store_true", help="full-size SDXL on CUDA (default: dev-size, CPU)")
@@ -259,6 +296,20 @@ def main() -> None:
     inpaint_dir = build_inpaint_folder(work / "sdxl-random-inpaint", args.full_size, device, dtype)
     refiner_dir = None if args.no_refiner else build_refiner(work, args.full_size)
     controlnet_root = build_controlnet(work, args.full_size)
+    embedding_root = work / "embeddings"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "model_build",
+            "-q",
+            "dev-embedding",
+            str(embedding_root / "smoke-embedding.safetensors"),
+        ]
+        + ([] if args.full_size else ["--model", str(model_dir)]),  # full size: SDXL's 768 and 1280
+        check=True,
+        cwd=ROOT,
+    )
     report(
         "setup",
         True,
@@ -273,6 +324,7 @@ def main() -> None:
     lora_url = serve_file(lora_dir / "smoke-lora.safetensors")  # the lora_url check: downloads from this machine
     os.environ.update(ALLOW_LORA_DOWNLOAD="1", ALLOW_PRIVATE_URLS="1", LORA_DOWNLOAD_DIR=str(work / "downloads"))
     os.environ["CONTROLNET_DIR"] = str(controlnet_root)
+    os.environ["EMBEDDINGS_DIR"] = str(embedding_root)
     os.environ.setdefault("VAE_TILE_PIXELS", str((size * 3 // 2) ** 2))  # hires_tiled's 2x is over it, 1.5x is not
     settings = load_settings(None, offload="none")
     started = time.perf_counter()
@@ -385,6 +437,8 @@ def main() -> None:
         timings=controlled.get("metadata", {}).get("timings"),
         no_controlnet_after_equals_before=controlnet_ok and again["images"][0] == first["images"][0],
     )
+
+    report("embedding", **embedding_check(worker, base, first), plain_seconds=round(plain_seconds, 2))
 
     for check, run_check in (("inpaint", inpaint_check), ("outpaint", outpaint_check)):
         report(check, **run_check(worker, base, first, size), plain_seconds=round(plain_seconds, 2))

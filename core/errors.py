@@ -95,6 +95,12 @@ class ControlNetFailed(InvalidRequest):
     code = "controlnet"
 
 
+class EmbeddingFailed(InvalidRequest):
+    """A textual-inversion embedding a prompt names cannot be used (another model family, damaged, a pickle, ...)."""
+
+    code = "embedding"
+
+
 class ImageQualityFailed(WorkerError):
     """The VAE produced NaN or an all-black image: an error, never an image."""
 
@@ -170,6 +176,7 @@ class EndpointRefused(WorkerError):
 ERROR_KINDS: tuple[type[WorkerError], ...] = (
     LoraFailed,
     ControlNetFailed,
+    EmbeddingFailed,
     OutputTooLarge,
     InvalidRequest,
     ModelMissing,

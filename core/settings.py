@@ -67,6 +67,7 @@ VOLUME_MODELS = VOLUME / "models"
 BAKED_MODELS = Path("/models")  # models converted at image build time
 BAKED_LORAS = Path("/loras")
 BAKED_CONTROLNETS = Path("/controlnets")
+BAKED_EMBEDDINGS = Path("/embeddings")
 
 
 # The commands that read settings. ENGINE: the worker and the batch runner, which both run the engine.
@@ -182,6 +183,14 @@ class Settings:
         "2",
         _whole_number(1, 16),
         "ControlNets kept loaded between jobs (memory planning reserves room for this many of the largest)",
+    )
+    # -- textual-inversion embeddings
+    embeddings_dirs: tuple[Path, ...] = _setting(
+        "EMBEDDINGS_DIR",
+        "/runpod-volume/embeddings",
+        _paths,
+        "SDXL embedding folder(s) (.safetensors with clip_l and clip_g), ':'-separated; the baked /embeddings is "
+        "added; a file's name is the word prompts use",
     )
     # -- outputs
     bucket_endpoint_url: str | None = _setting(
@@ -334,6 +343,12 @@ class Settings:
         """The ControlNet folders in search order, with the image's baked folder last."""
         dirs = self.controlnet_dirs
         return dirs if BAKED_CONTROLNETS in dirs else (*dirs, BAKED_CONTROLNETS)
+
+    @property
+    def embedding_roots(self) -> tuple[Path, ...]:
+        """The embedding folders in search order, with the image's baked folder last."""
+        dirs = self.embeddings_dirs
+        return dirs if BAKED_EMBEDDINGS in dirs else (*dirs, BAKED_EMBEDDINGS)
 
     @property
     def bucket_configured(self) -> bool:

@@ -1,4 +1,4 @@
-"""Command line: ``python -m model_build {convert,verify,inspect,dev-checkpoint,dev-lora,dev-controlnet} ...``.
+"""Command line: ``python -m model_build COMMAND ...``: convert, verify, inspect, and the dev-* writers.
 
     python -m model_build convert SOURCE --output models/NAME [--dtype fp16|bf16|fp32] [--vae PATH] [--force]
                                   [--sha256 HEX] [--vae-sha256 HEX] [--cache-dir DIR] [--lock-timeout S]
@@ -8,6 +8,7 @@
     python -m model_build dev-checkpoint OUT.safetensors [--full-size] [--refiner | --inpainting] [--v-prediction]
     python -m model_build dev-lora OUT.safetensors --model models/sdxl-dev [--kohya] [--kind loha|lokr] [--rank R]
     python -m model_build dev-controlnet OUT.safetensors [--full-size] [--diffusers-layout]
+    python -m model_build dev-embedding OUT.safetensors [--model models/sdxl-dev] [--vectors N] [--sd15]
 
 SOURCE is an SDXL checkpoint or an SDXL ControlNet (told apart by its tensors; a ControlNet converts into a
 ControlNetModel folder for CONTROLNET_DIR).
@@ -100,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     net.add_argument("output", type=Path, help="the .safetensors file to write")
     net.add_argument("--full-size", action="store_true", help="the real SDXL ControlNet architecture (~2.5 GB, fp16)")
     net.add_argument("--diffusers-layout", action="store_true", help="diffusers' tensor names, not control_model.*")
+    emb = commands.add_parser("dev-embedding", help="write a random SDXL textual-inversion embedding (clip_l, clip_g)")
+    emb.add_argument("output", type=Path, help="the .safetensors file to write (its name is the word prompts use)")
+    emb.add_argument("--model", type=Path, help="a converted model whose encoders' widths it takes (default SDXL's)")
+    emb.add_argument("--vectors", type=int, default=4, choices=range(1, 76), metavar="1..75")
+    emb.add_argument("--seed", type=int, default=0)
+    emb.add_argument("--sd15", action="store_true", help="an SD 1.x embedding (emb_params, 768 wide) instead")
     return parser
 
 
@@ -197,6 +204,19 @@ def main(argv: list[str] | None = None) -> int:
             layout = "diffusers" if args.diffusers_layout else "original"
             path = write_dev_controlnet(args.output, full_size=args.full_size, layout=layout)
             print(f"wrote {path}: a random SDXL ControlNet ({layout} layout; its images are noise, as the dev model's)")
+        elif args.command == "dev-embedding":
+            from model_build.dev_embedding import model_widths, write_dev_embedding
+            from model_build.manifest import verify
+
+            if args.model is not None:
+                verify(args.model)  # a clear error for a folder that is not a converted model
+            widths = model_widths(args.model) if args.model is not None else None
+            path = write_dev_embedding(args.output, widths, vectors=args.vectors, seed=args.seed, sd15=args.sd15)
+            kind = "SD 1.x" if args.sd15 else "SDXL"
+            fits = f" for {args.model}" if args.model is not None and not args.sd15 else ""
+            print(
+                f"wrote {path}: a random {kind} embedding of {args.vectors} vectors{fits}; prompts name it {path.stem}"
+            )
     except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIGURATION

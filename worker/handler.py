@@ -90,11 +90,11 @@ class Worker:
         engine, request = self.engine, result.request
         assert engine is not None
         started = time.perf_counter()
-        loras = result.metadata.stable["loras"]
+        loras, embeddings = result.metadata.stable["loras"], result.metadata.stable.get("embeddings", [])
 
         def encode(image_and_seed: tuple[Any, int]) -> EncodedImage:
             image, seed = image_and_seed
-            parameters = a1111_parameters(request, seed, engine.model_name, engine.model_hash, loras)
+            parameters = a1111_parameters(request, seed, engine.model_name, engine.model_hash, loras, embeddings)
             return encode_image(image, request.output_format, request.quality, seed, parameters)
 
         pairs = list(zip(result.images, result.seeds, strict=True))

@@ -114,6 +114,7 @@ def job_metadata(
     """One request's metadata (a request of a shared call gets its own seeds and prompt facts, the call's run)."""
     prompt_info = dict(encoded.info)
     cache_hit = prompt_info.pop("cache_hit", None)
+    embeddings = prompt_info.pop("embeddings", [])
     stable: dict[str, Any] = {
         "seeds": seeds,
         "width": size[0],
@@ -125,6 +126,7 @@ def job_metadata(
         "clip_skip": request.clip_skip,
         "prompt": prompt_info,
         "loras": [lora.stable() for lora in loras],
+        "embeddings": embeddings,  # the textual inversions the prompts named: name, file, sha256, vectors
         "model": {"name": facts.model_name, "manifest_hash": facts.model_hash},
         "output_format": request.output_format,
         **run_info,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.settings import Settings
+from worker.adapters.embeddings.manager import EmbeddingManager, token_targets
 from worker.generation.conditioning import Embeddings
 from worker.generation.routing import prompt_schedule_steps
 from worker.prompting.encoded import EncodedPrompts
@@ -30,8 +31,11 @@ class PromptEncoders:
     refiner: PromptEncoder | None  # None: the refiner shares the base's bigG encoder, so the base's embeddings serve
     refiner_loaded: bool
     clip_l_width: int  # where the refiner's part of a concatenated embedding starts
+    embeddings: EmbeddingManager | None = None  # textual inversions, named in the prompts
 
     def encode(self, request: GenerationRequest, encoder: PromptEncoder | None = None) -> EncodedPrompts:
+        if self.embeddings is not None:
+            self.embeddings.refresh()  # files added or changed since the last job (a stat per folder)
         return (encoder or self.base).encode(
             request.prompt,
             prompt_2=request.prompt_2,
@@ -56,6 +60,17 @@ class PromptEncoders:
             if encoder is not None:
                 encoder.clear_cache()
 
+    def vocabulary_changed(self) -> None:
+        for encoder in (self.base, self.refiner):
+            if encoder is not None:
+                encoder.vocabulary_changed()
+
+    def use_embeddings(self, manager: EmbeddingManager) -> None:
+        self.embeddings = manager
+        for encoder in (self.base, self.refiner):
+            if encoder is not None:
+                encoder.use_embedding_names(manager)
+
 
 def build_prompt_encoders(pipe: Any, refiner: Any | None, settings: Settings) -> PromptEncoders:
     """The refiner's encoder runs the same chunking and weighting over the base's CLIP-L and the refiner's bigG, so
@@ -64,9 +79,15 @@ def build_prompt_encoders(pipe: Any, refiner: Any | None, settings: Settings) ->
 
     base = prompt_encoder(pipe, settings)
     loaded, width = refiner is not None, pipe.text_encoder.config.hidden_size
+    refiner_pipe = None
     if refiner is None or refiner.text_encoder_2 is pipe.text_encoder_2:
-        return PromptEncoders(base, None, loaded, width)
-    components = {**pipe.components, "text_encoder_2": refiner.text_encoder_2}
-    if getattr(refiner, "tokenizer_2", None) is not None:
-        components["tokenizer_2"] = refiner.tokenizer_2
-    return PromptEncoders(base, prompt_encoder(StableDiffusionXLPipeline(**components), settings), loaded, width)
+        encoders = PromptEncoders(base, None, loaded, width)
+    else:
+        components = {**pipe.components, "text_encoder_2": refiner.text_encoder_2}
+        if getattr(refiner, "tokenizer_2", None) is not None:
+            components["tokenizer_2"] = refiner.tokenizer_2
+        refiner_pipe = StableDiffusionXLPipeline(**components)
+        encoders = PromptEncoders(base, prompt_encoder(refiner_pipe, settings), loaded, width)
+    targets = token_targets(pipe, refiner_pipe)
+    encoders.use_embeddings(EmbeddingManager(targets, settings.embedding_roots, encoders.vocabulary_changed))
+    return encoders

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image, PngImagePlugin
@@ -30,7 +31,9 @@ _EXIF_IFD = 0x8769
 _EXIF_USER_COMMENT = 0x9286
 
 
-def a1111_parameters(request: Any, seed: int, model_name: str, model_hash: str, loras: list[dict]) -> str:
+def a1111_parameters(
+    request: Any, seed: int, model_name: str, model_hash: str, loras: list[dict], embeddings: Sequence[dict] = ()
+) -> str:
     """The settings text A1111 writes into its images (prompt, negative, then one settings line)."""
     settings = [
         f"Steps: {request.num_inference_steps}",
@@ -48,6 +51,8 @@ def a1111_parameters(request: Any, seed: int, model_name: str, model_hash: str, 
         settings += hires_parameters(request)
     if loras:
         settings.append("Lora weights: " + ", ".join(f"{lora['name']}: {lora['scale']:g}" for lora in loras))
+    if embeddings:  # A1111's entry: quoted (it holds ", " and ": "), 12 hex digits of each file's sha256
+        settings.append("TI hashes: " + json.dumps(", ".join(f"{e['name']}: {e['sha256'][:12]}" for e in embeddings)))
     text = request.prompt
     if request.negative_prompt:
         text += f"\nNegative prompt: {request.negative_prompt}"

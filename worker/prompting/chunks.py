@@ -5,6 +5,8 @@ builds for a short prompt. No token is ever dropped.
 
 - Comma backtrack: when a chunk is full, the next token is not a comma and a comma lies within the chunk's last
   :data:`COMMA_BACKTRACK` tokens, the tokens after that comma move to the next chunk, so a phrase is not cut in two.
+- An embedding's vectors stay together: when a multi-vector embedding would cross the chunk's end, the chunk ends
+  before it (padded) and the embedding starts the next one, as A1111 moves it (no comma backtrack then, as there).
 - ``BREAK`` closes the current chunk, even an empty one: a leading or doubled ``BREAK`` gives an empty (padding)
   chunk, as in A1111. A trailing ``BREAK`` adds nothing; an empty prompt is one empty chunk.
 
@@ -60,10 +62,12 @@ def chunk_weighted_tokens(
     comma_token_id: int | None,
     chunk_length: int = 75,
     comma_backtrack: int = COMMA_BACKTRACK,
+    later_vector_ids: frozenset[int] = frozenset(),
 ) -> TokenChunks:
     """Lay weighted token runs into ``[BOS] + chunk_length + [EOS]`` rows padded with ``pad_token_id``.
 
-    ``runs`` holds ``(token_ids, weight)`` per text run and ``None`` where a ``BREAK`` forces a chunk boundary.
+    ``runs`` holds ``(token_ids, weight)`` per text run and ``None`` where a ``BREAK`` forces a chunk boundary;
+    ``later_vector_ids``: the ids that continue an embedding (never the first of a chunk unless it cannot fit).
     The same chunks as A1111's ``tokenize_line``; every token ends up in exactly one chunk, in order.
     """
     # Sections between BREAKs, as flat token and weight lists.
@@ -84,7 +88,12 @@ def chunk_weighted_tokens(
         start = 0
         while len(tokens) - start > chunk_length:
             end = start + chunk_length
-            if comma_backtrack > 0 and tokens[end] != comma_token_id:
+            if tokens[end] in later_vector_ids:
+                first_vector = end
+                while first_vector > start and tokens[first_vector] in later_vector_ids:
+                    first_vector -= 1
+                end = first_vector if first_vector > start else end  # longer than a chunk: split, nothing else fits
+            elif comma_backtrack > 0 and tokens[end] != comma_token_id:
                 for position in range(end - 1, max(start, end - comma_backtrack) - 1, -1):
                     if tokens[position] == comma_token_id:
                         end = position + 1
@@ -106,34 +115,49 @@ def chunk_weighted_tokens(
     return TokenChunks(rows, row_weights, sum(len(chunk_tokens) for chunk_tokens, _ in chunks), is_weighted)
 
 
-def tokenization_groups(tokenizers: Sequence[Any]) -> tuple[list[int], list[frozenset[str]]]:
+def tokenization_groups(tokenizers: Sequence[Any]) -> list[int]:
     """Group tokenizers that give the same ids for any text free of the added tokens they disagree on.
 
-    Returns, per tokenizer, its group (the index of the first equal one) and the added tokens on which the group's
-    members differ. Fast (``tokenizers``-backed) tokenizers only; two are equal when their serialised pipelines
-    (normaliser, pre-tokenizer, model, decoder) are, padding and post-processing aside (the chunker adds BOS, EOS and
-    padding itself). SDXL's two tokenizers are the same BPE and differ only in "!", tokenizer_2's pad token.
+    Returns, per tokenizer, its group (the index of the first equal one). Fast (``tokenizers``-backed) tokenizers
+    only; two are equal when their serialised pipelines (normaliser, pre-tokenizer, model, decoder) are, added tokens,
+    padding and post-processing aside (the chunker adds BOS, EOS and padding itself; added tokens are compared by
+    :func:`differing_added_tokens`, which is cheap enough to run whenever tokens are added). SDXL's two tokenizers
+    are the same BPE and differ only in "!", tokenizer_2's pad token.
     """
-    specs: list[tuple[str, dict[str, str]] | None] = []
+    specs: list[str | None] = []
     for tokenizer in tokenizers:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             specs.append(None)
             continue
         spec = json.loads(backend.to_str())
-        added = {entry["content"]: json.dumps(entry, sort_keys=True) for entry in spec.pop("added_tokens", None) or []}
-        for key in ("padding", "truncation", "post_processor"):
+        for key in ("added_tokens", "padding", "truncation", "post_processor"):
             spec.pop(key, None)
-        specs.append((json.dumps([type(tokenizer).__name__, spec], sort_keys=True), added))
+        specs.append(json.dumps([type(tokenizer).__name__, spec], sort_keys=True))
     groups = list(range(len(tokenizers)))
     for index, spec in enumerate(specs):
         for earlier in range(index):
-            if spec is not None and specs[earlier] is not None and specs[earlier][0] == spec[0]:
+            if spec is not None and specs[earlier] == spec:
                 groups[index] = groups[earlier]
                 break
+    return groups
+
+
+def differing_added_tokens(tokenizers: Sequence[Any], groups: Sequence[int]) -> list[frozenset[str]]:
+    """Per tokenizer, the added tokens on which the members of its group (:func:`tokenization_groups`) differ: absent
+    from one of them, or with another id or matching flags."""
+    added: list[dict[str, tuple] | None] = [
+        {
+            token.content: (token_id, token.single_word, token.lstrip, token.rstrip, token.normalized, token.special)
+            for token_id, token in tokenizer.added_tokens_decoder.items()
+        }
+        if getattr(tokenizer, "backend_tokenizer", None) is not None
+        else None
+        for tokenizer in tokenizers
+    ]
     differing: list[frozenset[str]] = []
-    for index in range(len(tokenizers)):
-        members = [specs[other][1] for other in range(len(tokenizers)) if groups[other] == groups[index]]
-        contents = set().union(*members) if specs[index] is not None else set()
+    for index, own in enumerate(added):
+        members = [added[other] or {} for other in range(len(tokenizers)) if groups[other] == groups[index]]
+        contents = set().union(*members) if own is not None else set()
         differing.append(frozenset(c for c in contents if len({member.get(c) for member in members}) > 1))
-    return groups, differing
+    return differing

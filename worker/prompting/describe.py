@@ -56,6 +56,7 @@ def describe_encoding(
         "weighted_not_shown": max(0, len(weighted_list) - _MAX_METADATA_RUNS),
         "breaks": breaks,
         "num_chunks": num_chunks,
+        "embeddings": list(tokenized.embeddings.values()),  # textual inversions the texts named
     }
 
 

@@ -52,7 +52,7 @@ from worker.prompting.encoders import EncoderRun, encode_tokenized
 from worker.prompting.graphs import EncoderGraphs
 from worker.prompting.slots import encoder_slots
 from worker.prompting.texts import PromptTexts, Sides, edit_schedule, encoder_sides, schedule_too_large
-from worker.prompting.vocabulary import Tokenized, Vocabulary
+from worker.prompting.vocabulary import EmbeddingNames, Tokenized, Vocabulary
 from worker.prompting.weighting import DEFAULT_WEIGHTING, WEIGHTING_MODES
 
 
@@ -129,8 +129,19 @@ class PromptEncoder:
         self._state.forget()
 
     def vocabulary_changed(self) -> None:
-        """Re-read the tokenizers and forget every cached result; call after tokens are added to a tokenizer."""
+        """Re-read the tokenizers and forget every cached result; call after tokens are added to a tokenizer.
+
+        The CUDA graphs go too: adding tokens gives the token-embedding matrix more rows in a new tensor, and a graph
+        replays the kernels it captured, with the old matrix's address and size.
+        """
         self._vocabulary.refresh()
+        if self._graphs is not None:
+            self._graphs.clear()
+        self.clear_cache()
+
+    def use_embedding_names(self, names: EmbeddingNames | None) -> None:
+        """Rewrite embedding names in every run of text before it is tokenized (see :mod:`.vocabulary`)."""
+        self._vocabulary.embedding_names = names
         self.clear_cache()
 
     def tokenize(self, text: str, encoder_index: int = 0) -> TokenChunks:
@@ -189,6 +200,10 @@ class PromptEncoder:
         first = segments[0].conditioning
         info = copy.deepcopy(first.info)
         info["cache_hit"] = all(result.info["cache_hit"] for result in encoded.values())
+        embeddings: dict[str, Any] = {}  # every segment's, each once
+        for result in encoded.values():
+            embeddings.update((entry["name"], entry) for entry in result.info["embeddings"])
+        info["embeddings"] = list(embeddings.values())
         info["schedule"] = describe_schedule(schedule, distinct)
         return EncodedPrompts(
             first.prompt_embeds.clone(),
