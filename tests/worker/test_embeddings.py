@@ -49,6 +49,7 @@ def root(tmp_path_factory: pytest.TempPathFactory, widths: dict[str, int]) -> Pa
     root = tmp_path_factory.mktemp("embeddings")
     write_dev_embedding(root / "dev-style.safetensors", widths, vectors=4, seed=1)
     write_dev_embedding(root / "styles" / "OneVec.safetensors", widths, vectors=1, seed=2)
+    write_dev_embedding(root / "bad.safetensors", widths, vectors=2, seed=5)  # a word CLIP's vocabulary has
     write_dev_embedding(root / "old-sd15.safetensors", sd15=True)
     write_dev_embedding(root / "wide.safetensors", {"clip_l": 768, "clip_g": widths["clip_g"]})
     (root / "broken.safetensors").write_bytes(b"not a safetensors file at all")
@@ -75,9 +76,14 @@ def ours(dev_model_dir: Path, root: Path) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def reference(dev_model_dir: Path, root: Path) -> SimpleNamespace:
-    """diffusers' own loader: dev-style as <ref>, OneVec as <one>, in both encoders, end-of-text pooling."""
+    """diffusers' own loader: dev-style as <ref>, OneVec as <one>, bad as <bad>, in both encoders, end-of-text
+    pooling."""
     pipe = load_dev_pipe(dev_model_dir)
-    for name, token in (("dev-style.safetensors", "<ref>"), ("styles/OneVec.safetensors", "<one>")):
+    for name, token in (
+        ("dev-style.safetensors", "<ref>"),
+        ("styles/OneVec.safetensors", "<one>"),
+        ("bad.safetensors", "<bad>"),
+    ):
         state_dict = load_file(root / name)
         pipe.load_textual_inversion(
             state_dict["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
@@ -145,6 +151,9 @@ def test_the_pooled_vector_is_read_at_end_of_text(ours, reference) -> None:
     [
         ("a (dev-style:1.2) photo", "a (<ref>:1.2) photo", ["dev-style"]),  # A1111's weight on every vector
         ("embedding:dev-style, a photo", "<ref>, a photo", ["dev-style"]),  # ComfyUI's form
+        ("embedding:OneVec.safetensors photo", "<one> photo", ["OneVec"]),  # ComfyUI's, with the file's suffix
+        ("dev-style.safetensors photo", "<ref>.safetensors photo", ["dev-style"]),  # bare: the suffix is text
+        ("a bad photo, badger, bad-hands", "a <bad> photo, badger, <bad>-hands", ["bad"]),  # a vocabulary word
         ("DEV-STYLE photo, onevec", "<ref> photo, <one>", ["dev-style", "OneVec"]),  # any case; any subfolder
         ("[dev-style] BREAK [embedding:OneVec]", "[<ref>] BREAK [<one>]", ["dev-style", "OneVec"]),
         ("dev-style2 and dev-style_b", "<ref>2 and <ref>_b", ["dev-style"]),  # a digit or "_" ends a CLIP word
@@ -173,7 +182,7 @@ def test_an_edited_prompt_lists_the_embeddings_of_every_segment(ours, reference)
 @pytest.mark.parametrize(
     "text",
     [
-        "a photo of a cat, badge, styles",
+        "a photo of a cat, badge, badger, styles",
         "<ti-1> and <TI-2>_1 written out",  # the private tokens' spelling: text, whatever is loaded
         "an embedding: a vector, embedding:",
         "dev BREAK style " * 40,
@@ -327,8 +336,17 @@ def test_a_refiner_with_its_own_bigg_encoder_gets_the_clip_g_vectors(dev_model_d
         ("embedding:easynegative x", ["easynegative"]),
         ("xembedding:easynegative", ["easynegative"]),  # no explicit prefix there, but ":" ends a word
         ("an embedding: easynegative", ["easynegative"]),
+        ("embedding:easynegative.pt, x", ["easynegative"]),
     ],
 )
 def test_names_are_found_where_clip_makes_them_whole_words(text: str, found: list[str]) -> None:
     finder = NameFinder([fold(name) for name in ("easynegative", "bad-hands-5", "bad")])
     assert [match.key for match in finder.find(text)] == found
+
+
+def test_comfyuis_file_suffix_belongs_to_the_explicit_name() -> None:
+    finder = NameFinder([fold("easynegative")])
+    (match,) = finder.find("embedding:EasyNegative.safetensors, x")
+    assert (match.start, match.end, match.word) == (0, len("embedding:EasyNegative.safetensors"), "EasyNegative")
+    (bare,) = finder.find("easynegative.safetensors")
+    assert bare.end == len("easynegative")  # a bare name is A1111's: what follows it stays text

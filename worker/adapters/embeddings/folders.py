@@ -19,14 +19,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.safetensors_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX
-from worker.adapters.embeddings.names import NameFinder, fold, usable_name
+from worker.adapters.embeddings.names import FILE_SUFFIXES, NameFinder, fold, usable_name
 
 log = logging.getLogger(__name__)
 
 MAX_SCANNED_FILES = 10_000  # a name index is for prompts; never let it crawl a huge volume
 MAX_LISTED_NAMES = 20
-SUFFIXES = (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES)
+SUFFIXES = FILE_SUFFIXES
 
 
 @dataclass(frozen=True)

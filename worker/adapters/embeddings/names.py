@@ -5,8 +5,9 @@ CLIP words: case does not matter (CLIP lowercases), and the characters around it
 character into one word. CLIP's pre-tokenizer joins runs of letters and runs of punctuation, never digits, so
 ``easynegative,`` and ``(easynegative:1.2)`` name ``easynegative`` but ``veryeasynegative`` does not, and
 ``style2`` in ``style23`` does, as in A1111. Of names starting at the same place the longest wins (A1111's order).
-``embedding:name`` names it explicitly (whatever comes before the name); an explicit name that is no embedding is an
-error, where a bare word that is no embedding simply stays text.
+``embedding:name`` names it explicitly (whatever comes before the name; ComfyUI's ``embedding:name.safetensors``,
+with the file's suffix, too); an explicit name that is no embedding is an error, where a bare word that is no
+embedding simply stays text.
 
 Reserved tokens
     Embeddings are added to the tokenizers under private tokens, ``<ti-N>`` (:func:`token_for`), never under their
@@ -23,7 +24,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
+from core.safetensors_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX
+
 EXPLICIT_PREFIX: Final = "embedding:"  # ComfyUI's form
+FILE_SUFFIXES: Final = (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES)  # what ComfyUI lets embedding:name end with
 # Characters that are prompt syntax (attention, prompt editing, escapes) or private-token spelling: a file whose
 # name holds one could never be named as it is written, so it is not offered as a name.
 SYNTAX_CHARACTERS: Final = frozenset("()[]<>:|\\")
@@ -107,7 +111,10 @@ class NameFinder:
             return None  # "embedding: a vector" is plain text
         end = self._longest_name_at(text, folded, name_start)
         if end is not None:
-            return NameMatch(start, end, folded[name_start:end], text[name_start:end])
+            suffix = next(
+                (s for s in FILE_SUFFIXES if folded.startswith(s, end) and self._ends_word(text, end + len(s))), ""
+            )
+            return NameMatch(start, end + len(suffix), folded[name_start:end], text[name_start:end])
         word = re.match(r"[^\s,]+", text[name_start:])
         assert word is not None
         return NameMatch(start, name_start + word.end(), None, word.group())
