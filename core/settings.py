@@ -139,20 +139,22 @@ class Settings:
         "ALLOW_LORA_DOWNLOAD",
         "0",
         _flag,
-        "1 allows LoRAs by hf://owner/repo/file.safetensors@<commit> and by http(s) URL (with a sha256, or from "
-        "LORA_URL_HOSTS)",
+        "1 allows LoRAs by hf://owner/repo/file.safetensors@<commit> and LoRAs and embeddings by http(s) URL (with "
+        "a sha256, or from LORA_URL_HOSTS)",
     )
     lora_url_hosts: frozenset[str] = _setting(
         "LORA_URL_HOSTS",
         "",
         _hosts,
-        "host names whose https LoRA URLs need no sha256, comma-separated (exact names: list each subdomain)",
+        "host names whose https LoRA and embedding URLs need no sha256, comma-separated (exact names: list each "
+        "subdomain)",
     )
     lora_download_timeout_s: float = _setting(
         "LORA_DOWNLOAD_TIMEOUT_S",
         "300",
         _number(1, 86400),
-        "one deadline for a LoRA URL's download (DNS to last byte), s; a cut download resumes on the next job",
+        "one deadline for a LoRA or embedding URL's download (DNS to last byte), s; a cut download resumes on the "
+        "next job",
     )
     lora_download_max_mb: int = _setting(
         "LORA_DOWNLOAD_MAX_MB", "2048", _whole_number(1, 1 << 20), "largest LoRA file a URL may bring, MiB"
@@ -161,7 +163,7 @@ class Settings:
         "LORA_DOWNLOAD_DIR",
         "",
         _optional_path,
-        "where downloaded LoRAs (hf:// and URLs) are cached (default: on the volume when present)",
+        "where downloaded LoRAs (hf:// and URLs) and embeddings are cached (default: on the volume when present)",
     )
     lora_cache_size: int = _setting(
         "LORA_CACHE_SIZE", "8", _whole_number(0, 1024), "LoRA adapters kept loaded between jobs"

@@ -1,9 +1,17 @@
-"""A self-signed TLS certificate for tests that serve https on 127.0.0.1 under a made-up host name."""
+"""A self-signed TLS certificate for tests that serve https on 127.0.0.1 under a made-up host name, and such a
+server (:func:`https_host`) whose certificate the worker's URL fetches trust."""
 
 from __future__ import annotations
 
 import datetime
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 
 def self_signed_certificate(host: str, folder: Path, certificate_authority: bool = False) -> tuple[Path, Path]:
@@ -36,3 +44,47 @@ def self_signed_certificate(host: str, folder: Path, certificate_authority: bool
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return cert, key_file
+
+
+@contextmanager
+def https_host(host: str, body: bytes, folder: Path, monkeypatch: Any) -> Iterator[tuple[str, list[str]]]:
+    """``host`` served over TLS from 127.0.0.1 (``body`` for every path) with a certificate :mod:`core.url_fetch`
+    trusts while ``monkeypatch`` lasts, and ``host`` resolving to 127.0.0.1 there; yields the base URL and the paths
+    asked for."""
+    from core import url_fetch
+
+    self_signed_certificate(host, folder, certificate_authority=True)
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    httpd.socket = server_context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    client_context = ssl.create_default_context(cafile=str(folder / "cert.pem"))
+    monkeypatch.setattr(url_fetch, "tls_context", lambda: client_context)
+    original = socket.getaddrinfo
+
+    def getaddrinfo(name: str, port: int, *args: object, **kwargs: object) -> list:
+        if name != host:
+            return original(name, port, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(url_fetch.socket, "getaddrinfo", getaddrinfo)
+    try:
+        yield f"https://{host}:{httpd.server_address[1]}", asked
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

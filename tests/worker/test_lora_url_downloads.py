@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,7 @@ from core.settings import load_settings
 from core.url_download import download_file
 from core.url_fetch import UrlFetchError, UrlPolicy
 from tests.support.file_server import FileServer, Served
-from tests.support.tls import self_signed_certificate
+from tests.support.tls import https_host as tls_https_host
 from worker.adapters.lora.sources import LoraError, LoraResolver, LoraSettings
 
 DATA = os.urandom(300_000)  # stands for a LoRA file: the resolver never reads what it downloads
@@ -200,40 +197,9 @@ def test_two_workers_asking_at_once_download_once(server: FileServer, tmp_path: 
 @pytest.fixture
 def https_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, list[str]]]:
     """``loras.test`` served over TLS from 127.0.0.1 with a certificate this test's client trusts; yields the
-    port and the paths asked for."""
-    self_signed_certificate("loras.test", tmp_path, certificate_authority=True)
-    asked: list[str] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            asked.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(DATA)))
-            self.end_headers()
-            self.wfile.write(DATA)
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
-    httpd.socket = server_context.wrap_socket(httpd.socket, server_side=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    client_context = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
-    monkeypatch.setattr(url_fetch, "tls_context", lambda: client_context)
-    original = socket.getaddrinfo
-
-    def getaddrinfo(host: str, port: int, *args: object, **kwargs: object) -> list:
-        if host != "loras.test":
-            return original(host, port, *args, **kwargs)
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port))]
-
-    monkeypatch.setattr(url_fetch.socket, "getaddrinfo", getaddrinfo)
-    yield f"https://loras.test:{httpd.server_address[1]}", asked
-    httpd.shutdown()
-    httpd.server_close()
+    base URL and the paths asked for."""
+    with tls_https_host("loras.test", DATA, tmp_path, monkeypatch) as served:
+        yield served
 
 
 def test_an_allow_listed_https_host_needs_no_sha256(https_host: tuple[str, list[str]], tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Adapter files by URL (LoRAs; embeddings can take the same path): who may download what, and into which cache.
+"""Adapter files by URL (LoRAs, embeddings): who may download what, and into which cache.
 
 A request names a file by an http(s) URL together with its sha256 (64 hex digits), or by an https URL on a host
 the endpoint trusts (``LORA_URL_HOSTS`` for LoRAs) without one; the endpoint must allow downloads at all
@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from core.safetensors_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, pickle_suffix
+from core.settings import VOLUME
 from core.sha256_pins import normalize_sha256
 from core.url_download import CachedFile, cached_download
 from core.url_fetch import UrlFetchError, UrlPolicy, shown_url
@@ -38,6 +39,13 @@ class UrlDownloads:
     cache_dir: Path
     allow_setting: str  # e.g. ALLOW_LORA_DOWNLOAD
     hosts_setting: str  # e.g. LORA_URL_HOSTS
+
+
+def default_download_dir() -> Path:
+    """Where ``LORA_DOWNLOAD_DIR`` is when unset: on RunPod the network volume survives the worker, so there."""
+    if VOLUME.is_dir():
+        return VOLUME / ".cache" / "hf-loras"
+    return Path.home() / ".cache" / "sdxl-worker" / "hf-loras"
 
 
 def is_url(name: str) -> bool:
@@ -125,7 +133,8 @@ def _check_trusted_host(
     if host not in downloads.hosts:
         listed = ", ".join(sorted(downloads.hosts)) or "none"
         raise error(
-            f"{sha256_field}: required for a {what} by URL: {host or shown} is not a host this endpoint trusts "
+            f"{sha256_field}: required for {'an' if what[0] in 'aeiou' else 'a'} {what} by URL: {host or shown} is "
+            "not a host this endpoint trusts "
             f"({downloads.hosts_setting}: {listed}); {pin}, or list the host in {downloads.hosts_setting} on the "
             "endpoint"
         )

@@ -7,6 +7,7 @@ from typing import Any
 
 from core.settings import Settings
 from worker.adapters.embeddings.manager import EmbeddingManager, token_targets
+from worker.adapters.embeddings.urls import embedding_downloads
 from worker.generation.conditioning import Embeddings
 from worker.generation.routing import prompt_schedule_steps
 from worker.prompting.encoded import EncodedPrompts
@@ -34,9 +35,14 @@ class PromptEncoders:
     embeddings: EmbeddingManager | None = None  # textual inversions, named in the prompts
 
     def encode(self, request: GenerationRequest, encoder: PromptEncoder | None = None) -> EncodedPrompts:
-        if self.embeddings is not None:
-            self.embeddings.refresh()  # files added or changed since the last job (a stat per folder)
-        return (encoder or self.base).encode(
+        if self.embeddings is None:
+            return self._encode(request, encoder or self.base)
+        self.embeddings.refresh()  # files added or changed since the last job (a stat per folder)
+        with self.embeddings.requested(request.embeddings, request_texts(request)):
+            return self._encode(request, encoder or self.base)
+
+    def _encode(self, request: GenerationRequest, encoder: PromptEncoder) -> EncodedPrompts:
+        return encoder.encode(
             request.prompt,
             prompt_2=request.prompt_2,
             negative_prompt=request.negative_prompt,
@@ -72,6 +78,12 @@ class PromptEncoders:
                 encoder.use_embedding_names(manager)
 
 
+def request_texts(request: GenerationRequest) -> list[str]:
+    """Every prompt text of a request, its hires pass's included (where its embedding words must appear)."""
+    fields = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "hr_prompt", "hr_negative_prompt")
+    return [text for text in (getattr(request, name) for name in fields) if text]
+
+
 def build_prompt_encoders(pipe: Any, refiner: Any | None, settings: Settings) -> PromptEncoders:
     """The refiner's encoder runs the same chunking and weighting over the base's CLIP-L and the refiner's bigG, so
     its bigG part is the refiner's own conditioning for long and weighted prompts."""
@@ -89,5 +101,6 @@ def build_prompt_encoders(pipe: Any, refiner: Any | None, settings: Settings) ->
         refiner_pipe = StableDiffusionXLPipeline(**components)
         encoders = PromptEncoders(base, prompt_encoder(refiner_pipe, settings), loaded, width)
     targets = token_targets(pipe, refiner_pipe)
-    encoders.use_embeddings(EmbeddingManager(targets, settings.embedding_roots, encoders.vocabulary_changed))
+    downloads = embedding_downloads(settings)
+    encoders.use_embeddings(EmbeddingManager(targets, settings.embedding_roots, encoders.vocabulary_changed, downloads))
     return encoders

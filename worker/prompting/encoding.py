@@ -236,6 +236,7 @@ class PromptEncoder:
             str(device),
             str(output_dtype),
             self._state.adapter_fingerprint(),
+            self._vocabulary.embedding_context(),  # a request's own embedding words (by URL)
         )
         cached = self._cache.get(key)
         if cached is not None:

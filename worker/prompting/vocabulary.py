@@ -55,6 +55,10 @@ class EmbeddingNames(Protocol):
         """``text`` with each embedding name replaced by its token, and what was used (name -> metadata entry)."""
         ...
 
+    def cache_context(self) -> tuple:
+        """What a rewrite depends on besides the text (a request's own words), for the prompt cache's key."""
+        ...
+
 
 @dataclass
 class Tokenized:
@@ -90,6 +94,10 @@ class Vocabulary:
         tokenizers = [slot.tokenizer for slot in self._slots]
         self._differing_added_tokens = differing_added_tokens(tokenizers, self._groups)
         self._later_vectors = [_later_vector_ids(slot.tokenizer) for slot in self._slots]
+
+    def embedding_context(self) -> tuple:
+        """:meth:`EmbeddingNames.cache_context`; empty without embedding names."""
+        return () if self.embedding_names is None else self.embedding_names.cache_context()
 
     def tokenize_sides(self, positive: list[FieldText], negative: list[FieldText] | None) -> Tokenized:
         """Every side's chunks per encoder; texts are paired with encoders positionally, like diffusers' zip."""

@@ -30,6 +30,7 @@ from pydantic import (
 
 from core.errors import InvalidRequest
 from worker.request.controlnet import ControlNetFields, ControlNetUnit
+from worker.request.embeddings import EmbeddingFields, EmbeddingUrl
 from worker.request.fields import (
     DEFAULT_MAX_JOB_PIXELS,
     GROUP,
@@ -59,7 +60,7 @@ from worker.request.sampling import SamplingFields
 INPAINT_STRENGTH = 0.75
 
 
-class GenerationRequest(HiresFields, ControlNetFields, SamplingFields, InpaintingFields):
+class GenerationRequest(HiresFields, ControlNetFields, EmbeddingFields, SamplingFields, InpaintingFields):
     """A RunPod job's `input`, or one JSONL line of the batch runner (minus its `id`).
 
     Field groups are its bases (:class:`worker.request.inpainting.InpaintingFields`, ...); checks across them live
@@ -302,6 +303,7 @@ def _allowed_range(model: type[BaseModel], location: tuple) -> str:
 _NESTED: dict[str, tuple[type[BaseModel], str]] = {
     "loras": (LoraRequest, "LoRA entry"),
     "controlnets": (ControlNetUnit, "ControlNet entry"),
+    "embeddings": (EmbeddingUrl, "embedding entry"),
     "outpaint": (Outpaint, "outpaint object"),
 }
 

@@ -19,7 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.adapters.embeddings.names import FILE_SUFFIXES, NameFinder, fold, usable_name
+from worker.adapters.embeddings.names import FILE_SUFFIXES, NameFinder, fold
+from worker.request.embeddings import usable_name
 
 log = logging.getLogger(__name__)
 

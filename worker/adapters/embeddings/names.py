@@ -28,9 +28,6 @@ from core.safetensors_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX
 
 EXPLICIT_PREFIX: Final = "embedding:"  # ComfyUI's form
 FILE_SUFFIXES: Final = (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES)  # what ComfyUI lets embedding:name end with
-# Characters that are prompt syntax (attention, prompt editing, escapes) or private-token spelling: a file whose
-# name holds one could never be named as it is written, so it is not offered as a name.
-SYNTAX_CHARACTERS: Final = frozenset("()[]<>:|\\")
 _RESERVED: Final = re.compile(r"<(?=ti-[0-9])", re.IGNORECASE)
 
 
@@ -47,11 +44,6 @@ def neutralize_reserved(text: str) -> str:
 def fold(text: str) -> str:
     """Lower case, one character for one (so positions in the folded text are positions in ``text``)."""
     return "".join(lowered if len(lowered := char.lower()) == 1 else char for char in text)
-
-
-def usable_name(name: str) -> bool:
-    """Whether a file name's stem can be written in a prompt as it is."""
-    return bool(name) and name == name.strip() and not SYNTAX_CHARACTERS.intersection(name)
 
 
 def _kind(char: str) -> str:

@@ -22,9 +22,9 @@ from pathlib import Path
 from core.errors import LoraFailed, first_line
 from core.hub_names import HubFileName, HubNameError, has_url_scheme, is_hub_name, parse_hub_name
 from core.safetensors_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, pickle_suffix
-from core.settings import VOLUME, Settings
+from core.settings import Settings
 from core.url_fetch import UrlPolicy, shown_url
-from worker.adapters.downloads import UrlDownloads, download_by_url, is_url
+from worker.adapters.downloads import UrlDownloads, default_download_dir, download_by_url, is_url
 
 MAX_LISTED_NAMES = 20
 MAX_SCANNED_FILES = 10_000  # listing available names is for error messages; never let it crawl a huge volume
@@ -80,13 +80,6 @@ class LoraSettings:
         return UrlDownloads(
             self.allow_download, self.url_hosts, policy, cache_dir, "ALLOW_LORA_DOWNLOAD", "LORA_URL_HOSTS"
         )
-
-
-def default_download_dir() -> Path:
-    """On RunPod the network volume survives the worker, so downloads are kept there."""
-    if VOLUME.is_dir():
-        return VOLUME / ".cache" / "hf-loras"
-    return Path.home() / ".cache" / "sdxl-worker" / "hf-loras"
 
 
 @dataclass(frozen=True)
