@@ -32,7 +32,8 @@ etc.), one JSON line per check, exit status 1 if any failed:
   wide at full size) named in the prompt and the negative prompt changes the image, is listed in the metadata, its
   time (loading on first use included) beside the plain job's; the encoding of a prompt naming it from the text
   encoders' CUDA graphs (captured again after the vocabulary grew) equals the eager one, and the next job without it
-  equals the first job byte for byte;
+  equals the first job byte for byte; ``embedding_url``: the same file served over HTTP here and given by URL
+  (``embeddings: [{name, url, sha256}]``) under another word makes the same image as the folder's file;
 - ``hires``: A1111's hires fix in one job (1024² -> 1536², latent upscale, 10 hires steps), its time beside the
   plain job's; ``hires_tiled``: 1024² -> 2048² with a Lanczos resize, above ``VAE_TILE_PIXELS`` (set to 1536² here
   unless the environment sets it), so the VAE decodes and encodes in tiles; each reports its peak GPU memory;
@@ -252,6 +253,25 @@ def embedding_check(worker: Any, base: dict[str, Any], first: dict[str, Any]) ->
     }
 
 
+def embedding_url_check(worker: Any, base: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The ``embedding_url`` check (module docstring): a word by URL makes the image its folder file makes."""
+    from bench.smoke_inpainting import run_job
+
+    url, sha256 = serve_file(path)
+    by_name, _ = run_job(worker, "embedding-name", **base, negative_prompt="smoke-embedding", seed=7)
+    entry = {"name": "smoke-remote", "url": url, "sha256": sha256}
+    by_url, seconds = run_job(
+        worker, "embedding-url", **base, negative_prompt="smoke-remote", embeddings=[entry], seed=7
+    )
+    ok = "error" not in by_name and "error" not in by_url
+    return {
+        "ok": ok and image_pixels(by_url["images"][0]) == image_pixels(by_name["images"][0]),
+        "seconds": round(seconds, 2),
+        "error": by_name.get("error") or by_url.get("error"),
+        "embeddings": by_url.get("metadata", {}).get("embeddings"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full-size", action="store_true", help="full-size SDXL on CUDA (default: dev-size, CPU)")
@@ -439,6 +459,8 @@ def main() -> None:
     )
 
     report("embedding", **embedding_check(worker, base, first), plain_seconds=round(plain_seconds, 2))
+    embedding_file = embedding_root / "smoke-embedding.safetensors"
+    report("embedding_url", **embedding_url_check(worker, base, embedding_file), plain_seconds=round(plain_seconds, 2))
 
     for check, run_check in (("inpaint", inpaint_check), ("outpaint", outpaint_check)):
         report(check, **run_check(worker, base, first, size), plain_seconds=round(plain_seconds, 2))
