@@ -155,8 +155,11 @@ def test_refusals_name_the_field_and_the_next_job_is_a_fresh_workers(setup: Simp
     old = error("a word", {"name": "word", "url": sd15.url, "sha256": sd15.sha256})
     assert old.startswith(f"embedding: embeddings[0].url ({setup.server.url('/files/sd15.safetensors?...')}): 'word'")
     assert "an SD 1.x embedding" in old and "clip_l and clip_g" in old
-    unused = error("a wordy lighthouse", {"name": "word", "url": style.url, "sha256": style.sha256})
+    requests = len(setup.server.requests)
+    never = {"name": "word", "url": setup.server.url("/files/never.safetensors"), "sha256": "1" * 64}
+    unused = error("a wordy lighthouse", never)  # checked before downloading: no request
     assert unused.startswith("embedding: embeddings[0].name: no prompt of this job names 'word' as a word of its own")
+    assert len(setup.server.requests) == requests
     assert pixels(setup.handle({"id": "after", "input": JOB})) == setup.fresh
 
 

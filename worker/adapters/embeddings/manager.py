@@ -37,7 +37,7 @@ from core.errors import EmbeddingFailed, first_line
 from worker.adapters.downloads import UrlDownloads
 from worker.adapters.embeddings.files import PARTS, read_embedding
 from worker.adapters.embeddings.folders import EmbeddingFolders
-from worker.adapters.embeddings.names import NameFinder, NameMatch, neutralize_reserved, token_for
+from worker.adapters.embeddings.names import NameFinder, NameMatch, fold, neutralize_reserved, token_for
 from worker.adapters.embeddings.tokens import TokenTarget, add_vectors, remove_vectors
 from worker.adapters.embeddings.urls import RequestedEmbedding, download_requested
 from worker.request.embeddings import EmbeddingUrl
@@ -115,15 +115,16 @@ class EmbeddingManager:
             return
         if self.downloads is None:
             raise EmbeddingFailed("embeddings: this worker takes no embeddings by URL; name files in the prompts")
-        requested = download_requested(entries, self.downloads, f"put the file under {self.folders.roots_text()}")
-        finder = NameFinder(entry.key for entry in requested)
+        finder = NameFinder(fold(entry.name) for entry in entries)
         named = {match.key for text in texts for match in finder.find(text)}
-        for entry in requested:
-            if entry.key not in named:
+        for index, entry in enumerate(entries):  # before any download: a job refused here costs nothing
+            if fold(entry.name) not in named:
                 raise EmbeddingFailed(
-                    f"{entry.field}.name: no prompt of this job names {entry.name!r} as a word of its own; write it "
-                    f"in prompt or negative_prompt ({entry.name} or embedding:{entry.name}), or leave the entry out"
+                    f"embeddings[{index}].name: no prompt of this job names {entry.name!r} as a word of its own; "
+                    f"write it in prompt or negative_prompt ({entry.name} or embedding:{entry.name}), or leave the "
+                    "entry out"
                 )
+        requested = download_requested(entries, self.downloads, f"put the file under {self.folders.roots_text()}")
         self._requested = {entry.key: entry for entry in requested}
         self._request_finder = NameFinder([*self._requested, *self.folders.index])
         try:
