@@ -101,6 +101,12 @@ class EmbeddingFailed(InvalidRequest):
     code = "embedding"
 
 
+class IpAdapterFailed(InvalidRequest):
+    """A requested IP-Adapter could not be used (its file or its image encoder is damaged or would not load)."""
+
+    code = "ip-adapter"
+
+
 class ImageQualityFailed(WorkerError):
     """The VAE produced NaN or an all-black image: an error, never an image."""
 
@@ -177,6 +183,7 @@ ERROR_KINDS: tuple[type[WorkerError], ...] = (
     LoraFailed,
     ControlNetFailed,
     EmbeddingFailed,
+    IpAdapterFailed,
     OutputTooLarge,
     InvalidRequest,
     ModelMissing,

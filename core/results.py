@@ -50,6 +50,7 @@ class Timings:
 
     lora_s: float = 0.0
     controlnet_s: float | None = None  # resolving, fetching and loading the job's ControlNets
+    ip_adapter_s: float | None = None  # the same for its IP-Adapters and their image encoders, images encoded
     text_encoding_s: float = 0.0
     denoising_s: float = 0.0
     vae_decode_s: float = 0.0

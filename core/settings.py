@@ -68,6 +68,7 @@ BAKED_MODELS = Path("/models")  # models converted at image build time
 BAKED_LORAS = Path("/loras")
 BAKED_CONTROLNETS = Path("/controlnets")
 BAKED_EMBEDDINGS = Path("/embeddings")
+BAKED_IP_ADAPTERS = Path("/ip-adapters")
 
 
 # The commands that read settings. ENGINE: the worker and the batch runner, which both run the engine.
@@ -193,6 +194,20 @@ class Settings:
         _paths,
         "SDXL embedding folder(s) (.safetensors with clip_l and clip_g), ':'-separated; the baked /embeddings is "
         "added; a file's name is the word prompts use",
+    )
+    # -- IP-Adapters
+    ip_adapter_dirs: tuple[Path, ...] = _setting(
+        "IP_ADAPTER_DIR",
+        "/runpod-volume/ip-adapters",
+        _paths,
+        "folder(s) laid out as h94/IP-Adapter (sdxl_models/*.safetensors, image_encoder/ folders), ':'-separated; "
+        "the baked /ip-adapters is added",
+    )
+    ip_adapter_cache_size: int = _setting(
+        "IP_ADAPTER_CACHE_SIZE",
+        "2",
+        _whole_number(1, 16),
+        "IP-Adapters kept loaded between jobs, with their image encoders (memory planning reserves room for them)",
     )
     # -- outputs
     bucket_endpoint_url: str | None = _setting(
@@ -351,6 +366,12 @@ class Settings:
         """The embedding folders in search order, with the image's baked folder last."""
         dirs = self.embeddings_dirs
         return dirs if BAKED_EMBEDDINGS in dirs else (*dirs, BAKED_EMBEDDINGS)
+
+    @property
+    def ip_adapter_roots(self) -> tuple[Path, ...]:
+        """The IP-Adapter folders in search order, with the image's baked folder last."""
+        dirs = self.ip_adapter_dirs
+        return dirs if BAKED_IP_ADAPTERS in dirs else (*dirs, BAKED_IP_ADAPTERS)
 
     @property
     def bucket_configured(self) -> bool:

@@ -112,6 +112,17 @@ def dev_controlnet_root(dev_controlnet_file: Path, tmp_path_factory: pytest.Temp
 
 
 @pytest.fixture(scope="session")
+def dev_ip_adapter_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An IP_ADAPTER_DIR in h94/IP-Adapter's layout with the dev IP-Adapters (SDXL's plain and plus kinds scaled to
+    the dev UNet, random weights) and their two dev image encoders (model_build/dev_ip_adapter.py)."""
+    from model_build.dev_ip_adapter import write_dev_ip_adapters
+
+    root = tmp_path_factory.mktemp("ip-adapters")
+    write_dev_ip_adapters(root)
+    return root
+
+
+@pytest.fixture(scope="session")
 def dev_vpred_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The dev base's weights with the v_pred and ztsnr markers: a zero-terminal-SNR v-prediction checkpoint."""
     from model_build.dev_model import write_dev_checkpoint

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from worker.adapters.ip_adapter.image_prompt import ImagePrompt
 from worker.prompting.encoded import EncodedPrompts
 from worker.prompting.stepping import CallCounter, StageSteps
 from worker.request.samplers import schedule_steps
@@ -21,7 +22,8 @@ class Embeddings:
 
     ``first_feature`` is 0 for the base; for the refiner it is the first encoder's width: the base concatenates
     CLIP-L and OpenCLIP bigG features per token, the refiner reads bigG alone, so long prompts, weights and BREAK
-    reach it chunk for chunk as they reach the base.
+    reach it chunk for chunk as they reach the base. ``image_prompt``: the group's IP-Adapter embeddings, which
+    the base's calls take with the text's (the refiner's embeddings are made without them).
     """
 
     def __init__(
@@ -31,13 +33,14 @@ class Embeddings:
         cfg: bool,
         first_feature: int = 0,
         step: int = 0,
+        image_prompt: ImagePrompt | None = None,
     ) -> None:
         self.encoded, self.requests, self.cfg = encoded, requests, cfg
-        self.first_feature, self.step = first_feature, step
+        self.first_feature, self.step, self.image_prompt = first_feature, step, image_prompt
 
-    def at(self, step: int) -> dict[str, torch.Tensor | None]:
+    def at(self, step: int) -> dict[str, Any]:
         """The pipeline's keyword arguments with each prompt's conditioning of schedule step ``step``."""
-        return Embeddings(self.encoded, self.requests, self.cfg, self.first_feature, step).base()
+        return Embeddings(self.encoded, self.requests, self.cfg, self.first_feature, step, self.image_prompt).base()
 
     def _repeat(self, name: str) -> torch.Tensor | None:
         tensors = [getattr(e.at_step(self.step), name) for e in self.encoded]
@@ -47,8 +50,8 @@ class Embeddings:
             [t.repeat(r.num_images, *([1] * (t.ndim - 1))) for t, r in zip(tensors, self.requests, strict=True)]
         )
 
-    def base(self) -> dict[str, torch.Tensor | None]:
-        embeds = {
+    def base(self) -> dict[str, Any]:
+        embeds: dict[str, Any] = {
             "prompt_embeds": self._repeat("prompt_embeds"),
             "pooled_prompt_embeds": self._repeat("pooled_prompt_embeds"),
             "negative_prompt_embeds": self._repeat("negative_prompt_embeds") if self.cfg else None,
@@ -57,6 +60,8 @@ class Embeddings:
         for key in ("prompt_embeds", "negative_prompt_embeds"):
             if embeds[key] is not None and self.first_feature:
                 embeds[key] = embeds[key][..., self.first_feature :]
+        if self.image_prompt is not None:
+            embeds.update(self.image_prompt.call_kwargs(self.cfg))
         return embeds
 
 

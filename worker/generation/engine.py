@@ -25,6 +25,7 @@ from core.results import GenerationMetadata, Timings
 from core.settings import Settings
 from model_build.dev_model import DEV_MODEL_NOTICE
 from worker.adapters.controlnet.manager import ControlNetManager
+from worker.adapters.ip_adapter.manager import IpAdapterManager
 from worker.adapters.lora.manager import AppliedLora
 from worker.generation.acceleration import accelerate
 from worker.generation.conditioning import Embeddings, Stage
@@ -110,9 +111,11 @@ class Engine:
         self.loras = self._lora_manager()
         self.hires = HiresPass(self.stages, self.encode, self.decode, self._clock)
         self.controlnets = ControlNetManager(self.pipe.unet.config, self.dtype, self.settings, self.placement.adopt)
+        self.ip_adapters = IpAdapterManager(self.pipe.unet, self.dtype, self.settings, self.placement)
         self.checks = RequestChecks(
             self.prompt_encoder,
             self.controlnets,
+            self.ip_adapters,
             self.hires,
             self.stages.schedules,
             self.model_name,
@@ -200,6 +203,10 @@ class Engine:
         control = self.controlnets.prepare(first.controlnets)  # a shared call's requests have equal controlnets
         if control is not None:
             times["controlnet_s"] = self._clock() - started
+        started = self._clock()
+        image_prompt = self.ip_adapters.prepare(first.ip_adapters)  # images encoded once for the whole call
+        if image_prompt is not None:
+            times["ip_adapter_s"] = self._clock() - started
 
         started = self._clock()
         loras = self.activate_loras(first)
@@ -215,29 +222,32 @@ class Engine:
         seeds_per_request = [image_seeds(resolve_seed(r), r.num_images) for r in requests]
         all_seeds = [seed for seeds in seeds_per_request for seed in seeds]
         refine = self.uses_refiner(first)
-        embeds = Embeddings(encoded, requests, cfg=first.guidance_scale > 1.0)
+        embeds = Embeddings(encoded, requests, cfg=first.guidance_scale > 1.0, image_prompt=image_prompt)
 
         hires: HiresRun | None = None
         plan, own_modes = None, None
-        if first.is_inpainting:
-            started = self._clock()
-            most_images = max(request.num_images for request in requests)
-            plan = plan_inpainting(first, self.settings, most_images, self.is_inpainting_model)
-            latents, mode_info, stages = self.stages.inpaint(first, embeds, all_seeds, plan, progress)
-            size = plan.output_size
-            times["denoising_s"] = self._clock() - started
-        elif first.is_img2img:
-            started = self._clock()
-            own = self.encoders.refiner_embeddings(embeds) if refine else embeds  # the whole call's requests
-            latents, size, own_modes, stages = self.stages.img2img(first, own, all_seeds, refine, progress, control)
-            mode_info = own_modes[0]
-            times["denoising_s"] = self._clock() - started
-        else:
-            latents, stages, hires = self._text_to_image(embeds, all_seeds, refine, progress, times, loras, control)
-            size, mode_info = hires.size if hires else (first.width, first.height), {"mode": "txt2img"}
+        with self.ip_adapters.applied(image_prompt):  # the job's IP-Adapters in the UNet for its calls only
+            if first.is_inpainting:
+                started = self._clock()
+                most_images = max(request.num_images for request in requests)
+                plan = plan_inpainting(first, self.settings, most_images, self.is_inpainting_model)
+                latents, mode_info, stages = self.stages.inpaint(first, embeds, all_seeds, plan, progress)
+                size = plan.output_size
+                times["denoising_s"] = self._clock() - started
+            elif first.is_img2img:
+                started = self._clock()
+                own = self.encoders.refiner_embeddings(embeds) if refine else embeds  # the whole call's requests
+                latents, size, own_modes, stages = self.stages.img2img(first, own, all_seeds, refine, progress, control)
+                mode_info = own_modes[0]
+                times["denoising_s"] = self._clock() - started
+            else:
+                latents, stages, hires = self._text_to_image(embeds, all_seeds, refine, progress, times, loras, control)
+                size, mode_info = hires.size if hires else (first.width, first.height), {"mode": "txt2img"}
 
-        if control is not None and not control.used:  # never drop a job's ControlNets without a word
+        if control is not None and not control.used:  # never drop a job's adapters without a word
             raise InvalidRequest("controlnets: this job's mode does not take ControlNets; send it without them")
+        if image_prompt is not None and not image_prompt.calls:
+            raise InvalidRequest("ip_adapters: this job's mode does not take IP-Adapters; send it without them")
         started = self._clock()
         images, decode_tiled = self.decode(latents, loras)
         if plan is not None:
@@ -251,9 +261,12 @@ class Engine:
             "sampling": sampling_metadata(first, stages, self.scheduler_config),
             "stages": [s.describe() for s in stages],
             "controlnets": control.stable() if control is not None else [],
+            "ip_adapters": image_prompt.stable() if image_prompt is not None else [],
             "vae_tiling": {**mode_info.get("vae_tiling", {}), "decode": decode_tiled},
         }
         volatile = {"controlnets": control.volatile()} if control is not None else {}
+        if image_prompt is not None:
+            volatile["ip_adapters"] = image_prompt.volatile()
         results, offset = [], 0
         for index, (request, enc, seeds) in enumerate(zip(requests, encoded, seeds_per_request, strict=True)):
             own_images = images[offset : offset + len(seeds)]

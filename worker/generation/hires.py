@@ -193,7 +193,7 @@ class HiresPass:
         encoded = [self.encode(view) for view in views]
         if len({prompts.num_chunks for prompts in encoded}) != 1:
             raise InternalError("requests whose hires prompts differ in shape cannot share one pipeline call")
-        hires_embeds = Embeddings(encoded, views, embeds.cfg)
+        hires_embeds = Embeddings(encoded, views, embeds.cfg, image_prompt=embeds.image_prompt)  # A1111: both passes
         info: dict[str, Any] = {}
         if first.hr_upscaler in LATENT_UPSCALERS:
             image: list[Image.Image] | torch.Tensor = upscale_latents(latents, first)

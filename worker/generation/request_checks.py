@@ -16,11 +16,12 @@ from worker.request.schema import GenerationRequest
 
 @dataclass(frozen=True)
 class RequestChecks:
-    """What a loaded worker checks a request against: its prompt encoder's limits, its ControlNets, its model's
-    family and schedules, whether it has a refiner."""
+    """What a loaded worker checks a request against: its prompt encoder's limits, its ControlNets and
+    IP-Adapters, its model's family and schedules, whether it has a refiner."""
 
     prompt_encoder: PromptEncoder
     controlnets: Any  # worker.adapters.controlnet.manager.ControlNetManager
+    ip_adapters: Any  # worker.adapters.ip_adapter.manager.IpAdapterManager
     hires: Any  # worker.generation.hires.HiresPass
     schedules: StageSchedules
     model_name: str
@@ -30,6 +31,7 @@ class RequestChecks:
     def check(self, request: GenerationRequest) -> None:
         self.prompt_encoder.check_clip_skip(request.clip_skip)  # before any LoRA or GPU work
         self.controlnets.check(request.controlnets)  # names and fit: JSON only, before anything loads
+        self.ip_adapters.check(request.ip_adapters)  # names, fit and encoder: headers and JSON only
         check_inpainting(request, self.model_name, self.is_inpainting_model)
         refine = uses_refiner(request, self.refiner_loaded)
         self.schedules.check_sampling(request, refine)

@@ -19,6 +19,7 @@ from core.settings import Settings
 from model_build.layout import BASE_FAMILY, INPAINT_FAMILY, REFINER_FAMILY
 from model_build.manifest import Manifest, manifest_hash, verify
 from worker.adapters.controlnet.manager import controlnet_reserve
+from worker.adapters.ip_adapter.manager import ip_adapter_reserve
 from worker.model.loading import PhaseClock, load_refiner, require_family, shared_with_base
 from worker.model.placement import Placement, model_component_bytes, plan_device
 
@@ -79,7 +80,8 @@ def load_model(
     shares = shared_with_base(refiner_manifest, manifest) if refiner_manifest is not None else []
     sizes = model_component_bytes(model_dir, refiner_dir, shares, dtype.itemsize)
     free = torch.cuda.mem_get_info()[0] if cuda else None
-    reserved = controlnet_reserve(settings, dtype)  # modules loaded later that share the GPU with the pipeline
+    # modules loaded later that share the GPU with the pipeline
+    reserved = {**controlnet_reserve(settings, dtype), **ip_adapter_reserve(settings, dtype)}
     plan = plan_device(offload, cuda, free, {**sizes, **reserved})
     device_map = {"device_map": plan.device} if plan.loads_on_device else {}
     clock.lap("plan_s")

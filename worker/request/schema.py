@@ -52,6 +52,7 @@ from worker.request.fields import (
 )
 from worker.request.hires import HiresFields, HiresSize, check_hires_sampling, check_hires_size, hires_size
 from worker.request.inpainting import InpaintingFields, Outpaint
+from worker.request.ip_adapter import IpAdapterFields, IpAdapterUnit
 from worker.request.loras import LoraRequest
 from worker.request.sampling import SamplingFields
 
@@ -60,7 +61,9 @@ from worker.request.sampling import SamplingFields
 INPAINT_STRENGTH = 0.75
 
 
-class GenerationRequest(HiresFields, ControlNetFields, EmbeddingFields, SamplingFields, InpaintingFields):
+class GenerationRequest(
+    HiresFields, ControlNetFields, EmbeddingFields, IpAdapterFields, SamplingFields, InpaintingFields
+):
     """A RunPod job's `input`, or one JSONL line of the batch runner (minus its `id`).
 
     Field groups are its bases (:class:`worker.request.inpainting.InpaintingFields`, ...); checks across them live
@@ -258,12 +261,13 @@ class GenerationRequest(HiresFields, ControlNetFields, EmbeddingFields, Sampling
         return self
 
     @model_validator(mode="after")
-    def _controlnets_fit_the_base(self) -> GenerationRequest:
-        if self.controlnets and self.image_url is not None and self.refiner:
-            raise ValueError(
-                "controlnets: img2img through the refiner (refiner: true) cannot use ControlNets, which fit the base "
-                "model's UNet; leave refiner out to run img2img on the base with them"
-            )
+    def _adapters_fit_the_base(self) -> GenerationRequest:
+        for field, what in (("controlnets", "ControlNets"), ("ip_adapters", "IP-Adapters")):
+            if getattr(self, field) and self.image_url is not None and self.refiner:
+                raise ValueError(
+                    f"{field}: img2img through the refiner (refiner: true) cannot use {what}, which fit the base "
+                    f"model's UNet; leave refiner out to run img2img on the base with them"
+                )
         return self
 
     @property
@@ -304,6 +308,7 @@ _NESTED: dict[str, tuple[type[BaseModel], str]] = {
     "loras": (LoraRequest, "LoRA entry"),
     "controlnets": (ControlNetUnit, "ControlNet entry"),
     "embeddings": (EmbeddingUrl, "embedding entry"),
+    "ip_adapters": (IpAdapterUnit, "IP-Adapter entry"),
     "outpaint": (Outpaint, "outpaint object"),
 }
 
