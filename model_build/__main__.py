@@ -9,6 +9,7 @@
     python -m model_build dev-lora OUT.safetensors --model models/sdxl-dev [--kohya] [--kind loha|lokr] [--rank R]
     python -m model_build dev-controlnet OUT.safetensors [--full-size] [--diffusers-layout]
     python -m model_build dev-embedding OUT.safetensors [--model models/sdxl-dev] [--vectors N] [--sd15]
+    python -m model_build dev-ip-adapter OUT_DIR [--full-size]
 
 SOURCE is an SDXL checkpoint or an SDXL ControlNet (told apart by its tensors; a ControlNet converts into a
 ControlNetModel folder for CONTROLNET_DIR).
@@ -107,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     emb.add_argument("--vectors", type=int, default=4, choices=range(1, 76), metavar="1..75")
     emb.add_argument("--seed", type=int, default=0)
     emb.add_argument("--sd15", action="store_true", help="an SD 1.x embedding (emb_params, 768 wide) instead")
+    ipa = commands.add_parser("dev-ip-adapter", help="write random SDXL IP-Adapters and image encoders (h94 layout)")
+    ipa.add_argument("output", type=Path, help="the IP_ADAPTER_DIR folder to write (sdxl_models/, models/)")
+    ipa.add_argument("--full-size", action="store_true", help="SDXL's vit-h and plus vit-h with ViT-H (~2.9 GB, fp16)")
     return parser
 
 
@@ -217,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"wrote {path}: a random {kind} embedding of {args.vectors} vectors{fits}; prompts name it {path.stem}"
             )
+        elif args.command == "dev-ip-adapter":
+            from model_build.dev_ip_adapter import write_dev_ip_adapters
+
+            written = write_dev_ip_adapters(args.output, full_size=args.full_size)
+            names = ", ".join(path.stem for path in written)
+            print(f"wrote {args.output}: random IP-Adapters {names} and their image encoders (images are noise)")
     except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIGURATION

@@ -194,6 +194,7 @@ def test_metadata_says_what_ran(worker) -> None:
         "scale": 0.5,
         "input_size": [100, 80],
         "applied_to": "base",
+        "unet": "eager",  # this worker does not compile; with COMPILE set it says the compiled code was set aside
     }
     assert (second["kind"], second["image_encoder"], second["scale"]) == ("ip-adapter", "sdxl_models/image_encoder", 1)
     cache = out["metadata"]["cache"]["ip_adapters"]
@@ -323,7 +324,7 @@ def test_sequential_offload_is_refused_by_name(worker) -> None:
     assert manager.check([]) == []
 
 
-def test_a_compiled_unet_runs_ip_adapter_calls_eagerly(worker) -> None:
+def test_a_compiled_unet_runs_ip_adapter_calls_eagerly(worker, roots) -> None:
     """With COMPILE set, the calls run under torch's force_eager stance: a compiled function compiles nothing there."""
     from torch._dynamo.utils import counters
 
@@ -339,11 +340,14 @@ def test_a_compiled_unet_runs_ip_adapter_calls_eagerly(worker) -> None:
         assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 3.0))
     assert counters["stats"]["unique_graphs"] == before
     from worker.adapters.ip_adapter.manager import IpAdapterManager
+    from worker.request.ip_adapter import IpAdapterUnit
 
     for compile_setting, eager in (("unet", True), ("regional", True), ("off", False)):
-        settings = load_settings({"COMPILE": compile_setting})
+        settings = load_settings({"COMPILE": compile_setting, "IP_ADAPTER_DIR": str(roots["ip_adapters"])})
         manager = IpAdapterManager(engine.pipe.unet, engine.dtype, settings, engine.placement)
         assert manager.eager_unet is eager
+        said = manager.prepare([IpAdapterUnit(name=PLAIN, image=unit()["image"])]).stable()[0]["unet"]
+        assert said == (f"eager (COMPILE={compile_setting} set aside for this job)" if eager else "eager")
 
 
 def test_memory_planning_counts_the_largest_adapters_and_their_encoders(dev_ip_adapter_root: Path) -> None:
@@ -405,3 +409,20 @@ def test_with_a_refiner_the_image_prompt_steers_the_base_stage(dev_model_dir, de
     assert [stage["model"] for stage in metadata["stages"]] == ["base", "refiner"]
     assert metadata["ip_adapters"][0]["applied_to"] == "base"
     assert out["images"][0] != run(with_refiner, payload)["images"][0]
+
+
+def test_one_adapter_may_be_an_object_or_ip_adapter() -> None:
+    """diffusers' users give one image prompt; it is a list of one, under either name (not both)."""
+    from core.errors import InvalidRequest
+    from worker.request.schema import parse_request
+
+    entry = {"name": PLAIN, "image": "aGk=", "scale": 0.5}
+    for fields in ({"ip_adapters": entry}, {"ip_adapter": entry}, {"ip_adapter": [entry]}):
+        assert (
+            parse_request({"prompt": "x", **fields}).ip_adapters
+            == parse_request({"prompt": "x", "ip_adapters": [entry]}).ip_adapters
+        )
+    with pytest.raises(InvalidRequest, match="ip_adapter: give ip_adapter or ip_adapters, not both"):
+        parse_request({"prompt": "x", "ip_adapter": entry, "ip_adapters": [entry]})
+    with pytest.raises(InvalidRequest, match=r"ip_adapters\.0\.scale: .*allowed 0\.\.2"):
+        parse_request({"prompt": "x", "ip_adapter": {**entry, "scale": 2.5}})

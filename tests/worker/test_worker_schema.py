@@ -269,6 +269,7 @@ def test_group_key_changes_with_every_group_field_and_no_request_field() -> None
         "guidance_scale": 2.0,
         "loras": [{"name": "a", "scale": 0.5}],
         "controlnets": [{"name": "a", "image": "aGk="}],
+        "ip_adapters": [{"name": "a", "image": "aGk="}],
         "embeddings": [{"name": "a", "url": "https://e.test/a.safetensors"}],  # each request's own words
         "refiner": True,
         "refiner_inference_steps": 7,

@@ -9,14 +9,15 @@ list shape of this worker's ``loras`` and ``controlnets``: ``[{"name", "image", 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from worker.request.fields import GROUP, MAX_IMAGE_URL_CHARS, REQUEST_CONFIG, check_image_reference, number_from_int
 
 MAX_IP_ADAPTERS = 4
 WEIGHT_SUFFIX = ".safetensors"
+SINGULAR = "ip_adapter"  # the one-adapter spelling, read as ip_adapters
 
 
 class IpAdapterUnit(BaseModel):
@@ -69,6 +70,21 @@ class IpAdapterFields(BaseModel):
         Field(
             max_length=MAX_IP_ADAPTERS,
             description='[{"name": IP-Adapter file under IP_ADAPTER_DIR (e.g. "ip-adapter-plus_sdxl_vit-h"), '
-            '"image": URL/data URI/base64, "scale": 0..2 (1)}]',
+            '"image": URL/data URI/base64, "scale": 0..2 (1)}]; one object (or ip_adapter) is a list of one',
         ),
     ] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_or_many(cls, data: Any) -> Any:
+        """One adapter may come as an object, and as ``ip_adapter`` (diffusers' pipelines take one image prompt as
+        ``ip_adapter_image``, not a list): the same as a list of one."""
+        if not isinstance(data, dict):
+            return data
+        if SINGULAR in data:
+            if "ip_adapters" in data:
+                raise ValueError("ip_adapter: give ip_adapter or ip_adapters, not both (ip_adapters takes a list)")
+            data = {**{key: value for key, value in data.items() if key != SINGULAR}, "ip_adapters": data[SINGULAR]}
+        if isinstance(data.get("ip_adapters"), dict):
+            data = {**data, "ip_adapters": [data["ip_adapters"]]}
+        return data

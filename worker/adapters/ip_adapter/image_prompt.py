@@ -78,6 +78,7 @@ class ImagePrompt:
     """A job's IP-Adapters, ready for the base's pipeline calls."""
 
     applied: list[AppliedIpAdapter]
+    unet: str = "eager"  # how the UNet ran its calls: always eagerly, a compiled UNet's code set aside (said here)
     calls: int = field(default=0)  # pipeline calls that took them (the engine refuses a job whose mode took none)
 
     @property
@@ -98,7 +99,7 @@ class ImagePrompt:
         return {"ip_adapter_image_embeds": embeds}
 
     def stable(self) -> list[dict[str, Any]]:
-        return [applied.stable() for applied in self.applied]
+        return [{**applied.stable(), "unet": self.unet} for applied in self.applied]
 
     def volatile(self) -> list[dict[str, Any]]:
         return [applied.volatile() for applied in self.applied]

@@ -73,7 +73,8 @@ class IpAdapterManager:
                 embeds = encode_image(source, encoder, file.shape.output_hidden_states, self.device)
             applied.append(AppliedIpAdapter(unit, adapter, encoder, source.size, embeds, (adapter_hit, encoder_hit)))
         self.cache.evict_to_bound(file.identity for file in files)
-        return ImagePrompt(applied)
+        compiled = f"eager (COMPILE={self.settings.compile} set aside for this job)" if self.eager_unet else "eager"
+        return ImagePrompt(applied, compiled)
 
     @contextlib.contextmanager
     def _encoder_on_device(self, model: Any) -> Any:
