@@ -34,6 +34,10 @@ etc.), one JSON line per check, exit status 1 if any failed:
   encoders' CUDA graphs (captured again after the vocabulary grew) equals the eager one, and the next job without it
   equals the first job byte for byte; ``embedding_url``: the same file served over HTTP here and given by URL
   (``embeddings: [{name, url, sha256}]``) under another word makes the same image as the folder's file;
+- ``ip_adapter_plus``, ``ip_adapter``, ``ip_adapter_scale0``, ``ip_adapter_lora``: random SDXL IP-Adapters (the plus
+  and plain ViT-H kinds with a random ViT-H encoder, ``model_build dev-ip-adapter``) each steer the image, scale 0
+  gives the square job's pixels, one with the fused LoRA runs and the LoRA job after it is unchanged; each with its
+  time beside the plain job's, and the plain job after each equals the first (``bench/smoke_ip_adapter.py``);
 - ``hires``: A1111's hires fix in one job (1024² -> 1536², latent upscale, 10 hires steps), its time beside the
   plain job's; ``hires_tiled``: 1024² -> 2048² with a Lanczos resize, above ``VAE_TILE_PIXELS`` (set to 1536² here
   unless the environment sets it), so the VAE decodes and encodes in tiles; each reports its peak GPU memory;
@@ -53,7 +57,8 @@ etc.), one JSON line per check, exit status 1 if any failed:
 Every line carries ``dynamo``: what torch.compile counted since the previous line (graphs, recompiles, guard
 failures); with ``COMPILE`` set, a job at a warmed shape must show no new graph.
 
-``bench/smoke_inpainting.py`` and ``bench/smoke_models.py`` hold the inpainting checks and the other model folders.
+``bench/smoke_inpainting.py``, ``bench/smoke_ip_adapter.py`` and ``bench/smoke_models.py`` hold the inpainting
+checks, the IP-Adapter checks and the other model folders.
 """
 
 from __future__ import annotations
@@ -288,6 +293,7 @@ def main() -> None:
 
     from bench.fullsize import build_random_pipeline, save_as_model_dir
     from bench.smoke_inpainting import inpaint_check, inpaint_model_checks, outpaint_check, run_job
+    from bench.smoke_ip_adapter import build_ip_adapters, ip_adapter_checks
     from bench.smoke_models import (
         build_inpaint_folder,
         free_gpu,
@@ -316,6 +322,7 @@ def main() -> None:
     inpaint_dir = build_inpaint_folder(work / "sdxl-random-inpaint", args.full_size, device, dtype)
     refiner_dir = None if args.no_refiner else build_refiner(work, args.full_size)
     controlnet_root = build_controlnet(work, args.full_size)
+    ip_adapter_root, ip_adapter_names = build_ip_adapters(work, args.full_size)
     embedding_root = work / "embeddings"
     subprocess.run(
         [
@@ -345,6 +352,7 @@ def main() -> None:
     os.environ.update(ALLOW_LORA_DOWNLOAD="1", ALLOW_PRIVATE_URLS="1", LORA_DOWNLOAD_DIR=str(work / "downloads"))
     os.environ["CONTROLNET_DIR"] = str(controlnet_root)
     os.environ["EMBEDDINGS_DIR"] = str(embedding_root)
+    os.environ["IP_ADAPTER_DIR"] = str(ip_adapter_root)
     os.environ.setdefault("VAE_TILE_PIXELS", str((size * 3 // 2) ** 2))  # hires_tiled's 2x is over it, 1.5x is not
     settings = load_settings(None, offload="none")
     started = time.perf_counter()
@@ -461,6 +469,8 @@ def main() -> None:
     report("embedding", **embedding_check(worker, base, first), plain_seconds=round(plain_seconds, 2))
     embedding_file = embedding_root / "smoke-embedding.safetensors"
     report("embedding_url", **embedding_url_check(worker, base, embedding_file), plain_seconds=round(plain_seconds, 2))
+    for check, details in ip_adapter_checks(worker, base, first, ip_adapter_names, "smoke-lora"):
+        report(check, **details, plain_seconds=round(plain_seconds, 2))
 
     for check, run_check in (("inpaint", inpaint_check), ("outpaint", outpaint_check)):
         report(check, **run_check(worker, base, first, size), plain_seconds=round(plain_seconds, 2))

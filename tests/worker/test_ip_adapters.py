@@ -426,3 +426,24 @@ def test_one_adapter_may_be_an_object_or_ip_adapter() -> None:
         parse_request({"prompt": "x", "ip_adapter": entry, "ip_adapters": [entry]})
     with pytest.raises(InvalidRequest, match=r"ip_adapters\.0\.scale: .*allowed 0\.\.2"):
         parse_request({"prompt": "x", "ip_adapter": {**entry, "scale": 2.5}})
+
+
+def test_with_an_unfused_lora_it_gives_stock_diffusers_lora_and_ip_adapter_image(dev_model_dir, roots) -> None:
+    """LORA_FUSE=0 keeps the LoRA as peft layers inside the very attention modules the IP-Adapter processors call:
+    the job equals stock diffusers with load_lora_weights and load_ip_adapter, and afterwards the worker's LoRA and
+    plain jobs are its fresh bytes."""
+    settings = load_settings(
+        {"IP_ADAPTER_DIR": str(roots["ip_adapters"]), "LORA_DIR": str(roots["loras"]), "LORA_FUSE": "0"}
+    )
+    made = Worker(settings)
+    made.start(dev_model_dir)
+    lora = {"loras": [{"name": "style", "scale": 0.8}]}
+    fresh_plain, fresh_lora = run(made, REFERENCE_JOB)["images"][0], run(made, {**REFERENCE_JOB, **lora})["images"][0]
+    both = run(made, {**REFERENCE_JOB, **lora, "ip_adapters": [unit(PLUS, scale=0.7)]})
+    assert "error" not in both, both
+    pipe = stock_pipeline(dev_model_dir, roots["ip_adapters"], [PLUS], [0.7])
+    pipe.load_lora_weights(str(roots["loras"] / "style.safetensors"), adapter_name="style")
+    pipe.set_adapters(["style"], [0.8])
+    assert np.array_equal(pixels(both["images"][0]), stock_image(pipe, [reference_image()]))
+    assert run(made, {**REFERENCE_JOB, **lora})["images"][0] == fresh_lora
+    assert run(made, REFERENCE_JOB)["images"][0] == fresh_plain
