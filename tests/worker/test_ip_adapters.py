@@ -11,6 +11,7 @@ object, and the next plain job is the fresh worker's bytes; every bad input is a
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import math
 import re
@@ -348,6 +349,11 @@ def test_a_compiled_unet_runs_ip_adapter_calls_eagerly(worker, roots) -> None:
         assert manager.eager_unet is eager
         said = manager.prepare([IpAdapterUnit(name=PLAIN, image=unit()["image"])]).stable()[0]["unet"]
         assert said == (f"eager (COMPILE={compile_setting} set aside for this job)" if eager else "eager")
+        # At scale 0 nothing goes into the UNet and nothing into its call: a compiled UNet runs its own code (on the
+        # H200 its fp16 bytes differ from eager ones, so scale 0 would not be the plain job's image otherwise)
+        silent = manager.prepare([IpAdapterUnit(name=PLAIN, image=unit()["image"], scale=0.0)])
+        assert silent.stable()[0]["unet"] == "as without IP-Adapters (every scale is 0)"
+        assert isinstance(manager.applied(silent), contextlib.nullcontext) and silent.call_kwargs(cfg=True) == {}
 
 
 def test_memory_planning_counts_the_largest_adapters_and_their_encoders(dev_ip_adapter_root: Path) -> None:

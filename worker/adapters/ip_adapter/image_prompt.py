@@ -82,6 +82,12 @@ class ImagePrompt:
     calls: int = field(default=0)  # pipeline calls that took them (the engine refuses a job whose mode took none)
 
     @property
+    def active(self) -> bool:
+        """Whether any adapter has a scale: at scale 0 everywhere the job runs the UNet as a job without them
+        (diffusers' processors skip a 0 scale; here a compiled UNet's code runs too, its bytes not eager's)."""
+        return any(self.scales)
+
+    @property
     def adapters(self) -> list[LoadedAdapter]:
         return [applied.adapter for applied in self.applied]
 
@@ -95,6 +101,8 @@ class ImagePrompt:
         import torch
 
         self.calls += 1
+        if not self.active:
+            return {}
         embeds = [torch.cat([uncond, cond]) if cfg else cond for cond, uncond in (a.embeds for a in self.applied)]
         return {"ip_adapter_image_embeds": embeds}
 

@@ -73,8 +73,13 @@ class IpAdapterManager:
                 embeds = encode_image(source, encoder, file.shape.output_hidden_states, self.device)
             applied.append(AppliedIpAdapter(unit, adapter, encoder, source.size, embeds, (adapter_hit, encoder_hit)))
         self.cache.evict_to_bound(file.identity for file in files)
-        compiled = f"eager (COMPILE={self.settings.compile} set aside for this job)" if self.eager_unet else "eager"
-        return ImagePrompt(applied, compiled)
+        if not any(unit.scale for unit in units):
+            unet = "as without IP-Adapters (every scale is 0)"
+        elif self.eager_unet:
+            unet = f"eager (COMPILE={self.settings.compile} set aside for this job)"
+        else:
+            unet = "eager"
+        return ImagePrompt(applied, unet)
 
     @contextlib.contextmanager
     def _encoder_on_device(self, model: Any) -> Any:
@@ -91,7 +96,7 @@ class IpAdapterManager:
 
     def applied(self, prompt: ImagePrompt | None) -> contextlib.AbstractContextManager:
         """Where a job's base calls run: the UNet with its IP-Adapters in it (nothing changes for None)."""
-        if prompt is None:
+        if prompt is None or not prompt.active:
             return contextlib.nullcontext()
         return installed(self.unet, prompt.adapters, prompt.scales, self.eager_unet)
 
