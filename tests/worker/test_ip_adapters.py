@@ -296,6 +296,10 @@ BAD = [
         r"ip_adapters\[0\]\.image: this is a GIF",
     ),
     ({"ip_adapters": [unit(scale=3)]}, r"ip_adapters\.0\.scale: .*allowed 0\.\.2"),
+    (
+        {"ip_adapters": [unit(image="http://127.0.0.1:9/face.png")]},  # image_url's address rules
+        r"ip_adapters\[0\]\.image: .*ALLOW_PRIVATE_URLS",
+    ),
     ({"ip_adapters": [unit("../x")]}, r"ip_adapters\.0\.name: .*no path separators"),
     ({"ip_adapters": [unit()] * 5}, r"ip_adapters: .*at most 4"),
     (
