@@ -283,6 +283,11 @@ def main() -> None:
     parser.add_argument("--model-dir", help="a converted folder to use instead of building a random one")
     parser.add_argument("--steps", type=int, help="steps per job (default 25 full-size, 4 dev)")
     parser.add_argument("--no-refiner", action="store_true", help="skip the refiner (saves its conversion)")
+    parser.add_argument(
+        "--no-model-folders",
+        action="store_true",
+        help="skip the v-prediction and inpainting model folders (saves building them and two worker starts)",
+    )
     args = parser.parse_args()
     device = "cuda" if args.full_size else "cpu"
     if args.full_size and not torch.cuda.is_available():
@@ -316,10 +321,11 @@ def main() -> None:
     lokr = random_lycoris(pipe, "lokr", rank=8, strength=0.3, tucker=True, device=device)
     save_lycoris(lokr, pipe, lora_dir / "smoke-lokr.safetensors")
     model_dir = Path(args.model_dir) if args.model_dir else save_as_model_dir(pipe, work / "sdxl-random")
-    vpred_dir = save_vpred_folder(pipe, work / "sdxl-random-vpred")  # the same weights, converted as v-prediction
+    folders = not args.no_model_folders
+    vpred_dir = save_vpred_folder(pipe, work / "sdxl-random-vpred") if folders else None  # same weights, v-pred
     del pipe
     free_gpu(device)
-    inpaint_dir = build_inpaint_folder(work / "sdxl-random-inpaint", args.full_size, device, dtype)
+    inpaint_dir = build_inpaint_folder(work / "sdxl-random-inpaint", args.full_size, device, dtype) if folders else None
     refiner_dir = None if args.no_refiner else build_refiner(work, args.full_size)
     controlnet_root = build_controlnet(work, args.full_size)
     ip_adapter_root, ip_adapter_names = build_ip_adapters(work, args.full_size)
@@ -343,8 +349,8 @@ def main() -> None:
         seconds=round(time.perf_counter() - started, 1),
         model_dir=str(model_dir),
         refiner_dir=str(refiner_dir) if refiner_dir else None,
-        vpred_dir=str(vpred_dir),
-        inpaint_dir=str(inpaint_dir),
+        vpred_dir=str(vpred_dir) if vpred_dir else None,
+        inpaint_dir=str(inpaint_dir) if inpaint_dir else None,
     )
 
     os.environ["LORA_DIR"] = str(lora_dir)  # the engine's LoRA manager reads its settings from the environment
@@ -551,6 +557,9 @@ def main() -> None:
 
     # Other model folders, each served by a worker of its own as MODEL_DIR; one worker holds the GPU at a time.
     del worker, accelerator
+    if vpred_dir is None or inpaint_dir is None:  # --no-model-folders
+        report("summary", not FAILURES, failed=FAILURES)
+        sys.exit(1 if FAILURES else 0)
     vpred_worker, started_details = start_worker(settings, vpred_dir, device)
     if vpred_worker is None:
         report("v_prediction", False, **started_details)
