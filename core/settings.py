@@ -299,6 +299,12 @@ class Settings:
     warmup_batch_sizes: tuple[int, ...] = _setting(
         "WARMUP_BATCH_SIZES", "1", _counts, "images per call compiled at start-up (one graph each; batch: --batch-size)"
     )
+    warmup_guidance: str = _setting(
+        "WARMUP_GUIDANCE",
+        "cfg",
+        _choice("cfg", "none", "both"),
+        "UNet batch compiled at start-up: with guidance (cfg), without (none: guidance 0/1, Lightning/LCM/Turbo), both",
+    )
     vae_dtype: str = _setting(
         "VAE_DTYPE",
         "",

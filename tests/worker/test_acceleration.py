@@ -128,3 +128,28 @@ def test_a_failed_warm_up_leaves_an_eager_worker_not_a_dead_one(tmp_path: Path) 
         assert torch.isfinite(latents).all()
     finally:
         torch.compiler.set_stance("default")  # the stance is process-wide; later tests expect the default
+
+
+def test_warmup_guidance_chooses_the_unet_batches_compiled(pipe) -> None:
+    """WARMUP_GUIDANCE=both warms the CFG batch (2 per image) and the guidance-0 batch (1 per image): the real
+    dummy generation is run here eagerly and the UNet's batch recorded on each call."""
+    settings = load_settings({"WARMUP_GUIDANCE": "both", "WARMUP_SIZES": "64x64", "WARMUP_BATCH_SIZES": "1,2"})
+    options = options_from_settings(settings)
+    assert options.warmup_calls() == [
+        {"width": 64, "height": 64, "batch": batch, "cfg": cfg} for batch in (1, 2) for cfg in (True, False)
+    ]
+    assert [call["cfg"] for call in SpeedupOptions().warmup_calls()] == [True]
+    assert [call["cfg"] for call in SpeedupOptions(warmup_guidance="none").warmup_calls()] == [False]
+    with pytest.raises(ValueError, match=r"warmup_guidance='off'.*cfg, none, both"):
+        SpeedupOptions(warmup_guidance="off")
+
+    from worker.generation.acceleration import _run_dummy_generation
+
+    unet_batches: list[int] = []
+    hook = pipe.unet.register_forward_pre_hook(lambda _module, args: unet_batches.append(args[0].shape[0]))
+    try:
+        for call in options.warmup_calls():
+            _run_dummy_generation(pipe, steps=1, device=torch.device("cpu"), **call)
+    finally:
+        hook.remove()
+    assert unet_batches == [2, 1, 4, 2]

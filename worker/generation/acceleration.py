@@ -6,10 +6,10 @@ warm-up shapes, or loads that compilation from the persistent compile cache, and
 compilation: from then on a call whose shape, dtype or module structure was not warmed up runs eagerly
 (``torch.compiler.set_stance("eager_on_recompile")``) instead of spending minutes recompiling inside
 a job. So a 768x1344 request, a 300-token prompt (longer cross-attention sequence), a job without
-classifier-free guidance or a job with LoRAs run as peft layers (``LORA_FUSE=0``, DoRA; peft wrappers
-change the module graph) are served correctly by the eager modules, and 1024x1024 jobs get the compiled
-code, with or without LoRAs merged into the UNet's weights (``LORA_FUSE=1``, the default: same modules, new
-values, which compiled code and CUDA graphs read at run time).
+classifier-free guidance (unless ``WARMUP_GUIDANCE`` compiled that UNet batch too) or a job with LoRAs run
+as peft layers (``LORA_FUSE=0``, DoRA; peft wrappers change the module graph) are served correctly by the
+eager modules, and 1024x1024 jobs get the compiled code, with or without LoRAs merged into the UNet's weights
+(``LORA_FUSE=1``, the default: same modules, new values, which compiled code and CUDA graphs read at run time).
 
 What each option does and why it is safe:
 
@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 COMPILE_TARGETS = ("off", "unet", "regional")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 QUANTIZE_MODES = ("off", "fp8")
+WARMUP_GUIDANCE = ("cfg", "none", "both")
 VAE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -80,6 +81,9 @@ class SpeedupOptions:
     # Shapes compiled at warm-up: (width, height) and images per pipeline call. Other shapes run eagerly.
     warmup_sizes: tuple[tuple[int, int], ...] = ((1024, 1024),)
     warmup_batch_sizes: tuple[int, ...] = (1,)
+    # The UNet batch a call has: with classifier-free guidance (2 per image) or without (guidance 0/1: few-step
+    # models such as Lightning, LCM, Turbo; 1 per image). Each is its own graph.
+    warmup_guidance: str = "cfg"  # one of WARMUP_GUIDANCE
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_TARGETS:
@@ -88,12 +92,24 @@ class SpeedupOptions:
             raise ValueError(f"compile_mode={self.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
         if self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize={self.quantize!r}: use one of {', '.join(QUANTIZE_MODES)}")
+        if self.warmup_guidance not in WARMUP_GUIDANCE:
+            raise ValueError(f"warmup_guidance={self.warmup_guidance!r}: use one of {', '.join(WARMUP_GUIDANCE)}")
         if self.vae_dtype is not None and self.vae_dtype not in VAE_DTYPES:
             raise ValueError(f"vae_dtype={self.vae_dtype!r}: use one of {', '.join(VAE_DTYPES)} or leave it unset")
 
     @property
     def compiles(self) -> bool:
         return self.compile != "off" or self.compile_vae
+
+    def warmup_calls(self) -> list[dict[str, Any]]:
+        """The pipeline calls the warm-up makes: every size x images per call x guidance asked for."""
+        guidance = {"cfg": (True,), "none": (False,), "both": (True, False)}[self.warmup_guidance]
+        return [
+            {"width": width, "height": height, "batch": batch, "cfg": cfg}
+            for width, height in self.warmup_sizes
+            for batch in self.warmup_batch_sizes
+            for cfg in guidance
+        ]
 
 
 @dataclass
@@ -106,7 +122,7 @@ class WarmUpReport:
     cache_load_s: float = 0.0
     cache_save_s: float = 0.0
     cache_bytes: int = 0
-    shapes: list[dict[str, int]] = field(default_factory=list)
+    shapes: list[dict[str, Any]] = field(default_factory=list)
     graphs_compiled: int = 0
     error: str | None = None  # compilation failed: the worker serves eagerly instead of not at all
 
@@ -161,10 +177,9 @@ class Accelerator:
         try:
             if self.options.compiles:
                 device = self.pipe.unet.device
-                for width, height in self.options.warmup_sizes:
-                    for batch in self.options.warmup_batch_sizes:
-                        _run_dummy_generation(self.pipe, width, height, batch, steps, device)
-                        report.shapes.append({"width": width, "height": height, "batch": batch})
+                for call in self.options.warmup_calls():
+                    _run_dummy_generation(self.pipe, steps=steps, device=device, **call)
+                    report.shapes.append(call)
         except Exception as error:  # a compiler or out-of-memory failure must not cost the worker its model
             report.error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             log.error("compilation failed, serving without it (COMPILE=off skips it): %s", report.error)
@@ -208,6 +223,7 @@ def options_from_settings(settings: Any) -> SpeedupOptions:
         cache_dir=cache_dir,
         warmup_sizes=settings.warmup_sizes,
         warmup_batch_sizes=settings.warmup_batch_sizes,
+        warmup_guidance=settings.warmup_guidance,
     )
 
 
@@ -280,8 +296,11 @@ def _unique_graphs() -> int:
 
 
 @torch.no_grad()
-def _run_dummy_generation(pipe: Any, width: int, height: int, batch: int, steps: int, device: torch.device) -> None:
-    """One short text-to-image call with the shapes and dtypes a real job of that size has (CFG on)."""
+def _run_dummy_generation(
+    pipe: Any, width: int, height: int, batch: int, steps: int, device: torch.device, cfg: bool = True
+) -> None:
+    """One short text-to-image call with the shapes and dtypes a real job of that size has, with classifier-free
+    guidance (``cfg``: the UNet sees 2 x ``batch``) or without (guidance 0: ``batch``)."""
     from diffusers.schedulers import EulerDiscreteScheduler
 
     dtype = pipe.text_encoder_2.dtype
@@ -300,7 +319,7 @@ def _run_dummy_generation(pipe: Any, width: int, height: int, batch: int, steps:
             width=width,
             height=height,
             num_inference_steps=steps,
-            guidance_scale=5.0,
+            guidance_scale=5.0 if cfg else 0.0,
             generator=torch.Generator("cpu").manual_seed(0),
             output_type="latent",
         ).images
