@@ -176,3 +176,22 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def run_at_batch_sizes(
+    engine: Any, source: Path, folder: Path, batch_sizes: tuple[int, ...] = (1, 3)
+) -> dict[int, tuple[Any, Path]]:
+    """``source`` run in-process by ``engine`` once per ``--batch-size``: (summary, output folder) per batch size,
+    the outputs under ``folder``/out-N."""
+    from batch.execute import run_shard
+    from batch.options import LocalEngineOptions, RunOptions
+
+    made = {}
+    for batch_size in batch_sizes:
+        out = folder / f"out-{batch_size}"
+        with one_torch_thread():
+            summary = run_shard(
+                RunOptions(source, out, progress=False), LocalEngineOptions(batch_size=batch_size, engine=engine)
+            )
+        made[batch_size] = (summary, out)
+    return made

@@ -13,11 +13,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from batch_testing import assert_batch_sizes_agree, one_torch_thread, read_json, sidecars, write_jsonl
+from batch_testing import assert_batch_sizes_agree, read_json, run_at_batch_sizes, sidecars, write_jsonl
 from PIL import Image
 
-from batch.execute import run_shard
-from batch.options import LocalEngineOptions, RunOptions
 from core.settings import load_settings
 
 BASE = {"height": 128, "width": 128, "num_inference_steps": 2, "guidance_scale": 3.0}
@@ -56,12 +54,7 @@ def runs(dev_model_dir: Path, dev_controlnet_root: Path, tmp_path_factory: pytes
     folder = tmp_path_factory.mktemp("batch-controlnet")
     source = write_jsonl(folder / "jobs.jsonl", lines())
     made = {}
-    for batch_size in (1, 3):
-        out = folder / f"out-{batch_size}"
-        with one_torch_thread():
-            summary = run_shard(
-                RunOptions(source, out, progress=False), LocalEngineOptions(batch_size=batch_size, engine=engine)
-            )
+    for batch_size, (summary, out) in run_at_batch_sizes(engine, source, folder).items():
         assert summary.made == 5 and summary.failed == 1, summary
         made[batch_size] = out
     return made

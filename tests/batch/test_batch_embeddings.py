@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from batch_testing import assert_batch_sizes_agree, one_torch_thread, read_json, sidecars, write_jsonl
+from batch_testing import (
+    assert_batch_sizes_agree,
+    one_torch_thread,
+    read_json,
+    run_at_batch_sizes,
+    sidecars,
+    write_jsonl,
+)
 
 from batch.execute import run_shard
 from batch.options import LocalEngineOptions, RunOptions
@@ -45,14 +52,9 @@ def runs(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     settings = load_settings({"EMBEDDINGS_DIR": str(root)})
     engine = Engine(dev_model_dir, settings=settings)
     folder = tmp_path_factory.mktemp("batch-embeddings")
-    made: dict[Any, Path] = {}
-    for batch_size in (1, 3):
-        out = folder / f"out-{batch_size}"
-        source = write_jsonl(folder / "jobs.jsonl", lines())
-        with one_torch_thread():
-            summary = run_shard(
-                RunOptions(source, out, progress=False), LocalEngineOptions(batch_size=batch_size, engine=engine)
-            )
+    source = write_jsonl(folder / "jobs.jsonl", lines())
+    made = {}
+    for batch_size, (summary, out) in run_at_batch_sizes(engine, source, folder).items():
         assert summary.made == 6 and summary.failed == 1, summary
         made[batch_size] = out
     # The plain line alone, on an engine that never loaded an embedding.

@@ -11,12 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from batch_testing import assert_batch_sizes_agree, one_torch_thread, read_json, sidecars, write_jsonl
+from batch_testing import assert_batch_sizes_agree, read_json, run_at_batch_sizes, sidecars, write_jsonl
 from PIL import Image
 
-from batch.execute import run_shard
 from batch.exit_codes import EXIT_INVALID_LINES
-from batch.options import LocalEngineOptions, RunOptions
 
 BASE = {"width": 128, "height": 128, "num_inference_steps": 2, "guidance_scale": 3.0, "refiner": False}
 HIRES = {**BASE, "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2, "denoising_strength": 0.6}
@@ -49,15 +47,7 @@ def engine(dev_model_dir: Path, dev_refiner_dir: Path):
 def runs(engine, tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Any, Path]]:
     folder = tmp_path_factory.mktemp("hires")
     source = write_jsonl(folder / "jobs.jsonl", lines())
-    made = {}
-    for batch_size in (1, 3):
-        out = folder / f"out-{batch_size}"
-        with one_torch_thread():
-            summary = run_shard(
-                RunOptions(source, out, progress=False), LocalEngineOptions(batch_size=batch_size, engine=engine)
-            )
-        made[batch_size] = (summary, out)
-    return made
+    return run_at_batch_sizes(engine, source, folder)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

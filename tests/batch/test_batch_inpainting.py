@@ -11,12 +11,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from batch_testing import one_torch_thread, read_json, sidecars, stable, write_jsonl
+from batch_testing import read_json, run_at_batch_sizes, sidecars, stable, write_jsonl
 from PIL import Image, ImageFilter
 
-from batch.execute import run_shard
 from batch.exit_codes import EXIT_INVALID_LINES
-from batch.options import LocalEngineOptions, RunOptions
 
 SIZE = (128, 96)
 BOX = (40, 32, 88, 64)
@@ -64,15 +62,7 @@ def runs(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     engine = Engine(dev_model_dir)
     folder = tmp_path_factory.mktemp("inpainting")
     jobs = write_jsonl(folder / "jobs.jsonl", lines())
-    made = {}
-    for batch_size in (1, 3):
-        out = folder / f"out-{batch_size}"
-        with one_torch_thread():
-            summary = run_shard(
-                RunOptions(jobs, out, progress=False), LocalEngineOptions(batch_size=batch_size, engine=engine)
-            )
-        made[batch_size] = (summary, out)
-    return made
+    return run_at_batch_sizes(engine, jobs, folder)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

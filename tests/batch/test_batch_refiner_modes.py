@@ -16,12 +16,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from batch_testing import assert_batch_sizes_agree, one_torch_thread, sidecars, write_jsonl
+from batch_testing import assert_batch_sizes_agree, run_at_batch_sizes, sidecars, write_jsonl
 from PIL import Image
 
-from batch.execute import run_shard
 from batch.exit_codes import EXIT_OK
-from batch.options import LocalEngineOptions, RunOptions
 
 BASE = {"height": 256, "width": 256, "num_inference_steps": 2, "guidance_scale": 3.0, "negative_prompt": "blurry"}
 PROMPTS = ("a lighthouse", "a [red:blue:0.5] barn", "a windmill, (dusk: 1.2)", "a [fox|owl] in a field")
@@ -68,15 +66,7 @@ def runs(engine, tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[di
     """The same lines at --batch-size 1 and 3: (summary, output folder) per batch size."""
     folder = tmp_path_factory.mktemp("refiner-modes")
     source = write_jsonl(folder / "jobs.jsonl", lines())
-    made = {}
-    for batch_size in (1, 3):
-        out = folder / f"out-{batch_size}"
-        with one_torch_thread():
-            summary = run_shard(
-                RunOptions(source, out, progress=False), LocalEngineOptions(batch_size=batch_size, engine=engine)
-            )
-        made[batch_size] = (summary, out)
-    return made
+    return run_at_batch_sizes(engine, source, folder)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
