@@ -14,6 +14,7 @@ etc.), one JSON line per check, exit status 1 if any failed:
   with its sha256 gives the ``lora`` check's image byte for byte; its time includes the download;
 - ``lycoris``: the same for a random LyCORIS LoKr (Tucker convolutions), merged into the UNet and both text
   encoders (its ``cache`` entry's ``load_s`` is reading and checking the file; the merge is in the job's time);
+  ``loha``: the same for a random LoHa; ``dora``: for a random Kohya LoRA with ``dora_scale`` (DoRA, merged);
 - ``sampling_*``: one job per sampling mode (the SDXL-Lightning recipe: Euler, SGM Uniform, guidance 0; A1111's
   sampler + Automatic schedule; Align Your Steps; LCM; TCD; custom timesteps; guidance_rescale) with its time beside
   the plain job's, and the timesteps it ran;
@@ -147,6 +148,20 @@ def build_refiner(work: Path, full_size: bool) -> Path:
         subprocess.run([sys.executable, "-m", "model_build", "-q", *command], check=True, cwd=ROOT)
     checkpoint.unlink()  # disk: the folder is what the worker loads
     return work / "sdxl-refiner"
+
+
+def save_kohya_dora(pipe: Any, path: Path, device: str) -> Path:
+    """A random Kohya LoRA with ``dora_scale`` per input channel on every layer, as sd-scripts/LyCORIS save DoRA."""
+    from model_build.dev_lora import kohya_state_dict, random_lora, save_kohya_lora
+
+    lora = random_lora(pipe, rank=8, seed=21, strength=0.5, device=device)
+    generator = torch.Generator().manual_seed(21)
+    magnitudes = {
+        key.replace("lora_down.weight", "dora_scale"): 1.0 + 0.3 * torch.rand(1, tensor.shape[1], generator=generator)
+        for key, tensor in kohya_state_dict(lora, pipe).items()
+        if key.endswith(".lora_down.weight")
+    }
+    return save_kohya_lora(lora, pipe, path, extra=magnitudes)
 
 
 def build_controlnet(work: Path, full_size: bool) -> Path:
@@ -320,6 +335,9 @@ def main() -> None:
     save_diffusers_lora(random_lora(pipe, rank=16, device=device), lora_dir / "smoke-lora.safetensors")
     lokr = random_lycoris(pipe, "lokr", rank=8, strength=0.3, tucker=True, device=device)
     save_lycoris(lokr, pipe, lora_dir / "smoke-lokr.safetensors")
+    loha = random_lycoris(pipe, "loha", rank=8, strength=0.3, seed=1, device=device)
+    save_lycoris(loha, pipe, lora_dir / "smoke-loha.safetensors")
+    save_kohya_dora(pipe, lora_dir / "smoke-dora.safetensors", device)
     model_dir = Path(args.model_dir) if args.model_dir else save_as_model_dir(pipe, work / "sdxl-random")
     folders = not args.no_model_folders
     vpred_dir = save_vpred_folder(pipe, work / "sdxl-random-vpred") if folders else None  # same weights, v-pred
@@ -412,6 +430,8 @@ def main() -> None:
         ("lora", {"name": "smoke-lora"}),
         ("lora_url", {"name": lora_url[0], "sha256": lora_url[1]}),
         ("lycoris", {"name": "smoke-lokr"}),
+        ("loha", {"name": "smoke-loha"}),
+        ("dora", {"name": "smoke-dora"}),
     ):
         with_lora, seconds = run_job(worker, check, **base, seed=7, loras=[{**lora, "scale": 0.8}])
         images[check] = image_pixels(with_lora.get("images", [None])[0])
