@@ -299,6 +299,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="steps per job (default 25 full-size, 4 dev)")
     parser.add_argument("--no-refiner", action="store_true", help="skip the refiner (saves its conversion)")
     parser.add_argument(
+        "--loras-only",
+        action="store_true",
+        help="only the square, long-prompt and LoRA-family checks (no refiner, ControlNet, adapters or other folders)",
+    )
+    parser.add_argument(
         "--no-model-folders",
         action="store_true",
         help="skip the v-prediction and inpainting model folders (saves building them and two worker starts)",
@@ -339,28 +344,33 @@ def main() -> None:
     save_lycoris(loha, pipe, lora_dir / "smoke-loha.safetensors")
     save_kohya_dora(pipe, lora_dir / "smoke-dora.safetensors", device)
     model_dir = Path(args.model_dir) if args.model_dir else save_as_model_dir(pipe, work / "sdxl-random")
-    folders = not args.no_model_folders
+    folders = not (args.no_model_folders or args.loras_only)
     vpred_dir = save_vpred_folder(pipe, work / "sdxl-random-vpred") if folders else None  # same weights, v-pred
     del pipe
     free_gpu(device)
     inpaint_dir = build_inpaint_folder(work / "sdxl-random-inpaint", args.full_size, device, dtype) if folders else None
-    refiner_dir = None if args.no_refiner else build_refiner(work, args.full_size)
-    controlnet_root = build_controlnet(work, args.full_size)
-    ip_adapter_root, ip_adapter_names = build_ip_adapters(work, args.full_size)
+    refiner_dir = None if args.no_refiner or args.loras_only else build_refiner(work, args.full_size)
     embedding_root = work / "embeddings"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "model_build",
-            "-q",
-            "dev-embedding",
-            str(embedding_root / "smoke-embedding.safetensors"),
-        ]
-        + ([] if args.full_size else ["--model", str(model_dir)]),  # full size: SDXL's 768 and 1280
-        check=True,
-        cwd=ROOT,
-    )
+    if args.loras_only:  # empty folders: the worker starts as it would with none installed
+        controlnet_root, ip_adapter_root, ip_adapter_names = work / "controlnets", work / "ip-adapters", []
+        for folder in (controlnet_root, ip_adapter_root, embedding_root):
+            folder.mkdir()
+    else:
+        controlnet_root = build_controlnet(work, args.full_size)
+        ip_adapter_root, ip_adapter_names = build_ip_adapters(work, args.full_size)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "model_build",
+                "-q",
+                "dev-embedding",
+                str(embedding_root / "smoke-embedding.safetensors"),
+            ]
+            + ([] if args.full_size else ["--model", str(model_dir)]),  # full size: SDXL's 768 and 1280
+            check=True,
+            cwd=ROOT,
+        )
     report(
         "setup",
         True,
@@ -451,6 +461,10 @@ def main() -> None:
             cache=with_lora.get("metadata", {}).get("cache", {}).get("loras"),
             **({"equals_lora_dir_image": same_as_lora_dir} if check == "lora_url" else {}),
         )
+
+    if args.loras_only:
+        report("summary", not FAILURES, failed=FAILURES)
+        sys.exit(1 if FAILURES else 0)
 
     # Sampling modes (README "Samplers and schedules"): each beside the plain job's time.
     for check, fields in (
