@@ -67,7 +67,8 @@ ARG C_COMPILER=1
 RUN if [ "${C_COMPILER}" = 1 ]; then \
       apt-get update \
       && apt-get install -y --no-install-recommends gcc libc6-dev \
-      && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/ldconfig/aux-cache /var/log/apt /var/log/dpkg.log; \
+      && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/ldconfig/aux-cache /var/log/apt /var/log/dpkg.log \
+           /var/log/alternatives.log; \
     fi
 # Build-time conversion. CHECKPOINT: a file in checkpoints/ of the build context (relative path; with
 # CHECKPOINT_DIR=checkpoints and CHECKPOINT_SHA256, both passed by `nox -s build`: the sha256 keys the conversion's

@@ -440,7 +440,11 @@ def check_compile_path(buildah: Buildah, with_compiler: str, without_compiler: s
     return {
         "probe": done.stdout.strip(),
         "worker_check_missing_on_gpu": missing[0],
-        "refused_without_compiler": {"exit": refused.returncode, "wall_s": round(seconds, 1), "message": message[-1]},
+        "refused_without_compiler": {
+            "exit": refused.returncode,
+            "wall_s": round(seconds, 1),
+            "message": next(line for line in message if "cannot work here" in line),
+        },
     }
 
 

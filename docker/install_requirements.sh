@@ -60,6 +60,9 @@ else
 fi
 # The worker's cold start imports torch, diffusers and transformers: compiled once here, not on every start. A
 # few files in some packages are not Python 3.11 (templates, tests); compileall names them and goes on, as uv does.
-"$venv/bin/python" -m compileall -q -j 0 --invalidation-mode unchecked-hash "$venv/lib" >/tmp/compileall.log \
+# -f: the venv's python imports _distutils_hack at start-up (setuptools' distutils-precedence.pth) and writes
+# a .pyc stamped with the install time before compileall runs; without -f compileall keeps it (image_test saw
+# the two builds differ there).
+"$venv/bin/python" -m compileall -f -q -j 0 --invalidation-mode unchecked-hash "$venv/lib" >/tmp/compileall.log \
   || echo "compileall: $(grep -c '^\*\*\*' /tmp/compileall.log) files not compiled (not Python 3.11 source)"
 rm -rf /tmp/uv-tool /tmp/constraints.txt /tmp/compileall.log
