@@ -8,7 +8,8 @@ without compile. This measures one UNet step, in one process and on the same wei
 - ``eager``: the UNet before anything was compiled;
 - ``compiled``: the compiled forward at a warmed shape;
 - ``fallback``: the compiled forward at a shape it was not warmed for (Dynamo's eager fallback);
-- ``bypass``: the module's own forward at that shape, not going through ``torch.compile`` at all.
+- ``bypass``: the module's own forward at that shape, not going through ``torch.compile`` at all;
+- ``force_eager``: the compiled forward under torch's ``force_eager`` stance, as ControlNet and IP-Adapter jobs run.
 
     python bench/compile_fallback.py --out bench/results/h200-DATE-compile_fallback.jsonl
 """
@@ -107,6 +108,8 @@ def main() -> None:
         path = "compiled" if name.startswith("warmed") else "fallback"
         emit(shape=name, path=path, ms=step_ms(pipe.unet.forward, call_args, call_kwargs, args.repeats))
         emit(shape=name, path="bypass", ms=step_ms(own_forward, call_args, call_kwargs, args.repeats))
+        with torch.compiler.set_stance("force_eager"):  # how ControlNet and IP-Adapter jobs run a compiled UNet
+            emit(shape=name, path="force_eager", ms=step_ms(pipe.unet.forward, call_args, call_kwargs, args.repeats))
     if out:
         out.close()
 
