@@ -19,8 +19,9 @@ per call, PIL's default PNG), this engine is :class:`worker.handler.Worker` with
 - ``other_shape``: a shape that was not warmed up runs (eagerly) without compiling anything.
 - ``cold_start`` (``--cold-start off,cache,regional,regional-cache``): a fresh process from start to its first
   image, with the engine's compilation off, with the compile cache this run saved (in an empty local Inductor
-  cache), with regional compilation from nothing, and with regional compilation and the cache that the regional
-  start saved; each with the engine's start-up phases (imports, load, to GPU, compile, warm-up) and Dynamo's
+  cache; with ``--compile aot``, the AOTInductor packages it built), with regional compilation from nothing, and
+  with regional compilation and the cache that the regional start saved; each with the engine's start-up
+  phases (imports, load, to GPU, compile, warm-up) and Dynamo's
   largest compile-time counters (where a warm start's compile seconds go).
 
 Speed does not depend on weight values, so the model is built with random weights (no download) and
@@ -565,7 +566,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--unet-repeats", type=int, default=10)
     parser.add_argument("--other-width", type=int, help="a shape that is not warmed up (default 832 / 320)")
     parser.add_argument("--other-height", type=int, help="(default 1216 / 256)")
-    parser.add_argument("--compile", default="off", choices=("off", "unet", "regional"))
+    parser.add_argument("--compile", default="off", choices=("off", "unet", "regional", "aot"))
     parser.add_argument("--compile-mode", default="default")
     parser.add_argument("--compile-vae", action="store_true")
     parser.add_argument("--no-channels-last", action="store_true")
@@ -605,7 +606,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ):
         parser.error("--cold-start regional-cache uses the cache that regional saves: list regional before it")
     if "cache" in args.cold_start and not (args.cache_dir and args.compile != "off"):
-        parser.error("--cold-start cache needs --compile unet|regional and --cache-dir")
+        parser.error("--cold-start cache needs --compile unet|regional|aot and --cache-dir")
     return args
 
 

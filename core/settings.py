@@ -268,13 +268,16 @@ class Settings:
     )
     channels_last: bool = _setting("CHANNELS_LAST", "1", _flag, "UNet and VAE convolutions in channels-last layout")
     compile: str = _setting(
-        "COMPILE", "off", _choice("off", "unet", "regional"), "torch.compile the whole UNet, its blocks, or off"
+        "COMPILE",
+        "off",
+        _choice("off", "unet", "regional", "aot"),
+        "torch.compile the whole UNet, its blocks, or off; aot: AOTInductor packages a warm start loads, no tracing",
     )
     compile_mode: str = _setting(
         "COMPILE_MODE",
         "default",
         _choice("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"),
-        "torch.compile mode (reduce-overhead adds CUDA graphs)",
+        "torch.compile mode (reduce-overhead adds CUDA graphs; aot takes default or max-autotune-no-cudagraphs)",
     )
     compile_vae: bool = _setting("COMPILE_VAE", "0", _flag, "1 also compiles the VAE decoder")
     quantize: str = _setting(

@@ -22,7 +22,9 @@ What each option does and why it is safe:
   silently ignored; only for deployments without LoRAs.
 - ``compile``: ``"unet"`` compiles the whole UNet forward (fullgraph, static shapes); ``"regional"``
   compiles only its repeated transformer blocks (diffusers' ``compile_repeated_blocks``): far shorter
-  compile, a smaller gain. ``compile_vae`` compiles the VAE decoder too.
+  compile, a smaller gain; ``"aot"`` compiles the whole UNet ahead of time with AOTInductor into packages
+  kept in the cache folder, which a warm start loads without tracing (:mod:`worker.generation.aot_unet`).
+  ``compile_vae`` compiles the VAE decoder too.
 - ``quantize``: ``"fp8"`` runs the UNet's transformer linears in float8 (:mod:`worker.generation.fp8`; compute
   capability 8.9+, refused with a configuration error elsewhere). The weights stay 16-bit parameters and
   are quantised per call, so merged LoRAs are quantised with them and restored bit for bit. Off by
@@ -51,6 +53,7 @@ from typing import Any
 
 import torch
 
+from core.errors import ConfigurationError
 from worker.generation.compile_cache import (
     compile_cache_file,
     load_compile_cache,
@@ -59,8 +62,9 @@ from worker.generation.compile_cache import (
 
 log = logging.getLogger(__name__)
 
-COMPILE_TARGETS = ("off", "unet", "regional")
+COMPILE_TARGETS = ("off", "unet", "regional", "aot")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+AOT_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # AOTInductor runs no CUDA graphs
 QUANTIZE_MODES = ("off", "fp8")
 WARMUP_GUIDANCE = ("cfg", "none", "both")
 VAE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -118,6 +122,7 @@ class WarmUpReport:
 
     seconds: float = 0.0
     cache_file: str | None = None
+    aot_packages: list[dict[str, Any]] = field(default_factory=list)  # COMPILE=aot: each package, loaded or built
     cache_hit: bool = False
     cache_load_s: float = 0.0
     cache_save_s: float = 0.0
@@ -154,6 +159,7 @@ class Accelerator:
         self.applied = applied
         self.frozen = False
         self.report: WarmUpReport | None = None
+        self.aot: Any = None  # COMPILE=aot's worker.generation.aot_unet.AotUNet
 
     def describe(self) -> dict[str, Any]:
         """For metadata and logs: what runs, whether compilation is frozen, and why it was dropped if it was."""
@@ -180,13 +186,19 @@ class Accelerator:
                 for call in self.options.warmup_calls():
                     _run_dummy_generation(self.pipe, steps=steps, device=device, **call)
                     report.shapes.append(call)
+        except ConfigurationError:
+            raise  # a setting that cannot work here (COMPILE=aot, no package, no compiler): the start's error
         except Exception as error:  # a compiler or out-of-memory failure must not cost the worker its model
             report.error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             log.error("compilation failed, serving without it (COMPILE=off skips it): %s", report.error)
             torch.compiler.set_stance("force_eager")
+            if self.aot is not None:
+                self.aot.disable()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         report.graphs_compiled = _unique_graphs() - graphs_before
+        if self.aot is not None:
+            report.aot_packages = [record.to_dict() for record in self.aot.records]
         if cache_file is not None and not report.cache_hit and report.error is None:
             report.cache_save_s, saved_bytes = save_compile_cache(cache_file)
             report.cache_bytes = saved_bytes or report.cache_bytes
@@ -203,6 +215,8 @@ class Accelerator:
         """No more compiling: cached compiled code where its guards hold, eager code everywhere else."""
         if self.options.compiles:
             torch.compiler.set_stance("eager_on_recompile")
+        if self.aot is not None:
+            self.aot.freeze()
         self.frozen = True
 
 
@@ -238,6 +252,8 @@ def accelerate(pipe: Any, settings: Any) -> Accelerator:
 def apply_speedups(pipe: Any, options: SpeedupOptions) -> Accelerator:
     """Apply ``options`` to ``pipe`` (whole pipeline on one CUDA device, or CPU for tests) in place."""
     applied: list[str] = []
+    if options.compile == "aot":
+        _check_aot(options)
     offloaded = any(getattr(getattr(pipe, name, None), "_hf_hook", None) is not None for name in ("unet", "vae"))
     if options.quantize == "fp8":  # before anything changes: a refused setting leaves the pipeline as it was
         from worker.generation.fp8 import enable_fp8, require_fp8
@@ -279,10 +295,46 @@ def apply_speedups(pipe: Any, options: SpeedupOptions) -> Accelerator:
     elif options.compile == "regional":
         pipe.unet.compile_repeated_blocks(**compile_kwargs)
         applied.append(f"compile_regional:{options.compile_mode}")
+    aot = None
+    if options.compile == "aot":
+        from worker.generation.aot_unet import AotUNet
+
+        aot = AotUNet.install(
+            pipe.unet,
+            None if options.cache_dir is None else Path(options.cache_dir) / "aot",
+            _aot_options_digest(pipe, options),
+            {"conv_1x1_as_mm": True, "max_autotune": options.compile_mode == "max-autotune-no-cudagraphs"},
+        )
+        applied.append(f"compile_unet_aot:{options.compile_mode}")
     if options.compile_vae:
         pipe.vae.decoder.compile(**compile_kwargs)
         applied.append(f"compile_vae_decoder:{options.compile_mode}")
-    return Accelerator(pipe, options, applied)
+    accelerator = Accelerator(pipe, options, applied)
+    accelerator.aot = aot
+    return accelerator
+
+
+def _check_aot(options: SpeedupOptions) -> None:
+    if options.compile_mode not in AOT_COMPILE_MODES:
+        raise ConfigurationError(
+            f"COMPILE=aot with COMPILE_MODE={options.compile_mode}: AOTInductor packages run without CUDA graphs; "
+            f"use COMPILE_MODE={' or '.join(AOT_COMPILE_MODES)}, or COMPILE=unet for {options.compile_mode}"
+        )
+    if options.quantize != "off":
+        raise ConfigurationError(
+            f"COMPILE=aot with QUANTIZE={options.quantize} is not supported: use QUANTIZE=off, or COMPILE=unet"
+        )
+
+
+def _aot_options_digest(pipe: Any, options: SpeedupOptions) -> str:
+    """What an AOT package depends on besides torch, the GPU and the call's shapes: the UNet's architecture, dtype,
+    memory layout and fused projections (not its weights, which the package reads from the live model)."""
+    from worker.generation.compile_cache import config_digest
+
+    unet = pipe.unet
+    layout = "channels_last" if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) else "nchw"
+    parts = [config_digest(unet.config), str(unet.dtype), layout, f"fuse_qkv={options.fuse_qkv}"]
+    return "|".join(parts)
 
 
 def _mode_argument(mode: str) -> str | None:

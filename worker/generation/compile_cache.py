@@ -30,8 +30,8 @@ def compile_cache_key(pipe: Any, options: Any) -> str:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "gpu": gpu,
-        "unet": _config_digest(pipe.unet.config),
-        "vae": _config_digest(pipe.vae.config),
+        "unet": config_digest(pipe.unet.config),
+        "vae": config_digest(pipe.vae.config),
         "unet_dtype": str(pipe.unet.dtype),
         "vae_dtype": str(pipe.vae.dtype),
         "options": {k: v for k, v in asdict(options).items() if k != "cache_dir"},
@@ -85,6 +85,6 @@ def save_compile_cache(path: Path) -> tuple[float, int]:
     return time.perf_counter() - started, len(data)
 
 
-def _config_digest(config: Any) -> str:
+def config_digest(config: Any) -> str:
     items = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]

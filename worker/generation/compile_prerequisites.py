@@ -77,9 +77,10 @@ def probe_build(compiler: str, headers: Path, language: str) -> str | None:
     return lines[0][:200] if lines else f"exit status {done.returncode}"
 
 
-def find_prerequisites(cuda: bool) -> CompilePrerequisites:
-    variable, names = C_COMPILERS if cuda else CXX_COMPILERS
-    language = "C" if cuda else "C++"
+def find_prerequisites(cuda: bool, cxx: bool = False) -> CompilePrerequisites:
+    """What torch.compile needs here; ``cxx``: a C++ compiler whatever the device (AOTInductor's wrapper is C++)."""
+    variable, names = C_COMPILERS if cuda and not cxx else CXX_COMPILERS
+    language = "C" if cuda and not cxx else "C++"
     compiler = find_compiler(variable, names)
     headers = Path(sysconfig.get_paths()["include"])
     missing = [] if compiler else [f"a {language} compiler (${variable}, or {', '.join(names)} on PATH)"]
@@ -106,6 +107,19 @@ def check_compile_prerequisites(settings: Any) -> str:
         return asked
     import torch  # only when compiling: the check must know which compiler the device's code needs
 
+    if settings.compile == "aot":
+        aot = find_prerequisites(torch.cuda.is_available(), cxx=True)
+        if aot.missing:
+            # Loading an AOT package needs no compiler: packages built elsewhere (same torch and GPU) still serve;
+            # a missing one stops the warm-up with a configuration error (worker.generation.aot_unet).
+            log.warning(
+                "COMPILE=aot: %s missing here, so only AOT packages already in the cache folder can be used",
+                "; ".join(aot.missing),
+            )
+        if not settings.compile_vae:
+            log.info("speed-ups asked for: %s", asked)
+            return asked
+        wanted = ["COMPILE_VAE=1"]
     found = find_prerequisites(torch.cuda.is_available())
     if found.missing:
         needs = "Triton needs to build its CUDA launcher" if found.device == "cuda" else "Inductor needs for CPU code"

@@ -1,0 +1,79 @@
+"""``COMPILE=aot`` start-ups, as JSON lines: the first builds the AOTInductor packages, the next ones load them.
+
+    python bench/aot_start.py --model-dir models/sdxl-dev --warmup-sizes 64x64          # the CPU dev model
+    python bench/aot_start.py --model-dir /tmp/full/sdxl-full-dir --out results.jsonl   # a GPU, 1024x1024
+
+Each round is a fresh process that loads the engine (``worker.generation.engine.Engine``, warm-up included) with
+``COMPILE=aot`` and one package folder, empty before the first round: a line per round with the engine's start,
+its phases and each package's build or load seconds and its agreement with the eager UNet. Then one job, to show
+that the loaded package serves (its packaged and eager UNet calls). Same call, same machine: compare its rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.jsonlines import emit, start
+
+CHILD = """
+import json, sys, time
+started = time.perf_counter()
+from core.settings import load_settings
+from worker.generation.engine import Engine
+from worker.request.schema import GenerationRequest
+model_dir, settings, size = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+engine = Engine(model_dir, settings=load_settings(settings))
+ready = time.perf_counter() - started
+report = engine.accelerator.report
+job_started = time.perf_counter()
+engine.generate(GenerationRequest(prompt="a lighthouse", width=size, height=size, num_inference_steps=4, seed=1))
+aot = engine.accelerator.aot
+print(json.dumps({"engine_ready_s": round(ready, 2), "phases": engine.startup_phases,
+                  "warm_up_s": round(report.seconds, 2), "error": report.error, "packages": report.aot_packages,
+                  "job_s": round(time.perf_counter() - job_started, 2),
+                  "packaged_calls": aot.packaged_calls, "eager_calls": aot.eager_calls}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", required=True, type=Path)
+    parser.add_argument("--cache-dir", type=Path, help="the package folder's parent (default: a new temporary one)")
+    parser.add_argument("--warmup-sizes", default="1024x1024", help="WARMUP_SIZES (the job uses the first)")
+    parser.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"))
+    parser.add_argument("--rounds", type=int, default=2, help="starts: the first builds, the rest load")
+    parser.add_argument("--out", type=Path, help="also append the lines to this file")
+    args = parser.parse_args()
+    start(args.out)
+    cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="aot-start-"))
+    settings = {
+        "COMPILE": "aot",
+        "COMPILE_MODE": args.compile_mode,
+        "COMPILE_CACHE_DIR": str(cache),
+        "WARMUP_SIZES": args.warmup_sizes,
+    }
+    size = int(args.warmup_sizes.split(",")[0].split("x")[0])
+    root = Path(__file__).resolve().parents[1]
+    for round_number in range(1, args.rounds + 1):
+        command = [sys.executable, "-c", CHILD, str(args.model_dir), json.dumps(settings), str(size)]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=root)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        child = json.loads(lines[-1]) if lines else None
+        emit(
+            bench="aot_start",
+            round=round_number,
+            cache_dir=str(cache),
+            exit_code=done.returncode,
+            **(child or {"stderr_tail": done.stderr[-1500:]}),
+        )
+
+
+if __name__ == "__main__":
+    main()

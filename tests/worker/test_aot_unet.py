@@ -1,0 +1,181 @@
+"""COMPILE=aot on the CPU with the dev model: a real AOTInductor package is built once (about a minute on 2 cores),
+then loaded by a second engine without building, served for its shape, bypassed for everything else.
+
+Speed is the GPU bench's business (bench/results/README.md); here only what must hold on any device: the package's
+images agree with eager ones, LoRAs merged in place reach it, a changed module structure is never served by it, and
+a start that can neither load nor build a package says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from core.errors import ConfigurationError
+from core.settings import WORKER, load_settings
+from model_build.dev_lora import write_dev_lora
+from worker.generation import compile_prerequisites
+from worker.generation.acceleration import SpeedupOptions, apply_speedups
+from worker.generation.engine import Engine
+from worker.request.schema import GenerationRequest
+
+JOB = {"prompt": "a lighthouse at dawn", "width": 64, "height": 64, "num_inference_steps": 3, "seed": 7}
+WARMED = "64x64"
+
+
+def aot_settings(cache: Path, loras: Path, **more: str):
+    return load_settings(
+        {"COMPILE": "aot", "COMPILE_CACHE_DIR": str(cache), "WARMUP_SIZES": WARMED, "LORA_DIR": str(loras), **more}
+    )
+
+
+@pytest.fixture(scope="module")
+def engines(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("aot")
+    loras = root / "loras"
+    write_dev_lora(dev_model_dir, loras / "style.safetensors", seed=1)
+    cache = root / "cache"
+    aot = Engine(dev_model_dir, settings=aot_settings(cache, loras))
+    eager = Engine(dev_model_dir, settings=load_settings({"LORA_DIR": str(loras)}))
+    return SimpleNamespace(aot=aot, eager=eager, cache=cache, loras=loras, model=dev_model_dir)
+
+
+def run(engine: Engine, **changes) -> np.ndarray:
+    request = GenerationRequest(**{**JOB, **changes})
+    return np.asarray(engine.generate(request).images[0].convert("RGB"), dtype=np.int16)
+
+
+def counts(engine: Engine) -> tuple[int, int]:
+    aot = engine.accelerator.aot
+    return aot.packaged_calls, aot.eager_calls
+
+
+def test_the_first_start_builds_a_package_that_agrees_with_the_eager_unet(engines: SimpleNamespace) -> None:
+    report = engines.aot.accelerator.report
+    assert report.error is None
+    (package,) = report.aot_packages  # one warm-up shape with guidance: one UNet call shape
+    assert not package["hit"] and package["agreement"] >= 0.999
+    assert Path(package["file"]).is_file() and Path(package["file"]).parent == engines.cache / "aot"
+    assert list((engines.cache / "aot").glob("*.partial*")) == []  # written under a temporary name, renamed
+    assert any(item.startswith("compile_unet_aot:") for item in engines.aot.accelerator.describe()["applied"])
+
+
+def test_a_job_at_the_warmed_size_runs_the_package_and_matches_the_eager_worker(engines: SimpleNamespace) -> None:
+    packaged, eager = counts(engines.aot)
+    image = run(engines.aot)
+    assert counts(engines.aot) == (packaged + 3, eager)  # 3 steps, each one packaged call (guidance batched)
+    # Compiled kernels sum in another order: the last bits differ, a pixel at most by rounding.
+    assert np.abs(image - run(engines.eager)).max() <= 2
+
+
+def test_other_sizes_and_calls_a_package_cannot_hold_run_eagerly(engines: SimpleNamespace) -> None:
+    packaged, eager = counts(engines.aot)
+    wide = run(engines.aot, width=128)
+    assert counts(engines.aot) == (packaged, eager + 3)
+    assert np.array_equal(wide, run(engines.eager, width=128))  # the same eager code: the same bytes
+    unet = engines.aot.pipe.unet
+    inputs = example_inputs(unet)
+    with torch.no_grad():
+        unet(*inputs[:2], encoder_hidden_states=inputs[2], added_cond_kwargs=inputs[3], cross_attention_kwargs={"a": 1})
+    assert counts(engines.aot) == (packaged, eager + 4)
+
+
+def test_a_merged_lora_reaches_the_package_and_leaves_with_the_job(engines: SimpleNamespace) -> None:
+    before = run(engines.aot)
+    packaged, eager = counts(engines.aot)
+    styled = run(engines.aot, loras=[{"name": "style", "scale": 1.0}])
+    assert counts(engines.aot) == (packaged + 3, eager)  # merged in place: the same modules, the package serves
+    assert np.abs(styled - run(engines.eager, loras=[{"name": "style", "scale": 1.0}])).max() <= 2
+    assert np.abs(styled - before).mean() > 5  # the LoRA changed the image
+    assert np.abs(run(engines.aot) - before).max() == 0  # restored bit for bit
+
+
+def test_a_changed_module_structure_is_never_served_by_the_package(engines: SimpleNamespace) -> None:
+    """What peft's layers (LORA_FUSE=0, DoRA) and IP-Adapter's processors do: a module replaced by assignment."""
+    unet = engines.aot.pipe.unet
+    attention = next(module for name, module in unet.named_modules() if name.endswith("attn1"))
+    original = attention.to_q
+
+    class Doubled(torch.nn.Module):
+        def __init__(self, base: torch.nn.Module) -> None:
+            super().__init__()
+            self.base = base
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * self.base(x)
+
+    before = run(engines.aot)
+    attention.to_q = Doubled(original)
+    try:
+        packaged, eager = counts(engines.aot)
+        changed = run(engines.aot)
+        assert counts(engines.aot) == (packaged, eager + 3)
+        assert np.abs(changed - before).mean() > 0
+    finally:
+        attention.to_q = original
+    packaged, eager = counts(engines.aot)
+    assert np.abs(run(engines.aot) - before).max() == 0  # the exported structure again: the package serves again
+    assert counts(engines.aot) == (packaged + 3, eager)
+
+
+def test_a_second_start_loads_the_package_without_building(
+    engines: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_build(*args, **kwargs):
+        raise AssertionError("a second start must not build")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_build)
+    monkeypatch.setattr(torch.export, "export", no_build)
+    second = Engine(engines.model, settings=aot_settings(engines.cache, engines.loras))
+    (package,) = second.accelerator.report.aot_packages
+    assert second.accelerator.report.error is None and package["hit"] and package["agreement"] >= 0.999
+    assert np.abs(run(second) - run(engines.eager)).max() <= 2
+
+
+def test_no_package_and_no_compiler_stops_the_start_with_the_fix(
+    engines: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A foreign or truncated package is rebuilt; where nothing can build it, the start fails naming the fix."""
+    cache = tmp_path / "cache"
+    shutil.copytree(engines.cache, cache)
+    for package in (cache / "aot").glob("*.pt2"):
+        package.write_bytes(package.read_bytes()[:1000])
+    missing = compile_prerequisites.CompilePrerequisites("cpu", None, Path("/nowhere"), ("a C++ compiler (g++)",))
+    monkeypatch.setattr(compile_prerequisites, "find_prerequisites", lambda cuda, cxx=False: missing)
+    with caplog.at_level(logging.WARNING), pytest.raises(ConfigurationError) as refused:
+        Engine(engines.model, settings=aot_settings(cache, engines.loras))
+    assert "not loadable" in caplog.text
+    message = str(refused.value)
+    assert "COMPILE=aot has no package" in message and "a C++ compiler (g++)" in message
+    assert "COMPILE=off" in message and str(cache / "aot") in message
+    # At the worker's start-up check only a warning: packages built elsewhere load without a compiler.
+    settings = load_settings({"COMPILE": "aot"}, command=WORKER)
+    with caplog.at_level(logging.WARNING):
+        assert compile_prerequisites.check_compile_prerequisites(settings).startswith("COMPILE=aot")
+    assert "only AOT packages already in the cache folder" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("options", "fix"),
+    [
+        ({"compile_mode": "reduce-overhead"}, "use COMPILE_MODE=default or max-autotune-no-cudagraphs"),
+        ({"quantize": "fp8"}, "use QUANTIZE=off, or COMPILE=unet"),
+    ],
+)
+def test_aot_refuses_what_it_cannot_package(engines: SimpleNamespace, options: dict, fix: str) -> None:
+    with pytest.raises(ConfigurationError, match=fix):
+        apply_speedups(engines.eager.pipe, SpeedupOptions(compile="aot", **options))
+
+
+def example_inputs(unet) -> tuple:
+    config = unet.config
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    hidden = torch.zeros(2, 77, config.cross_attention_dim)
+    added = {"text_embeds": torch.zeros(2, pooled), "time_ids": torch.zeros(2, 6)}
+    return torch.zeros(2, 4, 8, 8), torch.tensor(1.0), hidden, added

@@ -1,0 +1,337 @@
+"""``COMPILE=aot``: the UNet compiled ahead of time by AOTInductor, one package per call shape, kept on disk.
+
+Why: with ``COMPILE=unet`` every start traces the UNet with Dynamo again (16 s on an H200, even with a warm compile
+cache), so a compiled worker is minutes from its first image. A package made by ``torch.export`` +
+``torch._inductor.aoti_compile_and_package`` is loaded instead: no tracing, no code generation, no compiler.
+
+How it serves:
+- During the warm-up, each UNet call of the kind a package can hold (sample, timestep, encoder_hidden_states,
+  text_embeds, time_ids; every other argument None) is keyed by its shapes and dtypes. The package of that key is
+  loaded from the cache folder, or built and written there atomically, and checked once against the eager UNet on
+  that very call (cosine of the outputs at least :data:`AGREEMENT`), so a stale or wrong file never serves.
+- Packages hold no weights (``package_constants_in_so`` off): the live UNet's tensors are handed over as
+  user-managed constants, so the compiled code reads the weights the model holds now. LoRAs merged in place
+  (``LORA_FUSE=1``, :mod:`worker.adapters.lora.fusion`) therefore change its output, as they do compiled code.
+- After the warm-up nothing is built: a call runs its package when its key has one and the UNet still has the
+  modules, attention processors and weight tensors it was exported with; any other call runs the original eager
+  forward. That covers other sizes, ControlNet residuals, IP-Adapter image embeddings, peft LoRA layers
+  (``LORA_FUSE=0``, DoRA), LCM's ``timestep_cond`` and modules replaced by FP8.
+- Noticing a structure change costs nothing per step: torch's global module and parameter registration hooks
+  flag any change under the UNet (peft, IP-Adapter and FP8 install modules by attribute assignment), and only then
+  is the structure compared again. While it differs, every call compares (a few milliseconds on an eager step),
+  so a restored structure (IP-Adapter's processors put back) serves compiled code again.
+  A plain-object attention processor swapped in with no module change is not noticed: nothing in this worker does
+  that after the warm-up.
+
+Not here: CUDA graphs (AOTInductor runs its kernels without them, like ``COMPILE_MODE=default``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch._inductor
+
+log = logging.getLogger(__name__)
+
+PACKAGE_FORMAT = 1
+# A package's first output against the eager UNet's on the same inputs: compiled kernels reorder sums (fp16/bf16
+# differ in the last bits, ~0.99999); a package fed the wrong weights or built for another graph is far below.
+AGREEMENT = 0.999
+_PACKAGED_KWARGS = ("encoder_hidden_states", "added_cond_kwargs", "return_dict")
+_ADDED_CONDITIONS = ("text_embeds", "time_ids")
+
+
+@dataclass
+class PackageRecord:
+    """One package of the warm-up, for its report."""
+
+    key: str
+    file: str | None
+    inputs: list[list[Any]]
+    hit: bool
+    seconds: float
+    agreement: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Loaded:
+    model: Any  # torch._inductor's AOTICompiledModel
+    constant_names: list[str]
+
+
+class _ExportedCall(torch.nn.Module):
+    """The UNet call a package holds, with flat tensor inputs (what ``torch.export`` needs)."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        # The class's forward, not the instance attribute: that is the dispatcher below.
+        return type(self.unet).forward(
+            self.unet,
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+            return_dict=False,
+        )[0]
+
+
+@dataclass
+class AotUNet:
+    """``unet.forward`` replacement: packaged code for the warmed call shapes, the eager forward for the rest."""
+
+    unet: Any
+    eager_forward: Any
+    cache_dir: Path | None
+    options_digest: str
+    inductor_configs: dict[str, Any]
+    packages: dict[tuple, _Loaded] = field(default_factory=dict)
+    records: list[PackageRecord] = field(default_factory=list)
+    building: bool = True  # the warm-up: a missing package is built; afterwards it is not
+    disabled: bool = False  # the warm-up failed: eager only
+    packaged_calls: int = 0
+    eager_calls: int = 0
+    _structure: tuple = ()
+    _structure_matches: bool = True
+    _changed: bool = False
+    _watched: set[int] = field(default_factory=set)
+    _hooks: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def install(
+        cls, unet: Any, cache_dir: Path | None, options_digest: str, inductor_configs: dict[str, Any]
+    ) -> AotUNet:
+        """Replace ``unet.forward`` (after every other change to the UNet: layout, fused projections)."""
+        aot = cls(unet, unet.forward, cache_dir, options_digest, dict(inductor_configs))
+        aot._structure = aot._fingerprint()
+        aot._watched = {id(module) for module in unet.modules()}
+        registration = torch.nn.modules.module
+        aot._hooks = [
+            registration.register_module_module_registration_hook(aot._on_registration),
+            registration.register_module_parameter_registration_hook(aot._on_registration),
+            registration.register_module_buffer_registration_hook(aot._on_registration),
+        ]
+        unet.forward = aot
+        return aot
+
+    def uninstall(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.unet.forward = self.eager_forward
+
+    def freeze(self) -> None:
+        self.building = False
+
+    def disable(self) -> None:
+        self.building = False
+        self.disabled = True
+
+    # -- serving ---------------------------------------------------------------------------------------------------
+
+    def __call__(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        inputs = None if self.disabled else self._packaged_inputs(sample, timestep, args, kwargs)
+        if inputs is None or not self._unchanged():
+            self.eager_calls += 1
+            return self.eager_forward(sample, timestep, *args, **kwargs)
+        key = _key(inputs)
+        loaded = self.packages.get(key)
+        if loaded is None:
+            if not self.building:
+                self.eager_calls += 1
+                return self.eager_forward(sample, timestep, *args, **kwargs)
+            loaded = self._load_or_build(key, inputs)
+            if loaded is None:
+                self.eager_calls += 1
+                return self.eager_forward(sample, timestep, *args, **kwargs)
+        self.packaged_calls += 1
+        output = loaded.model(*inputs)
+        output = output[0] if isinstance(output, (list, tuple)) else output
+        if kwargs.get("return_dict", True):
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=output)
+        return (output,)
+
+    def _packaged_inputs(self, sample: Any, timestep: Any, args: tuple, kwargs: dict) -> tuple | None:
+        """The flat inputs of a call a package can hold, or None (it runs eagerly)."""
+        if args:
+            if len(args) > 1 or "encoder_hidden_states" in kwargs:
+                return None
+            kwargs = {**kwargs, "encoder_hidden_states": args[0]}
+        for name, value in kwargs.items():
+            if name in _PACKAGED_KWARGS or value is None or (isinstance(value, dict) and not value):
+                continue
+            return None  # timestep_cond, cross_attention_kwargs, ControlNet residuals, masks...
+        hidden = kwargs.get("encoder_hidden_states")
+        added = kwargs.get("added_cond_kwargs") or {}
+        if not torch.is_tensor(hidden) or not torch.is_tensor(sample) or set(added) != set(_ADDED_CONDITIONS):
+            return None  # IP-Adapter's image_embeds, tuples of hidden states, class labels...
+        if not all(torch.is_tensor(added[name]) for name in _ADDED_CONDITIONS):
+            return None
+        if torch.is_tensor(timestep):
+            timestep = timestep.to(torch.float32)  # exact for SDXL's integer timesteps below 1000
+        else:
+            timestep = torch.tensor(float(timestep), dtype=torch.float32, device=sample.device)
+        tensors = (sample, timestep, hidden, added["text_embeds"], added["time_ids"])
+        return tuple(tensor.contiguous() for tensor in tensors)
+
+    def _on_registration(self, module: Any, name: str, value: Any) -> None:
+        if id(module) in self._watched:
+            self._changed = True
+
+    def _unchanged(self) -> bool:
+        """Whether the UNet still has the structure the packages were exported with (see the module doc)."""
+        if self._changed or not self._structure_matches:
+            self._changed = False
+            self._structure_matches = self._fingerprint() == self._structure
+            if self._structure_matches:
+                self._watched = {id(module) for module in self.unet.modules()}
+        return self._structure_matches
+
+    def _fingerprint(self) -> tuple:
+        modules = tuple(
+            (name, id(module), id(getattr(module, "processor", None))) for name, module in self.unet.named_modules()
+        )
+        tensors = tuple((name, tensor.data_ptr()) for name, tensor in _constants(self.unet).items())
+        return modules, tensors
+
+    # -- packages --------------------------------------------------------------------------------------------------
+
+    def _load_or_build(self, key: tuple, inputs: tuple) -> _Loaded | None:
+        started = time.perf_counter()
+        digest = self._digest(key)
+        path = None if self.cache_dir is None else self.cache_dir / f"sdxl-unet-{digest}.pt2"
+        hit = False
+        model = None
+        if path is not None and path.is_file():
+            try:
+                model = torch._inductor.aoti_load_package(str(path), device_index=_device_index(inputs[0]))
+                hit = True
+            except Exception as error:  # a truncated file or another build's: build afresh and replace it
+                log.warning(
+                    "AOT package %s not loadable (%s: %s); building it again", path, type(error).__name__, error
+                )
+        if model is None:
+            model = self._build(inputs, path)
+        loaded = _Loaded(model, list(model.get_constant_fqns()))
+        self._hand_over_weights(loaded)
+        agreement = self._agreement(loaded, inputs)
+        record = PackageRecord(
+            digest, str(path) if path else None, [[list(t.shape), str(t.dtype)] for t in inputs], hit, 0.0, agreement
+        )
+        record.seconds = round(time.perf_counter() - started, 3)
+        self.records.append(record)
+        if agreement < AGREEMENT:
+            raise RuntimeError(
+                f"AOT package {path or digest} disagrees with the eager UNet (cosine {agreement:.5f} < {AGREEMENT}); "
+                "delete it to rebuild, or set COMPILE=off"
+            )
+        self.packages[key] = loaded
+        log.info("AOT package %s: %s in %.1f s", digest, "loaded" if hit else "built", record.seconds)
+        return loaded
+
+    def _build(self, inputs: tuple, path: Path | None) -> Any:
+        from worker.generation.compile_prerequisites import find_prerequisites
+
+        tools = find_prerequisites(inputs[0].device.type == "cuda", cxx=True)
+        if tools.missing:
+            from core.errors import ConfigurationError
+
+            shapes = ", ".join("x".join(map(str, t.shape)) or "scalar" for t in inputs)
+            where = path.parent if path else "no cache folder"
+            raise ConfigurationError(
+                f"COMPILE=aot has no package for the UNet call ({shapes}) in {where}"
+                f" and cannot build one here: {'; '.join(tools.missing)} missing. Build the packages once with the "
+                "same torch and GPU where a C++ compiler is installed, into COMPILE_CACHE_DIR (the network volume by "
+                "default), or set COMPILE=off"
+            )
+        exported = torch.export.export(_ExportedCall(self.unet), inputs, strict=False)
+        configs = {**self.inductor_configs, "aot_inductor.package_constants_in_so": False}
+        if path is None:  # no cache folder: built for this process only
+            with tempfile.TemporaryDirectory(prefix="aot-unet-") as folder:
+                built = torch._inductor.aoti_compile_and_package(
+                    exported, package_path=str(Path(folder) / "unet.pt2"), inductor_configs=configs
+                )
+                return torch._inductor.aoti_load_package(built, device_index=_device_index(inputs[0]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written beside its final name and renamed: a worker starting beside this one never loads half a file.
+        handle, temporary = tempfile.mkstemp(prefix=path.stem + ".", suffix=".partial.pt2", dir=path.parent)
+        os.close(handle)
+        try:
+            built = torch._inductor.aoti_compile_and_package(exported, package_path=temporary, inductor_configs=configs)
+            model = torch._inductor.aoti_load_package(built, device_index=_device_index(inputs[0]))
+            os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide it from workers running as another user
+            os.replace(temporary, path)
+        finally:
+            Path(temporary).unlink(missing_ok=True)
+        return model
+
+    def _hand_over_weights(self, loaded: _Loaded) -> None:
+        constants = {f"unet.{name}": tensor for name, tensor in _constants(self.unet).items()}
+        missing = [name for name in loaded.constant_names if name not in constants]
+        if missing:
+            raise RuntimeError(f"AOT package needs constants the UNet does not have: {', '.join(missing[:5])}")
+        loaded.model.load_constants(
+            {name: constants[name] for name in loaded.constant_names}, check_full_update=True, user_managed=True
+        )
+
+    def _agreement(self, loaded: _Loaded, inputs: tuple) -> float:
+        packaged = loaded.model(*inputs)
+        packaged = packaged[0] if isinstance(packaged, (list, tuple)) else packaged
+        with torch.no_grad():
+            eager = _ExportedCall(self.unet)(*inputs)
+        cosine = torch.nn.functional.cosine_similarity(packaged.float().flatten(), eager.float().flatten(), dim=0)
+        return float(cosine) if torch.isfinite(cosine) else 0.0
+
+    def _digest(self, key: tuple) -> str:
+        device = key[0][2]
+        if device.startswith("cuda"):
+            index = torch.device(device).index or 0
+            gpu = f"{torch.cuda.get_device_name(index)} sm{''.join(map(str, torch.cuda.get_device_capability(index)))}"
+        else:
+            gpu = "cpu"
+        parts = {
+            "format": PACKAGE_FORMAT,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "gpu": gpu,
+            "options": self.options_digest,
+            "inductor": self.inductor_configs,
+            "inputs": [list(map(str, item)) for item in key],
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _key(inputs: tuple) -> tuple:
+    return tuple((tuple(tensor.shape), str(tensor.dtype), str(tensor.device)) for tensor in inputs)
+
+
+def _constants(unet: Any) -> dict[str, torch.Tensor]:
+    return {**dict(unet.named_parameters()), **dict(unet.named_buffers())}
+
+
+def _device_index(tensor: torch.Tensor) -> int:
+    return -1 if tensor.device.type != "cuda" else (tensor.device.index or 0)
