@@ -59,14 +59,16 @@ RUN python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash /stage
 
 FROM ${BASE_IMAGE} AS runtime
 # COMPILE=unet|regional needs a C compiler at run time (Triton builds its CUDA launcher with it, against Python's
-# headers, which the python image has). C_COMPILER=0 leaves it out; then the worker refuses COMPILE at start-up.
+# headers, which the python image has); COMPILE=aot builds its packages' C++ wrapper with g++ (loading a built
+# package needs neither). C_COMPILER=0 leaves them out; then the worker refuses COMPILE=unet|regional at start-up
+# and COMPILE=aot serves only packages already on the volume.
 ARG C_COMPILER=1
 # Versions come from the Debian release of the base (pinned by digest) and its security updates: apt cannot pin
 # them without breaking when bookworm's point releases replace a package.
 # hadolint ignore=DL3008
 RUN if [ "${C_COMPILER}" = 1 ]; then \
       apt-get update \
-      && apt-get install -y --no-install-recommends gcc libc6-dev \
+      && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
       && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/ldconfig/aux-cache /var/log/apt /var/log/dpkg.log \
            /var/log/alternatives.log; \
     fi

@@ -17,7 +17,9 @@
    CHECKPOINT set to it: the first start converts it onto the volume, a second start finds it converted;
 7. the compile path: in the baked image a C compiler builds a Python extension against Python.h and Python
    imports it (what Triton does for its CUDA launcher); the volume image, built without one, must refuse
-   ``COMPILE=unet`` at start-up with a configuration error (exit 2);
+   ``COMPILE=unet`` at start-up with a configuration error (exit 2); ``COMPILE=aot`` in the baked image with a
+   volume mounted: the first start builds the UNet's AOTInductor package with g++ onto the volume and its job
+   runs from it, the second start loads it without building;
 8. the fake token must appear nowhere: not in the image's history or config, not in any file of either image.
 
 Sizes, times, cache use, tree differences and the jobs' results go to build/image_test/summary.json; buildah's
@@ -418,6 +420,30 @@ def compare_trees(first: dict[str, str], second: dict[str, str]) -> dict:
     }
 
 
+def check_aot_starts(buildah: Buildah, image: str, volume: Path) -> dict:
+    """Two ``COMPILE=aot`` starts on one volume: the first builds the package (g++), the second only loads it."""
+    shutil.rmtree(volume, ignore_errors=True)
+    volume.mkdir(parents=True)
+    env = {"COMPILE": "aot", "WARMUP_SIZES": f"{JOB['input']['width']}x{JOB['input']['height']}"}
+    jobs = {}
+    for start, verb in (("aot_first_start", "built"), ("aot_second_start", "loaded")):
+        job = jobs[start] = run_job(buildah, image, "image-test-aot", env, volume)
+        device = job.get("device") or (job.get("metadata") or {}).get("device") or {}
+        applied = (device.get("speedups") or {}).get("applied", [])
+        if not any(str(item).startswith("compile_unet_aot") for item in applied):
+            raise ImageTestError(f"{start}: COMPILE=aot not applied: {device}")
+        if not any("AOT package" in line and verb in line for line in job["log"]):
+            raise ImageTestError(f"{start}: no 'AOT package ... {verb}' line in the worker's log: {job['log']}")
+    packages = sorted(volume.rglob("sdxl-unet-*.pt2"))
+    if len(packages) != 1:
+        raise ImageTestError(f"expected one AOT package on the volume, found {[str(p) for p in packages]}")
+    jobs["aot_first_start"]["package"] = {
+        "path": str(packages[0].relative_to(volume)),
+        "bytes": packages[0].stat().st_size,
+    }
+    return jobs
+
+
 def check_compile_path(buildah: Buildah, with_compiler: str, without_compiler: str) -> dict:
     """The baked image builds and imports a C extension as Triton does; the image without gcc refuses COMPILE."""
     done, _ = run_in(buildah, with_compiler, "image-test-probe", ["python", "-c", COMPILE_PROBE], {}, None)
@@ -561,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_and_measure(VOLUME_IMAGE, {**common, "C_COMPILER": "0"}, False)
         baked, volume_sizes = summary["builds"][BAKED_IMAGE]["du_bytes"], summary["builds"][VOLUME_IMAGE]["du_bytes"]
         summary["compiler_bytes"] = baked["/"] - baked["/models"] - volume_sizes["/"]
-        say(f"gcc + libc6-dev add {summary['compiler_bytes'] / 1e6:.0f} MB (baked image without /models vs volume)")
+        say(f"gcc, g++ + libc6-dev add {summary['compiler_bytes'] / 1e6:.0f} MB (baked image less /models vs volume)")
 
         say("compile path: a C extension built against Python.h in the baked image; COMPILE refused without gcc")
         summary["compile_path"] = check_compile_path(buildah, BAKED_IMAGE, VOLUME_IMAGE)
@@ -586,6 +612,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not converted.is_file():
             raise ImageTestError(f"the volume has no converted model ({converted} is missing)")
         jobs["volume_first_start"]["volume_manifest_source"] = json.loads(converted.read_text())["source"]["name"]
+        say(
+            "COMPILE=aot in the baked image: the first start builds the UNet package onto the volume, the next loads it"
+        )
+        jobs.update(check_aot_starts(buildah, BAKED_IMAGE, work / "aot-volume"))
         for name, job in jobs.items():
             say(f"{name}: {job['image']} seed {job['seed']}, {job['wall_s']} s from container start to exit")
         summary["jobs"] = jobs
