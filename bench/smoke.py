@@ -56,7 +56,8 @@ etc.), one JSON line per check, exit status 1 if any failed:
   job again gives the same bytes.
 
 Every line carries ``dynamo``: what torch.compile counted since the previous line (graphs, recompiles, guard
-failures); with ``COMPILE`` set, a job at a warmed shape must show no new graph.
+failures); with ``COMPILE`` set, a job at a warmed shape must show no new graph. With ``COMPILE=aot`` each line also
+carries ``aot_unet_calls``: the UNet calls served by AOT packages and eagerly since the previous line.
 
 ``bench/smoke_inpainting.py``, ``bench/smoke_ip_adapter.py`` and ``bench/smoke_models.py`` hold the inpainting
 checks, the IP-Adapter checks and the other model folders.
@@ -105,10 +106,27 @@ def dynamo_counters_delta() -> dict[str, int]:
     return dict(sorted(delta.items())[:12])
 
 
+_AOT_SEEN: dict[str, int] = {}
+
+
+def aot_calls_delta() -> dict[str, int] | None:
+    """With COMPILE=aot: the UNet calls served by AOT packages and eagerly since the last line (None otherwise)."""
+    if "worker.generation.aot_unet" not in sys.modules:
+        return None
+    from worker.generation.aot_unet import call_counts
+
+    now = call_counts()
+    delta = {key: value - _AOT_SEEN.get(key, 0) for key, value in now.items()}
+    _AOT_SEEN.update(now)
+    return delta
+
+
 def report(check: str, ok: bool, **details: Any) -> None:
     if not ok:
         FAILURES.append(check)
-    print(json.dumps({"smoke": check, "ok": ok, **details, "dynamo": dynamo_counters_delta()}), flush=True)
+    aot = aot_calls_delta()
+    extra = {"aot_unet_calls": aot} if aot is not None else {}
+    print(json.dumps({"smoke": check, "ok": ok, **details, "dynamo": dynamo_counters_delta(), **extra}), flush=True)
 
 
 def long_prompt() -> str:

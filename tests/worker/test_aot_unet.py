@@ -46,7 +46,7 @@ def engines(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Si
     return SimpleNamespace(aot=aot, eager=eager, cache=cache, loras=loras, model=dev_model_dir)
 
 
-def run(engine: Engine, **changes) -> np.ndarray:
+def run_engine(engine: Engine, **changes) -> np.ndarray:
     request = GenerationRequest(**{**JOB, **changes})
     return np.asarray(engine.generate(request).images[0].convert("RGB"), dtype=np.int16)
 
@@ -68,17 +68,17 @@ def test_the_first_start_builds_a_package_that_agrees_with_the_eager_unet(engine
 
 def test_a_job_at_the_warmed_size_runs_the_package_and_matches_the_eager_worker(engines: SimpleNamespace) -> None:
     packaged, eager = counts(engines.aot)
-    image = run(engines.aot)
+    image = run_engine(engines.aot)
     assert counts(engines.aot) == (packaged + 3, eager)  # 3 steps, each one packaged call (guidance batched)
     # Compiled kernels sum in another order: the last bits differ, a pixel at most by rounding.
-    assert np.abs(image - run(engines.eager)).max() <= 2
+    assert np.abs(image - run_engine(engines.eager)).max() <= 2
 
 
 def test_other_sizes_and_calls_a_package_cannot_hold_run_eagerly(engines: SimpleNamespace) -> None:
     packaged, eager = counts(engines.aot)
-    wide = run(engines.aot, width=128)
+    wide = run_engine(engines.aot, width=128)
     assert counts(engines.aot) == (packaged, eager + 3)
-    assert np.array_equal(wide, run(engines.eager, width=128))  # the same eager code: the same bytes
+    assert np.array_equal(wide, run_engine(engines.eager, width=128))  # the same eager code: the same bytes
     unet = engines.aot.pipe.unet
     inputs = example_inputs(unet)
     with torch.no_grad():
@@ -87,13 +87,13 @@ def test_other_sizes_and_calls_a_package_cannot_hold_run_eagerly(engines: Simple
 
 
 def test_a_merged_lora_reaches_the_package_and_leaves_with_the_job(engines: SimpleNamespace) -> None:
-    before = run(engines.aot)
+    before = run_engine(engines.aot)
     packaged, eager = counts(engines.aot)
-    styled = run(engines.aot, loras=[{"name": "style", "scale": 1.0}])
+    styled = run_engine(engines.aot, loras=[{"name": "style", "scale": 1.0}])
     assert counts(engines.aot) == (packaged + 3, eager)  # merged in place: the same modules, the package serves
-    assert np.abs(styled - run(engines.eager, loras=[{"name": "style", "scale": 1.0}])).max() <= 2
+    assert np.abs(styled - run_engine(engines.eager, loras=[{"name": "style", "scale": 1.0}])).max() <= 2
     assert np.abs(styled - before).mean() > 5  # the LoRA changed the image
-    assert np.abs(run(engines.aot) - before).max() == 0  # restored bit for bit
+    assert np.abs(run_engine(engines.aot) - before).max() == 0  # restored bit for bit
 
 
 def test_a_changed_module_structure_is_never_served_by_the_package(engines: SimpleNamespace) -> None:
@@ -110,17 +110,17 @@ def test_a_changed_module_structure_is_never_served_by_the_package(engines: Simp
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return 2 * self.base(x)
 
-    before = run(engines.aot)
+    before = run_engine(engines.aot)
     attention.to_q = Doubled(original)
     try:
         packaged, eager = counts(engines.aot)
-        changed = run(engines.aot)
+        changed = run_engine(engines.aot)
         assert counts(engines.aot) == (packaged, eager + 3)
         assert np.abs(changed - before).mean() > 0
     finally:
         attention.to_q = original
     packaged, eager = counts(engines.aot)
-    assert np.abs(run(engines.aot) - before).max() == 0  # the exported structure again: the package serves again
+    assert np.abs(run_engine(engines.aot) - before).max() == 0  # the exported structure again: the package serves again
     assert counts(engines.aot) == (packaged + 3, eager)
 
 
@@ -135,7 +135,7 @@ def test_a_second_start_loads_the_package_without_building(
     second = Engine(engines.model, settings=aot_settings(engines.cache, engines.loras))
     (package,) = second.accelerator.report.aot_packages
     assert second.accelerator.report.error is None and package["hit"] and package["agreement"] >= 0.999
-    assert np.abs(run(second) - run(engines.eager)).max() <= 2
+    assert np.abs(run_engine(second) - run_engine(engines.eager)).max() <= 2
 
 
 def test_no_package_and_no_compiler_stops_the_start_with_the_fix(
@@ -159,6 +159,24 @@ def test_no_package_and_no_compiler_stops_the_start_with_the_fix(
     with caplog.at_level(logging.WARNING):
         assert compile_prerequisites.check_compile_prerequisites(settings).startswith("COMPILE=aot")
     assert "only AOT packages already in the cache folder" in caplog.text
+
+
+def test_the_batch_runner_serves_its_calls_from_the_package(engines: SimpleNamespace, tmp_path: Path) -> None:
+    """``python -m batch run`` with COMPILE=aot and the package folder the first start filled: loaded, not built."""
+    from PIL import Image
+
+    from tests.batch.batch_testing import run, sidecars, write_jsonl
+
+    jobs = write_jsonl(tmp_path / "jobs.jsonl", [{**JOB, "id": "aot"}])
+    out = tmp_path / "out"
+    env = {"COMPILE": "aot", "COMPILE_CACHE_DIR": str(engines.cache), "WARMUP_SIZES": WARMED, "LOG_LEVEL": "INFO"}
+    code, _, log = run("run", jobs, "--out", out, "--model", engines.model, env=env)
+    assert code == 0, log[-2000:]
+    assert "AOT package" in log and "loaded" in log and "built" not in log
+    sidecar = sidecars(out)["aot"]
+    assert any(item.startswith("compile_unet_aot") for item in sidecar["generation"]["device"]["speedups"]["applied"])
+    image = np.asarray(Image.open(out / sidecar["images"][0]["file_name"]).convert("RGB"), dtype=np.int16)
+    assert np.abs(image - run_engine(engines.eager)).max() <= 2
 
 
 @pytest.mark.parametrize(

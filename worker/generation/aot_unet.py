@@ -34,6 +34,7 @@ import logging
 import os
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,16 @@ PACKAGE_FORMAT = 1
 AGREEMENT = 0.999
 _PACKAGED_KWARGS = ("encoder_hidden_states", "added_cond_kwargs", "return_dict")
 _ADDED_CONDITIONS = ("text_embeds", "time_ids")
+_INSTALLED: weakref.WeakValueDictionary[int, AotUNet] = weakref.WeakValueDictionary()
+
+
+def call_counts() -> dict[str, int]:
+    """UNet calls served by packages and eagerly, summed over this process's AOT UNets (the smoke prints them)."""
+    installed = list(_INSTALLED.values())
+    return {
+        "packaged": sum(aot.packaged_calls for aot in installed),
+        "eager": sum(aot.eager_calls for aot in installed),
+    }
 
 
 @dataclass
@@ -134,6 +145,7 @@ class AotUNet:
             registration.register_module_buffer_registration_hook(aot._on_registration),
         ]
         unet.forward = aot
+        _INSTALLED[id(aot)] = aot
         return aot
 
     def uninstall(self) -> None:
