@@ -179,6 +179,20 @@ def test_the_batch_runner_serves_its_calls_from_the_package(engines: SimpleNames
     assert np.abs(image - run_engine(engines.eager)).max() <= 2
 
 
+def test_a_package_is_keyed_by_what_its_code_depends_on(engines: SimpleNamespace, monkeypatch) -> None:
+    """Not the weights (the package reads the live ones), but the diffusers code, the dtype and the options."""
+    import diffusers
+
+    from worker.generation.acceleration import _aot_options_digest
+
+    pipe = engines.eager.pipe
+    plain = _aot_options_digest(pipe, SpeedupOptions(compile="aot"))
+    assert plain == _aot_options_digest(pipe, SpeedupOptions(compile="aot", warmup_sizes=((512, 512),)))
+    assert plain != _aot_options_digest(pipe, SpeedupOptions(compile="aot", fuse_qkv=True))
+    monkeypatch.setattr(diffusers, "__version__", "0.0.1")
+    assert plain != _aot_options_digest(pipe, SpeedupOptions(compile="aot"))
+
+
 @pytest.mark.parametrize(
     ("options", "fix"),
     [

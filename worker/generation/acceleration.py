@@ -327,13 +327,18 @@ def _check_aot(options: SpeedupOptions) -> None:
 
 
 def _aot_options_digest(pipe: Any, options: SpeedupOptions) -> str:
-    """What an AOT package depends on besides torch, the GPU and the call's shapes: the UNet's architecture, dtype,
-    memory layout and fused projections (not its weights, which the package reads from the live model)."""
+    """What an AOT package depends on besides torch, the GPU and the call's shapes: the UNet's architecture and the
+    diffusers code that runs it (version, attention processors), dtype, memory layout and fused projections (not its
+    weights, which the package reads from the live model)."""
+    import diffusers
+
     from worker.generation.compile_cache import config_digest
 
     unet = pipe.unet
     layout = "channels_last" if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) else "nchw"
-    parts = [config_digest(unet.config), str(unet.dtype), layout, f"fuse_qkv={options.fuse_qkv}"]
+    processors = sorted({type(processor).__name__ for processor in unet.attn_processors.values()})
+    parts = [config_digest(unet.config), f"diffusers={diffusers.__version__}", ",".join(processors)]
+    parts += [str(unet.dtype), layout, f"fuse_qkv={options.fuse_qkv}"]
     return "|".join(parts)
 
 
