@@ -124,6 +124,35 @@ def test_a_changed_module_structure_is_never_served_by_the_package(engines: Simp
     assert counts(engines.aot) == (packaged + 3, eager)
 
 
+def test_processors_put_back_without_a_hook_serve_the_package_from_the_next_job(
+    engines: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IP-Adapter's way: module processors in (a registration: noticed), the plain originals back (no hook)."""
+    unet = engines.aot.pipe.unet
+    attention = next(module for name, module in unet.named_modules() if name.endswith("attn2"))
+    original = attention.processor
+
+    class Halved(torch.nn.Module):
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            return original(attn, hidden_states, *args, **kwargs) / 2
+
+    aot = engines.aot.accelerator.aot
+    comparisons = []
+    fingerprint = aot._fingerprint
+    monkeypatch.setattr(aot, "_fingerprint", lambda: comparisons.append(1) or fingerprint())
+    before = run_engine(engines.aot)
+    attention.set_processor(Halved())
+    packaged, eager = counts(engines.aot)
+    assert np.abs(run_engine(engines.aot) - before).mean() > 0
+    assert counts(engines.aot) == (packaged, eager + 3)
+    assert len(comparisons) == 1  # after the registration, not on every eager step
+    attention.set_processor(original)  # a plain object: no registration hook fires
+    packaged, eager = counts(engines.aot)
+    assert np.abs(run_engine(engines.aot) - before).max() == 0
+    assert counts(engines.aot) == (packaged + 3, eager)
+    assert len(comparisons) == 2  # at the start of the job's denoising loop
+
+
 def test_a_second_start_loads_the_package_without_building(
     engines: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
