@@ -1,7 +1,7 @@
 """``COMPILE=aot`` start-ups, as JSON lines: the first builds the AOTInductor packages, the next ones load them.
 
     python bench/aot_start.py --model-dir models/sdxl-dev --warmup-sizes 64x64          # the CPU dev model
-    python bench/aot_start.py --model-dir /tmp/full/sdxl-full-dir --out results.jsonl   # a GPU, 1024x1024
+    python bench/aot_start.py --full-size --out results.jsonl   # a GPU: random full-size SDXL, 1024x1024
 
 Each round is a fresh process that loads the engine (``worker.generation.engine.Engine``, warm-up included) with
 ``COMPILE=aot`` and one package folder, empty before the first round: a line per round with the engine's start,
@@ -44,7 +44,9 @@ print(json.dumps({"engine_ready_s": round(ready, 2), "phases": engine.startup_ph
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model-dir", required=True, type=Path)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-dir", type=Path, help="a converted folder")
+    source.add_argument("--full-size", action="store_true", help="build a random full-size SDXL folder (CUDA, fp16)")
     parser.add_argument("--cache-dir", type=Path, help="the package folder's parent (default: a new temporary one)")
     parser.add_argument("--warmup-sizes", default="1024x1024", help="WARMUP_SIZES (the job uses the first)")
     parser.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"))
@@ -52,6 +54,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also append the lines to this file")
     args = parser.parse_args()
     start(args.out)
+    if args.full_size:
+        import torch
+
+        from bench.fullsize import build_random_pipeline, save_as_model_dir
+
+        pipe = build_random_pipeline("sdxl_base", "cuda", torch.float16)
+        args.model_dir = save_as_model_dir(pipe, Path(tempfile.mkdtemp(prefix="aot-start-model-")) / "sdxl-random")
+        del pipe
+        torch.cuda.empty_cache()
     cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="aot-start-"))
     settings = {
         "COMPILE": "aot",
