@@ -177,10 +177,7 @@ class AotUNet:
             if not self.building:
                 self.eager_calls += 1
                 return self.eager_forward(sample, timestep, *args, **kwargs)
-            loaded = self._load_or_build(key, inputs)
-            if loaded is None:
-                self.eager_calls += 1
-                return self.eager_forward(sample, timestep, *args, **kwargs)
+            loaded = self._load_or_build(key, inputs)  # raises on failure: the warm-up then serves eagerly
         self.packaged_calls += 1
         output = loaded.model(*inputs)
         output = output[0] if isinstance(output, (list, tuple)) else output
@@ -254,7 +251,7 @@ class AotUNet:
 
     # -- packages --------------------------------------------------------------------------------------------------
 
-    def _load_or_build(self, key: tuple, inputs: tuple) -> _Loaded | None:
+    def _load_or_build(self, key: tuple, inputs: tuple) -> _Loaded:
         started = time.perf_counter()
         digest = self._digest(key)
         path = None if self.cache_dir is None else self.cache_dir / f"sdxl-unet-{digest}.pt2"
