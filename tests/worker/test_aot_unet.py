@@ -222,6 +222,25 @@ def test_a_package_is_keyed_by_what_its_code_depends_on(engines: SimpleNamespace
     assert plain != _aot_options_digest(pipe, SpeedupOptions(compile="aot"))
 
 
+def test_a_failed_warm_up_leaves_an_eager_worker(tmp_path: Path) -> None:
+    """A warm-up that fails before any package exists (a shape the pipeline refuses) serves eagerly, said once."""
+    from bench.fullsize import build_random_pipeline
+
+    pipe = build_random_pipeline("dev_tiny", "cpu", torch.float32)
+    accelerator = apply_speedups(pipe, SpeedupOptions(compile="aot", warmup_sizes=((100, 100),), cache_dir=tmp_path))
+    try:
+        report = accelerator.warm_up(steps=1)
+        assert report.error is not None and "100" in report.error and report.aot_packages == []
+        assert accelerator.aot.disabled and accelerator.describe()["compile_error"] == report.error
+        with torch.no_grad():
+            pipe(prompt="a cat", width=64, height=64, num_inference_steps=2, output_type="latent")
+        assert (accelerator.aot.packaged_calls, accelerator.aot.eager_calls) == (0, 2)
+        assert not (tmp_path / "aot").exists() or list((tmp_path / "aot").iterdir()) == []
+    finally:
+        torch.compiler.set_stance("default")  # process-wide; later tests expect the default
+        accelerator.aot.uninstall()
+
+
 @pytest.mark.parametrize(
     ("options", "fix"),
     [
