@@ -8,7 +8,9 @@ Full-size SDXL with random weights (speed does not depend on weight values). JSO
   against ``device_map="cuda"`` (safetensors straight onto the GPU), alternated, page cache warm for both.
 - ``unet``: ms per CFG step (1024², batch 1, so the UNet sees 2 rows) and seconds to compile, for eager
   fp16/bf16, ``torch.compile`` of the whole UNet in fp16 and bf16 (default mode, with cuDNN's autotuner off and
-  on), with CUDA graphs (``reduce-overhead``), and regional compilation (the repeated transformer blocks only).
+  on), with CUDA graphs (``reduce-overhead``), regional compilation (the repeated transformer blocks only), and
+  ``COMPILE=aot``'s AOTInductor package in fp16 (``aot_fp16_default``: its build, then ``aot_load``: a second
+  install loading the saved package, with its check against eager).
 - ``unet_output``: each variant's output against eager fp32 on the same inputs (relative L2 error), never NaN.
 - ``kernels``: the top CUDA kernels of the fastest variant (torch.profiler), to say what limits it.
 - ``vae``: the 1024² decode eager in fp32 / fp16 / bf16 and compiled in bf16.
@@ -144,6 +146,12 @@ def measure_unet(unet: Any, args: argparse.Namespace) -> None:
                 record(f"compiled_{dtype_name}_{mode}_cudnn_benchmark", dtype, compiled, compile_s)
                 torch.backends.cudnn.benchmark = False
     torch._dynamo.reset()
+    if time_left() > 300:  # the worker's COMPILE=aot: the whole UNet exported and built ahead of time, fp16
+        unet.to(torch.float16)
+        measure_aot(unet, base, record)
+        unet.to(torch.bfloat16)
+    else:
+        emit(bench="skipped", what="aot fp16", reason="deadline")
 
     if time_left() > 120:  # regional: only the transformer blocks, compiled in place on the bf16 UNet
         unet.compile_repeated_blocks(fullgraph=True, dynamic=False)
@@ -154,6 +162,33 @@ def measure_unet(unet: Any, args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         record("regional_bf16_default", torch.bfloat16, unet.forward, round(time.perf_counter() - started, 1))
     profile(*fastest[1:])
+
+
+def measure_aot(unet: Any, base: dict[str, Any], record: Any) -> None:
+    """The package built on the first call (its compile time), timed; then a second install that only loads it."""
+    from worker.generation.aot_unet import AotUNet
+
+    folder = Path(tempfile.mkdtemp(prefix="variants-aot-"))
+    configs = {"conv_1x1_as_mm": True, "max_autotune": False}
+    aot = AotUNet.install(unet, folder, "compile_variants", configs)
+    try:
+        inputs = cast_inputs(base, torch.float16)
+        started = time.perf_counter()
+        with torch.no_grad():
+            aot(**inputs)
+        torch.cuda.synchronize()
+        compile_s = round(time.perf_counter() - started, 1)
+        aot.freeze()
+        record("aot_fp16_default", torch.float16, aot, compile_s, package=aot.records[0].to_dict())
+    finally:
+        aot.uninstall()
+    again = AotUNet.install(unet, folder, "compile_variants", configs)
+    try:
+        with torch.no_grad():
+            again(**cast_inputs(base, torch.float16))
+        emit(bench="aot_load", **again.records[0].to_dict(), packaged_calls=again.packaged_calls)
+    finally:
+        again.uninstall()
 
 
 def profile(name: str, call: tuple[Any, dict[str, Any]] | None) -> None:
