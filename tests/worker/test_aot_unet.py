@@ -241,6 +241,25 @@ def test_a_failed_warm_up_leaves_an_eager_worker(tmp_path: Path) -> None:
         accelerator.aot.uninstall()
 
 
+def test_building_a_gpu_package_needs_what_triton_needs_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    found = {
+        (True, True): ("a C++ compiler (g++)",),
+        (True, False): ("a C compiler (gcc)", "the triton package"),
+        (False, True): ("a C++ compiler (g++)",),
+    }
+
+    def find(cuda: bool, cxx: bool = False):
+        return compile_prerequisites.CompilePrerequisites("x", None, Path("/nowhere"), found[(cuda, cxx)])
+
+    monkeypatch.setattr(compile_prerequisites, "find_prerequisites", find)
+    assert compile_prerequisites.aot_build_missing(cuda=True) == [
+        "a C++ compiler (g++)",
+        "a C compiler (gcc)",
+        "the triton package",
+    ]
+    assert compile_prerequisites.aot_build_missing(cuda=False) == ["a C++ compiler (g++)"]
+
+
 @pytest.mark.parametrize(
     ("options", "fix"),
     [

@@ -285,17 +285,17 @@ class AotUNet:
         return loaded
 
     def _build(self, inputs: tuple, path: Path | None) -> Any:
-        from worker.generation.compile_prerequisites import find_prerequisites
+        from worker.generation.compile_prerequisites import aot_build_missing
 
-        tools = find_prerequisites(inputs[0].device.type == "cuda", cxx=True)
-        if tools.missing:
+        missing = aot_build_missing(inputs[0].device.type == "cuda")
+        if missing:
             from core.errors import ConfigurationError
 
             shapes = ", ".join("x".join(map(str, t.shape)) or "scalar" for t in inputs)
             where = path.parent if path else "no cache folder"
             raise ConfigurationError(
                 f"COMPILE=aot has no package for the UNet call ({shapes}) in {where}"
-                f" and cannot build one here: {'; '.join(tools.missing)} missing. Build the packages once with the "
+                f" and cannot build one here: {'; '.join(missing)} missing. Build the packages once with the "
                 "same torch and GPU where a C++ compiler is installed, into COMPILE_CACHE_DIR (the network volume by "
                 "default), or set COMPILE=off"
             )

@@ -93,6 +93,13 @@ def find_prerequisites(cuda: bool, cxx: bool = False) -> CompilePrerequisites:
     return CompilePrerequisites("cuda" if cuda else "cpu", compiler, headers, tuple(missing))
 
 
+def aot_build_missing(cuda: bool) -> list[str]:
+    """What building an AOTInductor package needs and this machine lacks: g++ for its C++ wrapper, and on a GPU
+    what Triton needs too (gcc for its launcher, the triton package). Loading a built package needs none of it."""
+    checks = [find_prerequisites(cuda, cxx=True), *([find_prerequisites(cuda)] if cuda else [])]
+    return list(dict.fromkeys(item for check in checks for item in check.missing))
+
+
 def check_compile_prerequisites(settings: Any) -> str:
     """Raise a ConfigurationError when ``COMPILE``/``COMPILE_VAE`` cannot work here; log and return what is asked.
 
@@ -108,13 +115,13 @@ def check_compile_prerequisites(settings: Any) -> str:
     import torch  # only when compiling: the check must know which compiler the device's code needs
 
     if settings.compile == "aot":
-        aot = find_prerequisites(torch.cuda.is_available(), cxx=True)
-        if aot.missing:
+        missing = aot_build_missing(torch.cuda.is_available())
+        if missing:
             # Loading an AOT package needs no compiler: packages built elsewhere (same torch and GPU) still serve;
             # a missing one stops the warm-up with a configuration error (worker.generation.aot_unet).
             log.warning(
                 "COMPILE=aot: %s missing here, so only AOT packages already in the cache folder can be used",
-                "; ".join(aot.missing),
+                "; ".join(missing),
             )
         if not settings.compile_vae:
             log.info("speed-ups asked for: %s", asked)
