@@ -167,6 +167,38 @@ def test_a_second_start_loads_the_package_without_building(
     assert np.abs(run_engine(second) - run_engine(engines.eager)).max() <= 2
 
 
+def test_a_start_waits_while_another_worker_builds_the_package(engines: SimpleNamespace) -> None:
+    """Workers starting together on one volume: the package's lock is held (here by another process), so a start
+    waits instead of building a second copy, then loads what is there once the lock is free."""
+    import subprocess
+    import sys
+    import threading
+
+    (package,) = (engines.cache / "aot").glob("*.pt2")
+    hold = "import sys; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); print('held')"
+    holder = subprocess.Popen(
+        [sys.executable, "-u", "-c", hold + "; sys.stdin.read()", str(package) + ".lock"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started: list[Engine] = []
+        thread = threading.Thread(
+            target=lambda: started.append(Engine(engines.model, settings=aot_settings(engines.cache, engines.loras)))
+        )
+        thread.start()
+        thread.join(timeout=8)  # long enough to load the model and reach the package
+        assert thread.is_alive() and not started
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    thread.join(timeout=120)
+    (record,) = started[0].accelerator.report.aot_packages
+    assert record["hit"] and record["seconds"] >= 1  # it waited, then loaded
+
+
 def test_no_package_and_no_compiler_stops_the_start_with_the_fix(
     engines: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

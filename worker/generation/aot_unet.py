@@ -43,6 +43,8 @@ from typing import Any
 import torch
 import torch._inductor
 
+from core.url_download import download_lock
+
 log = logging.getLogger(__name__)
 
 PACKAGE_FORMAT = 1
@@ -255,18 +257,16 @@ class AotUNet:
         started = time.perf_counter()
         digest = self._digest(key)
         path = None if self.cache_dir is None else self.cache_dir / f"sdxl-unet-{digest}.pt2"
-        hit = False
-        model = None
-        if path is not None and path.is_file():
-            try:
-                model = torch._inductor.aoti_load_package(str(path), device_index=_device_index(inputs[0]))
-                hit = True
-            except Exception as error:  # a truncated file or another build's: build afresh and replace it
-                log.warning(
-                    "AOT package %s not loadable (%s: %s); building it again", path, type(error).__name__, error
-                )
-        if model is None:
-            model = self._build(inputs, path)
+        if path is None:
+            model, hit = self._build(inputs, None), False
+        else:
+            # Workers starting together on one volume: one builds, the others wait and load what it wrote.
+            lock = path.with_name(path.name + ".lock")
+            with download_lock(lock, f"building the AOT package {path.name}", logger=log):
+                model = self._load(path, inputs)
+                hit = model is not None
+                if model is None:
+                    model = self._build(inputs, path)
         loaded = _Loaded(model, list(model.get_constant_fqns()))
         self._hand_over_weights(loaded)
         agreement = self._agreement(loaded, inputs)
@@ -283,6 +283,16 @@ class AotUNet:
         self.packages[key] = loaded
         log.info("AOT package %s: %s in %.1f s", digest, "loaded" if hit else "built", record.seconds)
         return loaded
+
+    def _load(self, path: Path, inputs: tuple) -> Any | None:
+        """The package at ``path``, or None when there is none or it does not load (then it is built again)."""
+        if not path.is_file():
+            return None
+        try:
+            return torch._inductor.aoti_load_package(str(path), device_index=_device_index(inputs[0]))
+        except Exception as error:  # a truncated file or another build's: build afresh and replace it
+            log.warning("AOT package %s not loadable (%s: %s); building it again", path, type(error).__name__, error)
+            return None
 
     def _build(self, inputs: tuple, path: Path | None) -> Any:
         from worker.generation.compile_prerequisites import aot_build_missing
