@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.engine_speed import unet_inputs
 from core.errors import ConfigurationError
 from core.settings import WORKER, load_settings
 from model_build.dev_lora import write_dev_lora
@@ -80,9 +81,8 @@ def test_other_sizes_and_calls_a_package_cannot_hold_run_eagerly(engines: Simple
     assert counts(engines.aot) == (packaged, eager + 3)
     assert np.array_equal(wide, run_engine(engines.eager, width=128))  # the same eager code: the same bytes
     unet = engines.aot.pipe.unet
-    inputs = example_inputs(unet)
-    with torch.no_grad():
-        unet(*inputs[:2], encoder_hidden_states=inputs[2], added_cond_kwargs=inputs[3], cross_attention_kwargs={"a": 1})
+    with torch.no_grad():  # the warmed 64x64 call with guidance, but cross_attention_kwargs set
+        unet(**unet_inputs(unet, 64, 1, "cpu", torch.float32), cross_attention_kwargs={"a": 1})
     assert counts(engines.aot) == (packaged, eager + 4)
 
 
@@ -302,11 +302,3 @@ def test_building_a_gpu_package_needs_what_triton_needs_too(monkeypatch: pytest.
 def test_aot_refuses_what_it_cannot_package(engines: SimpleNamespace, options: dict, fix: str) -> None:
     with pytest.raises(ConfigurationError, match=fix):
         apply_speedups(engines.eager.pipe, SpeedupOptions(compile="aot", **options))
-
-
-def example_inputs(unet) -> tuple:
-    config = unet.config
-    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    hidden = torch.zeros(2, 77, config.cross_attention_dim)
-    added = {"text_embeds": torch.zeros(2, pooled), "time_ids": torch.zeros(2, 6)}
-    return torch.zeros(2, 4, 8, 8), torch.tensor(1.0), hidden, added

@@ -56,6 +56,7 @@ import torch
 from core.errors import ConfigurationError
 from worker.generation.compile_cache import (
     compile_cache_file,
+    config_digest,
     load_compile_cache,
     save_compile_cache,
 )
@@ -153,13 +154,13 @@ class _FloatTimestepUNet:
 class Accelerator:
     """The speed-ups applied to one pipeline, and its one-time warm-up."""
 
-    def __init__(self, pipe: Any, options: SpeedupOptions, applied: list[str]) -> None:
+    def __init__(self, pipe: Any, options: SpeedupOptions, applied: list[str], aot: Any = None) -> None:
         self.pipe = pipe
         self.options = options
         self.applied = applied
         self.frozen = False
         self.report: WarmUpReport | None = None
-        self.aot: Any = None  # COMPILE=aot's worker.generation.aot_unet.AotUNet
+        self.aot = aot  # COMPILE=aot's worker.generation.aot_unet.AotUNet
 
     def describe(self) -> dict[str, Any]:
         """For metadata and logs: what runs, whether compilation is frozen, and why it was dropped if it was."""
@@ -309,9 +310,7 @@ def apply_speedups(pipe: Any, options: SpeedupOptions) -> Accelerator:
     if options.compile_vae:
         pipe.vae.decoder.compile(**compile_kwargs)
         applied.append(f"compile_vae_decoder:{options.compile_mode}")
-    accelerator = Accelerator(pipe, options, applied)
-    accelerator.aot = aot
-    return accelerator
+    return Accelerator(pipe, options, applied, aot)
 
 
 def _check_aot(options: SpeedupOptions) -> None:
@@ -331,8 +330,6 @@ def _aot_options_digest(pipe: Any, options: SpeedupOptions) -> str:
     diffusers code that runs it (version, attention processors), dtype, memory layout and fused projections (not its
     weights, which the package reads from the live model)."""
     import diffusers
-
-    from worker.generation.compile_cache import config_digest
 
     unet = pipe.unet
     layout = "channels_last" if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) else "nchw"

@@ -43,7 +43,9 @@ from typing import Any
 import torch
 import torch._inductor
 
+from core.errors import ConfigurationError
 from core.url_download import download_lock
+from worker.generation.compile_cache import device_identity
 
 log = logging.getLogger(__name__)
 
@@ -270,10 +272,9 @@ class AotUNet:
         loaded = _Loaded(model, list(model.get_constant_fqns()))
         self._hand_over_weights(loaded)
         agreement = self._agreement(loaded, inputs)
-        record = PackageRecord(
-            digest, str(path) if path else None, [[list(t.shape), str(t.dtype)] for t in inputs], hit, 0.0, agreement
-        )
-        record.seconds = round(time.perf_counter() - started, 3)
+        shapes = [[list(tensor.shape), str(tensor.dtype)] for tensor in inputs]
+        seconds = round(time.perf_counter() - started, 3)
+        record = PackageRecord(digest, str(path) if path else None, shapes, hit, seconds, agreement)
         self.records.append(record)
         if agreement < AGREEMENT:
             raise RuntimeError(
@@ -299,8 +300,6 @@ class AotUNet:
 
         missing = aot_build_missing(inputs[0].device.type == "cuda")
         if missing:
-            from core.errors import ConfigurationError
-
             shapes = ", ".join("x".join(map(str, t.shape)) or "scalar" for t in inputs)
             where = path.parent if path else "no cache folder"
             raise ConfigurationError(
@@ -348,17 +347,9 @@ class AotUNet:
         return float(cosine) if torch.isfinite(cosine) else 0.0
 
     def _digest(self, key: tuple) -> str:
-        device = key[0][2]
-        if device.startswith("cuda"):
-            index = torch.device(device).index or 0
-            gpu = f"{torch.cuda.get_device_name(index)} sm{''.join(map(str, torch.cuda.get_device_capability(index)))}"
-        else:
-            gpu = "cpu"
         parts = {
             "format": PACKAGE_FORMAT,
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "gpu": gpu,
+            **device_identity(torch.device(key[0][2])),  # the sample's device
             "options": self.options_digest,
             "inductor": self.inductor_configs,
             "inputs": [list(map(str, item)) for item in key],

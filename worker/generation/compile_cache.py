@@ -21,15 +21,17 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 
 
+def device_identity(device: torch.device) -> dict[str, Any]:
+    """The torch build and the device compiled code is made for (part of every compiled artefact's key)."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": gpu}
+
+
 def compile_cache_key(pipe: Any, options: Any) -> str:
     """What the compiled code depends on: torch, the GPU, the architecture (not the weights), dtypes, options."""
-    device = pipe.unet.device
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     parts = {
         "format": CACHE_FORMAT,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "gpu": gpu,
+        **device_identity(pipe.unet.device),
         "unet": config_digest(pipe.unet.config),
         "vae": config_digest(pipe.vae.config),
         "unet_dtype": str(pipe.unet.dtype),
