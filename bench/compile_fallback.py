@@ -17,7 +17,6 @@ without compile. This measures one UNet step, in one process and on the same wei
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,6 +26,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import jsonlines
 
 
 def unet_inputs(pipe: Any, width: int, height: int, batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -71,18 +72,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--compile-mode", default="reduce-overhead")
-    parser.add_argument("--out", help="also write the JSON lines to this file")
+    parser.add_argument("--out", help="also append the JSON lines to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU: the fallback cost is a GPU question")
-    out = open(args.out, "w") if args.out else None  # noqa: SIM115 (closed at exit)
+    jsonlines.start(Path(args.out) if args.out else None)
 
     def emit(**row: Any) -> None:
-        line = json.dumps({"bench": "compile_fallback", **row})
-        print(line, flush=True)
-        if out:
-            out.write(line + "\n")
-            out.flush()
+        jsonlines.emit(bench="compile_fallback", **row)
 
     from bench.fullsize import build_random_pipeline
     from worker.generation.acceleration import SpeedupOptions, apply_speedups
@@ -110,8 +107,6 @@ def main() -> None:
         emit(shape=name, path="bypass", ms=step_ms(own_forward, call_args, call_kwargs, args.repeats))
         with torch.compiler.set_stance("force_eager"):  # how ControlNet and IP-Adapter jobs run a compiled UNet
             emit(shape=name, path="force_eager", ms=step_ms(pipe.unet.forward, call_args, call_kwargs, args.repeats))
-    if out:
-        out.close()
 
 
 if __name__ == "__main__":
