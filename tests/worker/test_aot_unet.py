@@ -167,6 +167,55 @@ def test_a_second_start_loads_the_package_without_building(
     assert np.abs(run_engine(second) - run_engine(engines.eager)).max() <= 2
 
 
+def test_a_package_that_disagrees_with_the_eager_unet_never_serves(
+    engines: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The load-time check (a stale package, wrong weights): the start says which file and what to do, and the
+    worker serves eagerly, the eager worker's bytes."""
+    from worker.generation import aot_unet
+
+    monkeypatch.setattr(aot_unet.AotUNet, "_agreement", lambda self, loaded, inputs: 0.5)
+    try:
+        doubtful = Engine(engines.model, settings=aot_settings(engines.cache, engines.loras))
+    finally:
+        torch.compiler.set_stance("default")  # the failed warm-up set force_eager process-wide
+    error = doubtful.accelerator.report.error
+    assert "disagrees with the eager UNet (cosine 0.50000 < 0.999)" in error
+    assert "sdxl-unet-" in error and "delete it to rebuild, or set COMPILE=off" in error
+    assert doubtful.accelerator.aot.disabled and doubtful.accelerator.describe()["compile_error"] == error
+    assert np.array_equal(run_engine(doubtful), run_engine(engines.eager))
+    assert doubtful.accelerator.aot.packaged_calls == 0
+
+
+def test_a_start_without_a_cxx_compiler_still_loads_the_package(engines: SimpleNamespace, tmp_path: Path) -> None:
+    """Loading needs no compiler (README): a fresh process with no C++ compiler and an empty Inductor cache (where
+    torch's loader would compile its CPU probes) loads the package the first start built."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    child = (
+        "import json, sys\n"
+        "from core.settings import load_settings\n"
+        "from worker.generation.engine import Engine\n"
+        "from worker.generation.compile_prerequisites import aot_build_missing\n"
+        "engine = Engine(sys.argv[1], settings=load_settings(json.loads(sys.argv[2])))\n"
+        "print(json.dumps({'missing': aot_build_missing(False), 'report': engine.accelerator.report.to_dict()}))\n"
+    )
+    settings = {"COMPILE": "aot", "COMPILE_CACHE_DIR": str(engines.cache), "WARMUP_SIZES": WARMED}
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")}
+    done = subprocess.run(
+        [sys.executable, "-c", child, str(engines.model), json.dumps(settings)],
+        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[2], timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert any("C++ compiler" in item for item in result["missing"])  # nothing here could build one
+    (package,) = result["report"]["aot_packages"]
+    assert result["report"]["error"] is None and package["hit"] and package["agreement"] >= 0.999
+
+
 def test_a_start_waits_while_another_worker_builds_the_package(engines: SimpleNamespace) -> None:
     """Workers starting together on one volume: the package's lock is held (here by another process), so a start
     waits instead of building a second copy, then loads what is there once the lock is free."""
