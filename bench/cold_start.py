@@ -10,7 +10,8 @@ need nothing from inside the worker but its own start-up log line (``start-up ph
 - ``exit_s``: process start to exit; ``phases``: the engine's own phases (``Engine.startup_phases``).
 
 ``--before-root DIR`` runs the same starts from another checkout (e.g. ``git archive`` of an earlier commit), in
-alternating order, so a change's effect is measured in one call on one machine. ``--importtime`` adds one start under
+alternating order, so a change's effect is measured in one call on one machine; ``--variant NAME:KEY=VALUE,...``
+does the same for settings (``--variant no-libraries:PREFETCH_LIBRARIES=0``). ``--importtime`` adds one start under
 ``python -X importtime`` and reports the slowest top-level packages (cumulative seconds, cold page cache).
 
     python bench/cold_start.py --workdir /tmp/cold --rounds 2 [--model-dir DIR] [--before-root .cold/before]
@@ -112,9 +113,9 @@ def start_once(
         "exit_s": round(exit_s, 2),
         "phases": json.loads(PHASES.search(ready[1]).group(1)) if ready else None,
     }
-    prefetch = next((m for _, m in lines if "prefetched" in m), None)
-    if prefetch:
-        record["prefetch"] = prefetch.split("INFO ", 1)[-1][:160]
+    prefetched = [m.split("INFO ", 1)[-1][:160] for _, m in lines if "prefetched" in m]
+    if prefetched:
+        record["prefetch"] = prefetched if len(prefetched) > 1 else prefetched[0]
     if code != 0 or ready is None:
         record["tail"] = [m[:300] for _, m in lines if "import time:" not in m][-15:]
     if importtime:
@@ -145,6 +146,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--before-root", type=Path, help="another checkout to start the same way, alternating")
     parser.add_argument("--importtime", action="store_true", help="one more start under python -X importtime")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the worker (repeatable)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+        help="another start of this checkout with these settings added, alternating with the others (repeatable)",
+    )
     parser.add_argument("--timeout", type=float, default=240)
     parser.add_argument("--keep-page-cache", action="store_true", help="do not drop it (a shared machine)")
     parser.add_argument("--warm-rounds", type=int, default=0, help="then starts with the page cache kept (warm)")
@@ -160,18 +168,25 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = args.model_dir or build_model(args.workdir)
     emit(bench="cold_start_model", model_dir=str(model_dir), build_s=round(time.perf_counter() - started, 1))
     extra = dict(item.split("=", 1) for item in args.env)
-    roots = {"after": ROOT, **({"before": args.before_root.resolve()} if args.before_root else {})}
-    for name, root in roots.items():  # unmeasured: writes each checkout's bytecode, as an image build does
-        record = start_once(root, model_dir, extra, False, args.timeout, drop, the_job)
+    variants = {"after": (ROOT, extra)}
+    if args.before_root:
+        variants["before"] = (args.before_root.resolve(), extra)
+    for item in args.variant:
+        name, _, settings = item.partition(":")
+        variants[name] = (ROOT, {**extra, **dict(pair.split("=", 1) for pair in settings.split(",") if pair)})
+    roots = {name: root for name, (root, _) in variants.items()}
+    for root in dict.fromkeys(roots.values()):  # unmeasured: writes each checkout's bytecode, as an image build does
+        name = next(name for name, other in roots.items() if other == root)
+        record = start_once(root, model_dir, variants[name][1], False, args.timeout, drop, the_job)
         emit(bench="cold_start_unmeasured", variant=name, exit_code=record["exit_code"], tail=record.get("tail"))
     for round_index in range(args.rounds):
-        order = list(roots.items()) if round_index % 2 == 0 else list(reversed(roots.items()))
-        for name, root in order:
-            record = start_once(root, model_dir, extra, False, args.timeout, drop, the_job)
-            emit(bench="cold_start", variant=name, round=round_index, **record)
+        order = list(variants.items()) if round_index % 2 == 0 else list(reversed(variants.items()))
+        for name, (root, settings) in order:
+            record = start_once(root, model_dir, settings, False, args.timeout, drop, the_job)
+            emit(bench="cold_start", variant=name, round=round_index, settings=settings, **record)
     for round_index in range(args.warm_rounds):  # the floor: every file already in memory (a restarted worker)
-        for name, root in roots.items():
-            record = start_once(root, model_dir, extra, False, args.timeout, False, the_job)
+        for name, (root, settings) in variants.items():
+            record = start_once(root, model_dir, settings, False, args.timeout, False, the_job)
             emit(bench="cold_start_warm_cache", variant=name, round=round_index, **record)
     if args.importtime:
         record = start_once(ROOT, model_dir, extra, True, args.timeout, drop, the_job)

@@ -19,7 +19,7 @@ from core.errors import ConfigurationError
 from core.quiet_logs import drop_unactionable_warnings
 from core.settings import WORKER, Settings, load_settings
 from worker.model.location import apply_volume_caches, resolve_model_dir, resolve_refiner_dir
-from worker.model.prefetch import start_prefetch
+from worker.model.prefetch import FilePrefetch, PrefetchReport, start_library_prefetch, start_prefetch
 
 if TYPE_CHECKING:
     from worker.handler import Worker
@@ -36,25 +36,33 @@ def model_folders(settings: Settings) -> list[Path | None]:
 
 
 def start_worker(settings: Settings) -> Worker:
-    """Start reading the weights, import the engine meanwhile, load it: the worker, ready or with its error."""
+    """Start reading libraries and weights, import the engine meanwhile, load it: the worker, ready or failed."""
+    libraries = start_library_prefetch() if settings.prefetch_libraries else None
     prefetch = start_prefetch(model_folders(settings)) if settings.prefetch_weights else None
     # Imported here, not at the top: torch, diffusers and transformers take seconds to import, which the
-    # prefetch thread spends reading the weights.
+    # prefetch threads spend reading what the imports and the loading need next.
     from worker.handler import Worker
 
     worker = Worker(settings)
     worker.start()
+    if libraries is not None:
+        _log_prefetch("library", libraries, libraries.stop())  # imported by now: what is left is not needed
     if prefetch is not None and prefetch.files:
-        report = worker.prefetch = prefetch.stop()
-        log.info(
-            "prefetched %d of %d weight files (%.2f GB) in %.1f s while importing%s",
-            report.files,
-            len(prefetch.files),
-            report.bytes / 1e9,
-            report.seconds,
-            f"; stopped by {report.error}" if report.error else "",
-        )
+        worker.prefetch = prefetch.stop()
+        _log_prefetch("weight", prefetch, worker.prefetch)
     return worker
+
+
+def _log_prefetch(kind: str, prefetch: FilePrefetch, report: PrefetchReport) -> None:
+    log.info(
+        "prefetched %d of %d %s files (%.2f GB) in %.1f s while importing%s",
+        report.files,
+        len(prefetch.files),
+        kind,
+        report.bytes / 1e9,
+        report.seconds,
+        f"; stopped by {report.error}" if report.error else "",
+    )
 
 
 def refuse_impossible_compile(settings: Settings) -> None:

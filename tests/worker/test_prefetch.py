@@ -37,7 +37,7 @@ def test_a_file_it_cannot_read_stops_it_without_raising(tmp_path: Path) -> None:
 def test_stop_ends_the_reading_early(dev_model_dir: Path) -> None:
     prefetch = start_prefetch([dev_model_dir])
     report = prefetch.stop(timeout=60)
-    assert not prefetch._thread.is_alive()
+    assert not prefetch.is_alive()
     assert report.bytes <= sum(path.stat().st_size for path in prefetch.files)
 
 
