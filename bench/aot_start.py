@@ -20,26 +20,39 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.cold_start import drop_page_cache
 from bench.jsonlines import emit, start
 
 CHILD = """
-import json, sys, time
+import cProfile, json, logging, pstats, sys, time
 started = time.perf_counter()
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(relativeCreated)7.0f ms %(name)s %(message)s")
 from core.settings import load_settings
 from worker.generation.engine import Engine
 from worker.request.schema import GenerationRequest
-model_dir, settings, size = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+model_dir, settings, size, profile = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+profiler = cProfile.Profile() if profile else None
+if profiler:
+    profiler.enable()
 engine = Engine(model_dir, settings=load_settings(settings))
+if profiler:
+    profiler.disable()
 ready = time.perf_counter() - started
 report = engine.accelerator.report
 job_started = time.perf_counter()
 engine.generate(GenerationRequest(prompt="a lighthouse", width=size, height=size, num_inference_steps=4, seed=1))
 aot = engine.accelerator.aot
+slowest = []
+if profiler:
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda item: -item[1][3])[:40]  # by cumulative time
+    slowest = [[round(row[3], 2), f"{Path_name(key[0])}:{key[1]}({key[2]})"] for key, row in rows]
 print(json.dumps({"engine_ready_s": round(ready, 2), "phases": engine.startup_phases,
                   "warm_up_s": round(report.seconds, 2), "error": report.error, "packages": report.aot_packages,
                   "job_s": round(time.perf_counter() - job_started, 2),
-                  "packaged_calls": aot.packaged_calls, "eager_calls": aot.eager_calls}))
+                  "packaged_calls": aot.packaged_calls, "eager_calls": aot.eager_calls, "profile": slowest}))
 """
+CHILD = CHILD.replace("Path_name(key[0])", "'/'.join(key[0].split('/')[-3:])")
 
 
 def main() -> None:
@@ -51,6 +64,8 @@ def main() -> None:
     parser.add_argument("--warmup-sizes", default="1024x1024", help="WARMUP_SIZES (the job uses the first)")
     parser.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"))
     parser.add_argument("--rounds", type=int, default=2, help="starts: the first builds, the rest load")
+    parser.add_argument("--cold-rounds", type=int, default=0, help="then loads with the page cache dropped (root)")
+    parser.add_argument("--profile", action="store_true", help="cProfile the engine's start in the loading rounds")
     parser.add_argument("--out", type=Path, help="also append the lines to this file")
     args = parser.parse_args()
     start(args.out)
@@ -72,17 +87,23 @@ def main() -> None:
     }
     size = int(args.warmup_sizes.split(",")[0].split("x")[0])
     root = Path(__file__).resolve().parents[1]
-    for round_number in range(1, args.rounds + 1):
-        command = [sys.executable, "-c", CHILD, str(args.model_dir), json.dumps(settings), str(size)]
+    for round_number in range(1, args.rounds + args.cold_rounds + 1):
+        cold = round_number > args.rounds
+        page_cache = drop_page_cache() if cold else "kept"
+        profile = "1" if args.profile and round_number > 1 else "0"
+        command = [sys.executable, "-c", CHILD, str(args.model_dir), json.dumps(settings), str(size), profile]
         done = subprocess.run(command, capture_output=True, text=True, cwd=root)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         child = json.loads(lines[-1]) if lines else None
+        log = [line[:220] for line in done.stderr.splitlines() if " ms " in line and "step " not in line][-25:]
         emit(
             bench="aot_start",
             round=round_number,
+            page_cache=page_cache,
             cache_dir=str(cache),
             exit_code=done.returncode,
             **(child or {"stderr_tail": done.stderr[-1500:]}),
+            log=log,
         )
 
 
