@@ -293,13 +293,6 @@ class Settings:
         "read the weight files on a thread while torch imports (cold page cache)",
         (WORKER,),
     )
-    prefetch_libraries: bool = _setting(
-        "PREFETCH_LIBRARIES",
-        "1",
-        _flag,
-        "read torch's, NVIDIA's and the other start-up packages' libraries on threads ahead of their import",
-        (WORKER,),
-    )
     warmup: bool = _setting(
         "WARMUP", "1", _flag, "on a GPU, one short job at start-up so the first paid job runs at full speed"
     )

@@ -19,7 +19,7 @@ from core.errors import ConfigurationError
 from core.quiet_logs import drop_unactionable_warnings
 from core.settings import WORKER, Settings, load_settings
 from worker.model.location import apply_volume_caches, resolve_model_dir, resolve_refiner_dir
-from worker.model.prefetch import FilePrefetch, PrefetchReport, start_library_prefetch, start_prefetch
+from worker.model.prefetch import start_prefetch
 
 if TYPE_CHECKING:
     from worker.handler import Worker
@@ -36,39 +36,37 @@ def model_folders(settings: Settings) -> list[Path | None]:
 
 
 def start_worker(settings: Settings) -> Worker:
-    """Start reading libraries and weights, import the engine meanwhile, load it: the worker, ready or failed."""
-    libraries = start_library_prefetch() if settings.prefetch_libraries else None
+    """Start reading the weights, import the engine meanwhile, load it: the worker, ready or with its error."""
     prefetch = start_prefetch(model_folders(settings)) if settings.prefetch_weights else None
     # Imported here, not at the top: torch, diffusers and transformers take seconds to import, which the
-    # prefetch threads spend reading what the imports and the loading need next.
+    # prefetch thread spends reading the weights.
+    if settings.compile == "aot" and not settings.compile_vae:
+        from worker.generation.compile_prerequisites import check_compile_prerequisites
+
+        check_compile_prerequisites(settings)  # logs whether packages can be built here; never refuses
     from worker.handler import Worker
 
     worker = Worker(settings)
     worker.start()
-    if libraries is not None:
-        _log_prefetch("library", libraries, libraries.stop())  # imported by now: what is left is not needed
     if prefetch is not None and prefetch.files:
-        worker.prefetch = prefetch.stop()
-        _log_prefetch("weight", prefetch, worker.prefetch)
+        report = worker.prefetch = prefetch.stop()
+        log.info(
+            "prefetched %d of %d weight files (%.2f GB) in %.1f s while importing%s",
+            report.files,
+            len(prefetch.files),
+            report.bytes / 1e9,
+            report.seconds,
+            f"; stopped by {report.error}" if report.error else "",
+        )
     return worker
-
-
-def _log_prefetch(kind: str, prefetch: FilePrefetch, report: PrefetchReport) -> None:
-    log.info(
-        "prefetched %d of %d %s files (%.2f GB) in %.1f s while importing%s",
-        report.files,
-        len(prefetch.files),
-        kind,
-        report.bytes / 1e9,
-        report.seconds,
-        f"; stopped by {report.error}" if report.error else "",
-    )
 
 
 def refuse_impossible_compile(settings: Settings) -> None:
     """COMPILE in an image without a C compiler: exit 2 at once, instead of a worker that serves eagerly."""
-    if settings.compile == "off" and not settings.compile_vae:
-        return  # nothing compiles: torch is not imported here, the prefetch below overlaps its import
+    if settings.compile in ("off", "aot") and not settings.compile_vae:
+        # Nothing to refuse (COMPILE=aot loads packages without a compiler and reports a missing one when it must
+        # build), so torch is not imported here: the prefetch started below overlaps its import.
+        return
     from worker.generation.compile_prerequisites import check_compile_prerequisites
 
     try:

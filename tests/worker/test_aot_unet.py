@@ -351,3 +351,26 @@ def test_building_a_gpu_package_needs_what_triton_needs_too(monkeypatch: pytest.
 def test_aot_refuses_what_it_cannot_package(engines: SimpleNamespace, options: dict, fix: str) -> None:
     with pytest.raises(ConfigurationError, match=fix):
         apply_speedups(engines.eager.pipe, SpeedupOptions(compile="aot", **options))
+
+
+def test_a_gpu_package_loads_without_probing_the_cpu(engines: SimpleNamespace, monkeypatch) -> None:
+    """torch 2.11 probes the CPU's vector ISA at each package load by compiling C++ and loading each probe in a
+    child that imports torch (35-45 s of a 46 s load on the H200 machine); a CUDA package is loaded with the ISA
+    it recorded instead. Checked here with the CPU package: inside the context no probe is built."""
+    from torch._inductor import codecache, cpu_vec_isa
+
+    from worker.generation.aot_unet import _cpu_isa_as_recorded
+
+    (package,) = sorted((engines.cache / "aot").glob("*.pt2"))
+    recorded = torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(str(package), "model")["AOTI_CPU_ISA"]
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("a CPU ISA probe was built")
+
+    monkeypatch.setattr(cpu_vec_isa.VecISA, "check_build", no_probe)
+    original = cpu_vec_isa.pick_vec_isa
+    with _cpu_isa_as_recorded(package):
+        assert codecache.get_device_information("cpu")["AOTI_CPU_ISA"] == recorded
+        loaded = torch._inductor.aoti_load_package(str(package))
+    assert cpu_vec_isa.pick_vec_isa is original
+    assert loaded.get_constant_fqns()  # a real package, loaded inside the context

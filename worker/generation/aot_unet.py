@@ -29,6 +29,7 @@ Not here: CUDA graphs (AOTInductor runs its kernels without them, like ``COMPILE
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ import os
 import tempfile
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,8 +291,10 @@ class AotUNet:
         """The package at ``path``, or None when there is none or it does not load (then it is built again)."""
         if not path.is_file():
             return None
+        device_index = _device_index(inputs[0])
         try:
-            return torch._inductor.aoti_load_package(str(path), device_index=_device_index(inputs[0]))
+            with _cpu_isa_as_recorded(path) if device_index >= 0 else contextlib.nullcontext():
+                return torch._inductor.aoti_load_package(str(path), device_index=device_index)
         except Exception as error:  # a truncated file or another build's: build afresh and replace it
             log.warning("AOT package %s not loadable (%s: %s); building it again", path, type(error).__name__, error)
             return None
@@ -355,6 +359,42 @@ class AotUNet:
             "inputs": [list(map(str, item)) for item in key],
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def _cpu_isa_as_recorded(path: Path) -> Iterator[None]:
+    """Load a CUDA package without probing the CPU's vector instructions.
+
+    torch's loader compares the package's recorded CPU ISA with this machine's only to log a warning, and learns
+    this machine's by compiling and loading six C++ probes; torch 2.11 loads each in a child Python that imports
+    torch. On the H200 machine that took 35-45 s of a 46 s package load (bench/results, cProfile). A CUDA package's
+    kernels run on the GPU, so for its load the ISA is taken as recorded. Where this torch has no such hook the
+    load simply probes.
+    """
+    isa_module = getattr(torch._inductor, "cpu_vec_isa", None)
+    loader = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+    read_metadata = getattr(loader, "load_metadata_from_package", None)
+    recorded = None
+    if isa_module is not None and hasattr(isa_module, "pick_vec_isa") and read_metadata is not None:
+        with contextlib.suppress(Exception):  # unreadable here: the load itself reports a broken file
+            recorded = read_metadata(str(path), "model").get("AOTI_CPU_ISA")
+    if recorded is None:
+        yield
+        return
+    original = isa_module.pick_vec_isa
+    isa_module.pick_vec_isa = lambda: _RecordedIsa(recorded)
+    try:
+        yield
+    finally:
+        isa_module.pick_vec_isa = original
+
+
+@dataclass(frozen=True)
+class _RecordedIsa:
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
 
 
 def _key(inputs: tuple) -> tuple:
