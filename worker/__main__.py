@@ -40,10 +40,6 @@ def start_worker(settings: Settings) -> Worker:
     prefetch = start_prefetch(model_folders(settings)) if settings.prefetch_weights else None
     # Imported here, not at the top: torch, diffusers and transformers take seconds to import, which the
     # prefetch thread spends reading the weights.
-    if settings.compile == "aot" and not settings.compile_vae:
-        from worker.generation.compile_prerequisites import check_compile_prerequisites
-
-        check_compile_prerequisites(settings)  # logs whether packages can be built here; never refuses
     from worker.handler import Worker
 
     worker = Worker(settings)
@@ -64,8 +60,9 @@ def start_worker(settings: Settings) -> Worker:
 def refuse_impossible_compile(settings: Settings) -> None:
     """COMPILE in an image without a C compiler: exit 2 at once, instead of a worker that serves eagerly."""
     if settings.compile in ("off", "aot") and not settings.compile_vae:
-        # Nothing to refuse (COMPILE=aot loads packages without a compiler and reports a missing one when it must
-        # build), so torch is not imported here: the prefetch started below overlaps its import.
+        # Nothing to refuse: COMPILE=aot loads packages without a compiler, and names what is missing only when it
+        # must build one (worker.generation.aot_unet). Probing here would run two test builds and import torch on
+        # the main thread at every start, before the prefetch below begins to overlap that import.
         return
     from worker.generation.compile_prerequisites import check_compile_prerequisites
 
