@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -371,7 +372,10 @@ def _cpu_isa_as_recorded(path: Path) -> Iterator[None]:
     kernels run on the GPU, so for its load the ISA is taken as recorded. Where this torch has no such hook the
     load simply probes.
     """
-    isa_module = getattr(torch._inductor, "cpu_vec_isa", None)
+    try:
+        isa_module = importlib.import_module("torch._inductor.cpu_vec_isa")  # patched before the loader looks it up
+    except ImportError:
+        isa_module = None
     loader = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
     read_metadata = getattr(loader, "load_metadata_from_package", None)
     recorded = None
