@@ -374,3 +374,29 @@ def test_a_gpu_package_loads_without_probing_the_cpu(engines: SimpleNamespace, m
         loaded = torch._inductor.aoti_load_package(str(package))
     assert cpu_vec_isa.pick_vec_isa is original
     assert loaded.get_constant_fqns()  # a real package, loaded inside the context
+
+
+def test_the_refiner_gets_its_own_package_and_a_refiner_job_runs_compiled(
+    engines: SimpleNamespace, dev_refiner_dir: Path, tmp_path: Path
+) -> None:
+    """The official worker's default job refines every image; its refining steps must not fall back to eager.
+    The base's package is loaded from the module's cache, the refiner's (another UNet: 1280-wide prompts, 5 time
+    ids) is built beside it at the same warm-up size, and the refiner job's image matches an eager worker's."""
+    cache = tmp_path / "cache"
+    shutil.copytree(engines.cache, cache)
+    settings = aot_settings(cache, engines.loras)
+    compiled = Engine(engines.model, refiner_dir=dev_refiner_dir, settings=settings)
+    eager = Engine(engines.model, refiner_dir=dev_refiner_dir, settings=load_settings({"LORA_DIR": str(engines.loras)}))
+    base, refiner = compiled.accelerator.aot, compiled.refiner_accelerator.aot
+    assert [record.hit for record in base.records] == [True]
+    (built,) = refiner.records
+    prompt_width = compiled.refiner.unet.config.cross_attention_dim  # the refiner's: OpenCLIP's alone
+    assert not built.hit and built.agreement >= 0.999
+    assert built.inputs[2][0] == [2, 77, prompt_width] and built.inputs[4][0] == [2, 5]  # aesthetic score ids
+    assert len(list((cache / "aot").glob("*.pt2"))) == 2
+    before = refiner.packaged_calls, refiner.eager_calls
+    job = {"refiner_inference_steps": 4, "strength": 0.5}
+    image = run_engine(compiled, **job)
+    assert refiner.packaged_calls - before[0] == 2 and refiner.eager_calls == before[1]  # 4 steps at strength 0.5
+    assert np.abs(image - run_engine(eager, **job)).max() <= 2
+    assert eager.refiner_accelerator.aot is None  # COMPILE=off: nothing packaged

@@ -154,13 +154,18 @@ class _FloatTimestepUNet:
 class Accelerator:
     """The speed-ups applied to one pipeline, and its one-time warm-up."""
 
-    def __init__(self, pipe: Any, options: SpeedupOptions, applied: list[str], aot: Any = None) -> None:
+    def __init__(
+        self, pipe: Any, options: SpeedupOptions, applied: list[str], aot: Any = None, refiner: bool = False
+    ) -> None:
         self.pipe = pipe
         self.options = options
         self.applied = applied
         self.frozen = False
         self.report: WarmUpReport | None = None
         self.aot = aot  # COMPILE=aot's worker.generation.aot_unet.AotUNet
+        # A refiner is warmed up as the engine runs it: img2img from the base's latents, no decode (the VAE is the
+        # base's, warmed with it).
+        self.dummy_call = _run_dummy_refinement if refiner else _run_dummy_generation
 
     def describe(self) -> dict[str, Any]:
         """For metadata and logs: what runs, whether compilation is frozen, and why it was dropped if it was."""
@@ -185,7 +190,7 @@ class Accelerator:
             if self.options.compiles:
                 device = self.pipe.unet.device
                 for call in self.options.warmup_calls():
-                    _run_dummy_generation(self.pipe, steps=steps, device=device, **call)
+                    self.dummy_call(self.pipe, steps=steps, device=device, **call)
                     report.shapes.append(call)
         except ConfigurationError:
             raise  # a setting that cannot work here (COMPILE=aot, no package, no compiler): the start's error
@@ -250,8 +255,20 @@ def accelerate(pipe: Any, settings: Any) -> Accelerator:
     return accelerator
 
 
-def apply_speedups(pipe: Any, options: SpeedupOptions) -> Accelerator:
-    """Apply ``options`` to ``pipe`` (whole pipeline on one CUDA device, or CPU for tests) in place."""
+def accelerate_refiner(refiner: Any, settings: Any) -> Accelerator:
+    """The refiner's UNet gets the base's ``COMPILE`` (at the same warm-up sizes, batches and guidance), so a refiner
+    job's refining steps are compiled too. The VAE and the second text encoder are the base's: already set up, so
+    ``COMPILE_VAE`` and ``VAE_DTYPE`` are not applied twice. ``QUANTIZE`` stays with the base UNet."""
+    options = replace(options_from_settings(settings), compile_vae=False, vae_dtype=None, quantize="off")
+    accelerator = apply_speedups(refiner, options, refiner=True)
+    accelerator.warm_up()
+    log.info("refiner speed-ups active: %s", json.dumps(accelerator.describe()))
+    return accelerator
+
+
+def apply_speedups(pipe: Any, options: SpeedupOptions, refiner: bool = False) -> Accelerator:
+    """Apply ``options`` to ``pipe`` (whole pipeline on one CUDA device, or CPU for tests) in place; ``refiner``:
+    ``pipe`` is the refiner, whose VAE is the base's (not fused or compiled again)."""
     applied: list[str] = []
     if options.compile == "aot":
         _check_aot(options)
@@ -272,7 +289,7 @@ def apply_speedups(pipe: Any, options: SpeedupOptions) -> Accelerator:
         # accelerate's offload hooks replace forward and move weights per call: neither layout nor compile holds.
         if options.compiles:
             log.warning("COMPILE is ignored: the pipeline uses CPU offload (OFFLOAD=none on a GPU that holds it)")
-        return Accelerator(pipe, replace(options, compile="off", compile_vae=False), applied)
+        return Accelerator(pipe, replace(options, compile="off", compile_vae=False), applied, refiner=refiner)
     if options.vae_dtype is not None:
         pipe.vae.to(VAE_DTYPES[options.vae_dtype])
         applied.append(f"vae_{options.vae_dtype}")
@@ -281,7 +298,7 @@ def apply_speedups(pipe: Any, options: SpeedupOptions) -> Accelerator:
         pipe.unet.to(memory_format=torch.channels_last)
         applied.append("channels_last_unet")
     if options.fuse_qkv:
-        pipe.fuse_qkv_projections(unet=True, vae=True)
+        pipe.fuse_qkv_projections(unet=True, vae=not refiner)
         applied.append("fused_qkv")
     if options.compiles:
         import torch._inductor.config as inductor_config
@@ -310,7 +327,7 @@ def apply_speedups(pipe: Any, options: SpeedupOptions) -> Accelerator:
     if options.compile_vae:
         pipe.vae.decoder.compile(**compile_kwargs)
         applied.append(f"compile_vae_decoder:{options.compile_mode}")
-    return Accelerator(pipe, options, applied, aot)
+    return Accelerator(pipe, options, applied, aot, refiner=refiner)
 
 
 def _check_aot(options: SpeedupOptions) -> None:
@@ -379,6 +396,39 @@ def _run_dummy_generation(
         ).images
         vae = pipe.vae
         vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)
+    finally:
+        pipe.scheduler = scheduler
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _run_dummy_refinement(
+    pipe: Any, width: int, height: int, batch: int, steps: int, device: torch.device, cfg: bool = True
+) -> None:
+    """One short refiner call as the engine makes it (:meth:`worker.generation.stages.StageRunner.refine`): img2img
+    from latents of a ``width`` x ``height`` image, the refiner's prompt embeddings, aesthetic-score conditioning."""
+    from diffusers.schedulers import EulerDiscreteScheduler
+
+    dtype = pipe.text_encoder_2.dtype
+    embeds = torch.zeros(batch, 77, pipe.unet.config.cross_attention_dim, dtype=dtype, device=device)
+    pooled_embeds = torch.zeros(batch, pipe.text_encoder_2.config.projection_dim, dtype=dtype, device=device)
+    latents = torch.zeros(batch, pipe.unet.config.in_channels, height // 8, width // 8, dtype=dtype, device=device)
+    scheduler = pipe.scheduler
+    pipe.scheduler = EulerDiscreteScheduler.from_config(scheduler.config)
+    try:
+        pipe(
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled_embeds,
+            negative_prompt_embeds=embeds,
+            negative_pooled_prompt_embeds=pooled_embeds,
+            image=latents,
+            strength=1.0,
+            num_inference_steps=steps,
+            guidance_scale=5.0 if cfg else 0.0,
+            generator=torch.Generator("cpu").manual_seed(0),
+            output_type="latent",
+        )
     finally:
         pipe.scheduler = scheduler
     if device.type == "cuda":

@@ -27,7 +27,7 @@ from model_build.dev_model import DEV_MODEL_NOTICE
 from worker.adapters.controlnet.manager import ControlNetManager
 from worker.adapters.ip_adapter.manager import IpAdapterManager
 from worker.adapters.lora.manager import AppliedLora
-from worker.generation.acceleration import accelerate
+from worker.generation.acceleration import accelerate, accelerate_refiner
 from worker.generation.conditioning import Embeddings, Stage
 from worker.generation.decode import decode_latents
 from worker.generation.grouping import group_key
@@ -92,6 +92,12 @@ class Engine:
         self.img2img, self.inpaint = model.img2img, model.inpaint  # the base's modules under the other loops
         self.placement, self.plan = model.placement, model.placement.plan
         self.accelerator = accelerate(self.pipe, self.settings)  # COMPILE etc.: compiles now, never in a job
+        # The refiner's UNet too, where the whole refiner stays on the device (offloaded models compile nothing).
+        self.refiner_accelerator = (
+            accelerate_refiner(self.refiner, self.settings)
+            if self.refiner is not None and self.plan.offload == "none"
+            else None
+        )
         clock.lap("compile_s")
         self.facts = ServingFacts(
             self.model_name,
