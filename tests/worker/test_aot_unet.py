@@ -400,3 +400,25 @@ def test_the_refiner_gets_its_own_package_and_a_refiner_job_runs_compiled(
     assert refiner.packaged_calls - before[0] == 2 and refiner.eager_calls == before[1]  # 4 steps at strength 0.5
     assert np.abs(image - run_engine(eager, **job)).max() <= 2
     assert eager.refiner_accelerator.aot is None  # COMPILE=off: nothing packaged
+
+
+def test_a_refiner_that_fails_to_compile_serves_eagerly_and_leaves_the_base_compiled(
+    engines: SimpleNamespace, dev_refiner_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.generation import acceleration
+
+    def broken_warm_up(*args, **kwargs):
+        raise RuntimeError("the refiner's compile failed (simulated)")
+
+    monkeypatch.setattr(acceleration, "_run_dummy_refinement", broken_warm_up)
+    engine = Engine(engines.model, refiner_dir=dev_refiner_dir, settings=aot_settings(engines.cache, engines.loras))
+    refiner = engine.refiner_accelerator
+    assert "simulated" in refiner.report.error and refiner.aot.disabled
+    assert engine.accelerator.report.error is None
+    base_before = counts(engine)
+    plain = run_engine(engine, refiner=False)
+    assert counts(engine)[0] - base_before[0] == JOB["num_inference_steps"]  # the base still runs its package
+    assert np.abs(plain - run_engine(engines.eager)).max() <= 2
+    before = refiner.aot.eager_calls
+    run_engine(engine, refiner_inference_steps=4, strength=0.5)
+    assert refiner.aot.eager_calls - before == 2 and refiner.aot.packaged_calls == 0

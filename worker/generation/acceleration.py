@@ -255,13 +255,19 @@ def accelerate(pipe: Any, settings: Any) -> Accelerator:
     return accelerator
 
 
-def accelerate_refiner(refiner: Any, settings: Any) -> Accelerator:
+def accelerate_refiner(refiner: Any, settings: Any, base: Accelerator) -> Accelerator:
     """The refiner's UNet gets the base's ``COMPILE`` (at the same warm-up sizes, batches and guidance), so a refiner
     job's refining steps are compiled too. The VAE and the second text encoder are the base's: already set up, so
-    ``COMPILE_VAE`` and ``VAE_DTYPE`` are not applied twice. ``QUANTIZE`` stays with the base UNet."""
+    ``COMPILE_VAE`` and ``VAE_DTYPE`` are not applied twice. ``QUANTIZE`` stays with the base UNet.
+
+    A refiner whose compile fails serves eagerly without taking the base's compiled code with it: the warm-up's
+    failure path makes every Dynamo-compiled module eager, so the base's freeze is put back (a failed compile leaves
+    no compiled code behind for the refiner, which then runs its own forward)."""
     options = replace(options_from_settings(settings), compile_vae=False, vae_dtype=None, quantize="off")
     accelerator = apply_speedups(refiner, options, refiner=True)
-    accelerator.warm_up()
+    report = accelerator.warm_up()
+    if report.error is not None and base.options.compiles and base.report is not None and base.report.error is None:
+        torch.compiler.set_stance("eager_on_recompile")
     log.info("refiner speed-ups active: %s", json.dumps(accelerator.describe()))
     return accelerator
 
@@ -301,10 +307,16 @@ def apply_speedups(pipe: Any, options: SpeedupOptions, refiner: bool = False) ->
         pipe.fuse_qkv_projections(unet=True, vae=not refiner)
         applied.append("fused_qkv")
     if options.compiles:
+        import torch._dynamo.config as dynamo_config
         import torch._inductor.config as inductor_config
 
         # 1x1 convolutions as matmuls: the UNet's proj_in/proj_out and shortcut convs get Triton/cuBLAS GEMMs.
         inductor_config.conv_1x1_as_mm = True
+        # Dynamo keeps at most recompile_limit (8) compiled variants per code object, and the base's and the
+        # refiner's UNets (their transformer blocks, regionally) share theirs: room for every warm-up shape of
+        # both, with margin. After the warm-up nothing compiles (the frozen stance), so the room cannot be misused.
+        room = 8 * 2 * len(options.warmup_calls())
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, room)
     compile_kwargs = {"fullgraph": True, "dynamic": False, "mode": _mode_argument(options.compile_mode)}
     if options.compile == "unet":
         unet = pipe.unet

@@ -94,7 +94,7 @@ class Engine:
         self.accelerator = accelerate(self.pipe, self.settings)  # COMPILE etc.: compiles now, never in a job
         # The refiner's UNet too, where the whole refiner stays on the device (offloaded models compile nothing).
         self.refiner_accelerator = (
-            accelerate_refiner(self.refiner, self.settings)
+            accelerate_refiner(self.refiner, self.settings, self.accelerator)
             if self.refiner is not None and self.plan.offload == "none"
             else None
         )
