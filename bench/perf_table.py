@@ -136,13 +136,14 @@ def _speed_rows(lines: list[Line]) -> list[list[str]]:
                  "—", "—", f"`{source}`"]
             )  # fmt: skip
         for start in (r for r in mine if r.get("bench") == "cold_start" and "case" in r):
-            compiled = start["case"] != "off"
-            rows.append(
-                [f"process start to first image, engine_speed's own start (`{start['case']}`)",
-                 f"{start['process_start_to_first_image_s']:.1f} s", "—",
-                 TARGETS["start_compiled" if compiled else "start_plain"], f"`{source}`"]
-            )  # fmt: skip
+            label = f"process start to first image, engine_speed's own start (`{start['case']}`)"
+            seconds = f"{start['process_start_to_first_image_s']:.1f} s"
+            rows.append(_start_row(label, seconds, start["case"] != "off", source))
     return rows
+
+
+def _start_row(label: str, seconds: str, compiled: bool, source: str) -> list[str]:
+    return [label, seconds, "—", TARGETS["start_compiled" if compiled else "start_plain"], f"`{source}`"]
 
 
 def _start_rows(lines: list[Line]) -> list[list[str]]:
@@ -159,13 +160,9 @@ def _start_rows(lines: list[Line]) -> list[list[str]]:
         groups.setdefault((line.source, named or "COMPILE=off"), []).append(record["first_image_s"])
     rows = []
     for (source, named), seconds in groups.items():
-        compiled = named != "COMPILE=off"
-        values = " / ".join(f"{value:.1f}" for value in seconds)
-        rows.append(
-            [f"`python -m worker` start to first image, page cache dropped, {named}",
-             f"{values} s (median {statistics.median(seconds):.1f})", "—",
-             TARGETS["start_compiled" if compiled else "start_plain"], f"`{source}`"]
-        )  # fmt: skip
+        label = f"`python -m worker` start to first image, page cache dropped, {named}"
+        values = f"{' / '.join(f'{value:.1f}' for value in seconds)} s (median {statistics.median(seconds):.1f})"
+        rows.append(_start_row(label, values, named != "COMPILE=off", source))
     return rows
 
 

@@ -384,32 +384,9 @@ def _run_dummy_generation(
 ) -> None:
     """One short text-to-image call with the shapes and dtypes a real job of that size has, with classifier-free
     guidance (``cfg``: the UNet sees 2 x ``batch``) or without (guidance 0: ``batch``)."""
-    from diffusers.schedulers import EulerDiscreteScheduler
-
-    dtype = pipe.text_encoder_2.dtype
-    hidden = pipe.unet.config.cross_attention_dim
-    pooled = pipe.text_encoder_2.config.projection_dim
-    embeds = torch.zeros(batch, 77, hidden, dtype=dtype, device=device)
-    pooled_embeds = torch.zeros(batch, pooled, dtype=dtype, device=device)
-    scheduler = pipe.scheduler
-    pipe.scheduler = EulerDiscreteScheduler.from_config(scheduler.config)
-    try:
-        latents = pipe(
-            prompt_embeds=embeds,
-            pooled_prompt_embeds=pooled_embeds,
-            negative_prompt_embeds=embeds,
-            negative_pooled_prompt_embeds=pooled_embeds,
-            width=width,
-            height=height,
-            num_inference_steps=steps,
-            guidance_scale=5.0 if cfg else 0.0,
-            generator=torch.Generator("cpu").manual_seed(0),
-            output_type="latent",
-        ).images
-        vae = pipe.vae
-        vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)
-    finally:
-        pipe.scheduler = scheduler
+    latents = _run_dummy_call(pipe, width, height, batch, steps, device, cfg, {})
+    vae = pipe.vae
+    vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -419,32 +396,41 @@ def _run_dummy_refinement(
     pipe: Any, width: int, height: int, batch: int, steps: int, device: torch.device, cfg: bool = True
 ) -> None:
     """One short refiner call as the engine makes it (:meth:`worker.generation.stages.StageRunner.refine`): img2img
-    from latents of a ``width`` x ``height`` image, the refiner's prompt embeddings, aesthetic-score conditioning."""
+    from latents of a ``width`` x ``height`` image, the refiner's prompt embeddings, aesthetic-score conditioning.
+    No decode: the VAE is the base's, warmed with it."""
+    shape = (batch, pipe.unet.config.in_channels, height // 8, width // 8)
+    image = torch.zeros(shape, dtype=pipe.text_encoder_2.dtype, device=device)
+    _run_dummy_call(pipe, width, height, batch, steps, device, cfg, {"image": image, "strength": 1.0})
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_dummy_call(
+    pipe: Any, width: int, height: int, batch: int, steps: int, device: torch.device, cfg: bool, more: dict
+) -> torch.Tensor:
+    """``pipe`` called with zero prompt embeddings of its UNet's width, Euler, seed 0; its latents."""
     from diffusers.schedulers import EulerDiscreteScheduler
 
     dtype = pipe.text_encoder_2.dtype
     embeds = torch.zeros(batch, 77, pipe.unet.config.cross_attention_dim, dtype=dtype, device=device)
     pooled_embeds = torch.zeros(batch, pipe.text_encoder_2.config.projection_dim, dtype=dtype, device=device)
-    latents = torch.zeros(batch, pipe.unet.config.in_channels, height // 8, width // 8, dtype=dtype, device=device)
     scheduler = pipe.scheduler
     pipe.scheduler = EulerDiscreteScheduler.from_config(scheduler.config)
     try:
-        pipe(
+        return pipe(
             prompt_embeds=embeds,
             pooled_prompt_embeds=pooled_embeds,
             negative_prompt_embeds=embeds,
             negative_pooled_prompt_embeds=pooled_embeds,
-            image=latents,
-            strength=1.0,
+            **({"width": width, "height": height} if "image" not in more else {}),
+            **more,
             num_inference_steps=steps,
             guidance_scale=5.0 if cfg else 0.0,
             generator=torch.Generator("cpu").manual_seed(0),
             output_type="latent",
-        )
+        ).images
     finally:
         pipe.scheduler = scheduler
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # -- the persistent compile cache ------------------------------------------------------------------------------
