@@ -46,13 +46,12 @@ slowest = []
 if profiler:
     stats = pstats.Stats(profiler)
     rows = sorted(stats.stats.items(), key=lambda item: -item[1][3])[:40]  # by cumulative time
-    slowest = [[round(row[3], 2), f"{Path_name(key[0])}:{key[1]}({key[2]})"] for key, row in rows]
+    slowest = [[round(row[3], 2), f"{'/'.join(key[0].split('/')[-3:])}:{key[1]}({key[2]})"] for key, row in rows]
 print(json.dumps({"engine_ready_s": round(ready, 2), "phases": engine.startup_phases,
                   "warm_up_s": round(report.seconds, 2), "error": report.error, "packages": report.aot_packages,
                   "job_s": round(time.perf_counter() - job_started, 2),
                   "packaged_calls": aot.packaged_calls, "eager_calls": aot.eager_calls, "profile": slowest}))
 """
-CHILD = CHILD.replace("Path_name(key[0])", "'/'.join(key[0].split('/')[-3:])")
 
 
 def main() -> None:

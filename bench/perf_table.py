@@ -135,10 +135,10 @@ def _speed_rows(lines: list[Line]) -> list[list[str]]:
                  f"latents cosine {quality['latents_cosine']}, PSNR {quality['image']['psnr_db']:.1f} dB, {nan}{same}",
                  "—", "—", f"`{source}`"]
             )  # fmt: skip
-        for start in (r for r in mine if r.get("bench") == "cold_start" and "case" in r):
-            label = f"process start to first image, engine_speed's own start (`{start['case']}`)"
-            seconds = f"{start['process_start_to_first_image_s']:.1f} s"
-            rows.append(_start_row(label, seconds, start["case"] != "off", source))
+        for started in (r for r in mine if r.get("bench") == "cold_start" and "case" in r):
+            label = f"process start to first image, engine_speed's own start (`{started['case']}`)"
+            seconds = f"{started['process_start_to_first_image_s']:.1f} s"
+            rows.append(_start_row(label, seconds, started["case"] != "off", source))
     return rows
 
 

@@ -384,7 +384,7 @@ def _run_dummy_generation(
 ) -> None:
     """One short text-to-image call with the shapes and dtypes a real job of that size has, with classifier-free
     guidance (``cfg``: the UNet sees 2 x ``batch``) or without (guidance 0: ``batch``)."""
-    latents = _run_dummy_call(pipe, width, height, batch, steps, device, cfg, {})
+    latents = _run_dummy_call(pipe, batch, steps, device, cfg, width=width, height=height)
     vae = pipe.vae
     vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)
     if device.type == "cuda":
@@ -400,15 +400,16 @@ def _run_dummy_refinement(
     No decode: the VAE is the base's, warmed with it."""
     shape = (batch, pipe.unet.config.in_channels, height // 8, width // 8)
     image = torch.zeros(shape, dtype=pipe.text_encoder_2.dtype, device=device)
-    _run_dummy_call(pipe, width, height, batch, steps, device, cfg, {"image": image, "strength": 1.0})
+    _run_dummy_call(pipe, batch, steps, device, cfg, image=image, strength=1.0)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _run_dummy_call(
-    pipe: Any, width: int, height: int, batch: int, steps: int, device: torch.device, cfg: bool, more: dict
+    pipe: Any, batch: int, steps: int, device: torch.device, cfg: bool, **size_or_image: Any
 ) -> torch.Tensor:
-    """``pipe`` called with zero prompt embeddings of its UNet's width, Euler, seed 0; its latents."""
+    """``pipe`` called with zero prompt embeddings of its UNet's width, Euler, seed 0, and ``size_or_image`` (width
+    and height for text to image, the latents and strength for img2img); its latents."""
     from diffusers.schedulers import EulerDiscreteScheduler
 
     dtype = pipe.text_encoder_2.dtype
@@ -422,8 +423,7 @@ def _run_dummy_call(
             pooled_prompt_embeds=pooled_embeds,
             negative_prompt_embeds=embeds,
             negative_pooled_prompt_embeds=pooled_embeds,
-            **({"width": width, "height": height} if "image" not in more else {}),
-            **more,
+            **size_or_image,
             num_inference_steps=steps,
             guidance_scale=5.0 if cfg else 0.0,
             generator=torch.Generator("cpu").manual_seed(0),
