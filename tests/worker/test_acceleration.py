@@ -153,3 +153,26 @@ def test_warmup_guidance_chooses_the_unet_batches_compiled(pipe) -> None:
     finally:
         hook.remove()
     assert unet_batches == [2, 1, 4, 2]
+
+
+def test_regional_compile_reaches_the_refiner_and_its_job_needs_no_new_graph(
+    dev_model_dir: Path, dev_refiner_dir: Path, tmp_path: Path
+) -> None:
+    """COMPILE=regional (seconds on the CPU) on a worker with a refiner: the refiner's transformer blocks are compiled
+    at the warm-up shape, and a refiner job there runs them under ``fail_on_recompile``, which raises if any call
+    would need code that was not compiled at start-up. COMPILE=aot's refiner package: tests/worker/test_aot_unet.py."""
+    from worker.generation.engine import Engine
+    from worker.request.schema import GenerationRequest
+
+    settings = load_settings({"COMPILE": "regional", "WARMUP_SIZES": "64x64", "COMPILE_CACHE_DIR": str(tmp_path)})
+    engine = Engine(dev_model_dir, refiner_dir=dev_refiner_dir, settings=settings)
+    refiner = engine.refiner_accelerator
+    assert refiner.applied == ["compile_regional:default"] and refiner.frozen
+    assert refiner.report.error is None and refiner.report.graphs_compiled > 0
+    job = GenerationRequest(prompt="a lighthouse", width=64, height=64, num_inference_steps=3, seed=7, strength=0.5)
+    try:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            result = engine.generate(job.model_copy(update={"refiner_inference_steps": 4}))
+    finally:
+        engine.accelerator.freeze()  # the process-wide stance the worker serves with
+    assert result.images and engine.uses_refiner(job)
