@@ -17,7 +17,7 @@ One process, one pipeline, the variants (``--variants``) applied to the same UNe
   latents cosine, final-image (fp32 VAE decode, 8-bit) PSNR and max abs diff, NaN check; ``repeat``: the FP8
   run twice gives identical latents.
 - ``unet_batch``: ms per step and per image at ``--batch-sizes`` for ``--batch-variants`` (one recompile each).
-- ``kernels``: the top CUDA kernels of the ``--profile`` variants (which GEMM runs, what quantisation costs).
+- ``kernels``: the CUDA kernels of the ``--profile`` variants by kind and the top ones (``bench/kernels.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import jsonlines  # noqa: E402
 from bench.engine_speed import unet_inputs  # noqa: E402
 from bench.jsonlines import emit, time_left  # noqa: E402
+from bench.kernels import kernel_profile  # noqa: E402
 from worker.generation.fp8 import Fp8Linear, disable_fp8, enable_fp8, fp8_layers, quantize_rows  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dawn, oil painting, dramatic sky"
@@ -316,32 +317,8 @@ def batch_steps(pipe: Any, args: argparse.Namespace, state: dict) -> None:
 
 
 def profile(unet: Any, inputs: dict[str, Any], name: str) -> None:
-    if not torch.cuda.is_available():
-        return
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    with torch.no_grad(), torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            unet(**inputs)
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    total = sum(e.self_device_time_total for e in events) or 1.0
-    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:12]
-    emit(
-        bench="kernels",
-        variant=name,
-        cuda_ms_per_step=round(total / 3 / 1000, 2),
-        top=[
-            {
-                "kernel": e.key[:80],
-                "ms_per_step": round(e.self_device_time_total / 3 / 1000, 3),
-                "share": round(e.self_device_time_total / total, 3),
-                "calls_per_step": e.count // 3,
-            }
-            for e in top
-        ],
-    )
+    if torch.cuda.is_available():
+        emit(bench="kernels", variant=name, **kernel_profile(lambda: unet(**inputs)))
 
 
 def main() -> None:
