@@ -277,7 +277,7 @@ class Settings:
         "COMPILE_MODE",
         "default",
         _choice("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"),
-        "torch.compile mode (reduce-overhead adds CUDA graphs; aot takes default or max-autotune-no-cudagraphs)",
+        "torch.compile mode (reduce-overhead adds CUDA graphs, with COMPILE=aot too: captured around each package)",
     )
     compile_vae: bool = _setting("COMPILE_VAE", "0", _flag, "1 also compiles the VAE decoder")
     quantize: str = _setting(

@@ -23,7 +23,9 @@ What each option does and why it is safe:
 - ``compile``: ``"unet"`` compiles the whole UNet forward (fullgraph, static shapes); ``"regional"``
   compiles only its repeated transformer blocks (diffusers' ``compile_repeated_blocks``): far shorter
   compile, a smaller gain; ``"aot"`` compiles the whole UNet ahead of time with AOTInductor into packages
-  kept in the cache folder, which a warm start loads without tracing (:mod:`worker.generation.aot_unet`).
+  kept in the cache folder, which a warm start loads without tracing (:mod:`worker.generation.aot_unet`);
+  its ``compile_mode`` splits in two: ``max-autotune*`` autotunes the package's kernels when it is built,
+  ``reduce-overhead`` and ``max-autotune`` replay each package call from a CUDA graph.
   ``compile_vae`` compiles the VAE decoder too.
 - ``quantize``: ``"fp8"`` runs the UNet's transformer linears in float8 (:mod:`worker.generation.fp8`; compute
   capability 8.9+, refused with a configuration error elsewhere). The weights stay 16-bit parameters and
@@ -65,7 +67,6 @@ log = logging.getLogger(__name__)
 
 COMPILE_TARGETS = ("off", "unet", "regional", "aot")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
-AOT_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # AOTInductor runs no CUDA graphs
 QUANTIZE_MODES = ("off", "fp8")
 WARMUP_GUIDANCE = ("cfg", "none", "both")
 VAE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -333,7 +334,9 @@ def apply_speedups(pipe: Any, options: SpeedupOptions, refiner: bool = False) ->
             pipe.unet,
             None if options.cache_dir is None else Path(options.cache_dir) / "aot",
             _aot_options_digest(pipe, options),
-            {"conv_1x1_as_mm": True, "max_autotune": options.compile_mode == "max-autotune-no-cudagraphs"},
+            # The mode's two halves: autotuning is compiled into the package, CUDA graphs are captured around it.
+            {"conv_1x1_as_mm": True, "max_autotune": options.compile_mode.startswith("max-autotune")},
+            cuda_graphs=options.compile_mode in ("reduce-overhead", "max-autotune"),
         )
         applied.append(f"compile_unet_aot:{options.compile_mode}")
     if options.compile_vae:
@@ -343,11 +346,6 @@ def apply_speedups(pipe: Any, options: SpeedupOptions, refiner: bool = False) ->
 
 
 def _check_aot(options: SpeedupOptions) -> None:
-    if options.compile_mode not in AOT_COMPILE_MODES:
-        raise ConfigurationError(
-            f"COMPILE=aot with COMPILE_MODE={options.compile_mode}: AOTInductor packages run without CUDA graphs; "
-            f"use COMPILE_MODE={' or '.join(AOT_COMPILE_MODES)}, or COMPILE=unet for {options.compile_mode}"
-        )
     if options.quantize != "off":
         raise ConfigurationError(
             f"COMPILE=aot with QUANTIZE={options.quantize} is not supported: use QUANTIZE=off, or COMPILE=unet"
