@@ -20,8 +20,8 @@ per call, PIL's default PNG), this engine is :class:`worker.handler.Worker` with
 - ``quality``: engine against stock for the same seed: cosine of latents, max abs diff and PSNR of the
   final 8-bit image, NaN check; ``determinism``: identical requests give identical bytes.
 - ``other_shape``: a shape that was not warmed up runs (eagerly) without compiling anything.
-- ``end_to_end`` / ``quality`` / ``throughput`` with ``engine`` "tuned diffusers" (``--peer``): stock diffusers
-  tuned by its own speed guide and compiled (``--peer-mode``), with its time to the first image; last in the run.
+- ``--peer``: ``bench/tuned_peer.py``'s lines (stock diffusers tuned by its own speed guide and compiled, with its
+  time to the first image, against stock in that process); last in the run.
 - ``cold_start`` (``--cold-start off,cache,regional,regional-cache``): a fresh process from start to its first
   image, with the engine's compilation off, with the compile cache this run saved (in an empty local Inductor
   cache; with ``--compile aot``, the AOTInductor packages it built), with regional compilation from nothing, and
@@ -547,109 +547,23 @@ def aot_cuda_graph(unet: Any, recorded: dict[str, Any], repeats: int) -> None:
 
 # -- the tuned-diffusers peer -------------------------------------------------------------------------------------
 
-# diffusers' speed guide for SDXL ("Accelerate inference", docs/source/en/optimization/fp16.md; formerly
-# tutorials/fast_diffusion.md): bf16, fused QKV, channels_last, these Inductor flags, UNet and VAE decode compiled
-# with fullgraph=True. The guide says mode="max-autotune"; --peer-mode picks (issue 23 asks for "default").
-GUIDE_INDUCTOR_FLAGS = {
-    "conv_1x1_as_mm": True,
-    "coordinate_descent_tuning": True,
-    "epilogue_fusion": False,
-    "coordinate_descent_check_all_directions": True,
-}
 
-
-def run_tuned_peer(args: argparse.Namespace, model_dir: Path, reference: dict[str, Any], device: str) -> None:
-    """The user who tunes stock diffusers by its own guide: time to the first image (it compiles), then the
-    end-to-end and throughput figures as for stock. Runs last (it sets Inductor's global flags); a watchdog prints
-    how long it waited when the compile outlasts the deadline, so the call still returns that fact."""
-    import threading
-
-    import torch._inductor.config as inductor_config
-    from diffusers import StableDiffusionXLPipeline
-
-    from worker.generation.schedulers import build_scheduler
-
-    if time_left() < 60:
+def tuned_peer(args: argparse.Namespace, model_dir: Path) -> None:
+    """bench/tuned_peer.py in a process of its own (this one's Dynamo stance and Inductor flags are the engine's),
+    its lines relayed: stock and the tuned peer in that one process."""
+    if time_left() < 90:
         emit(bench="skipped", what="tuned peer", reason="deadline")
         return
-    started = time.perf_counter()
-    phase = {"now": "load"}
-
-    def give_up() -> None:
-        emit(
-            bench="peer",
-            peer="tuned diffusers",
-            mode=args.peer_mode,
-            outcome=f"no first image within {time.perf_counter() - started:.0f} s (deadline), still in {phase['now']}",
-        )
-        os._exit(0)
-
-    watchdog = threading.Timer(max(5.0, time_left() - 5), give_up)
-    watchdog.daemon = True
-    watchdog.start()
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=torch.bfloat16).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.fuse_qkv_projections()
-    pipe.unet.to(memory_format=torch.channels_last)
-    pipe.vae.to(memory_format=torch.channels_last)
-    for name, value in GUIDE_INDUCTOR_FLAGS.items():
-        setattr(inductor_config, name, value)
-    pipe.unet = torch.compile(pipe.unet, mode=args.peer_mode, fullgraph=True)
-    pipe.vae.decode = torch.compile(pipe.vae.decode, mode=args.peer_mode, fullgraph=True)
-    scheduler_config = dict(pipe.scheduler.config)
-    loaded_s = time.perf_counter() - started
-
-    def call(num_images: int = 1, num_steps: int = args.steps, output_type: str = "pil") -> Any:
-        pipe.scheduler = build_scheduler(args.scheduler, scheduler_config)
-        return pipe(
-            prompt=PROMPT,
-            negative_prompt=NEGATIVE,
-            width=args.size,
-            height=args.size,
-            num_inference_steps=num_steps,
-            num_images_per_prompt=num_images,
-            guidance_scale=GUIDANCE,
-            generator=torch.Generator("cpu").manual_seed(SEED),
-            output_type=output_type,
-        ).images
-
-    phase["now"] = "the first image (compiling)"
-    first = time.perf_counter()
-    image = call()[0]
-    sync()
-    first_image_s = time.perf_counter() - first
-    phase["now"] = "measuring"
-    reset_peak()
-    times = timed(lambda: png_base64(call()[0]), args.repeats, warmup=0)
-    emit(
-        bench="end_to_end",
-        engine="tuned diffusers",
-        mode=args.peer_mode,
-        inductor_flags=GUIDE_INDUCTOR_FLAGS,
-        size=args.size,
-        steps=args.steps,
-        batch=1,
-        **summary(times),
-        load_s=round(loaded_s, 2),
-        first_image_s=round(first_image_s, 2),
-        peak_gpu_gib=peak_gib(),
-    )
-    latents = call(output_type="latent").float().cpu()
-    emit(
-        bench="quality",
-        engine="tuned diffusers",
-        against="stock diffusers, same seed",
-        latents_cosine=cosine(latents, reference["latents"]),
-        latents_nan=bool(torch.isnan(latents).any()),
-        image=compare_images(image, reference["image"]),
-    )
-    # Batch 1 only: another batch size is another shape, which the peer would compile for minutes again.
-    throughput(
-        argparse.Namespace(**{**vars(args), "batch_sizes": [1]}),
-        "tuned diffusers",
-        lambda n: call(n, args.throughput_steps),
-    )
-    watchdog.cancel()
+    command = [sys.executable, str(Path(__file__).with_name("tuned_peer.py")), "--model-dir", str(model_dir)]
+    command += ["--size", str(args.size), "--steps", str(args.steps), "--throughput-steps", str(args.throughput_steps)]
+    command += ["--repeats", str(args.repeats), "--mode", args.peer_mode, "--deadline", str(int(time_left() - 15))]
+    command += ["--scheduler", args.scheduler]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=max(60, time_left()))
+    for line in result.stdout.splitlines():
+        if line.startswith("{"):
+            emit(**json.loads(line), process="tuned_peer.py")
+    if result.returncode != 0:
+        emit(bench="peer", exit_code=result.returncode, stderr_tail=result.stderr[-1500:])
 
 
 # -- cold start --------------------------------------------------------------------------------------------------
@@ -872,8 +786,8 @@ def main(argv: list[str] | None = None) -> None:
         run_engine(args, model_dir, reference, device)
         save_cache_copy(args)
     cold_starts(args, model_dir)
-    if args.peer and not args.skip_stock:
-        run_tuned_peer(args, model_dir, reference, device)
+    if args.peer:
+        tuned_peer(args, model_dir)
     emit(bench="done", seconds=round(time.perf_counter() - PROCESS_STARTED, 1))
 
 
