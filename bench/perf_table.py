@@ -61,11 +61,19 @@ def render(files: list[Path]) -> str:
         "| --- | --- | --- | --- | --- |",
         *(f"| {' | '.join(row)} |" for row in rows),
     ]
+    peers = _peer_rows(lines)
+    if peers:
+        table += [
+            "",
+            "| peer | load | first image (compiles) | 1024², 30 steps | stock diffusers, same run | from |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *(f"| {' | '.join(row)} |" for row in peers),
+        ]
     return "\n".join([*_preface(lines), "", *table])
 
 
 def _preface(lines: list[Line]) -> list[str]:
-    configs = [line for line in lines if line.record.get("bench") == "config"]
+    configs = [line for line in lines if line.record.get("bench") == "config" and "script" not in line.record]
     starts = [line for line in lines if line.record.get("bench") == "engine_start"]
     said = []
     for config, start in zip(configs, starts, strict=False):
@@ -81,7 +89,10 @@ def _preface(lines: list[Line]) -> list[str]:
 def _speed_rows(lines: list[Line]) -> list[list[str]]:
     rows = []
     for source in dict.fromkeys(line.source for line in lines if line.record.get("bench") == "end_to_end"):
-        mine = [line.record for line in lines if line.source == source]
+        # The peer's lines (engine_speed --peer relays bench/tuned_peer.py's) have their own table.
+        mine = [line.record for line in lines if line.source == source and "process" not in line.record]
+        if _one(mine, bench="config", script="tuned_peer"):
+            continue
         this = _one(mine, bench="end_to_end", engine="this")
         stock = _one(mine, bench="end_to_end", engine="stock")
         if this and stock:
@@ -123,7 +134,7 @@ def _speed_rows(lines: list[Line]) -> list[list[str]]:
                 ["peak GPU memory, batch 1 / largest", f"{this['peak_gpu_gib']:.1f} / {peak['gib']:.1f} GiB",
                  f"{stock['peak_gpu_gib']:.1f} / {stock_peak:.1f} GiB", "—", f"`{source}`"]
             )  # fmt: skip
-        quality = _one(mine, bench="quality")
+        quality = _one([r for r in mine if r.get("engine", "this") == "this"], bench="quality")
         determinism = _one(mine, bench="determinism")
         if quality:
             nan = "NaN in the latents" if quality["latents_nan"] else "no NaN"
@@ -156,13 +167,34 @@ def _start_rows(lines: list[Line]) -> list[list[str]]:
         if record.get("page_cache") != "all" or record.get("exit_code") != 0:
             continue
         settings = record.get("settings") or {}
-        named = ", ".join(f"{key}={value}" for key, value in sorted(settings.items()) if key == "COMPILE")
+        named = ", ".join(f"{key}={value}" for key, value in sorted(settings.items()) if key.startswith("COMPILE_M"))
+        named = ", ".join(filter(None, [f"COMPILE={settings['COMPILE']}" if "COMPILE" in settings else "", named]))
         groups.setdefault((line.source, named or "COMPILE=off"), []).append(record["first_image_s"])
     rows = []
     for (source, named), seconds in groups.items():
         label = f"`python -m worker` start to first image, page cache dropped, {named}"
         values = f"{' / '.join(f'{value:.1f}' for value in seconds)} s (median {statistics.median(seconds):.1f})"
         rows.append(_start_row(label, values, named != "COMPILE=off", source))
+    return rows
+
+
+def _peer_rows(lines: list[Line]) -> list[list[str]]:
+    """``bench/tuned_peer.py``'s peer (diffusers tuned by its own guide), with stock from its own process."""
+    rows = []
+    for source in dict.fromkeys(line.source for line in lines):
+        mine = [line.record for line in lines if line.source == source]
+        peer = _one(mine, bench="end_to_end", engine="tuned diffusers")
+        stock = _one(mine, bench="end_to_end", engine="stock")
+        if not (peer and _one(mine, bench="config", script="tuned_peer")):
+            continue
+        label = f"diffusers tuned by its guide, `torch.compile` mode {peer['mode']}"
+        stock_s = f"{stock['median_s']:.2f} s" if stock else "—"
+        if "median_s" in peer:
+            ratio = f" ({stock['median_s'] / peer['median_s']:.2f}×)" if stock else ""
+            rows.append([label, f"{peer['load_s']:.1f} s", f"{peer['first_image_s']:.1f} s",
+                         f"{peer['median_s']:.2f} s{ratio}", stock_s, f"`{source}`"])  # fmt: skip
+        else:
+            rows.append([label, "—", f"{peer['outcome']}, still {peer['still']}", "—", stock_s, f"`{source}`"])
     return rows
 
 
