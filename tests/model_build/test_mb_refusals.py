@@ -244,12 +244,15 @@ def test_a_safetensors_file_whose_first_byte_is_0x80_is_a_checkpoint(dev_tensors
     # The first byte is the low byte of the header length (headers are padded to 8 bytes): 0x80 in about one
     # safetensors file in 32. It is a pickle's first byte too, but the header decides, not that byte. `inspect`
     # runs every check a conversion runs before it reads tensor data (the only place the first byte mattered).
-    for pad in range(300):
-        path = write_checkpoint(dev_tensors, metadata={"padding": "x" * pad})
-        if path.read_bytes()[:1] == b"\x80":
-            break
-    else:
-        pytest.fail("no padding gives a header length whose low byte is 0x80")
+    # The header is JSON padded with spaces to a multiple of 8: from its unpadded length with an empty "padding"
+    # value, the one padding that makes the low byte 0x80 is computed, and the file written once more.
+    path = write_checkpoint(dev_tensors, metadata={"padding": ""})
+    with path.open("rb") as file:
+        header = file.read(int.from_bytes(file.read(8), "little"))
+    unpadded = len(header.rstrip(b" "))
+    pad = next(pad for pad in range(256) if -(-(unpadded + pad) // 8) * 8 % 256 == 0x80)
+    path = write_checkpoint(dev_tensors, metadata={"padding": "x" * pad})
+    assert path.read_bytes()[:1] == b"\x80"
     assert main(["inspect", str(path)]) == 0
     assert capsys.readouterr().out.startswith(f"{path.name}: SDXL base checkpoint, config dev_tiny")
 

@@ -156,36 +156,22 @@ def test_processors_put_back_without_a_hook_serve_the_package_from_the_next_job(
 def test_a_second_start_loads_the_package_without_building(
     engines: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Also with COMPILE_MODE=reduce-overhead: CUDA graphs are captured around a package, not compiled into it, so
+    that start loads the default mode's package. On the CPU its record says why no graph runs; the capture itself
+    needs a GPU (the bench's `end_to_end` with --compile aot --compile-mode reduce-overhead, bench/results)."""
+
     def no_build(*args, **kwargs):
         raise AssertionError("a second start must not build")
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_build)
     monkeypatch.setattr(torch.export, "export", no_build)
-    second = Engine(engines.model, settings=aot_settings(engines.cache, engines.loras))
+    first = engines.aot.accelerator.report.aot_packages[0]
+    assert first["cuda_graph"] == "off"  # COMPILE_MODE=default
+    second = Engine(engines.model, settings=aot_settings(engines.cache, engines.loras, COMPILE_MODE="reduce-overhead"))
     (package,) = second.accelerator.report.aot_packages
     assert second.accelerator.report.error is None and package["hit"] and package["agreement"] >= 0.999
-    assert package["cuda_graph"] == "off"
+    assert package["key"] == first["key"] and package["cuda_graph"] == "not on cpu"
     assert np.abs(run_engine(second) - run_engine(engines.eager)).max() <= 2
-
-
-def test_cuda_graph_mode_reuses_the_package_and_says_where_no_graph_runs(
-    engines: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """CUDA graphs are captured around a package, not compiled into it: COMPILE_MODE=reduce-overhead loads the
-    default mode's package. On the CPU the record says why no graph runs; the capture itself needs a GPU (the
-    bench's `end_to_end` with --compile aot --compile-mode reduce-overhead, bench/results)."""
-    first = engines.aot.accelerator.report.aot_packages[0]
-    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", _no_build)
-    engine = Engine(engines.model, settings=aot_settings(engines.cache, engines.loras, COMPILE_MODE="reduce-overhead"))
-    (package,) = engine.accelerator.report.aot_packages
-    assert engine.accelerator.report.error is None
-    assert package["key"] == first["key"] and package["hit"]
-    assert package["cuda_graph"] == "not on cpu"
-    assert np.abs(run_engine(engine) - run_engine(engines.eager)).max() <= 2
-
-
-def _no_build(*args, **kwargs):
-    raise AssertionError("this start must load the package, not build one")
 
 
 def test_a_package_that_disagrees_with_the_eager_unet_never_serves(
