@@ -184,30 +184,38 @@ def record_unet_call(worker: Any, payload: dict[str, Any]) -> dict[str, Any]:
     return recorded
 
 
-def run_stock(args: argparse.Namespace, model_dir: Path, device: str, dtype: torch.dtype) -> dict[str, Any]:
-    """Every stock figure, then the stock references for the quality comparison."""
-    from diffusers import StableDiffusionXLPipeline
-
+def pipeline_call(pipe: Any, args: argparse.Namespace) -> Any:
+    """``call(num_images, num_steps, output_type)``: ``pipe`` as a plain user calls it, with this bench's prompt,
+    size, guidance, seed and a fresh ``--scheduler`` each time (stock and the tuned peer)."""
     from worker.generation.schedulers import build_scheduler
 
-    stock = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=dtype).to(device)
-    stock.set_progress_bar_config(disable=True)
-    scheduler_config = dict(stock.scheduler.config)
-    size, steps = args.size, args.steps
+    scheduler_config = dict(pipe.scheduler.config)
 
-    def call(num_images: int = 1, num_steps: int = steps, output_type: str = "pil") -> Any:
-        stock.scheduler = build_scheduler(args.scheduler, scheduler_config)
-        return stock(
+    def call(num_images: int = 1, num_steps: int = args.steps, output_type: str = "pil") -> Any:
+        pipe.scheduler = build_scheduler(args.scheduler, scheduler_config)
+        return pipe(
             prompt=PROMPT,
             negative_prompt=NEGATIVE,
-            width=size,
-            height=size,
+            width=args.size,
+            height=args.size,
             num_inference_steps=num_steps,
             num_images_per_prompt=num_images,
             guidance_scale=GUIDANCE,
             generator=torch.Generator("cpu").manual_seed(SEED),
             output_type=output_type,
         ).images
+
+    return call
+
+
+def run_stock(args: argparse.Namespace, model_dir: Path, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Every stock figure, then the stock references for the quality comparison."""
+    from diffusers import StableDiffusionXLPipeline
+
+    stock = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=dtype).to(device)
+    stock.set_progress_bar_config(disable=True)
+    call = pipeline_call(stock, args)
+    size, steps = args.size, args.steps
 
     reset_peak()
     times = timed(lambda: png_base64(call()[0]), args.repeats)
@@ -487,11 +495,12 @@ def milliseconds(times: list[float]) -> dict[str, float]:
 
 
 def aot_cuda_graph(unet: Any, recorded: dict[str, Any], repeats: int) -> None:
-    """Would a CUDA graph around the AOT package's call pay? Its replay against the plain call, same inputs.
+    """The AOT package's call replayed from its CUDA graph against the plain call, same inputs, same process.
 
-    An experiment, not the worker's code path: the package's kernels are captured once into a graph whose
-    inputs are static buffers; the line gives both times and the outputs' agreement."""
-    from worker.generation.aot_unet import AotUNet, _key
+    The graph is the one the engine captured at its warm-up (``COMPILE_MODE=reduce-overhead``), or one captured here
+    by the worker's own function; with the default mode's runner that capture fails, and the line says why. A replay
+    includes the copies of the inputs in and of the output out, as a job's call does."""
+    from worker.generation.aot_unet import AotUNet, _capture_graph, _first, _key
 
     aot = unet.forward
     if not isinstance(aot, AotUNet) or not aot.packages:
@@ -504,42 +513,29 @@ def aot_cuda_graph(unet: Any, recorded: dict[str, Any], repeats: int) -> None:
         emit(bench="aot_cuda_graph", skipped="the recorded call has no package")
         return
     try:
-        static = [tensor.clone() for tensor in inputs]
+        graphed = loaded.graphed or _capture_graph(loaded.model, inputs)
 
         def plain() -> torch.Tensor:
-            output = loaded.model(*static)
-            return output[0] if isinstance(output, (list, tuple)) else output
+            return _first(loaded.model(*inputs))
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(3):
-                plain()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph):
-            captured = plain()
+        def replay() -> torch.Tensor:
+            return graphed(*inputs)
+
         with torch.no_grad():
-            reference = plain().clone()
-            graph.replay()
+            reference, captured = plain().clone(), replay()
             sync()
             agreement = cosine(captured.float().cpu(), reference.float().cpu())
             identical = bool(torch.equal(captured, reference))
             plain_times = timed(plain, repeats, warmup=2)
-            graph_times = timed(graph.replay, repeats, warmup=2)
+            graph_times = timed(replay, repeats, warmup=2)
         emit(
             bench="aot_cuda_graph",
-            plain_ms={
-                "median": round(1000 * statistics.median(plain_times), 2),
-                "min": round(1000 * min(plain_times), 2),
-            },
-            graph_ms={
-                "median": round(1000 * statistics.median(graph_times), 2),
-                "min": round(1000 * min(graph_times), 2),
-            },
+            captured_by="engine" if loaded.graphed is not None else "bench",
+            plain_ms=milliseconds(plain_times),
+            graph_ms=milliseconds(graph_times),
             cosine=agreement,
             bit_identical=identical,
-            kernels_graph=kernel_profile(graph.replay, top=3),
+            kernels_graph=kernel_profile(replay, top=3),
         )
     except Exception as error:  # an experiment: its failure is a finding, not the end of the run
         emit(bench="aot_cuda_graph", error=f"{type(error).__name__}: {error}"[:600])

@@ -51,20 +51,17 @@ def kernel_profile(call: Callable[[], Any], calls: int = 3, top: int = 12) -> di
             if cuda:
                 torch.cuda.synchronize()
             wall = (time.perf_counter() - started) / calls
-    # On the CPU the operators' self times stand in for kernels (the dev model's figures are for checking only).
-    events = [
-        event
-        for event in prof.key_averages()
-        if (event.self_device_time_total if cuda else event.self_cpu_time_total) > 0
-    ]
 
     def self_us(event: Any) -> float:
+        # On the CPU the operators' self times stand in for kernels (the dev model's figures are for checking only).
         return float(event.self_device_time_total if cuda else event.self_cpu_time_total)
 
+    events = [event for event in prof.key_averages() if self_us(event) > 0]
     total = sum(self_us(event) for event in events) or 1.0
     by_kind: dict[str, float] = {}
     for event in events:
-        by_kind[kind_of(event.key)] = by_kind.get(kind_of(event.key), 0.0) + self_us(event)
+        kind = kind_of(event.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + self_us(event)
     largest = sorted(events, key=self_us, reverse=True)[:top]
     return {
         "device": "cuda" if cuda else "cpu",

@@ -31,17 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import jsonlines  # noqa: E402
 from bench.engine_speed import (  # noqa: E402
-    GUIDANCE,
-    NEGATIVE,
-    PROMPT,
-    SEED,
     compare_images,
     cosine,
     peak_gib,
+    pipeline_call,
     png_base64,
     reset_peak,
     summary,
     sync,
+    throughput,
     timed,
     unet_inputs,
 )
@@ -55,41 +53,17 @@ GUIDE_INDUCTOR_FLAGS = {
 }
 
 
-def pipeline_call(pipe: Any, args: argparse.Namespace, scheduler_config: dict[str, Any]) -> Any:
-    from worker.generation.schedulers import build_scheduler
-
-    def call(num_steps: int = args.steps, output_type: str = "pil") -> Any:
-        pipe.scheduler = build_scheduler(args.scheduler, scheduler_config)
-        return pipe(
-            prompt=PROMPT,
-            negative_prompt=NEGATIVE,
-            width=args.size,
-            height=args.size,
-            num_inference_steps=num_steps,
-            guidance_scale=GUIDANCE,
-            generator=torch.Generator("cpu").manual_seed(SEED),
-            output_type=output_type,
-        ).images
-
-    return call
-
-
 def run_stock(args: argparse.Namespace, device: str, dtype: torch.dtype) -> tuple[Any, dict[str, Any]]:
     from diffusers import StableDiffusionXLPipeline
 
     stock = StableDiffusionXLPipeline.from_pretrained(args.model_dir, dtype=dtype).to(device)
     stock.set_progress_bar_config(disable=True)
-    call = pipeline_call(stock, args, dict(stock.scheduler.config))
+    call = pipeline_call(stock, args)
     reset_peak()
     times = timed(lambda: png_base64(call()[0]), args.repeats)
     emit(bench="end_to_end", engine="stock", size=args.size, steps=args.steps, batch=1, **summary(times))
-    emit(bench="throughput", engine="stock", steps=args.throughput_steps, batch=1, **throughput(call, args))
+    throughput(args, "stock", lambda n: call(n, args.throughput_steps))
     return stock, {"image": call()[0], "latents": call(output_type="latent").float().cpu()}
-
-
-def throughput(call: Any, args: argparse.Namespace) -> dict[str, Any]:
-    seconds = timed(lambda: call(args.throughput_steps), 1)[0]
-    return {"images_per_s": round(1 / seconds, 3), "seconds_per_call": round(seconds, 3), "peak_gpu_gib": peak_gib()}
 
 
 def run_peer(args: argparse.Namespace, device: str, stock: Any, reference: dict[str, Any]) -> None:
@@ -123,7 +97,7 @@ def run_peer(args: argparse.Namespace, device: str, stock: Any, reference: dict[
     eager_unet = pipe.unet
     pipe.unet = torch.compile(pipe.unet, mode=args.mode, fullgraph=True)
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=args.mode, fullgraph=True)
-    call = pipeline_call(pipe, args, dict(pipe.scheduler.config))
+    call = pipeline_call(pipe, args)
     load_s = time.perf_counter() - started
 
     phase["now"] = "compiling (the first image)"
@@ -167,7 +141,7 @@ def run_peer(args: argparse.Namespace, device: str, stock: Any, reference: dict[
             "eager_vs_stock": cosine(eager_step, stock_step),
         },
     )
-    emit(bench="throughput", engine="tuned diffusers", steps=args.throughput_steps, batch=1, **throughput(call, args))
+    throughput(args, "tuned diffusers", lambda n: call(n, args.throughput_steps))
     watchdog.cancel()
 
 
@@ -182,7 +156,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mode", default="default", help="the peer's torch.compile mode (the guide: max-autotune)")
     parser.add_argument("--deadline", type=float, default=570, help="seconds from the start; the watchdog's")
     parser.add_argument("--out-dir", help="also write the JSON lines here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # engine_speed's throughput figure, at batch 1 only: another batch size would make the peer compile again.
+    args.batch_sizes, args.throughput_repeats = [1], 1
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

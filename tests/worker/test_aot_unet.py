@@ -359,6 +359,29 @@ def test_aot_refuses_what_it_cannot_package(engines: SimpleNamespace, options: d
         apply_speedups(engines.eager.pipe, SpeedupOptions(compile="aot", **options))
 
 
+@pytest.mark.parametrize(
+    ("mode", "autotuned", "graphs"),
+    [
+        ("default", False, False),
+        ("reduce-overhead", False, True),
+        ("max-autotune-no-cudagraphs", True, False),
+        ("max-autotune", True, True),
+    ],
+)
+def test_each_compile_mode_splits_into_autotuning_built_in_and_graphs_around(
+    engines: SimpleNamespace, mode: str, autotuned: bool, graphs: bool
+) -> None:
+    """COMPILE=aot takes every COMPILE_MODE: autotuning is compiled into the package (so it keys another one), CUDA
+    graphs are captured around whichever package serves. Installed only: nothing is built until a warm-up."""
+    accelerator = apply_speedups(engines.eager.pipe, SpeedupOptions(compile="aot", compile_mode=mode))
+    try:
+        aot = accelerator.aot
+        assert aot.inductor_configs["max_autotune"] is autotuned and aot.cuda_graphs is graphs
+    finally:
+        accelerator.aot.uninstall()
+    assert not hasattr(engines.eager.pipe.unet.forward, "packages")  # the eager engine's own forward is back
+
+
 def test_a_gpu_package_loads_without_probing_the_cpu(engines: SimpleNamespace, monkeypatch) -> None:
     """torch 2.11 probes the CPU's vector ISA at each package load by compiling C++ and loading each probe in a
     child that imports torch (35-45 s of a 46 s load on the H200 machine); a CUDA package is loaded with the ISA

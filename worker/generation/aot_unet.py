@@ -311,17 +311,16 @@ class AotUNet:
         loaded = _Loaded(model, list(model.get_constant_fqns()))
         self._hand_over_weights(loaded)
         agreement = self._agreement(loaded, inputs)
+        cuda_graph = self._capture(loaded, inputs) if agreement >= AGREEMENT else None  # a wrong one never serves
         shapes = [[list(tensor.shape), str(tensor.dtype)] for tensor in inputs]
-        record = PackageRecord(digest, str(path) if path else None, shapes, hit, 0.0, agreement)
+        seconds = round(time.perf_counter() - started, 3)
+        record = PackageRecord(digest, str(path) if path else None, shapes, hit, seconds, agreement, cuda_graph)
         self.records.append(record)
         if agreement < AGREEMENT:
-            record.seconds = round(time.perf_counter() - started, 3)
             raise RuntimeError(
                 f"AOT package {path or digest} disagrees with the eager UNet (cosine {agreement:.5f} < {AGREEMENT}); "
                 "delete it to rebuild, or set COMPILE=off"
             )
-        record.cuda_graph = self._capture(loaded, inputs)
-        record.seconds = round(time.perf_counter() - started, 3)
         self.packages[key] = loaded
         log.info(
             "AOT package %s: %s in %.1f s (CUDA graph: %s)",
