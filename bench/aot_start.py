@@ -61,7 +61,10 @@ def main() -> None:
     source.add_argument("--full-size", action="store_true", help="build a random full-size SDXL folder (CUDA, fp16)")
     parser.add_argument("--cache-dir", type=Path, help="the package folder's parent (default: a new temporary one)")
     parser.add_argument("--warmup-sizes", default="1024x1024", help="WARMUP_SIZES (the job uses the first)")
-    parser.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"))
+    parser.add_argument(
+        "--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+    )
+    parser.add_argument("--warmup-batch-sizes", default="1", help="WARMUP_BATCH_SIZES (one package serves them all)")
     parser.add_argument("--rounds", type=int, default=2, help="starts: the first builds, the rest load")
     parser.add_argument("--cold-rounds", type=int, default=0, help="then loads with the page cache dropped (root)")
     parser.add_argument("--profile", action="store_true", help="cProfile the engine's start in the loading rounds")
@@ -83,6 +86,7 @@ def main() -> None:
         "COMPILE_MODE": args.compile_mode,
         "COMPILE_CACHE_DIR": str(cache),
         "WARMUP_SIZES": args.warmup_sizes,
+        "WARMUP_BATCH_SIZES": args.warmup_batch_sizes,
     }
     size = int(args.warmup_sizes.split(",")[0].split("x")[0])
     root = Path(__file__).resolve().parents[1]

@@ -508,12 +508,13 @@ def aot_cuda_graph(unet: Any, recorded: dict[str, Any], repeats: int) -> None:
         return
     kwargs = {key: value for key, value in recorded.items() if key not in ("sample", "timestep")}
     inputs = aot._packaged_inputs(recorded["sample"], recorded["timestep"], (), kwargs)
-    loaded = None if inputs is None else aot.packages.get(_key(inputs))
+    loaded = None if inputs is None else aot.package_for(inputs)
     if loaded is None:
         emit(bench="aot_cuda_graph", skipped="the recorded call has no package")
         return
     try:
-        graphed = loaded.graphed or _capture_graph(loaded.model, inputs)
+        engine_graph = loaded.graphs.get(_key(inputs))
+        graphed = engine_graph or _capture_graph(loaded.model, inputs)
 
         def plain() -> torch.Tensor:
             return _first(loaded.model(*inputs))
@@ -530,7 +531,8 @@ def aot_cuda_graph(unet: Any, recorded: dict[str, Any], repeats: int) -> None:
             graph_times = timed(replay, repeats, warmup=2)
         emit(
             bench="aot_cuda_graph",
-            captured_by="engine" if loaded.graphed is not None else "bench",
+            captured_by="engine" if engine_graph is not None else "bench",
+            batch_rows=loaded.batch_rows,
             plain_ms=milliseconds(plain_times),
             graph_ms=milliseconds(graph_times),
             cosine=agreement,

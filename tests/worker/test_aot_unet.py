@@ -174,6 +174,54 @@ def test_a_second_start_loads_the_package_without_building(
     assert np.abs(run_engine(second) - run_engine(engines.eager)).max() <= 2
 
 
+def test_one_package_serves_every_batch_size_and_each_warmed_one_is_checked(
+    engines: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch is left open at export: WARMUP_BATCH_SIZES=1,2 loads the one package the first start built and checks
+    it at both UNet batches (2 and 4 rows with guidance); a batch size nobody warmed (3 images) still runs it."""
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("another batch size must not build another package")
+
+    first = engines.aot.accelerator.report.aot_packages[0]
+    assert first["batch_rows"] == [2, 32] and first["inputs"][0][0][0] == 2
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_build)
+    two = Engine(engines.model, settings=aot_settings(engines.cache, engines.loras, WARMUP_BATCH_SIZES="1,2"))
+    records = two.accelerator.report.aot_packages
+    assert [record["inputs"][0][0][0] for record in records] == [2, 4]
+    assert all(record["hit"] and record["agreement"] >= 0.999 for record in records)
+    assert {record["file"] for record in records} == {first["file"]}
+    packaged, eager = counts(engines.aot)
+    request = GenerationRequest(**{**JOB, "num_images": 3})
+    images = [np.asarray(image.convert("RGB"), dtype=np.int16) for image in engines.aot.generate(request).images]
+    assert counts(engines.aot) == (packaged + 3, eager)  # 6 rows: not warmed, still packaged
+    expected = engines.eager.generate(request).images
+    for image, reference in zip(images, expected, strict=True):
+        assert np.abs(image - np.asarray(reference.convert("RGB"), dtype=np.int16)).max() <= 2
+
+
+def test_a_unet_whose_batch_cannot_stay_open_gets_a_package_for_its_exact_shapes(
+    engines: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Export refusing the open batch (a UNet whose code fixes it) is not the end of compiled serving: the call's
+    exact shapes are packaged, and the record says so."""
+    from torch._dynamo.exc import UserError, UserErrorType
+
+    export = torch.export.export
+
+    def fixed_batch(module, inputs, dynamic_shapes=None, **kwargs):
+        if dynamic_shapes is not None:
+            raise UserError(UserErrorType.CONSTRAINT_VIOLATION, "Constraints violated (rows)!")
+        return export(module, inputs, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", fixed_batch)
+    exact = Engine(engines.model, settings=aot_settings(tmp_path / "cache", engines.loras))
+    (package,) = exact.accelerator.report.aot_packages
+    assert exact.accelerator.report.error is None and not package["hit"] and package["batch_rows"] is None
+    assert np.abs(run_engine(exact) - run_engine(engines.eager)).max() <= 2
+    assert exact.accelerator.aot.packaged_calls >= 3
+
+
 def test_a_package_that_disagrees_with_the_eager_unet_never_serves(
     engines: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
 ) -> None:

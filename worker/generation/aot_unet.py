@@ -6,9 +6,13 @@ cache), so a compiled worker is minutes from its first image. A package made by 
 
 How it serves:
 - During the warm-up, each UNet call of the kind a package can hold (sample, timestep, encoder_hidden_states,
-  text_embeds, time_ids; every other argument None) is keyed by its shapes and dtypes. The package of that key is
-  loaded from the cache folder, or built and written there atomically, and checked once against the eager UNet on
-  that very call (cosine of the outputs at least :data:`AGREEMENT`), so a stale or wrong file never serves.
+  text_embeds, time_ids; every other argument None) is keyed by its shapes and dtypes, the batch left open: one
+  package serves every UNet batch of :data:`BATCH_ROWS` (1-16 images with guidance), so ``WARMUP_BATCH_SIZES=1,4,8``
+  is one build, not three, and a batch size nobody warmed still runs compiled code. The package of that key is
+  loaded from the cache folder, or built and written there atomically. Each warmed call shape is checked once
+  against the eager UNet on that very call (cosine of the outputs at least :data:`AGREEMENT`), so a stale or wrong
+  file never serves. A UNet whose export cannot leave the batch open (or a batch outside the range, such as one
+  image without guidance) gets a package for its exact shapes instead.
 - Packages hold no weights (``package_constants_in_so`` off): the live UNet's tensors are handed over as
   user-managed constants, so the compiled code reads the weights the model holds now. LoRAs merged in place
   (``LORA_FUSE=1``, :mod:`worker.adapters.lora.fusion`) therefore change its output, as they do compiled code.
@@ -58,7 +62,10 @@ from worker.generation.compile_cache import device_identity
 
 log = logging.getLogger(__name__)
 
-PACKAGE_FORMAT = 1
+PACKAGE_FORMAT = 2  # 2: the batch dimension left open (BATCH_ROWS)
+# UNet batch rows one package serves: 1-16 images with guidance (the request's limit is 8, the batch runner's
+# --batch-size 4-8 on a large GPU), 2-32 without. Not 1: export specialises a size-1 dimension.
+BATCH_ROWS = (2, 32)
 # A package's first output against the eager UNet's on the same inputs: compiled kernels reorder sums (fp16/bf16
 # differ in the last bits, ~0.99999); a package fed the wrong weights or built for another graph is far below.
 AGREEMENT = 0.999
@@ -82,11 +89,12 @@ class PackageRecord:
 
     key: str
     file: str | None
-    inputs: list[list[Any]]
-    hit: bool
+    inputs: list[list[Any]]  # the warmed call's shapes and dtypes
+    hit: bool  # the package was loaded (from disk, or for an earlier warmed shape), not built
     seconds: float
     agreement: float | None = None
     cuda_graph: str | None = None  # "captured", "off", or why it was not
+    batch_rows: list[int] | None = None  # the UNet batches the package serves; None: only this call's shapes
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -112,11 +120,16 @@ class _Graphed:
 class _Loaded:
     model: Any  # torch._inductor's AOTICompiledModel
     constant_names: list[str]
-    graphed: _Graphed | None = None
+    digest: str
+    file: str | None
+    batch_rows: tuple[int, int] | None
+    checked: set[tuple] = field(default_factory=set)  # exact call shapes checked against the eager UNet
+    graphs: dict[tuple, _Graphed] = field(default_factory=dict)  # per exact call shape, when graphs are on
 
-    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if self.graphed is not None:
-            return self.graphed(*inputs)
+    def run(self, shapes: tuple, inputs: tuple) -> torch.Tensor:
+        graphed = self.graphs.get(shapes)
+        if graphed is not None:
+            return graphed(*inputs)
         return _first(self.model(*inputs))
 
 
@@ -169,6 +182,7 @@ class AotUNet:
     _calls_unchecked: int = 0
     _watched: set[int] = field(default_factory=set)
     _hooks: list[Any] = field(default_factory=list)
+    _exact_only: set[tuple] = field(default_factory=set)  # call shapes whose open-batch export failed
 
     @classmethod
     def install(
@@ -213,20 +227,30 @@ class AotUNet:
         if inputs is None or not self._unchanged(self._new_denoising_loop(timestep)):
             self.eager_calls += 1
             return self.eager_forward(sample, timestep, *args, **kwargs)
-        key = _key(inputs)
-        loaded = self.packages.get(key)
-        if loaded is None:
+        shapes = _key(inputs)
+        loaded = self.package_for(inputs)
+        if loaded is None or (shapes not in loaded.checked and self.building):
             if not self.building:
                 self.eager_calls += 1
                 return self.eager_forward(sample, timestep, *args, **kwargs)
-            loaded = self._load_or_build(key, inputs)  # raises on failure: the warm-up then serves eagerly
+            started = time.perf_counter()
+            hit = loaded is not None
+            if loaded is None:
+                key = shapes if shapes in self._exact_only else _package_key(inputs)
+                loaded, hit = self._load_or_build(key, inputs)  # raises on failure: the warm-up then serves eagerly
+            self._check(loaded, shapes, inputs, hit, started)
         self.packaged_calls += 1
-        output = loaded.run(*inputs)
+        output = loaded.run(shapes, inputs)
         if kwargs.get("return_dict", True):
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
             return UNet2DConditionOutput(sample=output)
         return (output,)
+
+    def package_for(self, inputs: tuple) -> _Loaded | None:
+        """The package loaded for these flat inputs (open batch or exact shapes), if any."""
+        shapes = _key(inputs)
+        return self.packages.get(shapes) or self.packages.get(_package_key(inputs))
 
     def _packaged_inputs(self, sample: Any, timestep: Any, args: tuple, kwargs: dict) -> tuple | None:
         """The flat inputs of a call a package can hold, or None (it runs eagerly)."""
@@ -294,12 +318,13 @@ class AotUNet:
 
     # -- packages --------------------------------------------------------------------------------------------------
 
-    def _load_or_build(self, key: tuple, inputs: tuple) -> _Loaded:
-        started = time.perf_counter()
+    def _load_or_build(self, key: tuple, inputs: tuple) -> tuple[_Loaded, bool]:
+        """The package of ``key``, loaded or built, its weights handed over; and whether it was loaded."""
         digest = self._digest(key)
         path = None if self.cache_dir is None else self.cache_dir / f"sdxl-unet-{digest}.pt2"
+        batch_rows = _batch_rows(key)
         if path is None:
-            model, hit = self._build(inputs, None), False
+            model, hit = self._build(inputs, None, batch_rows), False
         else:
             # Workers starting together on one volume: one builds, the others wait and load what it wrote.
             lock = path.with_name(path.name + ".lock")
@@ -307,38 +332,58 @@ class AotUNet:
                 model = self._load(path, inputs)
                 hit = model is not None
                 if model is None:
-                    model = self._build(inputs, path)
-        loaded = _Loaded(model, list(model.get_constant_fqns()))
+                    model = self._build(inputs, path, batch_rows)
+        if model is None:  # the batch could not be left open: a package for these exact shapes
+            shapes = _key(inputs)
+            self._exact_only.add(shapes)
+            return self._load_or_build(shapes, inputs)
+        loaded = _Loaded(model, list(model.get_constant_fqns()), digest, str(path) if path else None, batch_rows)
         self._hand_over_weights(loaded)
+        self.packages[key] = loaded
+        return loaded, hit
+
+    def _check(self, loaded: _Loaded, shapes: tuple, inputs: tuple, hit: bool, started: float) -> None:
+        """A warmed call shape: the package against the eager UNet on this call, then its graph; a record."""
         agreement = self._agreement(loaded, inputs)
-        cuda_graph = self._capture(loaded, inputs) if agreement >= AGREEMENT else None  # a wrong one never serves
-        shapes = [[list(tensor.shape), str(tensor.dtype)] for tensor in inputs]
-        seconds = round(time.perf_counter() - started, 3)
-        record = PackageRecord(digest, str(path) if path else None, shapes, hit, seconds, agreement, cuda_graph)
+        cuda_graph = self._capture(loaded, shapes, inputs) if agreement >= AGREEMENT else None  # wrong: never serves
+        record = PackageRecord(
+            loaded.digest,
+            loaded.file,
+            [[list(tensor.shape), str(tensor.dtype)] for tensor in inputs],
+            hit,
+            round(time.perf_counter() - started, 3),
+            agreement,
+            cuda_graph,
+            list(loaded.batch_rows) if loaded.batch_rows else None,
+        )
         self.records.append(record)
         if agreement < AGREEMENT:
+            for key, value in list(self.packages.items()):
+                if value is loaded:
+                    del self.packages[key]
             raise RuntimeError(
-                f"AOT package {path or digest} disagrees with the eager UNet (cosine {agreement:.5f} < {AGREEMENT}); "
-                "delete it to rebuild, or set COMPILE=off"
+                f"AOT package {loaded.file or loaded.digest} disagrees with the eager UNet (cosine {agreement:.5f} < "
+                f"{AGREEMENT}); delete it to rebuild, or set COMPILE=off"
             )
-        self.packages[key] = loaded
+        loaded.checked.add(shapes)
         log.info(
-            "AOT package %s: %s in %.1f s (CUDA graph: %s)",
-            digest,
+            "AOT package %s: %s in %.1f s for UNet batch %d (serves batches %s; CUDA graph: %s)",
+            loaded.digest,
             "loaded" if hit else "built",
             record.seconds,
+            inputs[0].shape[0],
+            "-".join(map(str, loaded.batch_rows)) if loaded.batch_rows else inputs[0].shape[0],
             record.cuda_graph,
         )
-        return loaded
 
-    def _capture(self, loaded: _Loaded, inputs: tuple) -> str:
-        """Capture ``loaded``'s call in a CUDA graph when graphs are on; what happened, for the record."""
+    def _capture(self, loaded: _Loaded, shapes: tuple, inputs: tuple) -> str:
+        """Capture ``loaded``'s call at ``shapes`` in a CUDA graph when graphs are on; what happened, for the record."""
         if not self.cuda_graphs:
             return "off"
         if inputs[0].device.type != "cuda":
             return f"not on {inputs[0].device.type}"
         try:
-            loaded.graphed = _capture_graph(loaded.model, inputs)
+            loaded.graphs[shapes] = _capture_graph(loaded.model, inputs)
         except Exception as error:  # a torch whose package runtime cannot be captured: serve it without the graph
             log.warning("AOT package: CUDA graph capture failed (%s: %s); runs without", type(error).__name__, error)
             return f"failed: {type(error).__name__}: {error}"[:300]
@@ -356,7 +401,8 @@ class AotUNet:
             log.warning("AOT package %s not loadable (%s: %s); building it again", path, type(error).__name__, error)
             return None
 
-    def _build(self, inputs: tuple, path: Path | None) -> Any:
+    def _build(self, inputs: tuple, path: Path | None, batch_rows: tuple[int, int] | None) -> Any | None:
+        """The package built (and written to ``path``); None when the batch could not be left open."""
         from worker.generation.compile_prerequisites import aot_build_missing
 
         missing = aot_build_missing(inputs[0].device.type == "cuda")
@@ -369,7 +415,19 @@ class AotUNet:
                 "same torch and GPU where a C++ compiler is installed, into COMPILE_CACHE_DIR (the network volume by "
                 "default), or set COMPILE=off"
             )
-        exported = torch.export.export(_ExportedCall(self.unet), inputs, strict=False)
+        from torch._dynamo.exc import UserError
+
+        dynamic = None
+        if batch_rows is not None:
+            rows = torch.export.Dim("rows", min=batch_rows[0], max=batch_rows[1])
+            dynamic = tuple({0: rows} if tensor.dim() else None for tensor in inputs)
+        try:
+            exported = torch.export.export(_ExportedCall(self.unet), inputs, dynamic_shapes=dynamic, strict=False)
+        except UserError as error:  # the UNet's code fixes its batch size somewhere
+            if dynamic is None:
+                raise
+            log.warning("AOT package: the UNet's batch cannot stay open (%s); packaging this call's shapes", error)
+            return None
         configs = {**self.inductor_configs, "aot_inductor.package_constants_in_so": False}
         if path is None:  # no cache folder: built for this process only
             with tempfile.TemporaryDirectory(prefix="aot-unet-") as folder:
@@ -488,6 +546,23 @@ def _first(output: Any) -> torch.Tensor:
 
 def _key(inputs: tuple) -> tuple:
     return tuple((tuple(tensor.shape), str(tensor.dtype), str(tensor.device)) for tensor in inputs)
+
+
+_OPEN_BATCH = "rows {}-{}".format(*BATCH_ROWS)
+
+
+def _package_key(inputs: tuple) -> tuple:
+    """The key of the package serving this call: its shapes with the batch left open when it is in BATCH_ROWS."""
+    if not BATCH_ROWS[0] <= inputs[0].shape[0] <= BATCH_ROWS[1]:
+        return _key(inputs)
+    return tuple(
+        ((_OPEN_BATCH, *tensor.shape[1:]) if tensor.dim() else (), str(tensor.dtype), str(tensor.device))
+        for tensor in inputs
+    )
+
+
+def _batch_rows(key: tuple) -> tuple[int, int] | None:
+    return BATCH_ROWS if key[0][0][:1] == (_OPEN_BATCH,) else None
 
 
 def _constants(unet: Any) -> dict[str, torch.Tensor]:
