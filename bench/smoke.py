@@ -310,6 +310,35 @@ def embedding_url_check(worker: Any, base: dict[str, Any], path: Path) -> dict[s
     }
 
 
+def out_of_memory_check(worker: Any, base: dict[str, Any], first: dict[str, Any], device: str) -> None:
+    """A job past a memory cap ends with refresh_worker; the cap lifted, the next job equals the first (also run by
+    --loras-only: the shortest smoke that checks it)."""
+    from bench.smoke_inpainting import run_job
+
+    if device != "cuda":
+        report("out_of_memory", True, skipped="no CUDA device: the memory cap needs one")
+    else:
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_allocated() + 2**28) / total))
+        try:
+            failed, _ = run_job(worker, "oom", **base, seed=9, num_images=4)
+        except Exception:  # the contract is an error output, never an exception: record it as a failure
+            failed = {"exception": traceback.format_exc(limit=3)}
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+        after, after_seconds = run_job(worker, "after-oom", **base, seed=7)
+        report(
+            "out_of_memory",
+            bool(failed.get("refresh_worker")) and "error" not in after and after["images"][0] == first["images"][0],
+            error=failed.get("error") or failed.get("exception"),
+            refresh_worker=failed.get("refresh_worker"),
+            next_job_ok="error" not in after,
+            next_job_equals_first=after.get("images", [None])[0] == first["images"][0],
+            next_job_s=round(after_seconds, 2),
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full-size", action="store_true", help="full-size SDXL on CUDA (default: dev-size, CPU)")
@@ -319,7 +348,8 @@ def main() -> None:
     parser.add_argument(
         "--loras-only",
         action="store_true",
-        help="only the square, long-prompt and LoRA-family checks (no refiner, ControlNet, adapters or other folders)",
+        help="only the square, long-prompt, LoRA-family and out-of-memory checks (no refiner, ControlNet, adapters "
+        "or other folders)",
     )
     parser.add_argument(
         "--no-model-folders",
@@ -481,6 +511,7 @@ def main() -> None:
         )
 
     if args.loras_only:
+        out_of_memory_check(worker, base, first, device)
         report("summary", not FAILURES, failed=FAILURES)
         sys.exit(1 if FAILURES else 0)
 
@@ -584,28 +615,7 @@ def main() -> None:
         vae_dtype=str(worker.engine.pipe.vae.dtype),
     )
 
-    if device != "cuda":
-        report("out_of_memory", True, skipped="no CUDA device: the memory cap needs one")
-    else:
-        torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_allocated() + 2**28) / total))
-        try:
-            failed, seconds = run_job(worker, "oom", **base, seed=9, num_images=4)
-        except Exception:  # the contract is an error output, never an exception: record it as a failure
-            failed, seconds = {"exception": traceback.format_exc(limit=3)}, 0.0
-        finally:
-            torch.cuda.set_per_process_memory_fraction(1.0)
-        after, after_seconds = run_job(worker, "after-oom", **base, seed=7)
-        report(
-            "out_of_memory",
-            bool(failed.get("refresh_worker")) and "error" not in after and after["images"][0] == first["images"][0],
-            error=failed.get("error") or failed.get("exception"),
-            refresh_worker=failed.get("refresh_worker"),
-            next_job_ok="error" not in after,
-            next_job_equals_first=after.get("images", [None])[0] == first["images"][0],
-            next_job_s=round(after_seconds, 2),
-        )
+    out_of_memory_check(worker, base, first, device)
 
     # Other model folders, each served by a worker of its own as MODEL_DIR; one worker holds the GPU at a time.
     del worker, accelerator

@@ -200,6 +200,45 @@ def test_one_package_serves_every_batch_size_and_each_warmed_one_is_checked(
         assert np.abs(image - np.asarray(reference.convert("RGB"), dtype=np.int16)).max() <= 2
 
 
+RUNNER_FAILURE = (  # what torch 2.11's AOTInductor runner raised for CUDA's out of memory on the H200 (smoke, 12-04)
+    "run_func_( container_handle_, input_handles.data(), input_handles.size(), output_handles.data(), "
+    "output_handles.size(), reinterpret_cast<AOTInductorStreamHandle>(stream_handle), proxy_executor_handle_) "
+    "API call failed at /pytorch/torch/csrc/inductor/aoti_runner/model_container_runner.cpp, line 144"
+)
+
+
+def test_a_package_that_fails_mid_job_hands_the_call_to_the_eager_unet(
+    engines: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner reports every failure inside a package, out of memory included, as one generic error. The call
+    then runs eagerly: a real out of memory raises torch's OutOfMemoryError there (which the handler turns into
+    refresh_worker), anything else is computed, the eager worker's bytes; other errors are not swallowed."""
+    aot = engines.aot.accelerator.aot
+    (loaded,) = {id(package): package for package in aot.packages.values()}.values()
+
+    def failing(*inputs):
+        raise RuntimeError(RUNNER_FAILURE)
+
+    monkeypatch.setattr(loaded, "model", failing)
+    packaged, eager = counts(engines.aot)
+    assert np.array_equal(run_engine(engines.aot), run_engine(engines.eager))
+    assert counts(engines.aot) == (packaged, eager + 3)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(aot, "eager_forward", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        run_engine(engines.aot)
+
+    def other(*inputs):
+        raise RuntimeError("a bug elsewhere")
+
+    monkeypatch.setattr(loaded, "model", other)
+    with pytest.raises(RuntimeError, match="a bug elsewhere"):
+        run_engine(engines.aot)
+
+
 def test_a_unet_whose_batch_cannot_stay_open_gets_a_package_for_its_exact_shapes(
     engines: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
