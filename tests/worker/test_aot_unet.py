@@ -239,28 +239,6 @@ def test_a_package_that_fails_mid_job_hands_the_call_to_the_eager_unet(
         run_engine(engines.aot)
 
 
-def test_a_unet_whose_batch_cannot_stay_open_gets_a_package_for_its_exact_shapes(
-    engines: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Export refusing the open batch (a UNet whose code fixes it) is not the end of compiled serving: the call's
-    exact shapes are packaged, and the record says so."""
-    from torch._dynamo.exc import UserError, UserErrorType
-
-    export = torch.export.export
-
-    def fixed_batch(module, inputs, dynamic_shapes=None, **kwargs):
-        if dynamic_shapes is not None:
-            raise UserError(UserErrorType.CONSTRAINT_VIOLATION, "Constraints violated (rows)!")
-        return export(module, inputs, **kwargs)
-
-    monkeypatch.setattr(torch.export, "export", fixed_batch)
-    exact = Engine(engines.model, settings=aot_settings(tmp_path / "cache", engines.loras))
-    (package,) = exact.accelerator.report.aot_packages
-    assert exact.accelerator.report.error is None and not package["hit"] and package["batch_rows"] is None
-    assert np.abs(run_engine(exact) - run_engine(engines.eager)).max() <= 2
-    assert exact.accelerator.aot.packaged_calls >= 3
-
-
 def test_a_package_that_disagrees_with_the_eager_unet_never_serves(
     engines: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
 ) -> None:

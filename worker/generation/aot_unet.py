@@ -12,7 +12,8 @@ How it serves:
   loaded from the cache folder, or built and written there atomically. Each warmed call shape is checked once
   against the eager UNet on that very call (cosine of the outputs at least :data:`AGREEMENT`), so a stale or wrong
   file never serves. A UNet whose export cannot leave the batch open (or a batch outside the range, such as one
-  image without guidance) gets a package for its exact shapes instead.
+  image without guidance) gets a package for its exact shapes instead; a ``.batch-closed.txt`` marker beside the
+  open package's name, with export's reason, spares later starts the failed export.
 - Packages hold no weights (``package_constants_in_so`` off): the live UNet's tensors are handed over as
   user-managed constants, so the compiled code reads the weights the model holds now. LoRAs merged in place
   (``LORA_FUSE=1``, :mod:`worker.adapters.lora.fusion`) therefore change its output, as they do compiled code.
@@ -183,7 +184,8 @@ class AotUNet:
     _calls_unchecked: int = 0
     _watched: set[int] = field(default_factory=set)
     _hooks: list[Any] = field(default_factory=list)
-    _exact_only: set[tuple] = field(default_factory=set)  # call shapes whose open-batch export failed
+    _closed: set[tuple] = field(default_factory=set)  # open-batch keys whose export failed: exact shapes instead
+    _closed_reason: str = ""
 
     @classmethod
     def install(
@@ -237,7 +239,8 @@ class AotUNet:
             started = time.perf_counter()
             hit = loaded is not None
             if loaded is None:
-                key = shapes if shapes in self._exact_only else _package_key(inputs)
+                key = _package_key(inputs)
+                key = shapes if key in self._closed else key
                 loaded, hit = self._load_or_build(key, inputs)  # raises on failure: the warm-up then serves eagerly
             self._check(loaded, shapes, inputs, hit, started)
         try:
@@ -335,6 +338,9 @@ class AotUNet:
         digest = self._digest(key)
         path = None if self.cache_dir is None else self.cache_dir / f"sdxl-unet-{digest}.pt2"
         batch_rows = _batch_rows(key)
+        closed = None if path is None else path.with_name(path.stem + ".batch-closed.txt")
+        if closed is not None and closed.is_file():  # an earlier start found the batch cannot stay open
+            return self._exact(key, inputs)
         if path is None:
             model, hit = self._build(inputs, None, batch_rows), False
         else:
@@ -346,13 +352,17 @@ class AotUNet:
                 if model is None:
                     model = self._build(inputs, path, batch_rows)
         if model is None:  # the batch could not be left open: a package for these exact shapes
-            shapes = _key(inputs)
-            self._exact_only.add(shapes)
-            return self._load_or_build(shapes, inputs)
+            if closed is not None:  # so that the next start does not export in vain (tens of seconds) first
+                closed.write_text(f"{self._closed_reason}\n")
+            return self._exact(key, inputs)
         loaded = _Loaded(model, list(model.get_constant_fqns()), digest, str(path) if path else None, batch_rows)
         self._hand_over_weights(loaded)
         self.packages[key] = loaded
         return loaded, hit
+
+    def _exact(self, key: tuple, inputs: tuple) -> tuple[_Loaded, bool]:
+        self._closed.add(key)
+        return self._load_or_build(_key(inputs), inputs)
 
     def _check(self, loaded: _Loaded, shapes: tuple, inputs: tuple, hit: bool, started: float) -> None:
         """A warmed call shape: the package against the eager UNet on this call, then its graph; a record."""
@@ -439,6 +449,7 @@ class AotUNet:
             if dynamic is None:
                 raise
             log.warning("AOT package: the UNet's batch cannot stay open (%s); packaging this call's shapes", error)
+            self._closed_reason = f"torch.export could not leave the UNet's batch open: {error}"
             return None
         configs = {**self.inductor_configs, "aot_inductor.package_constants_in_so": False}
         if path is None:  # no cache folder: built for this process only
