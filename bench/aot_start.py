@@ -25,6 +25,7 @@ from bench.jsonlines import emit, start
 
 CHILD = """
 import cProfile, json, logging, pstats, sys, time
+import torch
 started = time.perf_counter()
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(relativeCreated)7.0f ms %(name)s %(message)s")
 from core.settings import load_settings
@@ -42,6 +43,22 @@ report = engine.accelerator.report
 job_started = time.perf_counter()
 engine.generate(GenerationRequest(prompt="a lighthouse", width=size, height=size, num_inference_steps=4, seed=1))
 aot = engine.accelerator.aot
+vae_decode_ms = None
+if engine.accelerator.aot_vae is not None and torch.cuda.is_available():  # COMPILE_VAE=1: packaged against eager
+    decoder, vae = engine.pipe.vae.decoder, engine.pipe.vae
+    latent = torch.randn(1, 4, size // 8, size // 8, device="cuda", dtype=vae.dtype)
+    def decode_ms():
+        times = []
+        for _ in range(7):
+            torch.cuda.synchronize(); begun = time.perf_counter()
+            with torch.no_grad():
+                vae.decode(latent, return_dict=False)
+            torch.cuda.synchronize(); times.append(1000 * (time.perf_counter() - begun))
+        return round(sorted(times[2:])[2], 2)
+    packaged_ms = decode_ms()
+    decoder.forward = engine.accelerator.aot_vae.eager_forward
+    vae_decode_ms = {"packaged": packaged_ms, "eager": decode_ms(), "dtype": str(vae.dtype)}
+    decoder.forward = engine.accelerator.aot_vae
 slowest = []
 if profiler:
     stats = pstats.Stats(profiler)
@@ -50,7 +67,8 @@ if profiler:
 print(json.dumps({"engine_ready_s": round(ready, 2), "phases": engine.startup_phases,
                   "warm_up_s": round(report.seconds, 2), "error": report.error, "packages": report.aot_packages,
                   "job_s": round(time.perf_counter() - job_started, 2),
-                  "packaged_calls": aot.packaged_calls, "eager_calls": aot.eager_calls, "profile": slowest}))
+                  "packaged_calls": aot.packaged_calls, "eager_calls": aot.eager_calls,
+                  "vae_decode_ms": vae_decode_ms, "profile": slowest}))
 """
 
 
@@ -65,6 +83,7 @@ def main() -> None:
         "--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs")
     )
     parser.add_argument("--warmup-batch-sizes", default="1", help="WARMUP_BATCH_SIZES (one package serves them all)")
+    parser.add_argument("--compile-vae", action="store_true", help="COMPILE_VAE=1 VAE_DTYPE=bf16 (its package)")
     parser.add_argument("--rounds", type=int, default=2, help="starts: the first builds, the rest load")
     parser.add_argument("--cold-rounds", type=int, default=0, help="then loads with the page cache dropped (root)")
     parser.add_argument("--profile", action="store_true", help="cProfile the engine's start in the loading rounds")
@@ -87,6 +106,7 @@ def main() -> None:
         "COMPILE_CACHE_DIR": str(cache),
         "WARMUP_SIZES": args.warmup_sizes,
         "WARMUP_BATCH_SIZES": args.warmup_batch_sizes,
+        **({"COMPILE_VAE": "1", "VAE_DTYPE": "bf16"} if args.compile_vae else {}),
     }
     size = int(args.warmup_sizes.split(",")[0].split("x")[0])
     root = Path(__file__).resolve().parents[1]

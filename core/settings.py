@@ -279,7 +279,9 @@ class Settings:
         _choice("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"),
         "torch.compile mode (reduce-overhead adds CUDA graphs, with COMPILE=aot too: captured around each package)",
     )
-    compile_vae: bool = _setting("COMPILE_VAE", "0", _flag, "1 also compiles the VAE decoder")
+    compile_vae: bool = _setting(
+        "COMPILE_VAE", "0", _flag, "1 also compiles the VAE decoder (with COMPILE=aot: a package of its own)"
+    )
     quantize: str = _setting(
         "QUANTIZE", "off", _choice("off", "fp8"), "fp8: UNet transformer linears in float8 (compute capability 8.9+)"
     )

@@ -59,10 +59,11 @@ def start_worker(settings: Settings) -> Worker:
 
 def refuse_impossible_compile(settings: Settings) -> None:
     """COMPILE in an image without a C compiler: exit 2 at once, instead of a worker that serves eagerly."""
-    if settings.compile in ("off", "aot") and not settings.compile_vae:
-        # Nothing to refuse: COMPILE=aot loads packages without a compiler, and names what is missing only when it
-        # must build one (worker.generation.aot_unet). Probing here would run two test builds and import torch on
-        # the main thread at every start, before the prefetch below begins to overlap that import.
+    if settings.compile == "aot" or (settings.compile == "off" and not settings.compile_vae):
+        # Nothing to refuse: COMPILE=aot (its VAE decoder too, with COMPILE_VAE=1) loads packages without a
+        # compiler, and names what is missing only when it must build one (worker.generation.aot_unet). Probing
+        # here would run two test builds and import torch on the main thread at every start, before the prefetch
+        # below begins to overlap that import.
         return
     from worker.generation.compile_prerequisites import check_compile_prerequisites
 

@@ -30,7 +30,10 @@ def test_diffusers_encode_casts_the_vae_and_the_block_restores_it(dev_model_dir:
     encode()
     assert vae.dtype == torch.float16, "diffusers 0.42.1 casts the VAE to the latents' dtype (the bug's cause)"
     vae.to(torch.float32)
+    addresses = [parameter.data_ptr() for parameter in vae.parameters()]
     with vae_tiling(vae, 64, 64, 0) as tiled:
         encode()
     assert not tiled and not vae.use_tiling
     assert vae.dtype == torch.float32 and all(p.dtype == torch.float32 for p in vae.parameters())
+    # the very tensors, not a cast back: a COMPILE=aot decoder package and its CUDA graphs read them
+    assert [parameter.data_ptr() for parameter in vae.parameters()] == addresses

@@ -156,7 +156,13 @@ class Accelerator:
     """The speed-ups applied to one pipeline, and its one-time warm-up."""
 
     def __init__(
-        self, pipe: Any, options: SpeedupOptions, applied: list[str], aot: Any = None, refiner: bool = False
+        self,
+        pipe: Any,
+        options: SpeedupOptions,
+        applied: list[str],
+        aot: Any = None,
+        refiner: bool = False,
+        aot_vae: Any = None,
     ) -> None:
         self.pipe = pipe
         self.options = options
@@ -164,6 +170,8 @@ class Accelerator:
         self.frozen = False
         self.report: WarmUpReport | None = None
         self.aot = aot  # COMPILE=aot's worker.generation.aot_unet.AotUNet
+        self.aot_vae = aot_vae  # and with COMPILE_VAE=1 its AotVaeDecoder
+        self.aot_modules = [module for module in (aot, aot_vae) if module is not None]
         # A refiner is warmed up as the engine runs it: img2img from the base's latents, no decode (the VAE is the
         # base's, warmed with it).
         self.dummy_call = _run_dummy_refinement if refiner else _run_dummy_generation
@@ -199,13 +207,14 @@ class Accelerator:
             report.error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             log.error("compilation failed, serving without it (COMPILE=off skips it): %s", report.error)
             torch.compiler.set_stance("force_eager")
-            if self.aot is not None:
-                self.aot.disable()
+            for module in self.aot_modules:
+                module.disable()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         report.graphs_compiled = _unique_graphs() - graphs_before
-        if self.aot is not None:
-            report.aot_packages = [record.to_dict() for record in self.aot.records]
+        report.aot_packages = [
+            {**record.to_dict(), "module": module.what} for module in self.aot_modules for record in module.records
+        ]
         if cache_file is not None and not report.cache_hit and report.error is None:
             report.cache_save_s, saved_bytes = save_compile_cache(cache_file)
             report.cache_bytes = saved_bytes or report.cache_bytes
@@ -222,8 +231,8 @@ class Accelerator:
         """No more compiling: cached compiled code where its guards hold, eager code everywhere else."""
         if self.options.compiles:
             torch.compiler.set_stance("eager_on_recompile")
-        if self.aot is not None:
-            self.aot.freeze()
+        for module in self.aot_modules:
+            module.freeze()
         self.frozen = True
 
 
@@ -339,10 +348,22 @@ def apply_speedups(pipe: Any, options: SpeedupOptions, refiner: bool = False) ->
             cuda_graphs=options.compile_mode in ("reduce-overhead", "max-autotune"),
         )
         applied.append(f"compile_unet_aot:{options.compile_mode}")
-    if options.compile_vae:
+    aot_vae = None
+    if options.compile_vae and options.compile == "aot":
+        from worker.generation.aot_unet import AotVaeDecoder
+
+        aot_vae = AotVaeDecoder.install(
+            pipe.vae.decoder,
+            None if options.cache_dir is None else Path(options.cache_dir) / "aot",
+            _aot_vae_options_digest(pipe),
+            {"conv_1x1_as_mm": True, "max_autotune": options.compile_mode.startswith("max-autotune")},
+            cuda_graphs=options.compile_mode in ("reduce-overhead", "max-autotune"),
+        )
+        applied.append(f"compile_vae_decoder_aot:{options.compile_mode}")
+    elif options.compile_vae:
         pipe.vae.decoder.compile(**compile_kwargs)
         applied.append(f"compile_vae_decoder:{options.compile_mode}")
-    return Accelerator(pipe, options, applied, aot, refiner=refiner)
+    return Accelerator(pipe, options, applied, aot, refiner=refiner, aot_vae=aot_vae)
 
 
 def _check_aot(options: SpeedupOptions) -> None:
@@ -364,6 +385,17 @@ def _aot_options_digest(pipe: Any, options: SpeedupOptions) -> str:
     parts = [config_digest(unet.config), f"diffusers={diffusers.__version__}", ",".join(processors)]
     parts += [str(unet.dtype), layout, f"fuse_qkv={options.fuse_qkv}"]
     return "|".join(parts)
+
+
+def _aot_vae_options_digest(pipe: Any) -> str:
+    """What a VAE decoder package depends on besides torch, the GPU and the call's shapes (as for the UNet's)."""
+    import diffusers
+
+    decoder = pipe.vae.decoder
+    layout = "channels_last" if decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last) else "nchw"
+    processors = sorted({type(processor).__name__ for processor in pipe.vae.attn_processors.values()})
+    parts = [config_digest(pipe.vae.config), f"diffusers={diffusers.__version__}", ",".join(processors)]
+    return "|".join([*parts, str(decoder.conv_in.weight.dtype), layout, "vae-decoder"])
 
 
 def _mode_argument(mode: str) -> str | None:

@@ -52,7 +52,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch._inductor
@@ -140,7 +140,7 @@ class _ExportedCall(torch.nn.Module):
 
     def __init__(self, unet: torch.nn.Module) -> None:
         super().__init__()
-        self.unet = unet
+        self.unet = unet  # its weights are the package's constants "unet.*"
 
     def forward(
         self,
@@ -165,7 +165,7 @@ class _ExportedCall(torch.nn.Module):
 class AotUNet:
     """``unet.forward`` replacement: packaged code for the warmed call shapes, the eager forward for the rest."""
 
-    unet: Any
+    module: Any  # the UNet (or, in the subclass below, the VAE decoder)
     eager_forward: Any
     cache_dir: Path | None
     options_digest: str
@@ -187,34 +187,41 @@ class AotUNet:
     _closed: set[tuple] = field(default_factory=set)  # open-batch keys whose export failed: exact shapes instead
     _closed_reason: str = ""
 
+    what: ClassVar[str] = "UNet"
+    file_prefix: ClassVar[str] = "sdxl-unet"
+    open_rows: ClassVar[tuple[int, int]] = BATCH_ROWS
+    constant_prefix: ClassVar[str] = "unet."  # the attribute of _ExportedCall that holds the module
+    counted: ClassVar[bool] = True  # in call_counts()
+
     @classmethod
     def install(
         cls,
-        unet: Any,
+        module: Any,
         cache_dir: Path | None,
         options_digest: str,
         inductor_configs: dict[str, Any],
         cuda_graphs: bool = False,
     ) -> AotUNet:
-        """Replace ``unet.forward`` (after every other change to the UNet: layout, fused projections)."""
-        aot = cls(unet, unet.forward, cache_dir, options_digest, dict(inductor_configs), cuda_graphs)
+        """Replace ``module.forward`` (after every other change to it: layout, fused projections)."""
+        aot = cls(module, module.forward, cache_dir, options_digest, dict(inductor_configs), cuda_graphs)
         aot._structure = aot._fingerprint()
-        aot._watched = {id(module) for module in unet.modules()}
+        aot._watched = {id(child) for child in module.modules()}
         registration = torch.nn.modules.module
         aot._hooks = [
             registration.register_module_module_registration_hook(aot._on_registration),
             registration.register_module_parameter_registration_hook(aot._on_registration),
             registration.register_module_buffer_registration_hook(aot._on_registration),
         ]
-        unet.forward = aot
-        _INSTALLED[id(aot)] = aot
+        module.forward = aot
+        if cls.counted:
+            _INSTALLED[id(aot)] = aot
         return aot
 
     def uninstall(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        self.unet.forward = self.eager_forward
+        self.module.forward = self.eager_forward
 
     def freeze(self) -> None:
         self.building = False
@@ -230,29 +237,8 @@ class AotUNet:
         if inputs is None or not self._unchanged(self._new_denoising_loop(timestep)):
             self.eager_calls += 1
             return self.eager_forward(sample, timestep, *args, **kwargs)
-        shapes = _key(inputs)
-        loaded = self.package_for(inputs)
-        if loaded is None or (shapes not in loaded.checked and self.building):
-            if not self.building:
-                self.eager_calls += 1
-                return self.eager_forward(sample, timestep, *args, **kwargs)
-            started = time.perf_counter()
-            hit = loaded is not None
-            if loaded is None:
-                key = _package_key(inputs)
-                key = shapes if key in self._closed else key
-                loaded, hit = self._load_or_build(key, inputs)  # raises on failure: the warm-up then serves eagerly
-            self._check(loaded, shapes, inputs, hit, started)
-        try:
-            output = loaded.run(shapes, inputs)
-        except RuntimeError as error:
-            if _RUNNER_FAILED not in str(error):
-                raise
-            # AOTInductor's runner turns any failure inside the package, CUDA's out of memory among them, into
-            # this one message (the cause goes to stderr: bench/results, the smoke's out_of_memory line). The eager
-            # UNet on the same call tells them apart: it raises torch's OutOfMemoryError when memory is short (the
-            # handler then asks RunPod for a fresh worker), or computes the step the package could not.
-            log.warning("AOT package %s failed (UNet batch %d); this call runs eagerly", loaded.digest, len(sample))
+        output = self._serve(inputs)
+        if output is None:
             self.eager_calls += 1
             return self.eager_forward(sample, timestep, *args, **kwargs)
         self.packaged_calls += 1
@@ -262,10 +248,36 @@ class AotUNet:
             return UNet2DConditionOutput(sample=output)
         return (output,)
 
+    def _serve(self, inputs: tuple) -> torch.Tensor | None:
+        """The packaged call's output for these flat inputs; None when this call must run eagerly."""
+        shapes = _key(inputs)
+        loaded = self.package_for(inputs)
+        if loaded is None or (shapes not in loaded.checked and self.building):
+            if not self.building:
+                return None
+            started = time.perf_counter()
+            hit = loaded is not None
+            if loaded is None:
+                key = _package_key(inputs, self.open_rows)
+                key = shapes if key in self._closed else key
+                loaded, hit = self._load_or_build(key, inputs)  # raises on failure: the warm-up then serves eagerly
+            self._check(loaded, shapes, inputs, hit, started)
+        try:
+            return loaded.run(shapes, inputs)
+        except RuntimeError as error:
+            if _RUNNER_FAILED not in str(error):
+                raise
+            # AOTInductor's runner turns any failure inside the package, CUDA's out of memory among them, into
+            # this one message (the cause goes to stderr: bench/results, the smoke's out_of_memory line). The eager
+            # module on the same call tells them apart: it raises torch's OutOfMemoryError when memory is short
+            # (the handler then asks RunPod for a fresh worker), or computes what the package could not.
+            log.warning("AOT package %s failed (batch %d); this call runs eagerly", loaded.digest, len(inputs[0]))
+            return None
+
     def package_for(self, inputs: tuple) -> _Loaded | None:
         """The package loaded for these flat inputs (open batch or exact shapes), if any."""
         shapes = _key(inputs)
-        return self.packages.get(shapes) or self.packages.get(_package_key(inputs))
+        return self.packages.get(shapes) or self.packages.get(_package_key(inputs, self.open_rows))
 
     def _packaged_inputs(self, sample: Any, timestep: Any, args: tuple, kwargs: dict) -> tuple | None:
         """The flat inputs of a call a package can hold, or None (it runs eagerly)."""
@@ -321,14 +333,14 @@ class AotUNet:
             self._calls_unchecked = 0
             self._structure_matches = self._fingerprint() == self._structure
             if self._structure_matches:
-                self._watched = {id(module) for module in self.unet.modules()}
+                self._watched = {id(child) for child in self.module.modules()}
         return self._structure_matches
 
     def _fingerprint(self) -> tuple:
         modules = tuple(
-            (name, id(module), id(getattr(module, "processor", None))) for name, module in self.unet.named_modules()
+            (name, id(module), id(getattr(module, "processor", None))) for name, module in self.module.named_modules()
         )
-        tensors = tuple((name, tensor.data_ptr()) for name, tensor in _constants(self.unet).items())
+        tensors = tuple((name, tensor.data_ptr()) for name, tensor in _constants(self.module).items())
         return modules, tensors
 
     # -- packages --------------------------------------------------------------------------------------------------
@@ -336,8 +348,8 @@ class AotUNet:
     def _load_or_build(self, key: tuple, inputs: tuple) -> tuple[_Loaded, bool]:
         """The package of ``key``, loaded or built, its weights handed over; and whether it was loaded."""
         digest = self._digest(key)
-        path = None if self.cache_dir is None else self.cache_dir / f"sdxl-unet-{digest}.pt2"
-        batch_rows = _batch_rows(key)
+        path = None if self.cache_dir is None else self.cache_dir / f"{self.file_prefix}-{digest}.pt2"
+        batch_rows = self.open_rows if _is_open(key) else None
         closed = None if path is None else path.with_name(path.stem + ".batch-closed.txt")
         if closed is not None and closed.is_file():  # an earlier start found the batch cannot stay open
             return self._exact(key, inputs)
@@ -365,7 +377,7 @@ class AotUNet:
         return self._load_or_build(_key(inputs), inputs)
 
     def _check(self, loaded: _Loaded, shapes: tuple, inputs: tuple, hit: bool, started: float) -> None:
-        """A warmed call shape: the package against the eager UNet on this call, then its graph; a record."""
+        """A warmed call shape: the package against the eager module on this call, then its graph; a record."""
         agreement = self._agreement(loaded, inputs)
         cuda_graph = self._capture(loaded, shapes, inputs) if agreement >= AGREEMENT else None  # wrong: never serves
         record = PackageRecord(
@@ -384,13 +396,14 @@ class AotUNet:
                 if value is loaded:
                     del self.packages[key]
             raise RuntimeError(
-                f"AOT package {loaded.file or loaded.digest} disagrees with the eager UNet (cosine {agreement:.5f} < "
-                f"{AGREEMENT}); delete it to rebuild, or set COMPILE=off"
+                f"AOT package {loaded.file or loaded.digest} disagrees with the eager {self.what} "
+                f"(cosine {agreement:.5f} < {AGREEMENT}); delete it to rebuild, or set COMPILE=off"
             )
         loaded.checked.add(shapes)
         log.info(
-            "AOT package %s: %s in %.1f s for UNet batch %d (serves batches %s; CUDA graph: %s)",
+            "AOT package %s (%s): %s in %.1f s for batch %d (serves batches %s; CUDA graph: %s)",
             loaded.digest,
+            self.what,
             "loaded" if hit else "built",
             record.seconds,
             inputs[0].shape[0],
@@ -432,30 +445,32 @@ class AotUNet:
             shapes = ", ".join("x".join(map(str, t.shape)) or "scalar" for t in inputs)
             where = path.parent if path else "no cache folder"
             raise ConfigurationError(
-                f"COMPILE=aot has no package for the UNet call ({shapes}) in {where}"
+                f"COMPILE=aot has no package for the {self.what} call ({shapes}) in {where}"
                 f" and cannot build one here: {'; '.join(missing)} missing. Build the packages once with the "
                 "same torch and GPU where a C++ compiler is installed, into COMPILE_CACHE_DIR (the network volume by "
                 "default), or set COMPILE=off"
             )
         from torch._dynamo.exc import UserError
 
-        dynamic = None
+        dynamic, example = None, inputs
         if batch_rows is not None:
             rows = torch.export.Dim("rows", min=batch_rows[0], max=batch_rows[1])
             dynamic = tuple({0: rows} if tensor.dim() else None for tensor in inputs)
+            if inputs[0].shape[0] == 1:  # export specialises a size-1 dimension: trace two rows, serve one too
+                example = tuple(torch.cat([tensor, tensor]) if tensor.dim() else tensor for tensor in inputs)
         try:
-            exported = torch.export.export(_ExportedCall(self.unet), inputs, dynamic_shapes=dynamic, strict=False)
-        except UserError as error:  # the UNet's code fixes its batch size somewhere
+            exported = torch.export.export(self._exported(), example, dynamic_shapes=dynamic, strict=False)
+        except UserError as error:  # the module's code fixes its batch size somewhere
             if dynamic is None:
                 raise
-            log.warning("AOT package: the UNet's batch cannot stay open (%s); packaging this call's shapes", error)
-            self._closed_reason = f"torch.export could not leave the UNet's batch open: {error}"
+            log.warning("AOT package: the %s's batch cannot stay open (%s); packaging these shapes", self.what, error)
+            self._closed_reason = f"torch.export could not leave the {self.what}'s batch open: {error}"
             return None
         configs = {**self.inductor_configs, "aot_inductor.package_constants_in_so": False}
         if path is None:  # no cache folder: built for this process only
-            with tempfile.TemporaryDirectory(prefix="aot-unet-") as folder:
+            with tempfile.TemporaryDirectory(prefix="aot-") as folder:
                 built = torch._inductor.aoti_compile_and_package(
-                    exported, package_path=str(Path(folder) / "unet.pt2"), inductor_configs=configs
+                    exported, package_path=str(Path(folder) / "package.pt2"), inductor_configs=configs
                 )
                 return self._open(built, _device_index(inputs[0]))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -477,10 +492,10 @@ class AotUNet:
         return torch._inductor.aoti_load_package(path, run_single_threaded=single, device_index=device_index)
 
     def _hand_over_weights(self, loaded: _Loaded) -> None:
-        constants = {f"unet.{name}": tensor for name, tensor in _constants(self.unet).items()}
+        constants = {f"{self.constant_prefix}{name}": tensor for name, tensor in _constants(self.module).items()}
         missing = [name for name in loaded.constant_names if name not in constants]
         if missing:
-            raise RuntimeError(f"AOT package needs constants the UNet does not have: {', '.join(missing[:5])}")
+            raise RuntimeError(f"AOT package needs constants the {self.what} does not have: {', '.join(missing[:5])}")
         loaded.model.load_constants(
             {name: constants[name] for name in loaded.constant_names}, check_full_update=True, user_managed=True
         )
@@ -488,9 +503,13 @@ class AotUNet:
     def _agreement(self, loaded: _Loaded, inputs: tuple) -> float:
         packaged = _first(loaded.model(*inputs))
         with torch.no_grad():
-            eager = _ExportedCall(self.unet)(*inputs)
+            eager = self._exported()(*inputs)
         cosine = torch.nn.functional.cosine_similarity(packaged.float().flatten(), eager.float().flatten(), dim=0)
         return float(cosine) if torch.isfinite(cosine) else 0.0
+
+    def _exported(self) -> torch.nn.Module:
+        """The module's call with flat inputs, as exported (its class's forward, not the dispatcher)."""
+        return _ExportedCall(self.module)
 
     def _digest(self, key: tuple) -> str:
         parts = {
@@ -501,6 +520,48 @@ class AotUNet:
             "inputs": [list(map(str, item)) for item in key],
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class _ExportedDecoder(torch.nn.Module):
+    """The VAE decoder's call a package holds: latents in, image out."""
+
+    def __init__(self, decoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder  # its weights are the package's constants "decoder.*"
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        return type(self.decoder).forward(self.decoder, sample)
+
+
+@dataclass
+class AotVaeDecoder(AotUNet):
+    """``vae.decoder.forward`` replacement under ``COMPILE=aot`` with ``COMPILE_VAE=1``: the decoder packaged like
+    the UNet (same cache folder, lock, check against eager, CUDA graphs, weights handed over), so a compiled VAE
+    starts without Dynamo's tracing too (6-8 s per batch size with its cache, bench/results).
+
+    One package serves batches 1-16: the decoder's export has no guard on its batch. Its structure (modules and
+    weight tensors) is compared on every call: a decode is one call per job or tile, the comparison well under a
+    millisecond for its ~250 tensors, and a VAE moved to another dtype and back (diffusers' upcast) gets new weight
+    tensors that no registration hook reports; such a call runs eagerly.
+    """
+
+    what: ClassVar[str] = "VAE decoder"
+    file_prefix: ClassVar[str] = "sdxl-vae-decoder"
+    open_rows: ClassVar[tuple[int, int]] = (1, 16)
+    constant_prefix: ClassVar[str] = "decoder."
+    counted: ClassVar[bool] = False
+
+    def __call__(self, sample: torch.Tensor, latent_embeds: Any = None) -> torch.Tensor:
+        servable = not self.disabled and latent_embeds is None and torch.is_tensor(sample)
+        output = self._serve((sample.contiguous(),)) if servable and self._fingerprint() == self._structure else None
+        if output is None:
+            self.eager_calls += 1
+            return self.eager_forward(sample, latent_embeds)
+        self.packaged_calls += 1
+        return output
+
+    def _exported(self) -> torch.nn.Module:
+        return _ExportedDecoder(self.module)
 
 
 @contextlib.contextmanager
@@ -571,21 +632,20 @@ def _key(inputs: tuple) -> tuple:
     return tuple((tuple(tensor.shape), str(tensor.dtype), str(tensor.device)) for tensor in inputs)
 
 
-_OPEN_BATCH = "rows {}-{}".format(*BATCH_ROWS)
-
-
-def _package_key(inputs: tuple) -> tuple:
-    """The key of the package serving this call: its shapes with the batch left open when it is in BATCH_ROWS."""
-    if not BATCH_ROWS[0] <= inputs[0].shape[0] <= BATCH_ROWS[1]:
+def _package_key(inputs: tuple, rows: tuple[int, int]) -> tuple:
+    """The key of the package serving this call: its shapes with the batch left open when it is within ``rows``."""
+    if not rows[0] <= inputs[0].shape[0] <= rows[1]:
         return _key(inputs)
+    open_batch = "rows {}-{}".format(*rows)
     return tuple(
-        ((_OPEN_BATCH, *tensor.shape[1:]) if tensor.dim() else (), str(tensor.dtype), str(tensor.device))
+        ((open_batch, *tensor.shape[1:]) if tensor.dim() else (), str(tensor.dtype), str(tensor.device))
         for tensor in inputs
     )
 
 
-def _batch_rows(key: tuple) -> tuple[int, int] | None:
-    return BATCH_ROWS if key[0][0][:1] == (_OPEN_BATCH,) else None
+def _is_open(key: tuple) -> bool:
+    first = key[0][0][:1]
+    return bool(first) and isinstance(first[0], str)
 
 
 def _constants(unet: Any) -> dict[str, torch.Tensor]:

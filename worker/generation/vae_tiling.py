@@ -39,13 +39,19 @@ def tiles(vae: Any, width: int, height: int, threshold_pixels: int) -> bool:
 @contextlib.contextmanager
 def vae_tiling(vae: Any, width: int, height: int, threshold_pixels: int) -> Iterator[bool]:
     """Tile ``vae``'s decodes and encodes inside the block when an image of this size should be; yields whether.
-    Its tiling and dtype are what they were before the block once it ends."""
+    Its tiling and dtype are what they were before the block once it ends: its very weight tensors, put back when
+    a cast replaced them (not cast back: a ``COMPILE=aot`` VAE decoder package reads those tensors, and its CUDA
+    graphs their addresses)."""
     tiled = tiles(vae, width, height, threshold_pixels)
     before, dtype = vae.use_tiling, vae.dtype
+    weights = {name: parameter.data for name, parameter in vae.named_parameters()}
     vae.use_tiling = tiled
     try:
         yield tiled
     finally:
         vae.use_tiling = before
-        if vae.dtype != dtype:
+        for name, parameter in vae.named_parameters():
+            if parameter.data_ptr() != weights[name].data_ptr():  # cast (maybe there and back) inside the block
+                parameter.data = weights[name]
+        if vae.dtype != dtype:  # anything a cast reached that the weights above are not (none in SDXL's VAE)
             vae.to(dtype=dtype)
