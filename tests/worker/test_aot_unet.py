@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -463,10 +465,16 @@ def test_a_gpu_package_loads_without_probing_the_cpu(engines: SimpleNamespace, m
 
     monkeypatch.setattr(cpu_vec_isa.VecISA, "check_build", no_probe)
     original = cpu_vec_isa.pick_vec_isa
+    # What torch._inductor.codecache does when the load imports it first: bind pick_vec_isa by name. On the H200
+    # the stand-in it kept broke the next package build (a VAE decoder's, after the UNet's load).
+    imported_meanwhile = types.ModuleType("torch._inductor._imported_during_the_load")
+    monkeypatch.setitem(sys.modules, imported_meanwhile.__name__, imported_meanwhile)
     with _cpu_isa_as_recorded(package):
         assert codecache.get_device_information("cpu")["AOTI_CPU_ISA"] == recorded
         loaded = torch._inductor.aoti_load_package(str(package))
-    assert cpu_vec_isa.pick_vec_isa is original
+        imported_meanwhile.pick_vec_isa = cpu_vec_isa.pick_vec_isa
+        assert imported_meanwhile.pick_vec_isa is not original
+    assert cpu_vec_isa.pick_vec_isa is original and imported_meanwhile.pick_vec_isa is original
     assert loaded.get_constant_fqns()  # a real package, loaded inside the context
 
 

@@ -46,6 +46,7 @@ import importlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 import weakref
@@ -588,11 +589,27 @@ def _cpu_isa_as_recorded(path: Path) -> Iterator[None]:
         yield
         return
     original = isa_module.pick_vec_isa
-    isa_module.pick_vec_isa = lambda: _RecordedIsa(recorded)
+
+    def as_recorded() -> _RecordedIsa:
+        return _RecordedIsa(recorded)
+
+    isa_module.pick_vec_isa = as_recorded
     try:
         yield
     finally:
         isa_module.pick_vec_isa = original
+        _unbind(as_recorded, original)
+
+
+def _unbind(patched: Any, original: Any) -> None:
+    """Put ``original`` back in every torch module that bound ``patched`` by name while it was in place.
+
+    torch._inductor.codecache and codegen.cpp_micro_gemm import ``pick_vec_isa`` by name; first imported during a
+    package's load, they kept the stand-in, and a later build's C++ step failed on it (H200, a VAE decoder package
+    built after the UNet's was loaded: "'_RecordedIsa' object has no attribute 'build_macro'")."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("torch.") and getattr(module, "__dict__", {}).get("pick_vec_isa") is patched:
+            module.pick_vec_isa = original
 
 
 @dataclass(frozen=True)
