@@ -26,8 +26,7 @@ settings.load_profile("default")
 FILE_SECONDS = {
     "tests/batch/test_batch_runs.py": 103,
     "tests/worker/test_aot_unet.py": 240,  # real AOTInductor packages built per run: the base's and the refiner's
-    "tests/worker/test_aot_unet_closed_batch.py": 55,  # one more real package, for exact shapes
-    "tests/worker/test_aot_vae.py": 50,  # a real VAE decoder package
+    "tests/worker/test_aot_vae.py": 75,  # two real VAE decoder packages: the open batch's and an exact one
     "tests/worker/test_worker_handler.py": 79,
     "tests/test_readme_newcomer.py": 76,
     "tests/batch/test_batch_interrupt.py": 62,

@@ -2,8 +2,9 @@
 
 A real package is built once (the decoder is a small graph: seconds to tens of seconds on 2 cores) and served for
 every batch of 1-16 latents; what must hold on any device: decodes agree with the eager decoder, a second start
-loads instead of building, a VAE whose weights were replaced (a dtype cast) is never served by it, and the
-engine's speed-ups install it in place of Dynamo's compile.
+loads instead of building, a VAE whose weights were replaced (a dtype cast) is never served by it, the engine's
+speed-ups install it in place of Dynamo's compile, and a module whose batch cannot stay open at export gets an
+exact-shape package (the decoder stands in for the UNet there: the path is shared and its build is the cheaper).
 """
 
 from __future__ import annotations
@@ -98,3 +99,40 @@ def test_the_speedups_install_the_decoder_package_under_aot(dev_model_dir: Path,
     finally:
         accelerator.aot.uninstall()
         accelerator.aot_vae.uninstall()
+
+
+def test_a_module_whose_batch_cannot_stay_open_gets_a_package_for_its_exact_shapes(
+    dev_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Export refusing the open batch (code that fixes it somewhere; the UNet and the decoder share this path) is
+    not the end of compiled serving: the call's exact shapes are packaged, and a marker beside the open package's
+    name spares the next start the failed export."""
+    from torch._dynamo.exc import UserError, UserErrorType
+
+    export = torch.export.export
+    exports: list[bool] = []
+
+    def fixed_batch(module, inputs, dynamic_shapes=None, **kwargs):
+        exports.append(dynamic_shapes is not None)
+        if dynamic_shapes is not None:
+            raise UserError(UserErrorType.CONSTRAINT_VIOLATION, "Constraints violated (rows)!")
+        return export(module, inputs, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", fixed_batch)
+    pipe = load_dev_pipe(dev_model_dir)
+    expected = decode(pipe.vae, 1)
+    digest = _aot_vae_options_digest(pipe)
+    exact = AotVaeDecoder.install(pipe.vae.decoder, tmp_path / "aot", digest, CONFIGS)
+    image = decode(pipe.vae, 1)
+    (record,) = exact.records
+    assert not record.hit and record.batch_rows is None and exports == [True, False]  # open tried once, then exact
+    (marker,) = (tmp_path / "aot").glob("*.batch-closed.txt")
+    assert "Constraints violated (rows)" in marker.read_text()
+    assert (image - expected).abs().max() < 1e-3 and exact.packaged_calls == 1
+    exact.uninstall()
+
+    again = AotVaeDecoder.install(pipe.vae.decoder, tmp_path / "aot", digest, CONFIGS)  # the marker: no export
+    decode(pipe.vae, 1)
+    (loaded,) = again.records
+    assert exports == [True, False] and loaded.hit and loaded.key == record.key
+    again.uninstall()
