@@ -20,24 +20,33 @@ settings.register_profile(
 )
 settings.load_profile("default")
 
-# Seconds per test file on 2 cores (pytest -n 2 --dist loadfile --durations, 2026-12-03), for scheduling only:
+# Seconds per test file on 2 cores (pytest -n 2 --dist loadfile --durations=0, 2026-12-04), for scheduling only:
 # pytest-xdist hands whole files to its workers in collection order, so a long file collected last leaves one core
 # idle at the end (the suite took 10.1 min for 8.4 min of work per core). Longest first packs the two cores evenly.
+# test_aot_unet.py builds real AOTInductor packages (the base's and the refiner's), test_aot_vae.py two more.
 FILE_SECONDS = {
-    "tests/batch/test_batch_runs.py": 103,
-    "tests/worker/test_aot_unet.py": 240,  # real AOTInductor packages built per run: the base's and the refiner's
-    "tests/worker/test_aot_vae.py": 75,  # two real VAE decoder packages: the open batch's and an exact one
-    "tests/worker/test_worker_handler.py": 79,
-    "tests/test_readme_newcomer.py": 76,
-    "tests/batch/test_batch_interrupt.py": 62,
-    "tests/batch/test_batch_takeover.py": 59,
-    "tests/worker/test_worker_dropin.py": 58,
-    "tests/worker/test_hires.py": 44,
-    "tests/batch/test_batch_remote.py": 37,
-    "tests/worker/test_loras.py": 36,
-    "tests/model_build/test_mb_crash.py": 27,
-    "tests/batch/test_batch_refiner_modes.py": 25,
-    "tests/test_architecture.py": 18,
+    "tests/worker/test_aot_unet.py": 197,
+    "tests/batch/test_batch_runs.py": 72,
+    "tests/worker/test_worker_handler.py": 50,
+    "tests/test_readme_newcomer.py": 44,
+    "tests/worker/test_aot_vae.py": 43,
+    "tests/batch/test_batch_takeover.py": 34,
+    "tests/worker/test_loras.py": 31,
+    "tests/worker/test_worker_dropin.py": 28,
+    "tests/batch/test_batch_interrupt.py": 26,
+    "tests/worker/test_ip_adapters.py": 24,
+    "tests/model_build/test_mb_crash.py": 23,
+    "tests/worker/test_prompt_encoder.py": 19,
+    "tests/worker/test_embeddings.py": 16,
+    "tests/worker/test_model_location.py": 15,
+    "tests/worker/test_image_downloads.py": 15,
+    "tests/model_build/test_mb_roundtrip.py": 13,
+    "tests/batch/test_batch_remote.py": 12,
+    "tests/batch/test_batch_refiner_modes.py": 11,
+    "tests/test_architecture.py": 10,
+    "tests/worker/test_lycoris.py": 10,
+    "tests/batch/test_batch_embeddings.py": 9,
+    "tests/worker/test_sampling_jobs.py": 9,
 }
 
 
