@@ -47,14 +47,10 @@ vae_decode_ms = None
 if engine.accelerator.aot_vae is not None and torch.cuda.is_available():  # COMPILE_VAE=1: packaged against eager
     decoder, vae = engine.pipe.vae.decoder, engine.pipe.vae
     latent = torch.randn(1, 4, size // 8, size // 8, device="cuda", dtype=vae.dtype)
+    from bench.engine_speed import milliseconds, timed
     def decode_ms():
-        times = []
-        for _ in range(7):
-            torch.cuda.synchronize(); begun = time.perf_counter()
-            with torch.no_grad():
-                vae.decode(latent, return_dict=False)
-            torch.cuda.synchronize(); times.append(1000 * (time.perf_counter() - begun))
-        return round(sorted(times[2:])[2], 2)
+        with torch.no_grad():
+            return milliseconds(timed(lambda: vae.decode(latent, return_dict=False), 5, warmup=2))["median"]
     packaged_ms = decode_ms()
     decoder.forward = engine.accelerator.aot_vae.eager_forward
     vae_decode_ms = {"packaged": packaged_ms, "eager": decode_ms(), "dtype": str(vae.dtype)}

@@ -171,10 +171,14 @@ class Accelerator:
         self.report: WarmUpReport | None = None
         self.aot = aot  # COMPILE=aot's worker.generation.aot_unet.AotUNet
         self.aot_vae = aot_vae  # and with COMPILE_VAE=1 its AotVaeDecoder
-        self.aot_modules = [module for module in (aot, aot_vae) if module is not None]
         # A refiner is warmed up as the engine runs it: img2img from the base's latents, no decode (the VAE is the
         # base's, warmed with it).
         self.dummy_call = _run_dummy_refinement if refiner else _run_dummy_generation
+
+    @property
+    def aot_modules(self) -> list[Any]:
+        """The packaged modules (COMPILE=aot): the UNet's, and the VAE decoder's with COMPILE_VAE=1."""
+        return [module for module in (self.aot, self.aot_vae) if module is not None]
 
     def describe(self) -> dict[str, Any]:
         """For metadata and logs: what runs, whether compilation is frozen, and why it was dropped if it was."""
@@ -335,31 +339,15 @@ def apply_speedups(pipe: Any, options: SpeedupOptions, refiner: bool = False) ->
     elif options.compile == "regional":
         pipe.unet.compile_repeated_blocks(**compile_kwargs)
         applied.append(f"compile_regional:{options.compile_mode}")
-    aot = None
+    aot = aot_vae = None
     if options.compile == "aot":
-        from worker.generation.aot_unet import AotUNet
+        from worker.generation.aot_unet import AotUNet, AotVaeDecoder
 
-        aot = AotUNet.install(
-            pipe.unet,
-            None if options.cache_dir is None else Path(options.cache_dir) / "aot",
-            _aot_options_digest(pipe, options),
-            # The mode's two halves: autotuning is compiled into the package, CUDA graphs are captured around it.
-            {"conv_1x1_as_mm": True, "max_autotune": options.compile_mode.startswith("max-autotune")},
-            cuda_graphs=options.compile_mode in ("reduce-overhead", "max-autotune"),
-        )
+        aot = _install_aot(AotUNet, pipe.unet, _aot_options_digest(pipe, options), options)
         applied.append(f"compile_unet_aot:{options.compile_mode}")
-    aot_vae = None
-    if options.compile_vae and options.compile == "aot":
-        from worker.generation.aot_unet import AotVaeDecoder
-
-        aot_vae = AotVaeDecoder.install(
-            pipe.vae.decoder,
-            None if options.cache_dir is None else Path(options.cache_dir) / "aot",
-            _aot_vae_options_digest(pipe),
-            {"conv_1x1_as_mm": True, "max_autotune": options.compile_mode.startswith("max-autotune")},
-            cuda_graphs=options.compile_mode in ("reduce-overhead", "max-autotune"),
-        )
-        applied.append(f"compile_vae_decoder_aot:{options.compile_mode}")
+        if options.compile_vae:
+            aot_vae = _install_aot(AotVaeDecoder, pipe.vae.decoder, _aot_vae_options_digest(pipe), options)
+            applied.append(f"compile_vae_decoder_aot:{options.compile_mode}")
     elif options.compile_vae:
         pipe.vae.decoder.compile(**compile_kwargs)
         applied.append(f"compile_vae_decoder:{options.compile_mode}")
@@ -373,29 +361,38 @@ def _check_aot(options: SpeedupOptions) -> None:
         )
 
 
-def _aot_options_digest(pipe: Any, options: SpeedupOptions) -> str:
-    """What an AOT package depends on besides torch, the GPU and the call's shapes: the UNet's architecture and the
-    diffusers code that runs it (version, attention processors), dtype, memory layout and fused projections (not its
+def _install_aot(kind: Any, module: Any, options_digest: str, options: SpeedupOptions) -> Any:
+    """``kind`` (AotUNet or AotVaeDecoder) installed on ``module``, packages in the cache folder's ``aot/``."""
+    return kind.install(
+        module,
+        None if options.cache_dir is None else Path(options.cache_dir) / "aot",
+        options_digest,
+        # The mode's two halves: autotuning is compiled into the package, CUDA graphs are captured around it.
+        {"conv_1x1_as_mm": True, "max_autotune": options.compile_mode.startswith("max-autotune")},
+        cuda_graphs=options.compile_mode in ("reduce-overhead", "max-autotune"),
+    )
+
+
+def _aot_code_digest(model: Any, first_weight: torch.Tensor, *more: str) -> str:
+    """What an AOT package of ``model`` depends on besides torch, the GPU and the call's shapes: its architecture and
+    the diffusers code that runs it (version, attention processors), dtype, memory layout and ``more`` (not its
     weights, which the package reads from the live model)."""
     import diffusers
 
-    unet = pipe.unet
-    layout = "channels_last" if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) else "nchw"
-    processors = sorted({type(processor).__name__ for processor in unet.attn_processors.values()})
-    parts = [config_digest(unet.config), f"diffusers={diffusers.__version__}", ",".join(processors)]
-    parts += [str(unet.dtype), layout, f"fuse_qkv={options.fuse_qkv}"]
-    return "|".join(parts)
+    layout = "channels_last" if first_weight.is_contiguous(memory_format=torch.channels_last) else "nchw"
+    processors = sorted({type(processor).__name__ for processor in model.attn_processors.values()})
+    parts = [config_digest(model.config), f"diffusers={diffusers.__version__}", ",".join(processors)]
+    return "|".join([*parts, str(first_weight.dtype), layout, *more])
+
+
+def _aot_options_digest(pipe: Any, options: SpeedupOptions) -> str:
+    """The UNet package's: its code, and whether its attention projections are fused."""
+    return _aot_code_digest(pipe.unet, pipe.unet.conv_in.weight, f"fuse_qkv={options.fuse_qkv}")
 
 
 def _aot_vae_options_digest(pipe: Any) -> str:
-    """What a VAE decoder package depends on besides torch, the GPU and the call's shapes (as for the UNet's)."""
-    import diffusers
-
-    decoder = pipe.vae.decoder
-    layout = "channels_last" if decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last) else "nchw"
-    processors = sorted({type(processor).__name__ for processor in pipe.vae.attn_processors.values()})
-    parts = [config_digest(pipe.vae.config), f"diffusers={diffusers.__version__}", ",".join(processors)]
-    return "|".join([*parts, str(decoder.conv_in.weight.dtype), layout, "vae-decoder"])
+    """The VAE decoder package's: the VAE's code."""
+    return _aot_code_digest(pipe.vae, pipe.vae.decoder.conv_in.weight, "vae-decoder")
 
 
 def _mode_argument(mode: str) -> str | None:

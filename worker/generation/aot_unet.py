@@ -186,7 +186,6 @@ class AotUNet:
     _watched: set[int] = field(default_factory=set)
     _hooks: list[Any] = field(default_factory=list)
     _closed: set[tuple] = field(default_factory=set)  # open-batch keys whose export failed: exact shapes instead
-    _closed_reason: str = ""
 
     what: ClassVar[str] = "UNet"
     file_prefix: ClassVar[str] = "sdxl-unet"
@@ -252,7 +251,7 @@ class AotUNet:
     def _serve(self, inputs: tuple) -> torch.Tensor | None:
         """The packaged call's output for these flat inputs; None when this call must run eagerly."""
         shapes = _key(inputs)
-        loaded = self.package_for(inputs)
+        loaded = self._lookup(shapes, inputs)
         if loaded is None or (shapes not in loaded.checked and self.building):
             if not self.building:
                 return None
@@ -277,7 +276,9 @@ class AotUNet:
 
     def package_for(self, inputs: tuple) -> _Loaded | None:
         """The package loaded for these flat inputs (open batch or exact shapes), if any."""
-        shapes = _key(inputs)
+        return self._lookup(_key(inputs), inputs)
+
+    def _lookup(self, shapes: tuple, inputs: tuple) -> _Loaded | None:
         return self.packages.get(shapes) or self.packages.get(_package_key(inputs, self.open_rows))
 
     def _packaged_inputs(self, sample: Any, timestep: Any, args: tuple, kwargs: dict) -> tuple | None:
@@ -354,19 +355,20 @@ class AotUNet:
         closed = None if path is None else path.with_name(path.stem + ".batch-closed.txt")
         if closed is not None and closed.is_file():  # an earlier start found the batch cannot stay open
             return self._exact(key, inputs)
-        if path is None:
-            model, hit = self._build(inputs, None, batch_rows), False
-        else:
-            # Workers starting together on one volume: one builds, the others wait and load what it wrote.
-            lock = path.with_name(path.name + ".lock")
-            with download_lock(lock, f"building the AOT package {path.name}", logger=log):
-                model = self._load(path, inputs)
-                hit = model is not None
-                if model is None:
-                    model = self._build(inputs, path, batch_rows)
-        if model is None:  # the batch could not be left open: a package for these exact shapes
+        try:
+            if path is None:
+                model, hit = self._build(inputs, None, batch_rows), False
+            else:
+                # Workers starting together on one volume: one builds, the others wait and load what it wrote.
+                lock = path.with_name(path.name + ".lock")
+                with download_lock(lock, f"building the AOT package {path.name}", logger=log):
+                    model = self._load(path, inputs)
+                    hit = model is not None
+                    if model is None:
+                        model = self._build(inputs, path, batch_rows)
+        except _BatchStaysClosed as refusal:  # a package for these exact shapes instead
             if closed is not None:  # so that the next start does not export in vain (tens of seconds) first
-                closed.write_text(f"{self._closed_reason}\n")
+                closed.write_text(f"{refusal}\n")
             return self._exact(key, inputs)
         loaded = _Loaded(model, list(model.get_constant_fqns()), digest, str(path) if path else None, batch_rows)
         self._hand_over_weights(loaded)
@@ -437,8 +439,8 @@ class AotUNet:
             log.warning("AOT package %s not loadable (%s: %s); building it again", path, type(error).__name__, error)
             return None
 
-    def _build(self, inputs: tuple, path: Path | None, batch_rows: tuple[int, int] | None) -> Any | None:
-        """The package built (and written to ``path``); None when the batch could not be left open."""
+    def _build(self, inputs: tuple, path: Path | None, batch_rows: tuple[int, int] | None) -> Any:
+        """The package built (and written to ``path``); raises _BatchStaysClosed when the batch cannot stay open."""
         from worker.generation.compile_prerequisites import aot_build_missing
 
         missing = aot_build_missing(inputs[0].device.type == "cuda")
@@ -465,8 +467,7 @@ class AotUNet:
             if dynamic is None:
                 raise
             log.warning("AOT package: the %s's batch cannot stay open (%s); packaging these shapes", self.what, error)
-            self._closed_reason = f"torch.export could not leave the {self.what}'s batch open: {error}"
-            return None
+            raise _BatchStaysClosed(f"torch.export could not leave the {self.what}'s batch open: {error}") from error
         configs = {**self.inductor_configs, "aot_inductor.package_constants_in_so": False}
         if path is None:  # no cache folder: built for this process only
             with tempfile.TemporaryDirectory(prefix="aot-") as folder:
@@ -610,6 +611,10 @@ def _unbind(patched: Any, original: Any) -> None:
     for name, module in list(sys.modules.items()):
         if name.startswith("torch.") and getattr(module, "__dict__", {}).get("pick_vec_isa") is patched:
             module.pick_vec_isa = original
+
+
+class _BatchStaysClosed(Exception):
+    """torch.export could not leave the module's batch open (its code fixes it somewhere)."""
 
 
 @dataclass(frozen=True)
