@@ -167,7 +167,9 @@ def _start_rows(lines: list[Line]) -> list[list[str]]:
         if record.get("page_cache") != "all" or record.get("exit_code") != 0:
             continue
         settings = record.get("settings") or {}
-        named = ", ".join(f"{key}={value}" for key, value in sorted(settings.items()) if key.startswith("COMPILE_M"))
+        # The settings that change what a start compiles or loads; cache folders and dtypes do not name a row.
+        shown = ("COMPILE_MODE", "COMPILE_VAE")
+        named = ", ".join(f"{key}={value}" for key, value in sorted(settings.items()) if key in shown)
         named = ", ".join(filter(None, [f"COMPILE={settings['COMPILE']}" if "COMPILE" in settings else "", named]))
         groups.setdefault((line.source, named or "COMPILE=off"), []).append(record["first_image_s"])
     rows = []
