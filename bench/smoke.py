@@ -57,7 +57,8 @@ etc.), one JSON line per check, exit status 1 if any failed:
 
 Every line carries ``dynamo``: what torch.compile counted since the previous line (graphs, recompiles, guard
 failures); with ``COMPILE`` set, a job at a warmed shape must show no new graph. With ``COMPILE=aot`` each line also
-carries ``aot_unet_calls``: the UNet calls served by AOT packages and eagerly since the previous line.
+carries ``aot_unet_calls``: the UNet calls served by AOT packages and eagerly since the previous line (and
+``aot_vae_calls`` the VAE decoder's, with ``COMPILE_VAE=1``).
 
 ``bench/smoke_inpainting.py``, ``bench/smoke_ip_adapter.py`` and ``bench/smoke_models.py`` hold the inpainting
 checks, the IP-Adapter checks and the other model folders.
@@ -106,26 +107,32 @@ def dynamo_counters_delta() -> dict[str, int]:
     return dict(sorted(delta.items())[:12])
 
 
-_AOT_SEEN: dict[str, int] = {}
+_AOT_SEEN: dict[tuple[str, str], int] = {}
 
 
-def aot_calls_delta() -> dict[str, int] | None:
-    """With COMPILE=aot: the UNet calls served by AOT packages and eagerly since the last line (None otherwise)."""
+def aot_calls_delta(what: str) -> dict[str, int] | None:
+    """With COMPILE=aot: the calls of ``what`` ("UNet", "VAE decoder") served by AOT packages and eagerly since the
+    last line (None where no such module is installed)."""
     if "worker.generation.aot_unet" not in sys.modules:
         return None
     from worker.generation.aot_unet import call_counts
 
-    now = call_counts()
-    delta = {key: value - _AOT_SEEN.get(key, 0) for key, value in now.items()}
-    _AOT_SEEN.update(now)
+    now = call_counts(what)
+    if now is None:
+        return None
+    delta = {key: value - _AOT_SEEN.get((what, key), 0) for key, value in now.items()}
+    _AOT_SEEN.update({(what, key): value for key, value in now.items()})
     return delta
 
 
 def report(check: str, ok: bool, **details: Any) -> None:
     if not ok:
         FAILURES.append(check)
-    aot = aot_calls_delta()
-    extra = {"aot_unet_calls": aot} if aot is not None else {}
+    extra = {}
+    for field, what in (("aot_unet_calls", "UNet"), ("aot_vae_calls", "VAE decoder")):
+        calls = aot_calls_delta(what)
+        if calls is not None:
+            extra[field] = calls
     print(json.dumps({"smoke": check, "ok": ok, **details, "dynamo": dynamo_counters_delta(), **extra}), flush=True)
 
 

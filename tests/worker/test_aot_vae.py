@@ -17,7 +17,7 @@ import torch
 
 from tests.support.dev_pipes import load_dev_pipe
 from worker.generation.acceleration import SpeedupOptions, _aot_vae_options_digest, apply_speedups
-from worker.generation.aot_unet import AotVaeDecoder
+from worker.generation.aot_unet import AotVaeDecoder, call_counts
 from worker.generation.vae_tiling import vae_tiling
 
 CONFIGS = {"conv_1x1_as_mm": True, "max_autotune": False}
@@ -53,6 +53,10 @@ def test_one_package_decodes_every_batch_and_agrees_with_the_eager_decoder(vae_p
         image = decode(vae, batch)
         assert image.shape == expected.shape and (image - expected).abs().max() < 1e-3
     assert (aot.packaged_calls, aot.eager_calls) == (packaged + 2, eager)
+    # The smoke's per-line counts: the decoder's calls are counted as the decoder's, never as the UNet's.
+    counted = call_counts("VAE decoder")
+    assert counted is not None and counted["packaged"] >= aot.packaged_calls
+    assert call_counts("UNet") is None  # this file installs no UNet package
 
 
 def test_a_second_start_loads_the_decoder_package(vae_package: SimpleNamespace, monkeypatch) -> None:

@@ -77,9 +77,12 @@ _RUNNER_FAILED = "API call failed at"  # AOTInductor's runner: run_func_(...) AP
 _INSTALLED: weakref.WeakValueDictionary[int, AotUNet] = weakref.WeakValueDictionary()
 
 
-def call_counts() -> dict[str, int]:
-    """UNet calls served by packages and eagerly, summed over this process's AOT UNets (the smoke prints them)."""
-    installed = list(_INSTALLED.values())
+def call_counts(what: str = "UNet") -> dict[str, int] | None:
+    """Calls served by packages and eagerly, summed over this process's AOT modules of one kind (``what``: "UNet"
+    or "VAE decoder"; the smoke prints them); None where none of that kind is installed."""
+    installed = [aot for aot in _INSTALLED.values() if aot.what == what]
+    if not installed:
+        return None
     return {
         "packaged": sum(aot.packaged_calls for aot in installed),
         "eager": sum(aot.eager_calls for aot in installed),
@@ -192,7 +195,6 @@ class AotUNet:
     open_rows: ClassVar[tuple[int, int]] = BATCH_ROWS
     constant_prefix: ClassVar[str] = "unet."  # the attribute of _ExportedCall that holds the module
     own_inductor_configs: ClassVar[dict[str, Any]] = {}  # the module's own, over those every package gets
-    counted: ClassVar[bool] = True  # in call_counts()
 
     @classmethod
     def install(
@@ -215,8 +217,7 @@ class AotUNet:
             registration.register_module_buffer_registration_hook(aot._on_registration),
         ]
         module.forward = aot
-        if cls.counted:
-            _INSTALLED[id(aot)] = aot
+        _INSTALLED[id(aot)] = aot
         return aot
 
     def uninstall(self) -> None:
@@ -553,7 +554,6 @@ class AotVaeDecoder(AotUNet):
     file_prefix: ClassVar[str] = "sdxl-vae-decoder"
     open_rows: ClassVar[tuple[int, int]] = (1, 16)
     constant_prefix: ClassVar[str] = "decoder."
-    counted: ClassVar[bool] = False
     # Inductor lays convolutions out in NHWC by a heuristic that skips any graph whose convolutions have a symbolic
     # size (pytorch#102670), and the open batch is one: the decoder's convolutions then ran NCHW (H200, bf16, 1024²:
     # 59 ms a decode packaged, 35 ms compiled by Dynamo at fixed shapes). The UNet's weights are channels_last
