@@ -7,7 +7,9 @@ need nothing from inside the worker but its own start-up log line (``start-up ph
 
 - ``engine_ready_s``: process start to the engine's "loaded ..." line (imports, weights read, placed, warmed up);
 - ``first_image_s``: process start to the job's result line (the first image, as base64, delivered);
-- ``exit_s``: process start to exit; ``phases``: the engine's own phases (``Engine.startup_phases``).
+- ``exit_s``: process start to exit; ``phases``: the engine's own phases (``Engine.startup_phases``);
+- ``imports_s``: the worker's own "libraries imported ... after the process started" line, by the kernel's clock
+  for the process (interpreter start-up and every import before the engine starts; absent from older checkouts).
 
 ``--before-root DIR`` runs the same starts from another checkout (e.g. ``git archive`` of an earlier commit), in
 alternating order, so a change's effect is measured in one call on one machine; ``--variant NAME:KEY=VALUE,...``
@@ -37,6 +39,7 @@ from bench import jsonlines  # noqa: E402
 from bench.jsonlines import emit  # noqa: E402
 
 PHASES = re.compile(r"start-up phases (\{.*\})")
+IMPORTED = re.compile(r"libraries imported ([\d.]+) s after the process started")
 
 
 def drop_page_cache() -> str:
@@ -113,6 +116,9 @@ def start_once(
         "exit_s": round(exit_s, 2),
         "phases": json.loads(PHASES.search(ready[1]).group(1)) if ready else None,
     }
+    imported = next((float(found[1]) for _, m in lines if (found := IMPORTED.search(m))), None)
+    if imported is not None:  # the worker's own clock: interpreter start-up and imports, before the engine
+        record["imports_s"] = imported
     prefetched = [m.split("INFO ", 1)[-1][:160] for _, m in lines if "prefetched" in m]
     if prefetched:
         record["prefetch"] = prefetched if len(prefetched) > 1 else prefetched[0]

@@ -79,3 +79,17 @@ def test_compile_aot_does_not_import_torch_before_the_prefetch_starts() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_start_up_log_counts_from_the_process_start_not_from_its_own_import() -> None:
+    # The line bench/cold_start.py reads as the import phase: a process that slept 0.6 s before importing the entry
+    # point must report at least that, and not seconds more (psutil's boot time is rounded to the second).
+    code = (
+        "import time; started = time.perf_counter(); time.sleep(0.6)\n"
+        "from worker.__main__ import seconds_since_process_start\n"
+        "print(seconds_since_process_start(), time.perf_counter() - started)"
+    )
+    output = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert output.returncode == 0, output.stderr[-2000:]
+    reported, since_first_line = map(float, output.stdout.split())
+    assert since_first_line - 0.02 <= reported < since_first_line + 0.5  # /proc/uptime counts in 10 ms steps
