@@ -50,8 +50,7 @@ def test_the_entry_point_finds_the_folders_without_converting_or_importing_torch
         "import worker.__main__\n"
         "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, 'heavy import before the prefetch'\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_python(code)
 
 
 def test_where_sendfile_is_refused_it_reads_the_files_instead(
@@ -77,8 +76,7 @@ def test_compile_aot_does_not_import_torch_before_the_prefetch_starts() -> None:
         "refuse_impossible_compile(load_settings({'COMPILE': 'aot'}, command=WORKER))\n"
         "assert 'torch' not in sys.modules, 'torch imported before the prefetch'\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_python(code)
 
 
 def test_the_start_up_log_counts_from_the_process_start_not_from_its_own_import() -> None:
@@ -89,7 +87,12 @@ def test_the_start_up_log_counts_from_the_process_start_not_from_its_own_import(
         "from worker.__main__ import seconds_since_process_start\n"
         "print(seconds_since_process_start(), time.perf_counter() - started)"
     )
-    output = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert output.returncode == 0, output.stderr[-2000:]
-    reported, since_first_line = map(float, output.stdout.split())
+    reported, since_first_line = map(float, run_python(code).split())
     assert since_first_line - 0.02 <= reported < since_first_line + 0.5  # /proc/uptime counts in 10 ms steps
+
+
+def run_python(code: str) -> str:
+    """``code`` in a fresh interpreter from the checkout's root; its standard output (it must exit 0)."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
