@@ -49,6 +49,7 @@ def test_one_package_decodes_every_batch_and_agrees_with_the_eager_decoder(vae_p
     assert not record.hit and record.agreement >= 0.999 and record.batch_rows == [1, 16]
     assert Path(record.file).name.startswith("sdxl-vae-decoder-") and Path(record.file).is_file()
     packaged, eager = aot.packaged_calls, aot.eager_calls
+    unet_calls = call_counts("UNet")  # other files' UNet packages may live in this process (pytest-xdist)
     for batch, expected in vae_package.eager.items():  # batch 3 was never warmed: the same package serves it
         image = decode(vae, batch)
         assert image.shape == expected.shape and (image - expected).abs().max() < 1e-3
@@ -56,7 +57,7 @@ def test_one_package_decodes_every_batch_and_agrees_with_the_eager_decoder(vae_p
     # The smoke's per-line counts: the decoder's calls are counted as the decoder's, never as the UNet's.
     counted = call_counts("VAE decoder")
     assert counted is not None and counted["packaged"] >= aot.packaged_calls
-    assert call_counts("UNet") is None  # this file installs no UNet package
+    assert call_counts("UNet") == unet_calls
 
 
 def test_a_second_start_loads_the_decoder_package(vae_package: SimpleNamespace, monkeypatch) -> None:
