@@ -53,3 +53,27 @@ def test_a_peer_that_never_finished_says_so(tmp_path: Path) -> None:
     )  # fmt: skip
     table = perf_table.render([peer])
     assert "no figure within 200 s, still compiling (the first image) | — | 2.07 s" in table
+
+
+def test_start_rows_name_what_a_start_compiles_not_where_its_cache_is(tmp_path: Path) -> None:
+    settings = {
+        "COMPILE": "aot",
+        "COMPILE_MODE": "reduce-overhead",
+        "COMPILE_VAE": "1",
+        "VAE_DTYPE": "bf16",
+        "COMPILE_CACHE_DIR": "/tmp/cc",
+    }
+    starts = write(
+        tmp_path / "cold.jsonl",
+        {"bench": "cold_start", "variant": "after", "settings": {}, "page_cache": "all", "exit_code": 0,
+         "first_image_s": 22.9},
+        {"bench": "cold_start", "variant": "aot-vae", "settings": settings, "page_cache": "all", "exit_code": 0,
+         "first_image_s": 25.5},
+        {"bench": "cold_start_warm_cache", "variant": "aot-vae", "settings": settings, "page_cache": "kept",
+         "exit_code": 0, "first_image_s": 22.5},
+    )  # fmt: skip
+    table = perf_table.render([starts])
+    assert "page cache dropped, COMPILE=off | 22.9 s (median 22.9) | — | ≤ 8 s" in table
+    packaged = "page cache dropped, COMPILE=aot, COMPILE_MODE=reduce-overhead, COMPILE_VAE=1 | 25.5 s (median 25.5)"
+    assert packaged in table
+    assert "/tmp/cc" not in table and "bf16" not in table and "22.5" not in table  # the warm start is not a row
