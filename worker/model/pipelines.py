@@ -53,7 +53,7 @@ def load_model(
     clock: PhaseClock,
 ) -> LoadedModel:
     """Load and place the model, leaving room in the plan for the ControlNets jobs may load later. Laps ``clock`` at
-    each phase (import_pipelines_s, verify_s, plan_s, load_s, load_refiner_s, to_device_s)."""
+    each phase (import_pipelines_s, verify_s, cuda_init_s, plan_s, load_s, load_refiner_s, to_device_s)."""
     import diffusers
     import transformers
     from diffusers import (
@@ -76,10 +76,11 @@ def load_model(
     clock.lap("verify_s")
 
     cuda = torch.cuda.is_available()
+    free = torch.cuda.mem_get_info()[0] if cuda else None  # the process's first CUDA call: it creates the context
+    clock.lap("cuda_init_s")
     dtype = torch.float16 if cuda else torch.float32
     shares = shared_with_base(refiner_manifest, manifest) if refiner_manifest is not None else []
     sizes = model_component_bytes(model_dir, refiner_dir, shares, dtype.itemsize)
-    free = torch.cuda.mem_get_info()[0] if cuda else None
     # modules loaded later that share the GPU with the pipeline
     reserved = {**controlnet_reserve(settings, dtype), **ip_adapter_reserve(settings, dtype)}
     plan = plan_device(offload, cuda, free, {**sizes, **reserved})
