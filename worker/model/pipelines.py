@@ -76,7 +76,8 @@ def load_model(
     clock.lap("verify_s")
 
     cuda = torch.cuda.is_available()
-    free = torch.cuda.mem_get_info()[0] if cuda else None  # the process's first CUDA call: it creates the context
+    # The start's first call that needs CUDA's context (earlier ones only query the device), so it creates it.
+    free = torch.cuda.mem_get_info()[0] if cuda else None
     clock.lap("cuda_init_s")
     dtype = torch.float16 if cuda else torch.float32
     shares = shared_with_base(refiner_manifest, manifest) if refiner_manifest is not None else []
